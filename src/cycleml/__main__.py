@@ -1,0 +1,3 @@
+from cycleml.cli import main
+
+main()

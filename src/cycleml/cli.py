@@ -1,0 +1,57 @@
+"""`cycleml <command> [hydra overrides]`: dispatch to one Hydra app per command."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+# command -> (module run as __main__, one-line help). Each module is a Hydra app
+# with its own primary config, so everything after the command is Hydra's.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("cycleml.training.train", "train a model (Lightning) or a classical baseline"),
+    "eval": ("cycleml.training.evaluate", "evaluate a checkpoint: metrics, reports, plots"),
+    "compare": ("cycleml.training.compare", "leaderboard of runs or sweep trials under a folder"),
+    "export": ("cycleml.export.cli", "export a checkpoint to a verified ONNX model bundle"),
+    "predict": ("cycleml.batch.cli", "offline batch prediction into a database"),
+    "serve": ("cycleml.serving.cli", "serve model bundles over HTTP (KServe v2)"),
+    "data": ("cycleml.data.cli", "data gather | clean | diff"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: cycleml <command> [hydra overrides | --help | --cfg job | -m ...]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [
+        "",
+        "examples:",
+        "  cycleml train experiment=digits trainer.max_epochs=3 model.optimizer.lr=1e-3",
+        "  cycleml train -m model.optimizer.lr=1e-3,1e-2",
+        "  cycleml eval ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt",
+        "  cycleml compare logs/train",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"cycleml: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    module, _ = COMMANDS[command]
+    # Run the command module as __main__ so that tools which re-launch the program
+    # (Lightning's DDP launcher) start `python -m <module> <overrides>` again.
+    sys.argv = [module, *rest]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""One decorator that turns a task function into a cycleml Hydra app."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from cycleml.configs_path import config_dir
+from cycleml.errors import CycleMLError
+
+log = logging.getLogger(__name__)
+
+
+def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
+
+    A :class:`CycleMLError` in a single run is printed as one line naming the problem
+    and exits with status 2; in a multirun it propagates so that the sweeper can
+    record the job as failed and go on.
+    """
+
+    def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> Any:
+            try:
+                return task(cfg)
+            except CycleMLError as err:
+                if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                    raise
+                log.error("%s", err)
+                print(f"cycleml {config_name}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
+            run
+        )
+
+    return decorate
