@@ -1,0 +1,358 @@
+"""Image classification data: the bundled digits and image folders.
+
+Images are decoded and resized once into a uint8 array (N, H, W, C); training
+applies an albumentations pipeline per sample, evaluation only normalises. The
+pipeline is re-seeded from (seed, epoch, index) for every sample, so augmentation
+is reproducible whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from cycleml.data.splits import SPLITS, split_indices
+from cycleml.data.versioning import content_hash, dataset_fingerprint
+from cycleml.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class AugmentedImages(Dataset):
+    """(image, label) pairs from a uint8 NHWC array, normalised to float32 CHW."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: Sequence[float],
+        std: Sequence[float],
+        transform: Callable[..., dict[str, Any]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        channels = images.shape[-1]
+        self.scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(1, 1, channels)
+        self.shift = (
+            np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
+        ).reshape(1, 1, channels)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        # without augmentation every epoch sees the same tensors: normalise once
+        self._cache = None if transform is not None else self._normalise(images)
+
+    def _normalise(self, images: np.ndarray) -> torch.Tensor:
+        array = images.astype(np.float32) * self.scale - self.shift
+        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, -3)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is not None:
+            return self._cache[index], self.labels[index]
+        self.transform.set_random_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+        image = self.transform(image=self.images[index])["image"]
+        if image.ndim == 2:
+            image = image[..., None]
+        return self._normalise(image), self.labels[index]
+
+
+class _EpochSeeder(L.Callback):
+    """Tells the training dataset which epoch it is, so augmentations differ per epoch."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dataset = getattr(trainer.datamodule, "_train_set", None)
+        if isinstance(dataset, AugmentedImages):
+            dataset.set_epoch(trainer.current_epoch)
+
+
+class ImageDataModule(L.LightningDataModule, ABC):
+    """Base for in-memory image data: subclasses provide ``_load() -> (images, labels, names)``."""
+
+    kind = "image"
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 32,
+        channels: int = 3,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+        train_transform: Callable[..., dict[str, Any]] | None = None,
+        augment_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        if len(size) != 2 or min(size) < 1:
+            raise ConfigError(f"data.image_size must be a positive int or [H, W], got {image_size}")
+        if channels not in (1, 3):
+            raise ConfigError(f"data.channels must be 1 or 3, got {channels}")
+        mean, std = list(mean), list(std)
+        if len(mean) == 1 and channels == 3:
+            mean, std = mean * 3, std * 3
+        if len(mean) != channels or len(std) != channels:
+            raise ConfigError(
+                f"data.mean/data.std need {channels} values (one per channel), got {mean} / {std}"
+            )
+        self.image_size = (int(size[0]), int(size[1]))
+        self.channels = channels
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.mean, self.std = mean, std
+        transforms = getattr(train_transform, "transforms", None)
+        self.train_transform = (
+            None if transforms is not None and len(transforms) == 0 else train_transform
+        )
+        self.augment_seed = augment_seed
+        self.images: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.item_ids: list[str] = []
+        self.class_names: list[str] = []
+        self.splits: dict[str, np.ndarray] = {}
+        self.fingerprint = ""
+        self._train_set: AugmentedImages | None = None
+
+    @abstractmethod
+    def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """Return images (N,H,W,C uint8, already resized), labels, class names, item ids."""
+
+    # -- LightningDataModule ------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.images is not None:
+            return
+        images, labels, class_names, item_ids = self._load()
+        self.images, self.labels = images, labels.astype(np.int64)
+        self.class_names, self.item_ids = class_names, item_ids
+        self.splits = split_indices(
+            self.labels, self.val_fraction, self.test_fraction, seed=self.split_seed
+        )
+        split_of = np.empty(len(labels), dtype=object)
+        for name, idx in self.splits.items():
+            split_of[idx] = name
+        self.fingerprint = dataset_fingerprint(
+            (content_hash(img.tobytes()), str(lab), str(split))
+            for img, lab, split in zip(images, self.labels, split_of, strict=True)
+        )
+        log.info(
+            "%s: %d images %s, %d classes, split %s, fingerprint %s",
+            type(self).__name__,
+            len(labels),
+            images.shape[1:],
+            len(class_names),
+            {k: len(v) for k, v in self.splits.items()},
+            self.fingerprint,
+        )
+
+    def _dataset(self, split: str, augment: bool) -> AugmentedImages:
+        images, labels = self.split_arrays(split)
+        return AugmentedImages(
+            images,
+            labels,
+            self.mean,
+            self.std,
+            transform=self.train_transform if augment else None,
+            seed=self.augment_seed,
+        )
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._train_set = self._dataset("train", augment=True)
+        return self._loader(self._train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("val", augment=False), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset("test", augment=False), self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    # -- the data-module contract (docs/architecture.md) --------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 (N, H, W, C) images and int64 labels of one split, in loader order."""
+        self._require_setup()
+        if split not in SPLITS:
+            raise ConfigError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+        idx = self.splits[split]
+        return self.images[idx], self.labels[idx]
+
+    def split_ids(self, split: str) -> list[str]:
+        self._require_setup()
+        return [self.item_ids[i] for i in self.splits[split]]
+
+    def net_kwargs(self) -> dict[str, int]:
+        """What a network needs to know about this data."""
+        self._require_setup()
+        return {"in_channels": self.channels, "num_classes": self.num_classes}
+
+    def spec(self) -> dict[str, Any]:
+        self._require_setup()
+        return {
+            "kind": self.kind,
+            "image_size": list(self.image_size),
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "class_names": list(self.class_names),
+            "fingerprint": self.fingerprint,
+        }
+
+    def callbacks(self) -> list[L.Callback]:
+        return [_EpochSeeder()] if self.train_transform is not None else []
+
+    def _require_setup(self) -> None:
+        if self.images is None:
+            self.setup()
+
+
+def resize_uint8(image: np.ndarray, size: tuple[int, int], channels: int) -> np.ndarray:
+    """Resize one uint8 image (H, W) or (H, W, C) to ``size`` with ``channels`` channels."""
+    mode = "L" if image.ndim == 2 or image.shape[-1] == 1 else "RGB"
+    pil = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and mode == "L" else image, mode)
+    return _pil_to_array(pil, size, channels)
+
+
+def _pil_to_array(pil: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    pil = pil.convert("L" if channels == 1 else "RGB")
+    if pil.size != (size[1], size[0]):
+        pil = pil.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = np.asarray(pil, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+class DigitsDataModule(ImageDataModule):
+    """The scikit-learn digits (1,797 real 8x8 handwritten digits), bundled with scikit-learn."""
+
+    def __init__(self, image_size: int | Sequence[int] = 16, channels: int = 1, **kwargs: Any):
+        super().__init__(image_size=image_size, channels=channels, **kwargs)
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        raw = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        images = np.stack([resize_uint8(img, self.image_size, self.channels) for img in raw])
+        ids = [f"digits/{i}" for i in range(len(raw))]
+        return images, digits.target.astype(np.int64), [str(n) for n in digits.target_names], ids
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """An image folder: ``<path>/<class name>/<image file>``, any size, RGB or grey.
+
+    Unreadable files are skipped with one warning listing every path; a missing folder,
+    a folder without class sub-folders or an empty class folder is an error.
+    """
+
+    def __init__(self, path: str, decode_workers: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self.decode_workers = max(1, decode_workers)
+        self.unreadable: list[tuple[str, str]] = []
+
+    def _scan(self) -> tuple[list[str], list[tuple[Path, int]]]:
+        root = self.path
+        if not root.exists():
+            raise DataError(f"image folder '{root}' does not exist (data.path)")
+        if not root.is_dir():
+            raise DataError(f"data.path '{root}' is a file, expected a folder of class folders")
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise DataError(
+                f"image folder '{root}' has no class sub-folders; expected <path>/<class>/<image>"
+            )
+        files: list[tuple[Path, int]] = []
+        empty: list[str] = []
+        for label, class_dir in enumerate(class_dirs):
+            images = sorted(
+                p
+                for p in class_dir.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                empty.append(str(class_dir))
+            files.extend((p, label) for p in images)
+        if empty:
+            raise DataError(
+                "empty class folder(s) with no images "
+                f"({', '.join(sorted(IMAGE_SUFFIXES))}): {', '.join(empty)}"
+            )
+        return [d.name for d in class_dirs], files
+
+    def _decode(self, path: Path) -> np.ndarray | str:
+        try:
+            with Image.open(path) as pil:
+                pil.load()
+                return _pil_to_array(pil, self.image_size, self.channels)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            return f"{type(err).__name__}: {err}"
+
+    def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        class_names, files = self._scan()
+        with ThreadPoolExecutor(self.decode_workers) as pool:
+            decoded = list(pool.map(self._decode, (p for p, _ in files)))
+        images, labels, ids = [], [], []
+        self.unreadable = []
+        for (path, label), result in zip(files, decoded, strict=True):
+            if isinstance(result, str):
+                self.unreadable.append((str(path), result))
+                continue
+            images.append(result)
+            labels.append(label)
+            ids.append(str(path.relative_to(self.path)))
+        if self.unreadable:
+            log.warning(
+                "skipped %d unreadable image(s) in '%s':\n%s",
+                len(self.unreadable),
+                self.path,
+                "\n".join(f"  {p}: {why}" for p, why in self.unreadable),
+            )
+        if not images:
+            raise DataError(f"no readable images in '{self.path}'")
+        counts = np.bincount(np.asarray(labels), minlength=len(class_names))
+        unreadable_only = [class_names[i] for i, c in enumerate(counts) if c == 0]
+        if unreadable_only:
+            raise DataError(
+                f"class folder(s) with no readable images in '{self.path}': {unreadable_only}"
+            )
+        return np.stack(images), np.asarray(labels, dtype=np.int64), class_names, ids

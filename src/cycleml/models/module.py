@@ -1,0 +1,191 @@
+"""The LightningModule shared by every classifier (images and text)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from cycleml.errors import ConfigError
+
+STAGES = ("train", "val", "test")
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy (micro) and macro precision, recall and F1."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        }
+    )
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classification of whatever ``net`` maps to logits.
+
+    Metrics are logged as ``train/…``, ``val/…`` and ``test/…`` (``acc``, ``precision``,
+    ``recall``, ``f1``, ``loss``) plus ``val/acc_best``. The hyperparameters carry
+    everything needed downstream (see docs/architecture.md, "Checkpoint").
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        model_config: dict[str, Any] | None = None,
+        data_spec: dict[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        if scheduler_interval not in ("step", "epoch"):
+            raise ConfigError(
+                f"model.scheduler_interval must be 'step' or 'epoch', got '{scheduler_interval}'"
+            )
+        self.net = net
+        self._forward = net.forward
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        if num_classes is None:
+            num_classes = len(class_names) if class_names else None
+        if not num_classes:
+            raise ConfigError("ClassifierModule needs num_classes or class_names")
+        # keyed "<stage>_": a plain "train" key would shadow nn.Module.train
+        self.metrics = nn.ModuleDict(
+            {f"{s}_": classification_metrics(num_classes).clone(prefix=f"{s}/") for s in STAGES}
+        )
+        self.losses = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(x)
+
+    def setup(self, stage: str) -> None:
+        # compile the bound forward, not the module, so checkpoint keys stay plain
+        if self.hparams.compile and stage == "fit":
+            self._forward = torch.compile(self.net.forward)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(
+            logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
+        )
+        self.losses[f"{stage}_"](loss)
+        self.metrics[f"{stage}_"].update(logits.detach(), y)
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", self.losses[f"{stage}_"], on_step=on_step, on_epoch=True, prog_bar=True
+        )
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x).float(), dim=-1)
+
+    def _log_epoch_metrics(self, stage: str) -> dict[str, Tensor]:
+        values = self.metrics[f"{stage}_"].compute()
+        self.log_dict(values, prog_bar=stage != "train")
+        self.metrics[f"{stage}_"].reset()
+        return values
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_epoch_metrics("val")
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(values["val/acc"])
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer, **self._schedule_length())
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": "val/loss",
+            },
+        }
+
+    def _schedule_length(self) -> dict[str, int]:
+        """Fill in a scheduler's length (OneCycle's total_steps, cosine's T_max) from the trainer."""
+        func = getattr(self.scheduler_factory, "func", self.scheduler_factory)
+        given = getattr(self.scheduler_factory, "keywords", {})
+        params = inspect.signature(func).parameters
+        steps = int(self.trainer.estimated_stepping_batches)
+        length = steps if self.hparams.scheduler_interval == "step" else self.trainer.max_epochs
+        return {
+            name: max(1, length)
+            for name in ("total_steps", "T_max")
+            if name in params and given.get(name) is None
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> ClassifierModule:
+        """Rebuild a trained classifier from a checkpoint alone, in eval mode.
+
+        The network is re-created from the saved ``model_config`` (without its
+        pretrained-weights file, which the checkpoint's weights replace).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint '{path}' does not exist")
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        hparams = checkpoint.get("hyper_parameters", {})
+        model_config = hparams.get("model_config")
+        if not model_config:
+            raise ConfigError(
+                f"checkpoint '{path}' has no model_config; was it written by cycleml?"
+            )
+        net_config = dict(model_config["net"])
+        if "weights_path" in net_config:
+            net_config["weights_path"] = None
+        net = hydra.utils.instantiate(net_config)
+        keep = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "optimizer"}
+        module = cls(
+            net=net,
+            optimizer=torch.optim.SGD,
+            **{k: v for k, v in hparams.items() if k in keep and k != "scheduler"},
+        )
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.eval()

@@ -1,0 +1,124 @@
+"""`cycleml train`: compose the config, build data, model, callbacks, loggers, trainer; fit, test."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cycleml.errors import ConfigError
+from cycleml.hydra_app import hydra_app
+from cycleml.training.run import (
+    flat_config,
+    instantiate_callbacks,
+    instantiate_loggers,
+    resolve_resume,
+    start_run,
+)
+from cycleml.training.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The data module of ``cfg.data`` with ``cfg.augment`` as its training transform."""
+    transform = hydra.utils.instantiate(cfg.augment) if cfg.get("augment") else None
+    datamodule = hydra.utils.instantiate(cfg.data, train_transform=transform)
+    datamodule.setup()
+    return datamodule
+
+
+def build_model(cfg: DictConfig, datamodule: Any, run_id: str) -> L.LightningModule:
+    """The LightningModule of ``cfg.model``, its network sized to the data."""
+    net_kwargs = datamodule.net_kwargs()
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    model_config["net"].update(net_kwargs)
+    factory = hydra.utils.instantiate(cfg.model, net=net_kwargs, _partial_=True)
+    return factory(
+        num_classes=datamodule.num_classes,
+        class_names=list(datamodule.class_names),
+        model_config=model_config,
+        data_spec={
+            **datamodule.spec(),
+            "data_config": OmegaConf.to_container(cfg.data, resolve=True),
+        },
+        run_id=run_id,
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job; returns its final metrics (``train/…``, ``val/…``, ``test/…``)."""
+    output_dir = Path(cfg.paths.output_dir)
+    resume = resolve_resume(
+        cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
+    )
+    if resume.run_dir is not None:
+        # continue in the interrupted run's folder: its checkpoints, tracker files, summary
+        output_dir = resume.run_dir.resolve()
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    info = start_run(output_dir, resume)
+    if cfg.model.get("baseline"):
+        from cycleml.training.baseline import run_baseline
+
+        return run_baseline(cfg, datamodule)
+
+    model = build_model(cfg, datamodule, info["run_id"])
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks += getattr(datamodule, "callbacks", list)()
+    loggers = instantiate_loggers(cfg.get("logger"), info["run_id"])
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    for logger in loggers:
+        logger.log_hyperparams({**flat_config(cfg), "dataset_fingerprint": datamodule.fingerprint})
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.ckpt_path)
+        metrics.update(_floats(trainer.callback_metrics))
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        if not best:
+            log.warning("no best checkpoint (checkpointing off?): testing the current weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(_floats(trainer.callback_metrics))
+    if trainer.global_rank == 0:
+        write_summary(
+            output_dir,
+            cfg,
+            datamodule.fingerprint,
+            metrics,
+            best or None,
+            extra={"global_step": trainer.global_step, "epochs": trainer.current_epoch},
+        )
+    return metrics
+
+
+def _floats(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+@hydra_app("train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric '{name}' was not logged; available: {', '.join(sorted(metrics))}"
+        )
+    return metrics[name]
+
+
+if __name__ == "__main__":
+    main()
