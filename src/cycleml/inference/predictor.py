@@ -1,0 +1,169 @@
+"""The ONNX Runtime predictor of a bundle: batches in, probabilities and labels out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from cycleml.errors import BundleError
+from cycleml.inference.bundle import ImagePreprocess, ModelBundle, TextPreprocess, load_bundle
+from cycleml.inference.preprocess import ImageInput, ImagePreprocessor, TextPreprocessor
+
+log = logging.getLogger(__name__)
+
+_GPU_PROVIDERS = ("CUDAExecutionProvider",)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One example's result: the top class, its probability, the top-k classes."""
+
+    label: str
+    label_id: int
+    confidence: float
+    top_k: list[tuple[str, float]]
+    probabilities: np.ndarray
+
+
+def default_providers() -> list[str]:
+    """CUDA when this ONNX Runtime build has it, then CPU."""
+    available = ort.get_available_providers()
+    return [p for p in _GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+class Predictor:
+    """An ONNX Runtime session on a bundle's model.
+
+    ``run`` is safe to call from several threads at once (ONNX Runtime sessions are).
+    ``intra_op_threads=0`` lets ONNX Runtime pick (one per physical core).
+    ``precision`` picks the bundle's ``fp32`` model or its ``int8``/``fp16`` variant.
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle | str,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        warmup: bool = True,
+        precision: str = "fp32",
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle)
+        meta = self.bundle.meta
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(0, int(intra_op_threads))
+        options.inter_op_num_threads = max(0, int(inter_op_threads))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        chosen = list(providers) if providers else default_providers()
+        model_path = self.bundle.variant_path(precision)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=chosen)
+        except Exception as err:  # onnxruntime raises its own non-exported exception types
+            raise BundleError(f"ONNX Runtime cannot load '{model_path}': {err}") from err
+        self.precision = precision
+        self.providers = self.session.get_providers()
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or inputs[0].name != meta.input.name:
+            raise BundleError(
+                f"'{model_path}' inputs {[i.name for i in inputs]} do not match "
+                f"bundle.json input {meta.input.name!r}"
+            )
+        if meta.output.name not in {o.name for o in outputs}:
+            raise BundleError(f"'{model_path}' has no output {meta.output.name!r}")
+        self.input_name = meta.input.name
+        self.input_dtype = np.dtype(meta.input.dtype)
+        self.input_shape = tuple(meta.input.shape)
+        self.output_name = meta.output.name
+        self.class_names = list(meta.class_names)
+        self.kind = meta.kind
+        pre = meta.preprocess
+        self._image: ImagePreprocessor | None = None
+        self._text: TextPreprocessor | None = None
+        if isinstance(pre, ImagePreprocess):
+            self._image = ImagePreprocessor(pre.image_size, pre.channels)
+        elif isinstance(pre, TextPreprocess):
+            tokenizer = self.bundle.path / pre.tokenizer_file
+            self._text = TextPreprocessor(tokenizer, pre.max_length, pre.pad_id)
+        if warmup:
+            self.warmup()
+        log.info(
+            "loaded %s %s (%s, %s) on %s",
+            meta.name,
+            meta.version,
+            meta.kind,
+            precision,
+            ", ".join(self.providers),
+        )
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run one batch of zeros so the first real request pays no setup cost."""
+        self.run(np.zeros((batch_size, *self.input_shape[1:]), dtype=self.input_dtype))
+
+    # -- tensors ------------------------------------------------------------------------
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``float32 (N, num_classes)`` for a batch in the model's input format."""
+        if not isinstance(batch, np.ndarray):
+            raise ValueError(f"input must be a numpy array, got {type(batch).__name__}")
+        if batch.dtype != self.input_dtype:
+            raise ValueError(
+                f"input {self.input_name!r} must be {self.input_dtype}, got {batch.dtype}"
+            )
+        if batch.ndim != len(self.input_shape) or batch.shape[1:] != self.input_shape[1:]:
+            expected = ("N", *self.input_shape[1:])
+            raise ValueError(
+                f"input {self.input_name!r} must have shape {expected}, got {batch.shape}"
+            )
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        (probabilities,) = self.session.run(
+            [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
+        )
+        return np.asarray(probabilities, dtype=np.float32)
+
+    # -- preprocessing ------------------------------------------------------------------
+    def preprocess_image(self, data: ImageInput) -> np.ndarray:
+        """One image decoded and resized to ``uint8 (H, W, C)``; ``DataError`` if unreadable."""
+        if self._image is None:
+            raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not image")
+        return self._image(data)
+
+    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text."""
+        if self._text is None:
+            raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not text")
+        return self._text(texts)
+
+    # -- predictions --------------------------------------------------------------------
+    def predict(self, batch: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        return self.to_predictions(self.run(batch), top_k)
+
+    def predict_images(self, items: Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
+        if not items:
+            return []
+        return self.predict(np.stack([self.preprocess_image(i) for i in items]), top_k)
+
+    def predict_texts(self, texts: Sequence[str], top_k: int = 5) -> list[Prediction]:
+        return self.predict(self.preprocess_texts(texts), top_k)
+
+    def to_predictions(self, probabilities: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Labels, confidences and the ``top_k`` classes of each row of probabilities."""
+        k = max(1, min(int(top_k), probabilities.shape[1]))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        results = []
+        for row, top in zip(probabilities, order, strict=True):
+            best = int(top[0])
+            results.append(
+                Prediction(
+                    label=self.class_names[best],
+                    label_id=best,
+                    confidence=float(row[best]),
+                    top_k=[(self.class_names[int(j)], float(row[j])) for j in top],
+                    probabilities=row,
+                )
+            )
+        return results

@@ -1,0 +1,114 @@
+"""Client-side preprocessing in numpy: decode + resize images, tokenize texts.
+
+Everything else (scaling, normalisation, layout, softmax) lives inside the ONNX
+graph, so this is all a client must reproduce. Images are converted to grey or RGB
+and resized with PIL's bilinear filter, exactly as the training data is prepared.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tokenizers import Tokenizer
+
+from cycleml.errors import BundleError, DataError
+
+ImageInput = bytes | bytearray | memoryview | np.ndarray | Image.Image | Path
+
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    Image.DecompressionBombError,
+)
+
+
+class ImagePreprocessor:
+    """Turn one image (encoded bytes, a file path, an array or a PIL image) into
+    ``uint8 (H, W, C)`` at the model's size."""
+
+    def __init__(self, image_size: Sequence[int], channels: int) -> None:
+        self.height, self.width = int(image_size[0]), int(image_size[1])
+        self.channels = int(channels)
+        self.mode = "L" if self.channels == 1 else "RGB"
+
+    def __call__(self, item: ImageInput) -> np.ndarray:
+        if isinstance(item, np.ndarray):
+            return self._from_array(item)
+        if isinstance(item, Image.Image):
+            return self._from_pil(item)
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            if len(item) == 0:
+                raise DataError("cannot decode image: empty data")
+            source: io.BytesIO | Path = io.BytesIO(bytes(item))
+        elif isinstance(item, Path):
+            source = item
+        else:
+            raise DataError(
+                f"unsupported image input type {type(item).__name__}; "
+                "expected bytes, a pathlib.Path, a numpy array or a PIL image"
+            )
+        try:
+            with Image.open(source) as pil:
+                pil.load()
+                return self._from_pil(pil)
+        except _DECODE_ERRORS as err:
+            raise DataError(f"cannot decode image: {type(err).__name__}: {err}") from err
+
+    def _from_pil(self, pil: Image.Image) -> np.ndarray:
+        pil = pil.convert(self.mode)
+        if pil.size != (self.width, self.height):
+            pil = pil.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        array = np.asarray(pil, dtype=np.uint8)
+        return array[..., None] if array.ndim == 2 else array
+
+    def _from_array(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype != np.uint8:
+            raise DataError(f"image arrays must be uint8 pixels 0..255, got {array.dtype}")
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise DataError(
+                f"image array has shape {array.shape}; expected (H, W), (H, W, 1), "
+                "(H, W, 3) or (H, W, 4)"
+            )
+        if array.ndim == 2 and self.channels == 1 and array.shape == (self.height, self.width):
+            return np.ascontiguousarray(array[..., None])
+        if array.ndim == 3 and array.shape == (self.height, self.width, 3) and self.channels == 3:
+            return np.ascontiguousarray(array)
+        mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
+        return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))
+
+
+class TextPreprocessor:
+    """Tokenize texts to ``int64 (N, max_length)``: truncated, padded with ``pad_id``."""
+
+    def __init__(self, tokenizer_file: str | Path, max_length: int, pad_id: int) -> None:
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # tokenizers raises plain Exception on a bad file
+            raise BundleError(f"cannot load tokenizer '{tokenizer_file}': {err}") from err
+        pad_token = tokenizer.id_to_token(pad_id)
+        if pad_token is None:
+            raise BundleError(f"tokenizer '{tokenizer_file}' has no token with pad_id {pad_id}")
+        tokenizer.enable_truncation(max_length=max_length)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = pad_id
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise DataError(f"text #{i} is {type(text).__name__}, expected a string")
+            if not text.strip():
+                raise DataError(f"text #{i} is empty")
+        if not texts:
+            return np.zeros((0, self.max_length), dtype=np.int64)
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return np.asarray([e.ids for e in encodings], dtype=np.int64)
