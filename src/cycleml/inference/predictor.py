@@ -88,7 +88,7 @@ class Predictor:
             self._image = ImagePreprocessor(pre.image_size, pre.channels)
         elif isinstance(pre, TextPreprocess):
             tokenizer = self.bundle.path / pre.tokenizer_file
-            self._text = TextPreprocessor(tokenizer, pre.max_length, pre.pad_id)
+            self._text = TextPreprocessor.from_file(tokenizer, pre.max_length, pre.pad_id)
         if warmup:
             self.warmup()
         log.info(

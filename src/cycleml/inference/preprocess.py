@@ -88,19 +88,33 @@ class ImagePreprocessor:
 class TextPreprocessor:
     """Tokenize texts to ``int64 (N, max_length)``: truncated, padded with ``pad_id``."""
 
-    def __init__(self, tokenizer_file: str | Path, max_length: int, pad_id: int) -> None:
-        try:
-            tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # tokenizers raises plain Exception on a bad file
-            raise BundleError(f"cannot load tokenizer '{tokenizer_file}': {err}") from err
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_id: int) -> None:
         pad_token = tokenizer.id_to_token(pad_id)
         if pad_token is None:
-            raise BundleError(f"tokenizer '{tokenizer_file}' has no token with pad_id {pad_id}")
+            raise BundleError(f"the tokenizer has no token with pad_id {pad_id}")
         tokenizer.enable_truncation(max_length=max_length)
         tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=max_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = pad_id
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_length: int, pad_id: int) -> TextPreprocessor:
+        """Load a ``tokenizers`` JSON file (a bundle's ``tokenizer.json``)."""
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises plain Exception on a bad file
+            raise BundleError(f"cannot load tokenizer '{path}': {err}") from err
+        return cls(tokenizer, max_length, pad_id)
+
+    @classmethod
+    def from_json(cls, text: str, max_length: int, pad_id: int) -> TextPreprocessor:
+        """Build from the tokenizer JSON itself (as a checkpoint's data spec holds it)."""
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as err:  # tokenizers raises plain Exception on bad JSON
+            raise BundleError(f"not a valid tokenizers JSON: {err}") from err
+        return cls(tokenizer, max_length, pad_id)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         for i, text in enumerate(texts):

@@ -1,0 +1,79 @@
+"""Trace a module to ONNX with a dynamic batch axis, then check the graph."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from cycleml.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAME = "probabilities"
+MIN_OPSET = 17
+
+
+def export_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    opset: int = 18,
+) -> None:
+    """Write ``module`` to ``path`` with one input ``input_name`` and one output
+    ``probabilities``, both with a dynamic batch axis.
+
+    Uses the ``torch.export``-based exporter (``dynamo=True``): the TorchScript one
+    is deprecated in PyTorch and gives no cleaner graph for these networks.
+    """
+    if opset < MIN_OPSET:
+        raise BundleError(f"export.opset={opset}: bundles need opset {MIN_OPSET} or newer")
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore")  # the exporter warns about its own internals
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[input_name],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    if program is None:
+        raise BundleError("torch.onnx.export returned no program")
+    program.save(str(path))
+    check_graph(path)
+
+
+@contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """The exporter's optimizer logs every pass at INFO; keep warnings and errors only."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def check_graph(path: Path) -> None:
+    """``onnx.checker`` full check (types and shapes included)."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise BundleError(f"exported graph '{path}' fails onnx.checker: {err}") from err
+    log.info("onnx.checker: %s passes the full check", path.name)
