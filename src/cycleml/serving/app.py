@@ -1,0 +1,107 @@
+"""The ASGI application: KServe v2 endpoints, the convenience endpoint, health,
+metrics and OpenAPI docs, over a model repository that loads in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+import cycleml
+from cycleml.serving import routes_v1, routes_v2
+from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.dispatch import ServerState, json_response, state_of
+from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.middleware import RequestContextMiddleware
+from cycleml.serving.repository import ModelRepository
+from cycleml.serving.settings import ServeSettings, read_api_keys
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    """The server application. Models load after start-up, in the background: the server
+    is live at once and ready (``/v2/health/ready``) once every model is warm."""
+    metrics = ServingMetrics()
+    keys = read_api_keys(settings.auth) if settings.auth.enabled else []
+    auth = ApiKeyAuth(keys, settings.auth.public_paths) if settings.auth.enabled else None
+    state = ServerState(
+        settings=settings,
+        metrics=metrics,
+        repository=ModelRepository(settings, metrics),
+        decode_pool=ThreadPoolExecutor(settings.runtime.decode_threads,
+                                       thread_name_prefix="decode"),
+        auth=auth,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.ensure_future(asyncio.to_thread(_load, state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            await loading
+            await asyncio.to_thread(state.repository.close)
+            state.decode_pool.shutdown(wait=True)
+            log.info("server stopped")
+
+    app = FastAPI(
+        title="cycleml serving",
+        version=cycleml.__version__,
+        description="KServe v2 / Open Inference Protocol over HTTP, with a load-aware "
+        "dynamic batcher per model.",
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    app.include_router(routes_v2.router)
+    app.include_router(routes_v1.router)
+    app.add_api_route("/v2", server_metadata, methods=["GET"], tags=["health"],
+                      summary="Server metadata")
+    app.add_api_route("/v2/health/live", live, methods=["GET"], tags=["health"],
+                      summary="Liveness")
+    app.add_api_route("/v2/health/ready", ready, methods=["GET"], tags=["health"],
+                      summary="Readiness: every model loaded and warm, not draining")
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["health"],
+                      summary="Prometheus metrics")
+    app.add_middleware(
+        RequestContextMiddleware,
+        auth=auth,
+        max_body_bytes=settings.limits.max_body_bytes,
+        log_requests=settings.access_log,
+    )
+    return app
+
+
+def _load(state: ServerState) -> None:
+    state.repository.load_all()
+    if state.settings.reload.watch and not state.draining:
+        state.repository.start_watching()
+
+
+async def server_metadata(request: Request) -> Response:
+    return json_response({
+        "name": "cycleml",
+        "version": cycleml.__version__,
+        "extensions": ["binary_tensor_data", "model_repository"],
+    })
+
+
+async def live(request: Request) -> Response:
+    return json_response({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    state = state_of(request)
+    is_ready = state.repository.ready and not state.draining
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    body, content_type = state_of(request).metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,204 @@
+"""From an HTTP request to a finished batch row: body limits, deadlines, queueing,
+cancellation on disconnect, and the mapping of every failure to an HTTP answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import Response
+
+from cycleml.errors import CycleMLError
+from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.batcher import Cancelled, DeadlineExceeded, InferenceFailed, WorkItem
+from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.protocol import ProtocolError, json_dumps
+from cycleml.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
+from cycleml.serving.served_model import QueueFull, ServedModel
+from cycleml.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TIMEOUT_HEADER = "x-timeout-ms"
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds ``limits.max_body_bytes`` (HTTP 413)."""
+
+
+@dataclass
+class ServerState:
+    """Everything the request handlers share."""
+
+    settings: ServeSettings
+    metrics: ServingMetrics
+    repository: ModelRepository
+    decode_pool: ThreadPoolExecutor
+    auth: ApiKeyAuth | None = None
+    draining: bool = False
+
+    async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """Run CPU work (JSON and image decoding) on the decode threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work, *args)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.serving
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused early when it is (or grows) larger than ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def timeout_s(request: Request, settings: ServeSettings, requested_us: float | None) -> float:
+    """The request's time budget: the header, else the request parameter, else the
+    default; never more than ``limits.max_timeout_ms``."""
+    limits = settings.limits
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        try:
+            millis = float(header)
+        except ValueError:
+            raise ProtocolError(f"header X-Timeout-Ms must be a number, got '{header}'") from None
+        if not millis > 0:
+            raise ProtocolError(f"header X-Timeout-Ms must be positive, got '{header}'")
+    elif requested_us is not None:
+        millis = requested_us / 1000.0
+    else:
+        millis = limits.default_timeout_ms
+    return min(millis, limits.max_timeout_ms) / 1000.0
+
+
+async def infer_rows(
+    request: Request, model: ServedModel, rows: np.ndarray, deadline: float
+) -> WorkItem:
+    """Queue ``rows`` on ``model`` and wait for the batch that runs them.
+
+    A request still queued at its deadline is withdrawn and answered 504; one whose
+    client disconnects is withdrawn too. Once a batch holds it, it runs to the end.
+    """
+    item = model.submit(rows, deadline)
+    loop = asyncio.get_running_loop()
+
+    def withdraw(error: Exception) -> None:
+        if model.withdraw(item):
+            item.error = error
+            item.finished_at = time.perf_counter()
+            if not item.future.done():
+                item.future.set_result(item)
+
+    timer = loop.call_later(max(deadline - time.perf_counter(), 0.0), withdraw,
+                            DeadlineExceeded())
+    watcher = loop.create_task(_on_disconnect(request, lambda: withdraw(Cancelled())))
+    try:
+        return await item.future
+    finally:
+        timer.cancel()
+        watcher.cancel()
+
+
+async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None:
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            callback()
+            return
+
+
+def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Response]:
+    """The HTTP answer for a failure, as ``(status, response)``; unknown errors raise."""
+    headers: dict[str, str] = {}
+    if isinstance(err, ProtocolError | CycleMLError | ValueError):
+        # bad input, an undecodable image or text, a model of the other kind
+        status, message = 400, str(err)
+    elif isinstance(err, ModelNotFound):
+        status, message = 404, str(err)
+    elif isinstance(err, BodyTooLarge):
+        status, message = 413, str(err)
+    elif isinstance(err, QueueFull):
+        status = settings.limits.overload_status
+        message = f"{err}; retry after {settings.limits.retry_after_s} s"
+        headers["Retry-After"] = str(settings.limits.retry_after_s)
+    elif isinstance(err, ModelUnavailable):
+        status, message = 503, str(err)
+        headers["Retry-After"] = str(settings.limits.retry_after_s)
+    elif isinstance(err, DeadlineExceeded):
+        status, message = 504, "request timed out in the queue before it could start"
+    elif isinstance(err, Cancelled):
+        status, message = 499, "client closed the request"
+    elif isinstance(err, InferenceFailed):
+        status, message = 500, f"inference failed: {err}"
+    else:
+        raise err
+    return status, json_response({"error": message}, status, headers)
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> Response:
+    return Response(json_dumps(value), status_code=status, headers=headers,
+                    media_type="application/json")
+
+
+REJECTION_REASONS = {429: "queue_full", 503: "queue_full", 504: "deadline", 499: "cancelled"}
+
+
+async def answered(
+    state: ServerState,
+    request: Request,
+    endpoint: str,
+    model_name: str,
+    handle: Callable[[dict[str, Any]], Awaitable[Response]],
+) -> Response:
+    """Run one inference handler and account for it: status and latency metrics, the
+    fields of the access log line, and the HTTP answer for any failure."""
+    info: dict[str, Any] = request.scope.setdefault("cycleml", {})
+    info["model"] = model_name
+    started = time.perf_counter()
+    try:
+        response = await handle(info)
+        status = response.status_code
+    except Exception as err:
+        status, response = error_response(err, state.settings)
+        info["error"] = str(err)[:200]
+        if status == 500:
+            log.error("%s %s failed: %s", endpoint, model_name, err)
+    version = info.get("version", "")
+    metrics = state.metrics
+    metrics.requests.labels(model_name, version, endpoint, str(status)).inc()
+    if status == 200:
+        metrics.latency.labels(model_name, version).observe(time.perf_counter() - started)
+        if "queue_ms" in info:
+            metrics.queue_time.labels(model_name, version).observe(info["queue_ms"] / 1000.0)
+    elif status in REJECTION_REASONS and info.get("version") is not None:
+        metrics.rejected.labels(model_name, version, REJECTION_REASONS[status]).inc()
+    return response
+
+
+def record_item(info: dict[str, Any], item: WorkItem) -> None:
+    """Copy a finished item's timings into the access log fields, or raise its error."""
+    info["queue_ms"] = round(item.queue_s * 1000.0, 3)
+    if item.error is not None:
+        raise item.error
+    info["inference_ms"] = round(item.inference_s * 1000.0, 3)
+    info["batch_rows"] = item.batch_rows

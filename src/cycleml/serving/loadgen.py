@@ -1,0 +1,170 @@
+"""A small HTTP/1.1 load generator for measuring a server: closed-loop (fixed number of
+clients, each sending its next request when the previous one is answered) and
+open-loop (Poisson arrivals at a fixed rate, latency measured from the *intended*
+send time, so a slow server cannot hide its queueing by slowing the client down).
+
+It speaks just enough HTTP over asyncio streams (keep-alive, Content-Length bodies)
+to cost the machine far less per request than a general client library, which
+matters when client and server share the same cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Result:
+    intended: float  # when the request was meant to be sent (perf_counter)
+    sent: float
+    done: float
+    status: int  # 0: no HTTP answer (connection error or client timeout)
+    retry_after: bool = False
+    error: str | None = None
+
+    @property
+    def latency_s(self) -> float:
+        return self.done - self.intended
+
+
+def build_request(host: str, port: int, method: str, path: str, body: bytes = b"",
+                  headers: dict[str, str] | None = None) -> bytes:
+    """The bytes of one HTTP/1.1 request, built once and sent many times."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Connection:
+    """One keep-alive connection; ``exchange`` sends a request and reads the answer."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        try:
+            self._writer.write(request)
+            head = await self._reader.readuntil(b"\r\n\r\n")
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self.close()
+            raise
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+        body = await self._reader.readexactly(length) if length else b""
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, headers, body
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+async def _one(connection: Connection, request: bytes, intended: float,
+               timeout_s: float) -> Result:
+    sent = time.perf_counter()
+    try:
+        status, headers, _ = await asyncio.wait_for(connection.exchange(request), timeout_s)
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+            asyncio.TimeoutError, ValueError) as err:
+        connection.close()
+        return Result(intended, sent, time.perf_counter(), 0, error=type(err).__name__)
+    return Result(intended, sent, time.perf_counter(), status,
+                  retry_after=b"retry-after" in headers)
+
+
+async def closed_loop(host: str, port: int, requests: list[bytes], concurrency: int,
+                      duration_s: float, timeout_s: float = 30.0,
+                      max_requests: int = 1_000_000) -> list[Result]:
+    """``concurrency`` clients, each on its own connection, for ``duration_s``."""
+    results: list[Result] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(index: int) -> None:
+        connection = Connection(host, port)
+        sent = 0
+        try:
+            while time.perf_counter() < stop_at and len(results) < max_requests:
+                request = requests[(index + sent * concurrency) % len(requests)]
+                results.append(await _one(connection, request, time.perf_counter(), timeout_s))
+                sent += 1
+        finally:
+            connection.close()
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return results
+
+
+async def open_loop(host: str, port: int, requests: list[bytes], rate_per_s: float,
+                    duration_s: float, seed: int = 0, timeout_s: float = 30.0,
+                    max_connections: int = 512) -> list[Result]:
+    """Poisson arrivals at ``rate_per_s`` for ``duration_s``; each request goes out on an
+    idle connection (a new one while fewer than ``max_connections`` exist, else it waits
+    for one, and that wait counts in its latency)."""
+    rng = random.Random(seed)
+    idle: list[Connection] = []
+    available = asyncio.Semaphore(max_connections)
+    tasks: list[asyncio.Task] = []
+
+    async def one(intended: float, request: bytes) -> Result:
+        async with available:
+            connection = idle.pop() if idle else Connection(host, port)
+            result = await _one(connection, request, intended, timeout_s)
+            idle.append(connection)
+            return result
+
+    start = time.perf_counter()
+    at = start
+    index = 0
+    while True:
+        at += rng.expovariate(rate_per_s)
+        if at - start >= duration_s:
+            break
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(at, requests[index % len(requests)])))
+        index += 1
+    results = list(await asyncio.gather(*tasks))
+    for connection in idle:
+        connection.close()
+    return results
+
+
+def summarize(results: list[Result]) -> dict[str, float]:
+    """Throughput, latency percentiles (ms) and failures of a run."""
+    if not results:
+        return {"requests": 0, "rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "errors": 0}
+    first = min(r.intended for r in results)
+    last = max(r.done for r in results)
+    ok = [r.latency_s for r in results if r.status == 200]
+    latencies = np.asarray(ok if ok else [r.latency_s for r in results]) * 1000.0
+    statuses = Counter(r.status for r in results)
+    return {
+        "requests": len(results),
+        "rps": statuses[200] / max(last - first, 1e-9),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "ok": statuses[200],
+        "rejected": sum(n for s, n in statuses.items() if s in (429, 503)),
+        "errors": sum(n for s, n in statuses.items() if s not in (200, 429, 503)),
+    }

@@ -1,0 +1,95 @@
+"""Prometheus metrics of the server, served at ``/metrics``.
+
+With several server processes (``workers > 1``) the values live in
+``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` sums them over the processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0,
+    4.0, 8.0, 16.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServingMetrics:
+    """The server's counters, histograms and gauges, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("model", "version")
+        self.requests = Counter(
+            "cycleml_requests_total",
+            "Inference requests by model, version, endpoint and HTTP status.",
+            (*labels, "endpoint", "status"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "cycleml_request_latency_seconds",
+            "Time from receiving an inference request to its response.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "cycleml_queue_time_seconds",
+            "Time a request waited in its model's queue before its batch started.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_time = Histogram(
+            "cycleml_inference_time_seconds",
+            "Runtime of one batch in ONNX Runtime.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "cycleml_batch_size",
+            "Rows per batch run by a model instance.",
+            labels,
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "cycleml_queue_depth",
+            "Requests waiting in a model's queue.",
+            labels,
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "cycleml_rejected_total",
+            "Requests refused before compute: queue_full, deadline, cancelled.",
+            (*labels, "reason"),
+            registry=self.registry,
+        )
+        self.models_ready = Gauge(
+            "cycleml_model_ready",
+            "1 while a model version is loaded, warm and serving.",
+            labels,
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition format of all metrics (summed over processes if several)."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

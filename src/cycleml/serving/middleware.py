@@ -1,0 +1,98 @@
+"""Per-request context as plain ASGI middleware: request id, API-key check, body size
+check, and one structured access log line per request."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.protocol import json_dumps
+
+access_log = logging.getLogger("cycleml.serving.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+
+
+class RequestContextMiddleware:
+    """Gives every HTTP request an id (the client's ``X-Request-Id`` or a new one), echoes
+    it in the response, refuses requests without a valid API key (401) or with a declared
+    body over the limit (413), and logs one JSON line when the response is sent.
+
+    The ``Authorization`` header is never logged.
+    """
+
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth | None, max_body_bytes: int,
+                 log_requests: bool) -> None:
+        self.app = app
+        self.auth = auth
+        self.max_body_bytes = max_body_bytes
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = None
+        authorization = None
+        content_length = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_ID_HEADER:
+                request_id = value.decode("latin-1")[:128]
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                content_length = value
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        info: dict[str, Any] = {"request_id": request_id}
+        scope["cycleml"] = info
+        status_holder = [0]
+        id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        path = scope["path"]
+        if self.auth is not None and path not in self.auth.public_paths and not (
+            self.auth.allows(authorization)
+        ):
+            info["error"] = "missing or invalid API key"
+            await _refuse(send_with_id, 401, "missing or invalid API key: send "
+                          "'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")])
+        elif content_length is not None and content_length.isdigit() and (
+            int(content_length) > self.max_body_bytes
+        ):
+            info["error"] = "body too large"
+            await _refuse(send_with_id, 413, f"request body of {int(content_length)} bytes "
+                          f"exceeds the limit of {self.max_body_bytes}", [])
+        else:
+            await self.app(scope, receive, send_with_id)
+        if self.log_requests:
+            info["method"] = scope["method"]
+            info["path"] = path
+            info["status"] = status_holder[0]
+            info["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+            client = scope.get("client")
+            if client:
+                info["client"] = f"{client[0]}:{client[1]}"
+            access_log.info("%s", json_dumps(info).decode())
+
+
+async def _refuse(send: Send, status: int, message: str, headers: list) -> None:
+    body = json_dumps({"error": message})
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,290 @@
+"""KServe v2 (Open Inference Protocol) inference bodies: JSON tensors and binary tensors.
+
+A request is either one JSON document, or (binary-tensor extension) a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw bytes of the tensors that
+declare ``parameters.binary_data_size``. Responses mirror that: outputs as JSON ``data``
+or, when the client asks for ``binary_data``, as raw little-endian bytes after the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+try:  # orjson parses and writes the large number arrays of JSON tensors several times faster
+    import orjson
+
+    def json_loads(data: bytes) -> Any:
+        return orjson.loads(data)
+
+    def json_dumps(value: Any) -> bytes:
+        return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+except ImportError:  # pragma: no cover - exercised only where orjson is not installed
+
+    def json_loads(data: bytes) -> Any:
+        return json.loads(data)
+
+    def json_dumps(value: Any) -> bytes:
+        return json.dumps(value, separators=(",", ":"), default=_tolist).encode()
+
+    def _tolist(value: Any) -> Any:
+        if isinstance(value, np.ndarray | np.generic):
+            return value.tolist()
+        raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+HEADER_LENGTH = "inference-header-content-length"
+
+# KServe v2 datatype -> numpy dtype (little endian, as the binary extension requires)
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The KServe v2 datatype name of a numpy dtype."""
+    for name, candidate in DATATYPES.items():
+        if candidate == np.dtype(dtype).newbyteorder("<"):
+            return name
+    raise ValueError(f"no KServe v2 datatype for numpy dtype {dtype}")
+
+
+class ProtocolError(ValueError):
+    """A request body that does not follow the protocol; the message names the problem."""
+
+
+@dataclass
+class InputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    array: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    inputs: list[InputTensor]
+    id: str | None = None
+    # requested output names (None: all) and which of them go back as binary
+    outputs: list[str] | None = None
+    binary_outputs: set[str] = field(default_factory=set)
+    binary_by_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timeout_us(self) -> float | None:
+        """The KServe/Triton request parameter ``timeout`` (microseconds), if given."""
+        value = self.parameters.get("timeout")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ProtocolError(f"parameter 'timeout' must be a positive number of "
+                                f"microseconds, got {value!r}")
+        return float(value)
+
+
+def parse_json_request(body: bytes) -> InferRequest:
+    """An inference request whose tensors are all JSON ``data``."""
+    return _parse(body, header_length=None)
+
+
+def parse_binary_request(body: bytes, header_length: str) -> InferRequest:
+    """An inference request in the binary-tensor extension (header length from the HTTP header)."""
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise ProtocolError(
+            f"Inference-Header-Content-Length must be an integer, got '{header_length}'"
+        ) from None
+    if not 0 < length <= len(body):
+        raise ProtocolError(
+            f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes"
+        )
+    return _parse(body, header_length=length)
+
+
+def _parse(body: bytes, header_length: int | None) -> InferRequest:
+    header_bytes = body if header_length is None else body[:header_length]
+    try:
+        header = json_loads(header_bytes)
+    except ValueError as err:
+        raise ProtocolError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("request body must be a JSON object with an 'inputs' list")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise ProtocolError("request needs a non-empty 'inputs' list")
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ProtocolError("'parameters' must be a JSON object")
+
+    binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
+    offset = 0
+    inputs = []
+    for index, raw in enumerate(raw_inputs):
+        tensor, offset = _parse_input(raw, index, binary, offset)
+        inputs.append(tensor)
+    if offset != len(binary):
+        raise ProtocolError(
+            f"body has {len(binary) - offset} bytes after the binary tensors; "
+            "check the binary_data_size parameters"
+        )
+
+    outputs, binary_outputs = _parse_outputs(header.get("outputs"))
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError("'id' must be a string")
+    return InferRequest(
+        inputs=inputs,
+        id=request_id,
+        outputs=outputs,
+        binary_outputs=binary_outputs,
+        binary_by_default=bool(parameters.get("binary_data_output", False)),
+        parameters=parameters,
+    )
+
+
+def _parse_input(
+    raw: Any, index: int, binary: memoryview, offset: int
+) -> tuple[InputTensor, int]:
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"inputs[{index}] must be a JSON object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"inputs[{index}] needs a 'name'")
+    datatype = raw.get("datatype")
+    if datatype not in DATATYPES:
+        raise ProtocolError(
+            f"input '{name}' has datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
+        )
+    shape = raw.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"input '{name}' needs a 'shape' list of non-negative integers")
+    shape_t = tuple(shape)
+    count = math.prod(shape_t)
+    dtype = DATATYPES[datatype]
+    params = raw.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+
+    if size is not None:
+        if not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"input '{name}': binary_data_size must be a non-negative integer")
+        if "data" in raw:
+            raise ProtocolError(f"input '{name}' has both 'data' and binary_data_size")
+        if size != count * dtype.itemsize:
+            raise ProtocolError(
+                f"input '{name}': binary_data_size {size} does not match shape {list(shape_t)} "
+                f"of {datatype} ({count * dtype.itemsize} bytes)"
+            )
+        if offset + size > len(binary):
+            raise ProtocolError(
+                f"input '{name}' declares {size} binary bytes but only "
+                f"{len(binary) - offset} remain in the body"
+            )
+        array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape_t)
+        return InputTensor(name, datatype, shape_t, array), offset + size
+
+    if "data" not in raw:
+        raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+    array = _array_from_json(raw["data"], name, datatype, dtype, shape_t, count)
+    return InputTensor(name, datatype, shape_t, array), offset
+
+
+def _array_from_json(
+    data: Any, name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int
+) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ProtocolError(f"input '{name}': 'data' must be a list")
+    try:
+        array = np.array(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ProtocolError(
+            f"input '{name}': 'data' cannot be read as {datatype} ({err})"
+        ) from None
+    if array.size != count:
+        raise ProtocolError(
+            f"input '{name}' has {array.size} elements but shape {list(shape)} needs {count}"
+        )
+    if array.ndim > 1 and array.shape != shape:
+        raise ProtocolError(
+            f"input '{name}': nested 'data' has shape {list(array.shape)}, "
+            f"declared shape is {list(shape)}"
+        )
+    return array.reshape(shape)
+
+
+def _parse_outputs(raw: Any) -> tuple[list[str] | None, set[str]]:
+    if raw is None:
+        return None, set()
+    if not isinstance(raw, list):
+        raise ProtocolError("'outputs' must be a list")
+    names, binary = [], set()
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ProtocolError(f"outputs[{index}] must be an object with a 'name'")
+        names.append(item["name"])
+        params = item.get("parameters") or {}
+        if isinstance(params, dict) and params.get("binary_data"):
+            binary.add(item["name"])
+    return names, binary
+
+
+@dataclass
+class EncodedResponse:
+    body: bytes
+    # set when the body carries binary tensors after a JSON header of this many bytes
+    header_length: int | None
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+) -> EncodedResponse:
+    """The response body for ``outputs`` (already restricted to the requested names)."""
+    tensors = []
+    blobs: list[bytes] = []
+    for name, array in outputs.items():
+        datatype = datatype_of(array.dtype)
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        as_binary = name in request.binary_outputs or (
+            request.binary_by_default and request.outputs is None
+        )
+        if as_binary:
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.reshape(-1)
+        tensors.append(tensor)
+    header: dict[str, Any] = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "outputs": tensors,
+    }
+    if request.id is not None:
+        header["id"] = request.id
+    header_bytes = json_dumps(header)
+    if not blobs:
+        return EncodedResponse(header_bytes, None)
+    return EncodedResponse(header_bytes + b"".join(blobs), len(header_bytes))

@@ -1,0 +1,179 @@
+"""Convenience endpoint: send an image file or a text, get labels and probabilities.
+
+``POST /v1/models/{model}:predict`` takes a raw image body (``Content-Type: image/*``
+or ``application/octet-stream``), a multipart form with image files, or JSON
+``{"text": "..."}`` / ``{"instances": [...]}`` (texts for a text model; nested pixel
+arrays or ``{"b64": "<encoded image file>"}`` for an image model).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from cycleml.serving.dispatch import (
+    answered,
+    infer_rows,
+    json_response,
+    read_body,
+    record_item,
+    state_of,
+    timeout_s,
+)
+from cycleml.serving.protocol import ProtocolError, json_loads
+from cycleml.serving.served_model import ServedModel
+
+router = APIRouter()
+
+TOP_K = 5
+
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "text": {"type": "string"},
+                        "instances": {"type": "array", "items": {}},
+                    },
+                }
+            },
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+
+
+def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
+    """Rows for the model from a JSON body (runs on a decode thread)."""
+    try:
+        document = json_loads(body)
+    except ValueError as err:
+        raise ProtocolError(f"request body is not valid JSON: {err}") from None
+    if not isinstance(document, dict) or ("text" not in document
+                                          and "instances" not in document):
+        raise ProtocolError('JSON body must be {"text": "..."} or {"instances": [...]}')
+    if "text" in document:
+        if model.kind != "text":
+            raise ProtocolError(f"model '{model.name}' is an image model; send an image file "
+                                'or {"instances": [<H×W×C pixel array> | {"b64": ...}]}')
+        instances = [document["text"]]
+    else:
+        instances = document["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise ProtocolError("'instances' must be a non-empty list")
+    if len(instances) > model.max_batch_size:
+        raise ProtocolError(f"{len(instances)} instances exceed the maximum of "
+                            f"{model.max_batch_size} per request")
+    if model.kind == "text":
+        texts = [i.get("text") if isinstance(i, dict) else i for i in instances]
+        return model.preprocess_texts(texts)
+    images: list[bytes | np.ndarray] = []
+    for index, instance in enumerate(instances):
+        if isinstance(instance, dict) and isinstance(instance.get("b64"), str):
+            try:
+                images.append(base64.b64decode(instance["b64"], validate=True))
+            except binascii.Error:
+                raise ProtocolError(f"instances[{index}].b64 is not valid base64") from None
+        elif isinstance(instance, list):
+            try:
+                images.append(np.asarray(instance, dtype=np.uint8))
+            except (ValueError, TypeError, OverflowError) as err:
+                raise ProtocolError(f"instances[{index}] is not a uint8 pixel array: {err}"
+                                    ) from None
+        else:
+            raise ProtocolError(f"instances[{index}] must be a pixel array or "
+                                '{"b64": "<encoded image>"}')
+    return model.preprocess_images(images)
+
+
+async def _rows(request: Request, body: bytes, model: ServedModel) -> np.ndarray:
+    state = state_of(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        return await state.off_loop(_json_instances, body, model)
+    if model.kind != "image":
+        raise ProtocolError(f"model '{model.name}' is a text model; send JSON "
+                            '{"text": "..."} or {"instances": ["...", ...]}')
+    if content_type == "multipart/form-data":
+        files = await _form_files(request, body)
+        if not files:
+            raise ProtocolError("multipart body has no file parts")
+        if len(files) > model.max_batch_size:
+            raise ProtocolError(f"{len(files)} files exceed the maximum of "
+                                f"{model.max_batch_size} per request")
+        return await state.off_loop(model.preprocess_images, files)
+    if not body:
+        raise ProtocolError("empty body: send an image file, multipart form or JSON")
+    return await state.off_loop(model.preprocess_images, [body])
+
+
+async def _form_files(request: Request, body: bytes) -> list[bytes]:
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, replay).form()
+    try:
+        return [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    finally:
+        await form.close()
+
+
+async def _predict(request: Request, model_name: str, version: str | None) -> Response:
+    state = state_of(request)
+    received = time.perf_counter()
+
+    async def handle(info: dict[str, Any]) -> Response:
+        body = await read_body(request, state.settings.limits.max_body_bytes)
+        deadline = received + timeout_s(request, state.settings, None)
+        with state.repository.lease(model_name, version) as model:
+            info["version"] = model.version
+            rows = await _rows(request, body, model)
+            model.check_rows(rows)
+            item = await infer_rows(request, model, rows, deadline)
+            record_item(info, item)
+            predictions = model.predictors[0].to_predictions(item.output, TOP_K)
+            return json_response({
+                "model_name": model.name,
+                "model_version": model.version,
+                "id": info["request_id"],
+                "predictions": [
+                    {
+                        "label": p.label,
+                        "label_id": p.label_id,
+                        "confidence": p.confidence,
+                        "probabilities": dict(zip(model.class_names,
+                                                  p.probabilities.tolist(), strict=True)),
+                    }
+                    for p in predictions
+                ],
+            })
+
+    return await answered(state, request, "v1_predict", model_name, handle)
+
+
+@router.post("/v1/models/{model_name}:predict", tags=["inference"], openapi_extra=_PREDICT_BODY,
+             summary="Predict labels for an image file or a text")
+async def predict(request: Request, model_name: str) -> Response:
+    return await _predict(request, model_name, None)
+
+
+@router.post("/v1/models/{model_name}/versions/{model_version}:predict", tags=["inference"],
+             openapi_extra=_PREDICT_BODY, summary="Predict with a pinned version")
+async def predict_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _predict(request, model_name, model_version)

@@ -1,0 +1,218 @@
+"""KServe v2 / Open Inference Protocol endpoints, with the binary-tensor and
+model-repository extensions."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from cycleml.serving.dispatch import (
+    answered,
+    error_response,
+    infer_rows,
+    json_response,
+    read_body,
+    record_item,
+    state_of,
+    timeout_s,
+)
+from cycleml.serving.protocol import (
+    HEADER_LENGTH,
+    encode_response,
+    parse_binary_request,
+    parse_json_request,
+)
+from cycleml.serving.repository import ModelNotFound, ModelUnavailable
+
+router = APIRouter()
+
+_TENSOR_SCHEMA = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "example": "UINT8"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "data": {"type": "array", "description": "flat or nested, row-major"},
+        "parameters": {"type": "object"},
+    },
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+                        "outputs": {"type": "array", "items": {"type": "object"}},
+                    },
+                }
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "binary-tensor extension: a JSON header of "
+                "Inference-Header-Content-Length bytes, then the tensor bytes",
+            },
+        },
+    }
+}
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "malformed request, wrong input name, datatype or shape"},
+    404: {"description": "unknown model or version"},
+    413: {"description": "body too large"},
+    429: {"description": "queue full; retry after Retry-After seconds"},
+    503: {"description": "model not ready, or queue full (limits.overload_status=503)"},
+    504: {"description": "the request could not start before its timeout"},
+}
+
+
+async def _infer(request: Request, model_name: str, version: str | None) -> Response:
+    state = state_of(request)
+    received = time.perf_counter()
+
+    async def handle(info: dict[str, Any]) -> Response:
+        body = await read_body(request, state.settings.limits.max_body_bytes)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is not None:
+            # binary tensors: a small JSON header, the tensors are views of the body
+            parsed = parse_binary_request(body, header_length)
+        else:
+            parsed = await state.off_loop(parse_json_request, body)
+        deadline = received + timeout_s(request, state.settings, parsed.timeout_us)
+        with state.repository.lease(model_name, version) as model:
+            info["version"] = model.version
+            rows = model.check_request(parsed)
+            item = await infer_rows(request, model, rows, deadline)
+            record_item(info, item)
+            encoded = encode_response(model.name, model.version, parsed,
+                                      {model.output_name: item.output})
+        if encoded.header_length is None:
+            return Response(encoded.body, media_type="application/json")
+        return Response(encoded.body, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(encoded.header_length)})
+
+    return await answered(state, request, "v2_infer", model_name, handle)
+
+
+@router.post("/v2/models/{model_name}/infer", tags=["inference"], openapi_extra=_INFER_BODY,
+             responses=_INFER_RESPONSES, summary="Run inference (latest version)")
+async def infer(request: Request, model_name: str) -> Response:
+    return await _infer(request, model_name, None)
+
+
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", tags=["inference"],
+             openapi_extra=_INFER_BODY, responses=_INFER_RESPONSES,
+             summary="Run inference on a pinned version")
+async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
+    return await _infer(request, model_name, model_version)
+
+
+def _lookup(request: Request, model_name: str, version: str | None) -> Any:
+    state = state_of(request)
+    try:
+        return state.repository.get(model_name, version), None
+    except (ModelNotFound, ModelUnavailable) as err:
+        return None, error_response(err, state.settings)[1]
+
+
+@router.get("/v2/models/{model_name}", tags=["models"], summary="Model metadata")
+async def model_metadata(request: Request, model_name: str) -> Response:
+    return _metadata(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}", tags=["models"],
+            summary="Model version metadata")
+async def model_version_metadata(request: Request, model_name: str,
+                                 model_version: str) -> Response:
+    return _metadata(request, model_name, model_version)
+
+
+def _metadata(request: Request, model_name: str, version: str | None) -> Response:
+    model, failure = _lookup(request, model_name, version)
+    if failure is not None:
+        return failure
+    return json_response(model.metadata(state_of(request).repository.versions(model_name)))
+
+
+@router.get("/v2/models/{model_name}/ready", tags=["health"], summary="Model readiness")
+async def model_ready(request: Request, model_name: str) -> Response:
+    return _ready(request, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["health"],
+            summary="Model version readiness")
+async def model_version_ready(request: Request, model_name: str,
+                              model_version: str) -> Response:
+    return _ready(request, model_name, model_version)
+
+
+def _ready(request: Request, model_name: str, version: str | None) -> Response:
+    model, failure = _lookup(request, model_name, version)
+    if failure is not None:
+        return failure
+    ready = model.ready and not state_of(request).draining
+    return json_response({"name": model.name, "version": model.version, "ready": ready},
+                         200 if ready else 503)
+
+
+@router.get("/v2/models/{model_name}/config", tags=["models"],
+            summary="Model configuration (batching and instances)")
+async def model_config(request: Request, model_name: str) -> Response:
+    model, failure = _lookup(request, model_name, None)
+    if failure is not None:
+        return failure
+    settings = state_of(request).settings
+    return json_response({
+        "name": model.name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": model.max_batch_size,
+        "input": [{"name": model.input_name, "data_type": f"TYPE_{model.input_datatype}",
+                   "dims": list(model.input_shape[1:])}],
+        "output": [{"name": model.output_name, "data_type": "TYPE_FP32",
+                    "dims": [len(model.class_names)]}],
+        "dynamic_batching": {
+            "max_queue_delay_microseconds": int(settings.batching.max_queue_delay_ms * 1000),
+            "max_queue_size": settings.batching.max_queue_size,
+        },
+        "instance_group": [{"count": len(model.batchers), "kind": "KIND_CPU"}],
+    })
+
+
+# -- model repository extension ------------------------------------------------------------
+@router.post("/v2/repository/index", tags=["repository"], summary="Models and their states")
+async def repository_index(request: Request) -> Response:
+    return json_response(state_of(request).repository.index())
+
+
+@router.post("/v2/repository/models/{model_name}/load", tags=["repository"],
+             summary="Load or reload a model from the repository folder",
+             responses={404: {"description": "no such model on disk"},
+                        503: {"description": "the model failed to load"}})
+async def repository_load(request: Request, model_name: str) -> Response:
+    state = state_of(request)
+    try:
+        versions = await asyncio.to_thread(state.repository.load_model, model_name)
+    except (ModelNotFound, ModelUnavailable) as err:
+        return error_response(err, state.settings)[1]
+    return json_response({"name": model_name, "versions": versions})
+
+
+@router.post("/v2/repository/models/{model_name}/unload", tags=["repository"],
+             summary="Stop serving a model (after its queued requests)",
+             responses={404: {"description": "the model is not loaded"}})
+async def repository_unload(request: Request, model_name: str) -> Response:
+    state = state_of(request)
+    try:
+        await asyncio.to_thread(state.repository.unload_model, model_name)
+    except ModelNotFound as err:
+        return error_response(err, state.settings)[1]
+    return json_response({"name": model_name, "unloaded": True})

@@ -1,0 +1,226 @@
+"""One model version being served: its bundle, its instances, its queue and batchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cycleml.inference import ModelBundle, Predictor
+from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
+from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
+from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
+from cycleml.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# how often warm-up runs each batch size; the timings seed the batch latency model
+WARMUP_RUNS = 3
+
+
+class QueueFull(Exception):
+    """The model's queue holds ``max_queue_size`` requests already."""
+
+
+class ServedModel:
+    """A loaded model version: ``instances`` ONNX Runtime sessions, each with a batching
+    thread, sharing one bounded queue. Ready once every instance ran its warm-up."""
+
+    def __init__(self, name: str, bundle: ModelBundle, settings: ServeSettings,
+                 metrics: ServingMetrics, version: str | None = None) -> None:
+        self.name = name
+        self.version = str(version if version is not None else bundle.meta.version)
+        self.bundle = bundle
+        self.loaded_at = time.time()
+        runtime, batching = settings.runtime, settings.batching
+        self.max_batch_size = batching.max_batch_size
+        self.predictors = [
+            Predictor(
+                bundle,
+                providers=list(runtime.providers) if runtime.providers else None,
+                intra_op_threads=runtime.intra_op_threads,
+                inter_op_threads=runtime.inter_op_threads,
+                warmup=False,
+            )
+            for _ in range(runtime.instances)
+        ]
+        first = self.predictors[0]
+        self.input_name = first.input_name
+        self.input_dtype = first.input_dtype
+        self.input_datatype = datatype_of(first.input_dtype)
+        self.input_shape = tuple(first.input_shape)
+        self.output_name = first.output_name
+        self.class_names = list(first.class_names)
+        self.kind = bundle.meta.kind
+
+        self._labels = (name, self.version)
+        self._metrics = metrics
+        depth_gauge = metrics.queue_depth.labels(*self._labels)
+        self.latency_model = BatchLatencyModel()
+        self.queue = RequestQueue(
+            batching.max_queue_size, ArrivalRate(), on_depth=depth_gauge.set
+        )
+        self._inference_time = metrics.inference_time.labels(*self._labels)
+        self._batch_size = metrics.batch_size.labels(*self._labels)
+        self.batchers = [
+            DynamicBatcher(
+                f"{name}-{self.version}-instance{i}",
+                self.queue,
+                predictor.run,
+                max_rows=batching.max_batch_size,
+                max_delay_s=batching.max_queue_delay_ms / 1000.0,
+                latency=self.latency_model,
+                on_batch=self._record_batch,
+            )
+            for i, predictor in enumerate(self.predictors)
+        ]
+        self.ready = False
+        self._leases = 0
+        self._lease_lock = threading.Lock()
+
+    # -- life cycle -----------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run each instance at batch size 1 and at the maximum, then start the batchers.
+
+        The first runs allocate buffers and pick kernels; their timings would mislead the
+        latency model, so only the later runs are recorded.
+        """
+        sizes = sorted({1, self.max_batch_size})
+        for predictor in self.predictors:
+            for size in sizes:
+                batch = np.zeros((size, *self.input_shape[1:]), dtype=self.input_dtype)
+                for run in range(WARMUP_RUNS):
+                    start = time.perf_counter()
+                    predictor.run(batch)
+                    if run > 0:
+                        self.latency_model.record(size, time.perf_counter() - start)
+        for batcher in self.batchers:
+            batcher.start()
+        self.ready = True
+        self._metrics.models_ready.labels(*self._labels).set(1)
+        log.info("model %s version %s ready: %d instance(s), max batch %d",
+                 self.name, self.version, len(self.batchers), self.max_batch_size)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new work, let the batchers finish what is queued, and join them."""
+        self.ready = False
+        self.queue.close()
+        for batcher in self.batchers:
+            if not batcher.join(timeout):
+                log.warning("instance %s did not stop within %s s", batcher.name, timeout)
+        self._metrics.models_ready.labels(*self._labels).set(0)
+        self._metrics.queue_depth.labels(*self._labels).set(0)
+
+    def acquire(self) -> None:
+        with self._lease_lock:
+            self._leases += 1
+
+    def release(self) -> None:
+        with self._lease_lock:
+            self._leases -= 1
+
+    @property
+    def leases(self) -> int:
+        return self._leases
+
+    # -- requests ------------------------------------------------------------------------
+    def check_request(self, request: InferRequest) -> np.ndarray:
+        """The request's input tensor as a batch for this model; 400-worthy errors name
+        the input and what was expected."""
+        if len(request.inputs) != 1:
+            names = ", ".join(t.name for t in request.inputs)
+            raise ProtocolError(
+                f"model '{self.name}' takes one input '{self.input_name}', got "
+                f"{len(request.inputs)} ({names})"
+            )
+        tensor = request.inputs[0]
+        if tensor.name != self.input_name:
+            raise ProtocolError(
+                f"model '{self.name}' has no input '{tensor.name}'; its input is "
+                f"'{self.input_name}'"
+            )
+        if DATATYPES[tensor.datatype] != self.input_dtype:
+            raise ProtocolError(
+                f"input '{self.input_name}' must be {self.input_datatype}, got {tensor.datatype}"
+            )
+        self.check_rows(tensor.array)
+        if request.outputs is not None:
+            unknown = [n for n in request.outputs if n != self.output_name]
+            if unknown:
+                raise ProtocolError(
+                    f"model '{self.name}' has no output {unknown[0]!r}; its output is "
+                    f"'{self.output_name}'"
+                )
+        return tensor.array
+
+    def check_rows(self, array: np.ndarray) -> None:
+        """A batch must have the model's row shape and between 1 and max_batch_size rows."""
+        expected = list(self.input_shape)
+        if array.ndim != len(expected) or list(array.shape[1:]) != expected[1:]:
+            raise ProtocolError(
+                f"input '{self.input_name}' has shape {list(array.shape)}; the model expects "
+                f"{expected} (-1: any batch size)"
+            )
+        rows = array.shape[0]
+        if not 1 <= rows <= self.max_batch_size:
+            raise ProtocolError(
+                f"input '{self.input_name}' has {rows} rows; send between 1 and "
+                f"{self.max_batch_size} (batching.max_batch_size) per request"
+            )
+
+    def submit(self, inputs: np.ndarray, deadline: float) -> WorkItem:
+        """Queue a batch for inference; the item's future resolves when it is done."""
+        loop = asyncio.get_running_loop()
+        item = WorkItem(inputs=inputs, deadline=deadline, loop=loop, future=loop.create_future())
+        if not self.queue.put(item):
+            raise QueueFull(
+                f"model '{self.name}' version {self.version} has "
+                f"{self.queue.max_requests} requests queued"
+            )
+        return item
+
+    def withdraw(self, item: WorkItem) -> bool:
+        """Take a queued item out (deadline or client gone); False once it is running."""
+        return self.queue.remove(item)
+
+    def _record_batch(self, items: list[WorkItem], rows: int, seconds: float) -> None:
+        self._inference_time.observe(seconds)
+        self._batch_size.observe(rows)
+
+    # -- preprocessing for the convenience endpoint --------------------------------------------
+    def preprocess_images(self, images: Sequence[bytes | np.ndarray]) -> np.ndarray:
+        predictor = self.predictors[0]
+        return np.stack([predictor.preprocess_image(image) for image in images])
+
+    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.predictors[0].preprocess_texts(texts)
+
+    # -- description ---------------------------------------------------------------------
+    def metadata(self, versions: Sequence[str]) -> dict[str, Any]:
+        """KServe v2 model metadata."""
+        return {
+            "name": self.name,
+            "versions": list(versions),
+            "platform": "onnxruntime_onnx",
+            "inputs": [
+                {"name": self.input_name, "datatype": self.input_datatype,
+                 "shape": list(self.input_shape)}
+            ],
+            "outputs": [
+                {"name": self.output_name, "datatype": "FP32",
+                 "shape": [-1, len(self.class_names)]}
+            ],
+            "parameters": {
+                "kind": self.kind,
+                "class_names": self.class_names,
+                "max_batch_size": self.max_batch_size,
+                "instances": len(self.batchers),
+                "run_id": self.bundle.meta.run_id,
+            },
+        }

@@ -1,0 +1,167 @@
+"""Validated serving settings, built from the `serve` config (configs/serve.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cycleml.errors import ConfigError
+
+VERSION_POLICIES = ("latest", "all")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    instances: int = 1
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] | None = None
+    decode_threads: int = 1
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_body_bytes: int = 16 * 1024 * 1024
+    default_timeout_ms: float = 10_000.0
+    max_timeout_ms: float = 60_000.0
+    overload_status: int = 429
+    retry_after_s: int = 1
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    enabled: bool = False
+    keys_env: str = "CYCLEML_API_KEYS"
+    keys_file: str | None = None
+    public_paths: tuple[str, ...] = ("/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+@dataclass(frozen=True)
+class ReloadSettings:
+    watch: bool = True
+    interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    path: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    version_policy: str = "latest"
+    pinned_versions: dict[str, str] = field(default_factory=dict)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    reload: ReloadSettings = field(default_factory=ReloadSettings)
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        _check(Path(self.path).exists(), f"path '{self.path}' does not exist; give a bundle "
+               "folder or a model repository (<repository>/<model>/<version>/)")
+        _check(1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}")
+        _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        _check(self.version_policy in VERSION_POLICIES,
+               f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'")
+        rt, batching, limits = self.runtime, self.batching, self.limits
+        _check(rt.instances >= 1, f"runtime.instances must be >= 1, got {rt.instances}")
+        _check(rt.intra_op_threads >= 0 and rt.inter_op_threads >= 0,
+               "runtime.intra_op_threads and runtime.inter_op_threads must be >= 0")
+        _check(rt.decode_threads >= 1,
+               f"runtime.decode_threads must be >= 1, got {rt.decode_threads}")
+        _check(batching.max_batch_size >= 1,
+               f"batching.max_batch_size must be >= 1, got {batching.max_batch_size}")
+        _check(batching.max_queue_delay_ms >= 0,
+               f"batching.max_queue_delay_ms must be >= 0, got {batching.max_queue_delay_ms}")
+        _check(batching.max_queue_size >= 1,
+               f"batching.max_queue_size must be >= 1, got {batching.max_queue_size}")
+        _check(limits.max_body_bytes >= 1024,
+               f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}")
+        _check(0 < limits.default_timeout_ms <= limits.max_timeout_ms,
+               "limits.default_timeout_ms must be > 0 and <= limits.max_timeout_ms")
+        _check(limits.overload_status in (429, 503),
+               f"limits.overload_status must be 429 or 503, got {limits.overload_status}")
+        _check(limits.retry_after_s >= 1,
+               f"limits.retry_after_s must be >= 1, got {limits.retry_after_s}")
+        _check(self.reload.interval_s > 0,
+               f"reload.interval_s must be > 0, got {self.reload.interval_s}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
+        """Settings from a plain mapping (a resolved config); unknown keys are errors."""
+        values = dict(values)
+        sections = {
+            "runtime": RuntimeSettings,
+            "batching": BatchingSettings,
+            "limits": LimitSettings,
+            "auth": AuthSettings,
+            "reload": ReloadSettings,
+        }
+        for name, section_cls in sections.items():
+            values[name] = _build(section_cls, values.get(name) or {}, prefix=f"{name}.")
+        if values.get("runtime").providers is not None:
+            values["runtime"] = dataclasses.replace(
+                values["runtime"], providers=tuple(values["runtime"].providers)
+            )
+        values["auth"] = dataclasses.replace(
+            values["auth"], public_paths=tuple(values["auth"].public_paths)
+        )
+        values["pinned_versions"] = {
+            str(k): str(v) for k, v in (values.get("pinned_versions") or {}).items()
+        }
+        if values.get("path") in (None, "", "???"):
+            raise ConfigError("path is required: cycleml serve path=<bundle or repository>")
+        values["path"] = str(values["path"])
+        return _build(cls, values, prefix="")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown serve setting(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known: {', '.join(prefix + k for k in sorted(known))}"
+        )
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"bad serve settings {prefix or ''}: {err}") from None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def read_api_keys(auth: AuthSettings) -> list[str]:
+    """The accepted API keys: from the environment variable and/or the key file."""
+    keys: list[str] = []
+    raw = os.environ.get(auth.keys_env, "") if auth.keys_env else ""
+    keys += [k.strip() for k in raw.split(",") if k.strip()]
+    if auth.keys_file:
+        key_path = Path(auth.keys_file)
+        if not key_path.is_file():
+            raise ConfigError(f"auth.keys_file '{auth.keys_file}' is not a file")
+        keys += [line.strip() for line in key_path.read_text().splitlines() if line.strip()]
+    if auth.enabled and not keys:
+        raise ConfigError(
+            f"auth.enabled is true but no API keys were found in ${auth.keys_env} "
+            f"or auth.keys_file ({auth.keys_file})"
+        )
+    return keys
