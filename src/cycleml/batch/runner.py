@@ -1,0 +1,314 @@
+"""Offline prediction: stream inputs → decode in parallel → ONNX Runtime → database.
+
+Three stages run at once, joined by bounded queues so memory stays flat however
+large the input: a reader thread (read, shard, skip keys already predicted, decode
+on a thread pool), the main thread (ONNX Runtime on whole batches) and a writer
+thread (one transaction per batch). A bad input becomes an error row; only a
+failure of the database or the model itself stops the run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cycleml.batch.sources import InputItem, InputSource, Shard
+from cycleml.batch.store import TABLES, PredictionRow, PredictionStore
+from cycleml.db import open_database, safe_url
+from cycleml.errors import ConfigError, DataError
+from cycleml.inference import ModelBundle, Predictor, load_bundle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """The knobs of ``cycleml predict`` (see ``configs/predict.yaml``)."""
+
+    batch_size: int = 256
+    decode_workers: int = 4
+    # batches decoded ahead of the model
+    prefetch: int = 4
+    top_k: int = 5
+    shard: str | None = None
+    text_field: str = "text"
+    image_field: str = "image"
+    key_field: str | None = None
+    input_format: str | None = None
+    precision: str = "fp32"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    providers: list[str] | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.decode_workers < 1 or self.prefetch < 1:
+            raise ConfigError("batch_size, decode_workers and prefetch must be at least 1")
+        if self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k}: must be at least 1")
+
+
+@dataclass
+class PredictSummary:
+    """What a run did. ``rows_per_s`` counts written and failed rows over the run."""
+
+    model_name: str
+    model_version: str
+    input: str
+    db_url: str
+    shard: str
+    job_id: str
+    written: int = 0
+    skipped: int = 0
+    failed: int = 0
+    ignored_files: int = 0
+    seconds: float = 0.0
+    rows_per_s: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    keys: list[str]
+    inputs: np.ndarray | None
+    failures: list[tuple[str, str]]
+    skipped: int
+
+
+@dataclass(frozen=True)
+class _Scored:
+    rows: list[PredictionRow]
+    failures: list[tuple[str, str]]
+    skipped: int
+
+
+_DONE = object()
+
+
+def predict_to_database(
+    bundle: ModelBundle | str | Path,
+    input_path: str | Path,
+    db_url: str,
+    settings: PredictSettings | None = None,
+) -> PredictSummary:
+    """Predict every input under ``input_path`` with ``bundle`` into ``db_url``."""
+    settings = settings or PredictSettings()
+    shard = Shard.parse(settings.shard)
+    bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle)
+    meta = bundle.meta
+    source = InputSource(
+        input_path,
+        meta.kind,
+        text_field=settings.text_field,
+        image_field=settings.image_field,
+        key_field=settings.key_field,
+        input_format=settings.input_format,
+    )
+    engine = open_database(db_url, create=TABLES)
+    predictor = Predictor(
+        bundle,
+        providers=settings.providers,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        precision=settings.precision,
+    )
+    job_id = uuid.uuid4().hex
+    store = PredictionStore(engine, meta.name, meta.version, meta.run_id, job_id)
+    summary = PredictSummary(
+        model_name=meta.name,
+        model_version=meta.version,
+        input=str(input_path),
+        db_url=safe_url(db_url),
+        shard=str(shard),
+        job_id=job_id,
+    )
+    log.info(
+        "predicting %s with %s %s (%s) into %s, shard %s, batch %d",
+        source.path, meta.name, meta.version, settings.precision, summary.db_url, shard,
+        settings.batch_size,
+    )  # fmt: skip
+    try:
+        _run_pipeline(source, shard, predictor, store, settings, summary)
+    finally:
+        engine.dispose()
+    summary.ignored_files = source.ignored
+    log.info(
+        "done: %d rows written, %d skipped (already predicted by %s %s), %d failed "
+        "(table batch_prediction_errors)%s in %.1f s, %.1f rows/s",
+        summary.written, summary.skipped, meta.name, meta.version, summary.failed,
+        f", {summary.ignored_files} non-image files ignored" if summary.ignored_files else "",
+        summary.seconds, summary.rows_per_s,
+    )  # fmt: skip
+    return summary
+
+
+def _run_pipeline(
+    source: InputSource,
+    shard: Shard,
+    predictor: Predictor,
+    store: PredictionStore,
+    settings: PredictSettings,
+    summary: PredictSummary,
+) -> None:
+    prepared: queue.Queue = queue.Queue(maxsize=settings.prefetch)
+    scored: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    timings = {"read_decode_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    total = source.total()
+    progress = tqdm(
+        total=total if shard.count == 1 else None,
+        unit="rows",
+        desc=f"predict {summary.model_name}",
+        disable=not settings.progress,
+        mininterval=0.5,
+    )
+
+    def reader() -> None:
+        try:
+            with ThreadPoolExecutor(settings.decode_workers, "decode") as pool:
+                items = (item for item in source if shard.owns(item.key))
+                for chunk in _chunks(items, settings.batch_size):
+                    if stop.is_set():
+                        return
+                    start = time.perf_counter()
+                    batch = _prepare(chunk, predictor, store, pool)
+                    timings["read_decode_s"] += time.perf_counter() - start
+                    _put(prepared, batch, stop)
+        except BaseException as err:  # handed to the main thread, which re-raises it
+            errors.append(err)
+            stop.set()
+        finally:
+            _put(prepared, _DONE, stop, force=True)
+
+    def writer() -> None:
+        try:
+            while True:
+                item = scored.get()
+                if item is _DONE:
+                    return
+                start = time.perf_counter()
+                result = store.write(item.rows, item.failures)
+                timings["write_s"] += time.perf_counter() - start
+                summary.written += result.written
+                summary.failed += result.failed
+                summary.skipped += item.skipped
+                progress.update(result.written + result.failed + item.skipped)
+                progress.set_postfix(
+                    written=summary.written, skipped=summary.skipped, failed=summary.failed,
+                    refresh=False,
+                )  # fmt: skip
+        except BaseException as err:
+            errors.append(err)
+            stop.set()
+            while scored.get() is not _DONE:  # drain so the main thread never blocks
+                pass
+
+    threads = [
+        threading.Thread(target=reader, name="predict-reader", daemon=True),
+        threading.Thread(target=writer, name="predict-writer", daemon=True),
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    reader_done = False
+    try:
+        while True:
+            batch = prepared.get()
+            if batch is _DONE:
+                reader_done = True
+                break
+            if stop.is_set():
+                continue
+            start = time.perf_counter()
+            rows: list[PredictionRow] = []
+            if batch.inputs is not None and len(batch.inputs):
+                probabilities = predictor.run(batch.inputs)
+                for key, p in zip(
+                    batch.keys, predictor.to_predictions(probabilities, settings.top_k), strict=True
+                ):
+                    rows.append(PredictionRow(key, p.label, p.label_id, p.confidence, p.top_k))
+            timings["model_s"] += time.perf_counter() - start
+            _put(scored, _Scored(rows, batch.failures, batch.skipped), stop)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        while not reader_done:  # let the reader finish its current put and exit
+            reader_done = prepared.get() is _DONE
+        scored.put(_DONE)
+        for thread in threads:
+            thread.join()
+        progress.close()
+        summary.seconds = time.perf_counter() - started
+        processed = summary.written + summary.failed
+        summary.rows_per_s = processed / summary.seconds if summary.seconds > 0 else 0.0
+        summary.stages = {k: round(v, 3) for k, v in timings.items()}
+    if errors:
+        raise errors[0]
+
+
+def _prepare(
+    chunk: list[InputItem], predictor: Predictor, store: PredictionStore, pool: ThreadPoolExecutor
+) -> _Prepared:
+    """Skip keys already predicted, record unreadable inputs, decode the rest."""
+    done = store.predicted_keys([item.key for item in chunk])
+    todo = [item for item in chunk if item.key not in done]
+    failures = [(item.key, item.error) for item in todo if item.error is not None]
+    valid = [item for item in todo if item.error is None]
+    keys: list[str] = []
+    arrays: list[np.ndarray] = []
+    if predictor.kind == "image":
+        for item, result in zip(valid, pool.map(_decode_image(predictor), valid), strict=True):
+            if isinstance(result, str):
+                failures.append((item.key, result))
+            else:
+                keys.append(item.key)
+                arrays.append(result)
+        inputs = np.stack(arrays) if arrays else None
+    else:
+        texts = [str(item.value) for item in valid]
+        keys = [item.key for item in valid]
+        inputs = predictor.preprocess_texts(texts) if texts else None
+    return _Prepared(keys, inputs, failures, skipped=len(chunk) - len(todo))
+
+
+def _decode_image(predictor: Predictor) -> Callable[[InputItem], np.ndarray | str]:
+    def decode(item: InputItem) -> np.ndarray | str:
+        try:
+            return predictor.preprocess_image(item.value)  # type: ignore[arg-type]
+        except DataError as err:
+            return str(err)
+
+    return decode
+
+
+def _chunks(items: Iterator[InputItem], size: int) -> Iterator[list[InputItem]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _put(target: queue.Queue, item: Any, stop: threading.Event, force: bool = False) -> None:
+    """Put without blocking forever when the consumer has stopped."""
+    while True:
+        try:
+            target.put(item, timeout=0.2)
+            return
+        except queue.Full:
+            if stop.is_set() and not force:
+                return
