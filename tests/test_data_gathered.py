@@ -131,3 +131,21 @@ def test_training_on_a_gathered_dataset_records_its_fingerprint(make_cfg, tmp_pa
     assert 0.0 <= metrics["test/acc"] <= 1.0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset_fingerprint"] == result.fingerprint
+
+
+def test_training_a_text_model_on_a_gathered_dataset(make_cfg, tmp_path: Path) -> None:
+    from cycleml.training.train import train
+
+    words = ["great", "awful", "fine", "broken", "lovely", "slow"]
+    rows = [
+        (f"the {words[i % 6]} thing number {i}", "pos" if i % 6 in (0, 2, 4) else "neg")
+        for i in range(60)
+    ]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / "t.csv", index=False)
+    result = gather({"t": {"kind": "table", "path": str(tmp_path / "t.csv"), "text_column": "text"}},
+                    tmp_path / "ds", progress=False)  # fmt: skip
+    cfg = make_cfg("train", "data=gathered", f"data.path={tmp_path / 'ds'}", "augment=none",
+                   "model=textcnn", "debug=fdr", fast=False)  # fmt: skip
+    assert 0.0 <= train(cfg)["test/acc"] <= 1.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dataset_fingerprint"] == result.fingerprint

@@ -55,6 +55,7 @@ def clean_app(cfg: DictConfig) -> str:
     options = _container(cfg.clean)
     settings = CleanSettings(
         policies=options.pop("checks", None) or {},
+        schema=options.pop("schema", None) or {},
         workers=cfg.workers,
         progress=cfg.progress,
         **options,

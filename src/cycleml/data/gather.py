@@ -399,7 +399,7 @@ def gather(
     """Merge ``sources`` (name → source config) into the dataset directory ``output``."""
     if not sources:
         raise ConfigError(
-            "no sources: add at least one under `sources` (e.g. sources.digits.kind=digits)"
+            "no sources: add at least one under `sources`, e.g. '+sources.digits={kind: digits}'"
         )
     if files not in FILE_MODES:
         raise ConfigError(f"files={files!r}; use one of {list(FILE_MODES)}")
