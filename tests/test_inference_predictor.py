@@ -1,0 +1,206 @@
+"""Predictor: ONNX Runtime on a bundle, preprocessing, thread safety, no torch needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from cycleml.errors import DataError
+from cycleml.inference import Predictor, default_providers, load_bundle
+from test_export_support import (
+    IMAGE_CLASSES,
+    TEXT_CLASSES,
+    cached_bundle,
+    synthetic_images,
+    synthetic_texts,
+)
+
+
+@pytest.fixture(scope="module")
+def image_predictor() -> Predictor:
+    return Predictor(load_bundle(cached_bundle("image")), intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def text_predictor() -> Predictor:
+    return Predictor(cached_bundle("text"), intra_op_threads=1)
+
+
+def png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.squeeze()).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_run_gives_probabilities_and_correct_labels(image_predictor):
+    images, labels = synthetic_images(40, seed=11)
+    probabilities = image_predictor.run(images)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (40, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    direct = ort.InferenceSession(str(image_predictor.bundle.model_path)).run(
+        None, {"pixels": images}
+    )[0]
+    np.testing.assert_allclose(probabilities, direct, atol=1e-6)
+    predictions = image_predictor.predict(images, top_k=2)
+    assert [p.label_id for p in predictions] == labels.tolist()
+    first = predictions[0]
+    assert first.label == IMAGE_CLASSES[first.label_id]
+    assert len(first.top_k) == 2 and first.top_k[0] == (first.label, first.confidence)
+    assert first.top_k[0][1] >= first.top_k[1][1]
+    # top_k larger than the number of classes is capped
+    assert len(image_predictor.predict(images[:1], top_k=10)[0].top_k) == 3
+
+
+def test_interface_attributes(image_predictor):
+    assert image_predictor.input_name == "pixels"
+    assert image_predictor.input_dtype == np.uint8
+    assert image_predictor.input_shape == (-1, 12, 10, 3)
+    assert image_predictor.output_name == "probabilities"
+    assert image_predictor.class_names == IMAGE_CLASSES
+    assert default_providers()[-1] == "CPUExecutionProvider"
+    assert image_predictor.providers == ["CPUExecutionProvider"]
+
+
+def test_run_rejects_wrong_dtype_and_shape(image_predictor):
+    images, _ = synthetic_images(2)
+    with pytest.raises(ValueError, match="'pixels' must be uint8, got float32"):
+        image_predictor.run(images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"'pixels' must have shape \('N', 12, 10, 3\)"):
+        image_predictor.run(images[:, :, :5])
+    with pytest.raises(ValueError, match="must be a numpy array"):
+        image_predictor.run(images.tolist())
+    assert image_predictor.run(images[:0]).shape == (0, 3)
+
+
+def test_run_is_thread_safe(image_predictor):
+    batches = [synthetic_images(n, seed=n)[0] for n in range(1, 25)]
+    serial = [image_predictor.run(b) for b in batches]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(image_predictor.run, batches))
+    for expected, got in zip(serial, parallel, strict=True):
+        np.testing.assert_array_equal(expected, got)
+
+
+def test_preprocess_image_accepts_bytes_arrays_and_pil(image_predictor):
+    images, labels = synthetic_images(6, seed=3)
+    from_bytes = [image_predictor.preprocess_image(png(i)) for i in images]
+    np.testing.assert_array_equal(np.stack(from_bytes), images)  # PNG is lossless
+    from_pil = image_predictor.preprocess_image(Image.fromarray(images[0]))
+    np.testing.assert_array_equal(from_pil, images[0])
+    from_array = image_predictor.preprocess_image(images[0])
+    np.testing.assert_array_equal(from_array, images[0])
+    # a larger grey image is converted to RGB and resized with PIL's bilinear filter
+    grey = np.random.default_rng(0).integers(0, 255, (48, 40), dtype=np.uint8)
+    out = image_predictor.preprocess_image(grey)
+    expected = np.asarray(
+        Image.fromarray(grey).convert("RGB").resize((10, 12), Image.Resampling.BILINEAR)
+    )
+    assert out.shape == (12, 10, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    rgba = np.dstack([images[0], np.full((12, 10), 255, np.uint8)])
+    np.testing.assert_array_equal(image_predictor.preprocess_image(rgba), images[0])
+    jpeg = image_predictor.preprocess_image(png(images[0], "JPEG"))
+    assert jpeg.shape == (12, 10, 3)
+    results = image_predictor.predict_images([png(i) for i in images])
+    assert [r.label_id for r in results] == labels.tolist()
+
+
+def test_undecodable_images_raise_data_error(image_predictor):
+    with pytest.raises(DataError, match="cannot decode image"):
+        image_predictor.preprocess_image(b"definitely not an image")
+    with pytest.raises(DataError, match="empty data"):
+        image_predictor.preprocess_image(b"")
+    with pytest.raises(DataError, match="must be uint8"):
+        image_predictor.preprocess_image(np.zeros((12, 10, 3), np.float32))
+    with pytest.raises(DataError, match="unsupported image input type"):
+        image_predictor.preprocess_image(12)
+
+
+def test_text_predictor(text_predictor):
+    texts, labels = synthetic_texts(30, seed=5)
+    ids = text_predictor.preprocess_texts(texts)
+    assert ids.dtype == np.int64 and ids.shape == (30, 12)
+    assert (ids[:, -1] == 0).any()  # short texts are padded with pad_id 0
+    long_text = " ".join(["apple"] * 50)
+    assert text_predictor.preprocess_texts([long_text]).shape == (1, 12)
+    results = text_predictor.predict_texts(texts, top_k=3)
+    assert [r.label for r in results] == [TEXT_CLASSES[i] for i in labels]
+    with pytest.raises(DataError, match="text #1 is empty"):
+        text_predictor.preprocess_texts(["apple", "   "])
+    with pytest.raises(ValueError, match="text model, not image"):
+        text_predictor.preprocess_image(b"x")
+
+
+def test_precision_variants_load_and_agree(image_predictor):
+    images, labels = synthetic_images(40, seed=12)
+    for precision in ("int8", "fp16"):
+        variant = Predictor(image_predictor.bundle, precision=precision, intra_op_threads=1)
+        assert variant.precision == precision
+        agreement = (variant.run(images).argmax(1) == labels).mean()
+        assert agreement >= 0.95
+
+
+def test_inference_runs_without_torch(tmp_path):
+    """The inference side and `cycleml predict` import and run where torch cannot be imported."""
+    images, labels = synthetic_images(5, seed=21)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    script = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is not installed here")
+                return None
+
+        sys.meta_path.insert(0, NoTorch())
+        try:
+            import torch  # noqa: F401
+            raise SystemExit("torch import was not blocked")
+        except ImportError:
+            pass
+
+        from cycleml.inference import Predictor, load_bundle
+        from cycleml.batch.runner import PredictSettings, predict_to_database
+
+        image = Predictor(load_bundle({str(cached_bundle("image"))!r}))
+        text = Predictor(load_bundle({str(cached_bundle("text"))!r}))
+        summary = predict_to_database(
+            {str(cached_bundle("image"))!r}, {str(folder)!r},
+            "sqlite:///{tmp_path / "p.db"}", PredictSettings(progress=False),
+        )
+        print(json.dumps({{
+            "image": [p.label_id for p in image.predict_images(
+                [open({str(folder)!r} + f"/{{i}}.png", "rb").read() for i in range(5)])],
+            "text": text.predict_texts(["apple cherry plum"])[0].label,
+            "written": summary.written,
+            "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules),
+        }}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out == {
+        "image": labels.tolist(),
+        "text": "fruit",
+        "written": 5,
+        "torch_loaded": False,
+    }
+    assert Path(tmp_path / "p.db").is_file()
