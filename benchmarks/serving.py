@@ -1,0 +1,330 @@
+"""Serving benchmark: `cycleml serve` against the in-process ONNX Runtime limit and a
+naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
+
+    .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
+    .venv/bin/python benchmarks/serving.py --quick    # shorter runs
+
+For each model it prints:
+* in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
+  latency of one batch-1 call;
+* closed-loop concurrency sweep (1, 8, 32, 64 clients, binary tensors) for the naive
+  server and for `cycleml serve`, plus `cycleml serve` with JSON bodies;
+* an open-loop Poisson sweep against `cycleml serve`, latency measured from the
+  intended send time;
+and the ratios the serving targets are stated in. Client, servers and runtime share
+this machine's cores; every ratio compares figures measured in this one process run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cycleml.inference import Predictor, load_bundle
+from cycleml.serving.loadgen import build_request, closed_loop, open_loop, summarize
+
+HOST = "127.0.0.1"
+CONCURRENCY = (1, 8, 32, 64)
+OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
+
+
+# -- bundles ---------------------------------------------------------------------------------
+def export_resnet18(out: Path) -> Path:
+    import torch
+    import torchvision
+
+    from cycleml.export import export_bundle
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    spec = {"kind": "image", "image_size": [32, 32], "channels": 3,
+            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    export_bundle(net, spec, [str(i) for i in range(10)], out, val_inputs=pixels,
+                  val_labels=rng.integers(0, 10, 32), name="resnet18", version="1")
+    return out
+
+
+def export_digits_cnn(out: Path) -> Path:
+    import torch
+
+    from cycleml.export import export_bundle
+    from cycleml.models.cnn import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=1, num_classes=10, width=32).eval()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (32, 16, 16, 1), dtype=np.uint8)
+    spec = {"kind": "image", "image_size": [16, 16], "channels": 1, "mean": [0.5],
+            "std": [0.5]}
+    export_bundle(net, spec, [str(i) for i in range(10)], out, val_inputs=pixels,
+                  val_labels=rng.integers(0, 10, 32), name="digits", version="1")
+    return out
+
+
+# -- in-process limit ------------------------------------------------------------------------
+def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
+               ) -> tuple[dict[int, float], float]:
+    """Rows/s at each batch size, and the median latency (ms) of one batch-1 call."""
+    predictor = Predictor(load_bundle(bundle_dir))
+    shape = predictor.input_shape[1:]
+    rates = {}
+    for size in batch_sizes:
+        batch = np.random.default_rng(0).integers(0, 256, (size, *shape), dtype=np.uint8)
+        for _ in range(3):
+            predictor.run(batch)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            predictor.run(batch)
+            runs += 1
+        rates[size] = runs * size / (time.perf_counter() - start)
+    one = np.zeros((1, *shape), dtype=np.uint8)
+    times = []
+    for _ in range(200):
+        start = time.perf_counter()
+        predictor.run(one)
+        times.append(time.perf_counter() - start)
+    return rates, float(np.median(times) * 1000.0)
+
+
+# -- servers ---------------------------------------------------------------------------------
+NAIVE_SERVER = '''
+import sys, json, numpy as np, uvicorn
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+from cycleml.inference import Predictor, load_bundle
+predictor = Predictor(load_bundle(sys.argv[1]))
+shape = predictor.input_shape[1:]
+app = FastAPI()
+
+@app.get("/v2/health/ready")
+async def ready():
+    return {"ready": True}
+
+@app.post("/v2/models/{name}/infer")
+async def infer(request: Request, name: str):
+    body = await request.body()
+    size = int(request.headers["inference-header-content-length"])
+    header = json.loads(body[:size])
+    spec = header["inputs"][0]
+    x = np.frombuffer(body[size:], dtype=np.uint8).reshape(spec["shape"])
+    probabilities = await run_in_threadpool(predictor.run, x)
+    out = json.dumps({"model_name": name, "outputs": [{"name": "probabilities",
+        "datatype": "FP32", "shape": list(probabilities.shape),
+        "parameters": {"binary_data_size": probabilities.nbytes}}]}).encode()
+    return Response(out + probabilities.tobytes(), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(out))})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+            access_log=False)
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://{HOST}:{port}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"server on port {port} not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, workdir: Path) -> Iterator[subprocess.Popen]:
+    log_file = open(workdir / f"server-{port}.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, process)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log_file.close()
+
+
+def serve_command(bundle: Path, port: int, workdir: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "cycleml.serving.cli", f"path={bundle}", f"port={port}",
+            "reload.watch=false", f"hydra.run.dir={workdir / f'serve-{port}'}", *overrides]
+
+
+def batch_counts(port: int) -> tuple[float, float]:
+    """(sum, count) of the server's batch-size histogram."""
+    import httpx
+
+    text = httpx.get(f"http://{HOST}:{port}/metrics", timeout=5).text
+    total = sum(float(v) for v in re.findall(r"^cycleml_batch_size_sum\{[^}]*\} (\S+)$",
+                                             text, re.M))
+    count = sum(float(v) for v in re.findall(r"^cycleml_batch_size_count\{[^}]*\} (\S+)$",
+                                             text, re.M))
+    return total, count
+
+
+# -- requests --------------------------------------------------------------------------------
+def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
+    header = json.dumps({
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()
+    return build_request(HOST, port, "POST", f"/v2/models/{model}/infer",
+                         header + pixels.tobytes(),
+                         {"Inference-Header-Content-Length": str(len(header)),
+                          "Content-Type": "application/octet-stream"})
+
+
+def json_request(port: int, model: str, pixels: np.ndarray) -> bytes:
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
+                                   "shape": list(pixels.shape),
+                                   "data": pixels.reshape(-1).tolist()}]}).encode()
+    return build_request(HOST, port, "POST", f"/v2/models/{model}/infer", body,
+                         {"Content-Type": "application/json"})
+
+
+def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 256, (1, *shape), dtype=np.uint8) for _ in range(count)]
+
+
+def measure_closed(port: int, requests: list[bytes], concurrency: int, seconds: float,
+                   with_batches: bool) -> dict[str, float]:
+    asyncio.run(closed_loop(HOST, port, requests, concurrency, min(seconds, 1.0)))  # warm
+    before = batch_counts(port) if with_batches else (0.0, 0.0)
+    results = asyncio.run(closed_loop(HOST, port, requests, concurrency, seconds))
+    row = summarize(results)
+    if with_batches:
+        after = batch_counts(port)
+        row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+    return row
+
+
+def measure_open(port: int, requests: list[bytes], rate: float, seconds: float
+                 ) -> dict[str, float]:
+    before = batch_counts(port)
+    results = asyncio.run(open_loop(HOST, port, requests, rate, seconds, seed=int(rate)))
+    row = summarize(results)
+    after = batch_counts(port)
+    row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+    row["rate"] = rate
+    return row
+
+
+def show(label: str, row: dict[str, float]) -> None:
+    batch = f"  batch {row['mean_batch']:5.1f}" if "mean_batch" in row else ""
+    print(f"  {label:<28} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+          f"p99 {row['p99_ms']:7.2f} ms{batch}  rejected {row.get('rejected', 0)}  "
+          f"errors {row['errors']}", flush=True)
+
+
+# -- one model -------------------------------------------------------------------------------
+def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
+                serve_overrides: list[str]) -> dict[str, float]:
+    meta = load_bundle(bundle).meta
+    shape = tuple(meta.input.shape[1:])
+    print(f"\n== {name}: input {list(shape)} uint8 ==", flush=True)
+    rates, one_call_ms = in_process(bundle, (1, 8, 16, 32, 64), max(seconds / 2, 1.0))
+    best_batch = max(rates, key=rates.get)
+    limit = rates[best_batch]
+    for size, rate in rates.items():
+        print(f"  in-process batch {size:<3}          {rate:8.0f} rows/s")
+    print(f"  in-process limit {limit:.0f} rows/s at batch {best_batch}; "
+          f"one batch-1 call {one_call_ms:.3f} ms", flush=True)
+    pixels = samples(shape)
+
+    naive = {}
+    port = free_port()
+    with running([sys.executable, "-c", NAIVE_SERVER, str(bundle), str(port)], port, workdir):
+        requests = [binary_request(port, meta.name, p) for p in pixels]
+        print("  naive server (binary):")
+        for c in CONCURRENCY:
+            naive[c] = measure_closed(port, requests, c, seconds, with_batches=False)
+            show(f"concurrency {c}", naive[c])
+
+    served: dict[int, dict[str, float]] = {}
+    port = free_port()
+    with running(serve_command(bundle, port, workdir, serve_overrides), port, workdir):
+        requests = [binary_request(port, meta.name, p) for p in pixels]
+        print(f"  cycleml serve (binary) [{' '.join(serve_overrides)}]:")
+        for c in CONCURRENCY:
+            served[c] = measure_closed(port, requests, c, seconds, with_batches=True)
+            show(f"concurrency {c}", served[c])
+        json_requests = [json_request(port, meta.name, p) for p in pixels]
+        json_row = measure_closed(port, json_requests, max(CONCURRENCY), seconds, True)
+        print("  cycleml serve (JSON):")
+        show(f"concurrency {max(CONCURRENCY)}", json_row)
+        saturation = max(row["rps"] for row in served.values())
+        print("  cycleml serve open loop (Poisson, latency from intended send time):")
+        for fraction in OPEN_LOOP_FRACTIONS:
+            row = measure_open(port, requests, fraction * saturation, seconds)
+            show(f"{row['rate']:.0f} req/s offered", row)
+
+    naive_best = max(row["rps"] for row in naive.values())
+    figures = {
+        "limit_rows_per_s": limit,
+        "binary_vs_limit": saturation / limit,
+        "json_vs_limit": json_row["rps"] / limit,
+        "serve_vs_naive": saturation / naive_best,
+        "p50_c1_minus_one_call_ms": served[1]["p50_ms"] - one_call_ms,
+    }
+    print(f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
+          f"the in-process limit; JSON {json_row['rps']:.0f} req/s = "
+          f"{figures['json_vs_limit']:.2f}x; {figures['serve_vs_naive']:.2f}x the naive "
+          f"server ({naive_best:.0f} req/s)")
+    print(f"  concurrency 1: p50 {served[1]['p50_ms']:.3f} ms vs one in-process call "
+          f"{one_call_ms:.3f} ms (+{figures['p50_c1_minus_one_call_ms']:.3f} ms)", flush=True)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1.5 s per point instead of 4 s")
+    parser.add_argument("--models", default="resnet18,digits",
+                        help="comma-separated: resnet18, digits")
+    parser.add_argument("--serve", default="runtime.instances=2 runtime.intra_op_threads=1 "
+                        "batching.max_batch_size=64 access_log=false",
+                        help="overrides for cycleml serve")
+    args = parser.parse_args()
+    seconds = 1.5 if args.quick else 4.0
+    print(f"machine: {os.cpu_count()} cores; {seconds} s per measurement", flush=True)
+    exporters = {"resnet18": export_resnet18, "digits": export_digits_cnn}
+    with tempfile.TemporaryDirectory(prefix="cycleml-bench-") as tmp:
+        workdir = Path(tmp)
+        results = {}
+        for name in args.models.split(","):
+            bundle = exporters[name](workdir / name)
+            results[name] = bench_model(name, bundle, workdir, seconds, args.serve.split())
+    print("\nsummary:", json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
