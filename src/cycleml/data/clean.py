@@ -140,7 +140,7 @@ class CleanResult:
     num_input: int
     num_kept: int
     num_removed: int
-    counts: dict[str, int]
+    counts: dict[str, int]  # items flagged per check
 
 
 # --------------------------------------------------------------------------- images
@@ -200,7 +200,9 @@ def inspect_images(paths: list[str]) -> list[ImageFacts]:
             with Image.open(BytesIO(data)) as image:
                 image.load()  # decodes every pixel: truncated files fail here
                 facts.append(ImageFacts(None, image.width, image.height, perceptual_hash(image)))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        except UnidentifiedImageError:
+            facts.append(ImageFacts("not an image format Pillow can read"))
+        except (OSError, ValueError, SyntaxError) as err:
             facts.append(ImageFacts(f"not a readable image: {err}"))
     return facts
 
@@ -403,10 +405,8 @@ def duplicate_issues(
 # --------------------------------------------------------------------------- run
 
 
-def find_issues(
-    dataset: Dataset, settings: CleanSettings
-) -> tuple[list[Issue], list[ImageFacts] | None]:
-    """Every finding about ``dataset`` (and the image facts, for the report)."""
+def find_issues(dataset: Dataset, settings: CleanSettings) -> list[Issue]:
+    """Every finding about ``dataset``."""
     issues = validity_issues(dataset, settings)
     facts = None
     if dataset.kind == "image" and len(dataset.manifest):
@@ -425,7 +425,7 @@ def find_issues(
         near_keys = {r: normalise_text(str(texts[r] or "")) for r in rows}
         links = {}
     issues += duplicate_issues(dataset, rows, near_keys, links, preference)
-    return issues, facts
+    return issues
 
 
 def _place(source: Path, target: Path, mode: str) -> None:
@@ -465,7 +465,7 @@ def clean(
                 f"output {output} is not a dataset directory; refusing to overwrite it"
             )
         shutil.rmtree(output)
-    issues, facts = find_issues(dataset, settings)
+    issues = find_issues(dataset, settings)
     frame = dataset.manifest
     by_row: dict[int, list[Issue]] = defaultdict(list)
     for issue in issues:
@@ -506,9 +506,10 @@ def clean(
         }
     ).to_parquet(output / ISSUES_FILE, index=False)
 
-    counts = {check: 0 for check in CHECKS}
+    flagged: dict[str, set[int]] = {check: set() for check in CHECKS}
     for issue in issues:
-        counts[issue.check] += 1
+        flagged[issue.check].add(issue.row)
+    counts = {check: len(rows) for check, rows in flagged.items()}
     fingerprint = write_dataset(
         output,
         kept,

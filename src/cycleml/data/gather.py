@@ -85,7 +85,7 @@ def map_in_chunks(
     ``workers`` None means one per CPU; 0 or 1 runs in this process. ``work`` must be a
     module-level function (it is pickled to the workers).
     """
-    workers = os.cpu_count() or 1 if workers is None else max(int(workers), 1)
+    workers = (os.cpu_count() or 1) if workers is None else max(int(workers), 1)
     if not items:
         return []
     size = min(max(math.ceil(len(items) / (workers * 8)), 16), 512)
@@ -410,6 +410,8 @@ def gather(
     for name, cfg in sources.items():
         if not name or ":" in name:
             raise ConfigError(f"source name {name!r} must be non-empty and contain no ':'")
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"sources.{name} must be a mapping with a kind, got {cfg!r}")
         kind = cfg.get("kind")
         if kind not in _READERS:
             raise ConfigError(f"sources.{name}.kind={kind!r}; use one of {sorted(_READERS)}")

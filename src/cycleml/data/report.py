@@ -146,7 +146,10 @@ def _html_page(
             f"<tr><td>{name}</td><td>{summary['policy']}</td><td>{summary['items']}</td></tr>"
         )
     lines.append("</table>")
-    for check, found in by_check.items():
+    for check in report["checks"]:
+        found = by_check.get(check, [])
+        if not found:
+            continue
         lines += [
             f'<h2 id="{check}">{check} ({report["checks"][check]["items"]} items, '
             f"policy {report['checks'][check]['policy']})</h2>",
