@@ -179,8 +179,12 @@ class LabelMap:
 
 
 def _iter_digits(name: str, cfg: Mapping[str, Any]) -> Iterator[_Pending]:
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ConfigError(
+            f"sources.{name}: the digits come with scikit-learn; pip install 'cycleml[train]'"
+        ) from err
     digits = load_digits()
     # 0..16 ink levels → 0..255 grey
     images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
