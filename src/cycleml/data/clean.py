@@ -393,7 +393,12 @@ def duplicate_issues(
         if leaked:
             other = leaked[0]
             issues.append(
-                Issue(row, "leakage", f"in {splits[row]} and in {splits[other]}", ids[other])
+                Issue(
+                    row,
+                    "leakage",
+                    f"in {splits[row]} and in {splits[other] or 'no split'}",
+                    ids[other],
+                )
             )
         elif exact:
             issues.append(Issue(row, "exact_duplicate", "same content", ids[exact[0]]))
