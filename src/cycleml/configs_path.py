@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+# `${cwd:}`: the directory cycleml was started from. Unlike `${hydra:runtime.cwd}` it
+# resolves before Hydra's job config exists (multirun sweep folders need it then).
+if not OmegaConf.has_resolver("cwd"):
+    OmegaConf.register_new_resolver("cwd", os.getcwd)
 
 
 def config_dir() -> str:

@@ -19,6 +19,17 @@ from cycleml.errors import CycleMLError
 log = logging.getLogger(__name__)
 
 
+def user_error(error: BaseException) -> CycleMLError | None:
+    """The :class:`CycleMLError` behind ``error``, also when Hydra's instantiate wrapped it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CycleMLError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
 
@@ -32,8 +43,10 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
         def run(cfg: DictConfig) -> Any:
             try:
                 return task(cfg)
-            except CycleMLError as err:
-                if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            except Exception as raised:
+                err = user_error(raised)
+                multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+                if err is None or multirun:
                     raise
                 log.error("%s", err)
                 print(f"cycleml {config_name}: error: {err}", file=sys.stderr)

@@ -73,7 +73,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "" if value is None else str(value)
 
     body = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body]
@@ -107,7 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         prog="cycleml compare",
         description="Leaderboard of the runs (summary.json) or the sweep under a folder.",
     )
-    parser.add_argument("folder", type=Path, help="a log folder, e.g. logs/train, or a sweep folder")
+    parser.add_argument(
+        "folder", type=Path, help="a log folder, e.g. logs/train, or a sweep folder"
+    )
     parser.add_argument("--sort", help="metric to sort by (default: test/acc, else val/acc)")
     parser.add_argument("--ascending", action="store_true", help="smallest first (for losses)")
     parser.add_argument("--metrics", help="comma-separated metric columns (default: all val/test)")

@@ -16,7 +16,7 @@ from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
 from cycleml.models.module import ClassifierModule
 from cycleml.training.plots import save_confusion_matrix, save_image_grid
-from cycleml.training.run import instantiate_loggers
+from cycleml.training.run import finish_loggers, instantiate_loggers
 from cycleml.training.summary import write_json
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,9 @@ def resolve_checkpoint(ckpt_path: str) -> Path:
         for name in ("best.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
-        raise ConfigError(f"run folder '{path}' has no checkpoints/best.ckpt or checkpoints/last.ckpt")
+        raise ConfigError(
+            f"run folder '{path}' has no checkpoints/best.ckpt or checkpoints/last.ckpt"
+        )
     if not path.is_file():
         raise ConfigError(f"ckpt_path='{path}' does not exist (a .ckpt file or a run folder)")
     return path
@@ -111,7 +113,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         {"checkpoint": str(ckpt), "split": split, "metrics": metrics, "per_class": report},
     )
     _write_csv(output_dir / "per_class_report.csv", report)
-    files = [save_confusion_matrix(y_true, y_pred, class_names, output_dir / "confusion_matrix.png")]
+    files = [
+        save_confusion_matrix(y_true, y_pred, class_names, output_dir / "confusion_matrix.png")
+    ]
 
     order, pred, conf = worst_errors(y_true, probabilities, cfg.num_errors)
     if spec.get("kind") == "text":
@@ -141,6 +145,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             for path in files:
                 if path.suffix == ".png":
                     logger.log_image(key=f"eval/{path.stem}", images=[str(path)])
+    finish_loggers(loggers)
     log.info(
         "%s metrics: %s",
         split,

@@ -47,9 +47,7 @@ def save_image_grid(images: np.ndarray, titles: list[str], path: Path, columns: 
     """uint8 (N, H, W, C) images with a title each; an empty grid says so."""
     count = len(images)
     rows = max(1, math.ceil(count / columns))
-    fig, axes = plt.subplots(
-        rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False
-    )
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):

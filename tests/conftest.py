@@ -1,0 +1,66 @@
+"""Shared fixtures: configs composed the way `cycleml train` composes them, tiny and on CPU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from cycleml.configs_path import config_dir
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+FAST_TRAIN = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.enable_model_summary=false",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+]
+
+
+def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with overrides, as Hydra would for a run in ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.work_dir = str(tmp_path)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("train", "model=resnet18", ...)`` → a fast CPU config writing under tmp_path."""
+
+    def make(name: str = "train", *overrides: str, fast: bool = True) -> DictConfig:
+        extra = FAST_TRAIN if fast and name == "train" else []
+        return compose_config(name, [*extra, *overrides], tmp_path)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small deterministic image folder (4 classes × 24 images)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_images.py"
+    spec = importlib.util.spec_from_file_location("make_demo_images", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_demo_images(tmp_path_factory.mktemp("images"), per_class=24, seed=0)
