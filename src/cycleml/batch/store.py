@@ -9,6 +9,7 @@ one of the two tables (a failure that succeeds on a rerun leaves the errors tabl
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -123,7 +124,7 @@ class PredictionStore:
         now = utc_now()
         failures = list(failures)
         with self.engine.begin() as conn:
-            inserted = set(
+            inserted = Counter(
                 insert_new_rows(
                     conn,
                     predictions,
@@ -131,12 +132,17 @@ class PredictionStore:
                     returning=predictions.c.input_key,
                 )
             )
-            duplicates = [row.key for row in rows if row.key not in inserted]
+            ok_keys, duplicates = [], []
+            for row in rows:  # the same key twice in one batch is inserted once
+                if inserted[row.key] > 0:
+                    inserted[row.key] -= 1
+                    ok_keys.append(row.key)
+                else:
+                    duplicates.append(row.key)
             for key in duplicates:
                 failures.append(
                     (key, "duplicate input key: already predicted by this model version")
                 )
-            ok_keys = [row.key for row in rows if row.key in inserted]
             failed_keys = [key for key, _ in failures]
             for part in chunked(ok_keys + failed_keys, _KEY_QUERY_SIZE):
                 conn.execute(
@@ -151,7 +157,7 @@ class PredictionStore:
                 prediction_errors,
                 [self._error(key, reason, now) for key, reason in failures],
             )
-        return WriteResult(written=len(inserted), failed=len(failures), duplicates=duplicates)
+        return WriteResult(written=len(ok_keys), failed=len(failures), duplicates=duplicates)
 
     def count(self) -> tuple[int, int]:
         """(predictions, errors) stored for this bundle version."""
