@@ -1,0 +1,173 @@
+"""`cycleml serve` configuration, the model repository's version rules, and the
+multi-process mode."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from cycleml.errors import ConfigError
+from cycleml.serving.cli import settings_from_config
+from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.repository import ModelNotFound, ModelRepository
+from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
+    IMAGE_SIZE,
+    binary_body,
+    copy_version,
+    free_port,
+    image_bundle_fixture,
+    image_bundle_v2_fixture,
+    server_process,
+    settings,
+    wait_ready,
+)
+
+
+def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("serve", f"path={tmp_path}", "port=9001", "runtime.instances=3",
+                   "batching.max_queue_delay_ms=0.5", "limits.overload_status=503",
+                   "+pinned_versions={digits: 4}")
+    serve = settings_from_config(cfg)
+    assert serve.port == 9001 and serve.runtime.instances == 3
+    assert serve.batching.max_queue_delay_ms == 0.5
+    assert serve.limits.overload_status == 503
+    assert serve.pinned_versions == {"digits": "4"}
+    assert serve.auth.public_paths == ("/v2/health/live", "/v2/health/ready", "/metrics")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("batching.max_batch_size=0", "batching.max_batch_size must be >= 1"),
+        ("limits.overload_status=500", "must be 429 or 503"),
+        ("version_policy=newest", "version_policy must be one of"),
+        ("limits.default_timeout_ms=90000", "default_timeout_ms must be > 0 and <="),
+        ("runtime.instances=0", "runtime.instances must be >= 1"),
+    ],
+)
+def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str,
+                                   message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        settings_from_config(make_cfg("serve", f"path={tmp_path}", override))
+
+
+def test_missing_path_and_missing_keys(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="path is required"):
+        settings_from_config(make_cfg("serve"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        settings_from_config(make_cfg("serve", f"path={tmp_path / 'nothing'}"))
+    monkey_env = {"path": str(tmp_path), "auth": {"enabled": True, "keys_env": "NO_SUCH_VAR"}}
+    from cycleml.serving.app import create_app
+    from cycleml.serving.settings import ServeSettings
+
+    with pytest.raises(ConfigError, match="no API keys were found"):
+        create_app(ServeSettings.from_dict(monkey_env))
+
+
+def test_cli_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "cycleml.serving.cli", f"path={tmp_path / 'missing'}",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def _repository(tmp_path: Path, v1: Path, v2: Path) -> Path:
+    root = tmp_path / "models"
+    copy_version(v1, root, "shapes", "1")
+    copy_version(v2, root, "shapes", "2")
+    copy_version(v1, root, "shapes", "10")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("overrides", "served"),
+    [
+        ({}, ["10"]),  # numeric order: 10 is newer than 2
+        ({"version_policy": "all"}, ["1", "2", "10"]),
+        ({"pinned_versions": {"shapes": "2"}}, ["2"]),
+    ],
+)
+def test_version_policy_and_pins(tmp_path: Path, image_bundle: Path, image_bundle_v2: Path,
+                                 overrides: dict, served: list[str]) -> None:
+    repository = ModelRepository(settings(_repository(tmp_path, image_bundle, image_bundle_v2),
+                                          **overrides), ServingMetrics())
+    try:
+        repository.load_all()
+        assert repository.versions("shapes") == served
+        assert repository.get("shapes").version == served[-1]
+        assert repository.ready
+        with pytest.raises(ModelNotFound, match="has no version '7' loaded"):
+            repository.get("shapes", "7")
+    finally:
+        repository.close()
+
+
+def test_broken_version_is_reported_and_watch_waits_for_a_settled_folder(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "models"
+    copy_version(image_bundle, root, "shapes", "1")
+    broken = root / "other" / "1"
+    broken.mkdir(parents=True)
+    (broken / "bundle.json").write_text("{}")
+    repository = ModelRepository(settings(root), ServingMetrics())
+    caplog.set_level(logging.ERROR, logger="cycleml.serving.repository")
+    try:
+        repository.load_all()
+        index = {entry["name"]: entry for entry in repository.index()}
+        assert index["shapes"]["state"] == "READY"
+        assert index["other"]["state"] == "UNAVAILABLE"
+        assert "format_version" in index["other"]["reason"]
+
+        copy_version(image_bundle_v2, root, "shapes", "2")
+        repository.poll()  # first sight: the folder might still be copying
+        assert repository.versions("shapes") == ["1"]
+        repository.poll()  # unchanged since the last poll: load it
+        assert repository.versions("shapes") == ["2"]
+        def load_errors() -> int:
+            return caplog.text.count("cannot load model other")
+
+        tried = load_errors()
+        assert tried >= 1
+        repository.poll()
+        repository.poll()  # the broken model is not retried until its files change
+        assert load_errors() == tried and repository.versions("other") == []
+        (broken / "bundle.json").write_text('{"format_version": 1}')
+        repository.poll()
+        repository.poll()
+        assert load_errors() == tried + 1
+    finally:
+        repository.close()
+
+
+def test_several_worker_processes_share_the_port_and_metrics(tmp_path: Path,
+                                                            image_bundle: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    pixels = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    body, headers = binary_body(pixels)
+    with server_process(image_bundle, port, "workers=2", "access_log=false") as process:
+        wait_ready(url)
+        with httpx.Client(base_url=url) as http:
+            statuses = [http.post("/v2/models/shapes/infer", content=body, headers=headers,
+                                  ).status_code for _ in range(20)]
+            # new connections land on either worker; the metrics add up over both
+            for _ in range(20):
+                with httpx.Client(base_url=url) as fresh:
+                    fresh.post("/v2/models/shapes/infer", content=body, headers=headers)
+            text = http.get("/metrics").text
+        process.terminate()
+        process.wait(timeout=60)
+    assert statuses == [200] * 20
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("cycleml_requests_total{") and 'status="200"' in line)
+    assert total == 40, json.dumps(text[:2000])
