@@ -171,3 +171,12 @@ def test_several_worker_processes_share_the_port_and_metrics(tmp_path: Path,
     total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line.startswith("cycleml_requests_total{") and 'status="200"' in line)
     assert total == 40, json.dumps(text[:2000])
+
+
+def test_serving_never_imports_torch() -> None:
+    code = ("import sys, cycleml.serving.cli, cycleml.serving.loadgen; "
+            "bad = sorted(m for m in ('torch', 'lightning', 'onnx') if m in sys.modules); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

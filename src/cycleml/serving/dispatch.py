@@ -127,7 +127,7 @@ async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None
 
 
 def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Response]:
-    """The HTTP answer for a failure, as ``(status, response)``; unknown errors raise."""
+    """The HTTP answer for a failure, as ``(status, response)``."""
     headers: dict[str, str] = {}
     if isinstance(err, ProtocolError | CycleMLError | ValueError):
         # bad input, an undecodable image or text, a model of the other kind
@@ -149,8 +149,9 @@ def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Respon
         status, message = 499, "client closed the request"
     elif isinstance(err, InferenceFailed):
         status, message = 500, f"inference failed: {err}"
-    else:
-        raise err
+    else:  # a bug, not a bad request: log it in full, tell the client only what kind
+        log.error("internal error", exc_info=err)
+        status, message = 500, f"internal server error ({type(err).__name__})"
     return status, json_response({"error": message}, status, headers)
 
 
@@ -181,8 +182,6 @@ async def answered(
     except Exception as err:
         status, response = error_response(err, state.settings)
         info["error"] = str(err)[:200]
-        if status == 500:
-            log.error("%s %s failed: %s", endpoint, model_name, err)
     version = info.get("version", "")
     metrics = state.metrics
     metrics.requests.labels(model_name, version, endpoint, str(status)).inc()
