@@ -1,0 +1,140 @@
+"""From a real `cycleml train` run to a verified bundle to database rows, image and text."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cycleml.batch.runner import PredictSettings, predict_to_database
+from cycleml.errors import ConfigError
+from cycleml.export import ExportSettings
+from cycleml.export.checkpoint import export_checkpoint, next_version
+from cycleml.inference import Predictor, load_bundle
+from cycleml.training.train import train
+from test_predict_support import DATABASES, database_url, stored
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = PredictSettings(batch_size=64, progress=False, intra_op_threads=1)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def image_run(make_cfg, tmp_path) -> Path:
+    train(make_cfg("train", "trainer.limit_train_batches=5"))
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def text_run(make_cfg, tmp_path) -> tuple[Path, list[dict]]:
+    demo = _script("make_demo_text")
+    reviews = demo.make_reviews(rows=400, seed=1)
+    data = demo.write_table(reviews, tmp_path / "reviews.csv")
+    train(make_cfg(
+        "train", "experiment=text_sentiment", "model=embedding_bag", f"data.path={data}",
+        "data.tokenizer.vocab_size=500", "data.tokenizer.min_frequency=1",
+    ))  # fmt: skip
+    return tmp_path / "run", reviews
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_image_run_to_bundle_to_rows(image_run, tmp_path, database):
+    bundles = tmp_path / "bundles"
+    name = f"digits-{uuid.uuid4().hex[:8]}"
+    bundle = export_checkpoint(image_run, bundles_dir=bundles, name=name)
+    assert bundle.path == bundles / name / "1"
+    meta = bundle.meta
+    run_info = json.loads((image_run / "run_info.json").read_text())
+    summary = json.loads((image_run / "summary.json").read_text())
+    assert meta.run_id == run_info["run_id"]
+    assert meta.fingerprint == summary["dataset_fingerprint"]
+    assert meta.metrics["test/acc"] == pytest.approx(summary["metrics"]["test/acc"])
+    assert meta.verification["parity"]["passed"]
+    assert meta.input.shape == [-1, 16, 16, 1] and meta.class_names == [str(d) for d in range(10)]
+    assert meta.source["checkpoint"].endswith("best.ckpt")
+
+    # the validation images as files → one row per file
+    from cycleml.data.images import DigitsDataModule
+
+    datamodule = DigitsDataModule(image_size=16, channels=1, mean=[0.5], std=[0.5])
+    datamodule.setup()
+    images, _ = datamodule.split_arrays("val")
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(images[:50]):
+        Image.fromarray(image[..., 0]).save(folder / f"{i:03d}.png")
+    url = database_url(database, tmp_path, [name])
+    result = predict_to_database(bundle, folder, url, SETTINGS)
+    assert (result.written, result.failed) == (50, 0)
+    rows, _ = stored(url, name)
+    expected = Predictor(bundle).predict(images[:50])
+    assert [rows[f"{i:03d}.png"]["label"] for i in range(50)] == [p.label for p in expected]
+
+    # the next export of the same model becomes version 2
+    assert next_version(bundles / name) == "2"
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_text_run_to_bundle_to_rows(text_run, tmp_path, database):
+    run_dir, reviews = text_run
+    name = f"reviews-{uuid.uuid4().hex[:8]}"
+    bundle = export_checkpoint(
+        run_dir, out_dir=tmp_path / "bundle", name=name, version="7",
+        settings=ExportSettings(quantize="int8", max_accuracy_drop=5.0),
+    )  # fmt: skip
+    meta = bundle.meta
+    assert (meta.kind, meta.version, meta.input.shape) == ("text", "7", [-1, 48])
+    assert meta.verification["parity"]["passed"] and "int8" in meta.variants
+    assert (bundle.path / "tokenizer.json").is_file()
+    # the bundle's own tokenization scores the raw validation texts like training did
+    assert meta.metrics["bundle/val_acc"] == pytest.approx(meta.metrics["val/acc"], abs=0.05)
+
+    table = tmp_path / "reviews.jsonl"
+    table.write_text(
+        "".join(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in reviews[:120])
+    )
+    url = database_url(database, tmp_path, [name])
+    settings = PredictSettings(**{**SETTINGS.__dict__, "key_field": "id"})
+    result = predict_to_database(bundle, table, url, settings)
+    assert (result.written, result.failed) == (120, 0)
+    rows, _ = stored(url, name)
+    assert set(rows) == {r["id"] for r in reviews[:120]}
+    expected = Predictor(bundle).predict_texts([r["text"] for r in reviews[:120]])
+    assert [rows[r["id"]]["label"] for r in reviews[:120]] == [p.label for p in expected]
+    assert {row["label"] for row in rows.values()} <= {"negative", "positive"}
+
+
+@pytest.mark.slow
+def test_export_cli(image_run, tmp_path):
+    command = [
+        sys.executable, "-m", "cycleml.cli", "export", f"ckpt_path={image_run}",
+        f"export.bundles_dir={tmp_path / 'bundles'}", "export.name=digits",
+        f"hydra.run.dir={tmp_path / 'export_run'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bundle = load_bundle(tmp_path / "bundles" / "digits" / "1")
+    assert bundle.meta.name == "digits"
+    again = subprocess.run(
+        [*command[:-1], "export.version=1", f"hydra.run.dir={tmp_path / 'again'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 2
+    assert "already exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.ckpt"):
+        export_checkpoint(tmp_path / "nope.ckpt", bundles_dir=tmp_path)
