@@ -10,6 +10,7 @@ import logging
 import re
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -134,6 +135,29 @@ def test_raw_json_and_binary_bodies(client: httpx.Client) -> None:
     from_binary = np.frombuffer(binary.content[length:], np.float32).reshape(2, -1)
     np.testing.assert_allclose(from_json, from_binary, atol=1e-7)
     assert binary.headers["content-type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_request_bodies(server: RunningServer, client: httpx.Client,
+                                   algorithm: str) -> None:
+    pixels = _pixels(seed=9, rows=2)
+    triton_client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    plain = triton_client.infer("shapes", [tensor]).as_numpy("probabilities")
+    packed = triton_client.infer("shapes", [tensor], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
+
+
+def test_bad_or_oversized_compressed_bodies(slow_server: RunningServer) -> None:
+    url = f"{slow_server.url}/v2/models/slow/infer"
+    bomb = zlib.compress(b"\0" * (1024 * 1024))  # 1 KiB that inflates past the 64 KiB limit
+    too_big = httpx.post(url, content=bomb, headers={"Content-Encoding": "deflate"})
+    assert too_big.status_code == 413 and "decompressed" in too_big.json()["error"]
+    broken = httpx.post(url, content=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400 and "not valid gzip" in broken.json()["error"]
+    other = httpx.post(url, content=b"{}", headers={"Content-Encoding": "br"})
+    assert other.status_code == 415 and "'br' is not supported" in other.json()["error"]
 
 
 # -- convenience endpoint --------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ class BodyTooLarge(Exception):
     """The request body exceeds ``limits.max_body_bytes`` (HTTP 413)."""
 
 
+class UnsupportedEncoding(Exception):
+    """A ``Content-Encoding`` other than gzip or deflate (HTTP 415)."""
+
+
 @dataclass
 class ServerState:
     """Everything the request handlers share."""
@@ -55,8 +60,35 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.serving
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused early when it is (or grows) larger than ``limit`` bytes."""
+async def read_body(request: Request, state: ServerState) -> bytes:
+    """The whole body, decompressed if it came gzip/deflate encoded, refused when it is
+    (or grows, or inflates) larger than ``limits.max_body_bytes``."""
+    limit = state.settings.limits.max_body_bytes
+    body = await _read_raw_body(request, limit)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedEncoding(
+            f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none"
+        )
+    return await state.off_loop(_inflate, body, encoding, limit)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as err:
+        raise ProtocolError(f"request body is not valid {encoding} data: {err}") from None
+    if len(data) > limit:
+        raise BodyTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise ProtocolError(f"request body is truncated {encoding} data")
+    return data
+
+
+async def _read_raw_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
@@ -136,6 +168,8 @@ def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Respon
         status, message = 404, str(err)
     elif isinstance(err, BodyTooLarge):
         status, message = 413, str(err)
+    elif isinstance(err, UnsupportedEncoding):
+        status, message = 415, str(err)
     elif isinstance(err, QueueFull):
         status = settings.limits.overload_status
         message = f"{err}; retry after {settings.limits.retry_after_s} s"

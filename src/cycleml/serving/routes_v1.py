@@ -139,7 +139,7 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
     received = time.perf_counter()
 
     async def handle(info: dict[str, Any]) -> Response:
-        body = await read_body(request, state.settings.limits.max_body_bytes)
+        body = await read_body(request, state)
         deadline = received + timeout_s(request, state.settings, None)
         with state.repository.lease(model_name, version) as model:
             info["version"] = model.version

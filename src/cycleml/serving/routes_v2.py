@@ -69,6 +69,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"description": "malformed request, wrong input name, datatype or shape"},
     404: {"description": "unknown model or version"},
     413: {"description": "body too large"},
+    415: {"description": "unsupported Content-Encoding (gzip and deflate are accepted)"},
     429: {"description": "queue full; retry after Retry-After seconds"},
     503: {"description": "model not ready, or queue full (limits.overload_status=503)"},
     504: {"description": "the request could not start before its timeout"},
@@ -80,7 +81,7 @@ async def _infer(request: Request, model_name: str, version: str | None) -> Resp
     received = time.perf_counter()
 
     async def handle(info: dict[str, Any]) -> Response:
-        body = await read_body(request, state.settings.limits.max_body_bytes)
+        body = await read_body(request, state)
         header_length = request.headers.get(HEADER_LENGTH)
         if header_length is not None:
             # binary tensors: a small JSON header, the tensors are views of the body
