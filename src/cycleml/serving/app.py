@@ -16,6 +16,7 @@ import cycleml
 from cycleml.serving import routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.dispatch import ServerState, json_response, state_of
+from cycleml.serving.fast_path import InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
 from cycleml.serving.repository import ModelRepository
@@ -69,6 +70,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                       summary="Readiness: every model loaded and warm, not draining")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["health"],
                       summary="Prometheus metrics")
+    app.add_middleware(InferenceFastPath)
     app.add_middleware(
         RequestContextMiddleware,
         auth=auth,

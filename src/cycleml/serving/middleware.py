@@ -3,6 +3,7 @@ check, and one structured access log line per request."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -16,6 +17,11 @@ from cycleml.serving.protocol import json_dumps
 access_log = logging.getLogger("cycleml.serving.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+
+# request ids: random per process, then a counter (os.urandom per request costs a
+# system call, which shows at thousands of requests per second)
+_ID_PREFIX = uuid.uuid4().hex[:12]
+_ID_COUNTER = itertools.count(1)
 
 
 class RequestContextMiddleware:
@@ -49,7 +55,7 @@ class RequestContextMiddleware:
             elif name == b"content-length":
                 content_length = value
         if not request_id:
-            request_id = uuid.uuid4().hex
+            request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         info: dict[str, Any] = {"request_id": request_id}
         scope["cycleml"] = info
         status_holder = [0]

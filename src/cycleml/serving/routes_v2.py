@@ -76,7 +76,8 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def _infer(request: Request, model_name: str, version: str | None) -> Response:
+async def infer_response(request: Request, model_name: str, version: str | None) -> Response:
+    """Run one inference request (the documented routes below, and the fast path)."""
     state = state_of(request)
     received = time.perf_counter()
 
@@ -107,14 +108,14 @@ async def _infer(request: Request, model_name: str, version: str | None) -> Resp
 @router.post("/v2/models/{model_name}/infer", tags=["inference"], openapi_extra=_INFER_BODY,
              responses=_INFER_RESPONSES, summary="Run inference (latest version)")
 async def infer(request: Request, model_name: str) -> Response:
-    return await _infer(request, model_name, None)
+    return await infer_response(request, model_name, None)
 
 
 @router.post("/v2/models/{model_name}/versions/{model_version}/infer", tags=["inference"],
              openapi_extra=_INFER_BODY, responses=_INFER_RESPONSES,
              summary="Run inference on a pinned version")
 async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
-    return await _infer(request, model_name, model_version)
+    return await infer_response(request, model_name, model_version)
 
 
 def _lookup(request: Request, model_name: str, version: str | None) -> Any:
