@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Engine, MetaData, Table, create_engine, event, exc, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 
@@ -89,19 +89,13 @@ def safe_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def insert_new_rows(
-    conn: Connection,
-    table: Table,
-    rows: Sequence[Mapping[str, Any]],
-    returning: Column | None = None,
-) -> list[Any]:
+def insert_new_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> int:
     """Insert ``rows``, skipping any that collide with a unique key already present.
 
-    With ``returning``, the values of that column for the rows actually inserted are
-    returned, so a caller can tell which rows were duplicates.
+    Returns how many rows were inserted, or -1 where the driver does not report it.
     """
     if not rows:
-        return []
+        return 0
     dialect = conn.dialect.name
     if dialect == "postgresql":
         statement = postgresql.insert(table).on_conflict_do_nothing()
@@ -109,11 +103,7 @@ def insert_new_rows(
         statement = sqlite.insert(table).on_conflict_do_nothing()
     else:
         raise ConfigError(f"unsupported database dialect '{dialect}'")
-    if returning is None:
-        conn.execute(statement, list(rows))
-        return []
-    result = conn.execute(statement.returning(returning), list(rows))
-    return list(result.scalars())
+    return int(conn.execute(statement, list(rows)).rowcount)
 
 
 def chunked(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

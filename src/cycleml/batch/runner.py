@@ -15,8 +15,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cycleml.batch.decode import ImageDecoder
 from cycleml.batch.sources import InputItem, InputSource, Shard
 from cycleml.batch.store import TABLES, PredictionRow, PredictionStore
 from cycleml.db import open_database, safe_url
-from cycleml.errors import ConfigError, DataError
-from cycleml.inference import ModelBundle, Predictor, load_bundle
+from cycleml.errors import ConfigError
+from cycleml.inference import ImagePreprocess, ModelBundle, Predictor, load_bundle
+from cycleml.inference.preprocess import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class PredictSettings:
     """The knobs of ``cycleml predict`` (see ``configs/predict.yaml``)."""
 
     batch_size: int = 256
-    decode_workers: int = 4
+    # processes decoding images (0 = in the reader thread)
+    decode_workers: int = 2
     # batches decoded ahead of the model
     prefetch: int = 4
     top_k: int = 5
@@ -54,8 +56,10 @@ class PredictSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.decode_workers < 1 or self.prefetch < 1:
-            raise ConfigError("batch_size, decode_workers and prefetch must be at least 1")
+        if self.batch_size < 1 or self.prefetch < 1 or self.decode_workers < 0:
+            raise ConfigError(
+                "batch_size and prefetch must be at least 1, decode_workers 0 or more"
+            )
         if self.top_k < 1:
             raise ConfigError(f"top_k={self.top_k}: must be at least 1")
 
@@ -119,6 +123,30 @@ def predict_to_database(
         key_field=settings.key_field,
         input_format=settings.input_format,
     )
+    pre = meta.preprocess
+    # decoding workers first, while this process has no runtime threads to fork
+    decoder = (
+        ImageDecoder(ImagePreprocessor(pre.image_size, pre.channels), settings.decode_workers)
+        if isinstance(pre, ImagePreprocess)
+        else None
+    )
+    try:
+        summary = _predict(bundle, source, shard, db_url, settings, decoder)
+    finally:
+        if decoder is not None:
+            decoder.close()
+    return summary
+
+
+def _predict(
+    bundle: ModelBundle,
+    source: InputSource,
+    shard: Shard,
+    db_url: str,
+    settings: PredictSettings,
+    decoder: ImageDecoder | None,
+) -> PredictSummary:
+    meta = bundle.meta
     engine = open_database(db_url, create=TABLES)
     predictor = Predictor(
         bundle,
@@ -132,7 +160,7 @@ def predict_to_database(
     summary = PredictSummary(
         model_name=meta.name,
         model_version=meta.version,
-        input=str(input_path),
+        input=str(source.path),
         db_url=safe_url(db_url),
         shard=str(shard),
         job_id=job_id,
@@ -143,7 +171,7 @@ def predict_to_database(
         settings.batch_size,
     )  # fmt: skip
     try:
-        _run_pipeline(source, shard, predictor, store, settings, summary)
+        _run_pipeline(source, shard, predictor, store, settings, summary, decoder)
     finally:
         engine.dispose()
     summary.ignored_files = source.ignored
@@ -164,6 +192,7 @@ def _run_pipeline(
     store: PredictionStore,
     settings: PredictSettings,
     summary: PredictSummary,
+    decoder: ImageDecoder | None,
 ) -> None:
     prepared: queue.Queue = queue.Queue(maxsize=settings.prefetch)
     scored: queue.Queue = queue.Queue(maxsize=2)
@@ -181,15 +210,14 @@ def _run_pipeline(
 
     def reader() -> None:
         try:
-            with ThreadPoolExecutor(settings.decode_workers, "decode") as pool:
-                items = (item for item in source if shard.owns(item.key))
-                for chunk in _chunks(items, settings.batch_size):
-                    if stop.is_set():
-                        return
-                    start = time.perf_counter()
-                    batch = _prepare(chunk, predictor, store, pool)
-                    timings["read_decode_s"] += time.perf_counter() - start
-                    _put(prepared, batch, stop)
+            items = (item for item in source if shard.owns(item.key))
+            for chunk in _chunks(items, settings.batch_size):
+                if stop.is_set():
+                    return
+                start = time.perf_counter()
+                batch = _prepare(chunk, predictor, store, decoder)
+                timings["read_decode_s"] += time.perf_counter() - start
+                _put(prepared, batch, stop)
         except BaseException as err:  # handed to the main thread, which re-raises it
             errors.append(err)
             stop.set()
@@ -264,38 +292,27 @@ def _run_pipeline(
 
 
 def _prepare(
-    chunk: list[InputItem], predictor: Predictor, store: PredictionStore, pool: ThreadPoolExecutor
+    chunk: list[InputItem],
+    predictor: Predictor,
+    store: PredictionStore,
+    decoder: ImageDecoder | None,
 ) -> _Prepared:
     """Skip keys already predicted, record unreadable inputs, decode the rest."""
     done = store.predicted_keys([item.key for item in chunk])
     todo = [item for item in chunk if item.key not in done]
     failures = [(item.key, item.error) for item in todo if item.error is not None]
     valid = [item for item in todo if item.error is None]
-    keys: list[str] = []
-    arrays: list[np.ndarray] = []
-    if predictor.kind == "image":
-        for item, result in zip(valid, pool.map(_decode_image(predictor), valid), strict=True):
-            if isinstance(result, str):
-                failures.append((item.key, result))
-            else:
-                keys.append(item.key)
-                arrays.append(result)
-        inputs = np.stack(arrays) if arrays else None
+    inputs: np.ndarray | None = None
+    if not valid:
+        keys: list[str] = []
+    elif decoder is not None:
+        inputs, positions, bad = decoder([item.value for item in valid])  # type: ignore[misc]
+        keys = [valid[i].key for i in positions]
+        failures += [(valid[i].key, reason) for i, reason in bad]
     else:
-        texts = [str(item.value) for item in valid]
         keys = [item.key for item in valid]
-        inputs = predictor.preprocess_texts(texts) if texts else None
+        inputs = predictor.preprocess_texts([str(item.value) for item in valid])
     return _Prepared(keys, inputs, failures, skipped=len(chunk) - len(todo))
-
-
-def _decode_image(predictor: Predictor) -> Callable[[InputItem], np.ndarray | str]:
-    def decode(item: InputItem) -> np.ndarray | str:
-        try:
-            return predictor.preprocess_image(item.value)  # type: ignore[arg-type]
-        except DataError as err:
-            return str(err)
-
-    return decode
 
 
 def _chunks(items: Iterator[InputItem], size: int) -> Iterator[list[InputItem]]:

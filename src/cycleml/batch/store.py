@@ -9,7 +9,7 @@ one of the two tables (a failure that succeeds on a rerun leaves the errors tabl
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,10 +29,14 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy.engine import Connection
 
 from cycleml.db import chunked, insert_new_rows, metadata, utc_now
 
+log = logging.getLogger(__name__)
+
 _KEY_QUERY_SIZE = 500
+DUPLICATE_REASON = "duplicate input key: already predicted by this model version"
 
 predictions = Table(
     "batch_predictions",
@@ -103,13 +107,16 @@ class PredictionStore:
 
     def predicted_keys(self, keys: Sequence[str]) -> set[str]:
         """Those of ``keys`` that already have a prediction from this bundle version."""
-        found: set[str] = set()
         with self.engine.connect() as conn:
-            for part in chunked(list(keys), _KEY_QUERY_SIZE):
-                query = select(predictions.c.input_key).where(
-                    and_(*self._scope(predictions), predictions.c.input_key.in_(part))
-                )
-                found.update(conn.execute(query).scalars())
+            return self._predicted(conn, keys)
+
+    def _predicted(self, conn: Connection, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for part in chunked(list(keys), _KEY_QUERY_SIZE):
+            query = select(predictions.c.input_key).where(
+                and_(*self._scope(predictions), predictions.c.input_key.in_(part))
+            )
+            found.update(conn.execute(query).scalars())
         return found
 
     def write(
@@ -117,38 +124,38 @@ class PredictionStore:
     ) -> WriteResult:
         """Write one batch in one transaction: predictions, then errors.
 
-        A prediction whose key is already present (the same key twice in the input)
+        A prediction whose key is already stored (the same key twice in the input)
         is not written again; it is recorded as an error instead, so nothing is
         dropped silently. Keys that succeed clear any error row of an earlier run.
         """
         now = utc_now()
         failures = list(failures)
         with self.engine.begin() as conn:
-            inserted = Counter(
-                insert_new_rows(
-                    conn,
-                    predictions,
-                    [self._prediction(row, now) for row in rows],
-                    returning=predictions.c.input_key,
-                )
-            )
-            ok_keys, duplicates = [], []
-            for row in rows:  # the same key twice in one batch is inserted once
-                if inserted[row.key] > 0:
-                    inserted[row.key] -= 1
-                    ok_keys.append(row.key)
-                else:
+            present = self._predicted(conn, [row.key for row in rows])
+            fresh: list[PredictionRow] = []
+            duplicates: list[str] = []
+            for row in rows:
+                if row.key in present:
                     duplicates.append(row.key)
-            for key in duplicates:
-                failures.append(
-                    (key, "duplicate input key: already predicted by this model version")
-                )
-            failed_keys = [key for key, _ in failures]
-            for part in chunked(ok_keys + failed_keys, _KEY_QUERY_SIZE):
+                else:
+                    present.add(row.key)
+                    fresh.append(row)
+            failures += [(key, DUPLICATE_REASON) for key in duplicates]
+            inserted = insert_new_rows(
+                conn, predictions, [self._prediction(row, now) for row in fresh]
+            )
+            if 0 <= inserted < len(fresh):
+                log.warning(
+                    "%d of %d predictions were already stored by a concurrent run of %s %s",
+                    len(fresh) - inserted, len(fresh), self.model_name, self.model_version,
+                )  # fmt: skip
+            cleared = [row.key for row in fresh] + [key for key, _ in failures]
+            for part in chunked(cleared, _KEY_QUERY_SIZE):
                 conn.execute(
                     delete(prediction_errors).where(
                         and_(
-                            *self._scope(prediction_errors), prediction_errors.c.input_key.in_(part)
+                            *self._scope(prediction_errors),
+                            prediction_errors.c.input_key.in_(part),
                         )
                     )
                 )
@@ -157,7 +164,7 @@ class PredictionStore:
                 prediction_errors,
                 [self._error(key, reason, now) for key, reason in failures],
             )
-        return WriteResult(written=len(ok_keys), failed=len(failures), duplicates=duplicates)
+        return WriteResult(written=len(fresh), failed=len(failures), duplicates=duplicates)
 
     def count(self) -> tuple[int, int]:
         """(predictions, errors) stored for this bundle version."""

@@ -154,16 +154,15 @@ class Predictor:
         """Labels, confidences and the ``top_k`` classes of each row of probabilities."""
         k = max(1, min(int(top_k), probabilities.shape[1]))
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        results = []
-        for row, top in zip(probabilities, order, strict=True):
-            best = int(top[0])
-            results.append(
-                Prediction(
-                    label=self.class_names[best],
-                    label_id=best,
-                    confidence=float(row[best]),
-                    top_k=[(self.class_names[int(j)], float(row[j])) for j in top],
-                    probabilities=row,
-                )
+        top_probs = np.take_along_axis(probabilities, order, axis=1).tolist()
+        names = self.class_names
+        return [
+            Prediction(
+                label=names[ids[0]],
+                label_id=ids[0],
+                confidence=probs[0],
+                top_k=[(names[i], p) for i, p in zip(ids, probs, strict=True)],
+                probabilities=row,
             )
-        return results
+            for ids, probs, row in zip(order.tolist(), top_probs, probabilities, strict=True)
+        ]
