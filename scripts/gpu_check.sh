@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A short GPU check for machines that have one: mixed-precision training for a few
+# hundred steps (images/s, peak memory), export, ONNX Runtime inference, and a short
+# serving benchmark. Prints figures; exits non-zero if a step fails.
+#   bash scripts/gpu_check.sh [output folder]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_check}}"
+mkdir -p "$out"
+export WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
+python - <<'PY' 2>&1 | tee "$out/train.txt"
+import time, torch
+from cycleml.models.backbones import TorchvisionBackbone
+assert torch.cuda.is_available(), "no CUDA device"
+dev = torch.device("cuda")
+name = torch.cuda.get_device_name(0)
+precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+net = TorchvisionBackbone("resnet18", in_channels=3, num_classes=10).to(dev).to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+x = torch.randn(256, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (256,), device=dev)
+torch.cuda.reset_peak_memory_stats()
+def step():
+    with torch.autocast("cuda", dtype=precision):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    return loss
+for _ in range(20): step()
+torch.cuda.synchronize(); t = time.perf_counter(); steps = 300
+for _ in range(steps): loss = step()
+torch.cuda.synchronize(); dt = time.perf_counter() - t
+print(f"device: {name}")
+print(f"resnet18 32x32 batch 256 {precision}: {steps * 256 / dt:,.0f} images/s, "
+      f"peak memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB, loss {loss.item():.3f}")
+PY
+cycleml train trainer=gpu trainer.max_epochs=3 logger=csv callbacks.progress_bar=null \
+  paths.log_dir="$out/logs" 2>&1 | tail -n 12 | tee "$out/cycleml_train.txt"
+if python -c "import cycleml.export" 2>/dev/null; then
+  ckpt=$(ls -td "$out"/logs/train/runs/*/ | head -n 1)checkpoints/best.ckpt
+  cycleml export ckpt_path="$ckpt" export.out_dir="$out/bundle" 2>&1 | tail -n 5 | tee "$out/export.txt"
+fi
+if [ -f benchmarks/inference.py ]; then
+  timeout 240 python benchmarks/inference.py --quick 2>&1 | tail -n 30 | tee "$out/inference.txt" || true
+fi
+if [ -f benchmarks/serving.py ]; then
+  timeout 240 python benchmarks/serving.py --quick 2>&1 | tail -n 30 | tee "$out/serving.txt" || true
+fi
