@@ -6,8 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import optuna
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from cycleml.errors import ConfigError
 from cycleml.sweeps.study import storage_url
@@ -30,7 +33,8 @@ class OptunaPruning(L.Callback):
         study_name: the study's name.
         storage: the study's SQLAlchemy URL; null means the SQLite file in ``sweep_dir``.
         sweep_dir: the sweep's folder.
-        pruner: the Optuna pruner deciding when to stop (the sweeper's pruner).
+        pruner: the Optuna pruner deciding when to stop; null: the sweep's own
+            (``hydra.sweeper.pruner``), or none at all outside a Hydra sweep.
     """
 
     def __init__(
@@ -59,7 +63,8 @@ class OptunaPruning(L.Callback):
                 "callbacks.optuna_pruning: a trial_number needs study_name and storage or sweep_dir"
             )
         url = storage_url(self.storage, Path(self.sweep_dir or "."))
-        self._reporter = TrialReporter(self.study_name, url, self.trial_number, self.pruner)
+        pruner = self.pruner or sweep_pruner()
+        self._reporter = TrialReporter(self.study_name, url, self.trial_number, pruner)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.trial_number is None or trainer.sanity_checking:
@@ -86,3 +91,14 @@ class OptunaPruning(L.Callback):
             log.info("%s", pruned)
             return "pruned", str(pruned)
         return "", ""
+
+
+def sweep_pruner() -> optuna.pruners.BasePruner | None:
+    """The pruner configured for the running Hydra sweep (``hydra.sweeper.pruner``), if any."""
+    if not HydraConfig.initialized():
+        return None
+    node = OmegaConf.select(HydraConfig.get(), "sweeper.pruner")
+    if node is None:
+        return None
+    # a resolved copy: the Hydra node is read-only and may interpolate the job's config
+    return hydra.utils.instantiate(OmegaConf.to_container(node, resolve=True))

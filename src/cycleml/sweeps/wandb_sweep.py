@@ -51,21 +51,21 @@ def cycleml_arguments(argv: Sequence[str], env: Mapping[str, str] | None = None)
             "usage: python -m cycleml.sweeps.wandb_sweep <cycleml command> [overrides] "
             "'<W&B parameters as JSON>'"
         )
-    command, fixed, searched = argv[0], [], []
+    command, arguments = argv[0], []
     for arg in argv[1:]:
         if arg.lstrip().startswith("{"):
             try:
                 params = json.loads(arg)
             except ValueError as err:
                 raise ConfigError(f"W&B parameters are not valid JSON: {arg!r} ({err})") from err
-            searched += hydra_overrides(params)
+            # in place, so that flags such as `--cfg job` keep their position
+            arguments += hydra_overrides(params)
         else:
-            fixed.append(arg)
-    joined = [command, *fixed, *searched]
+            arguments.append(arg)
     run_id = env.get(RUN_ID_ENV)
-    if run_id and not any(a.startswith(f"{RUN_ID_KEY}=") for a in joined):
-        joined.append(override(RUN_ID_KEY, run_id))
-    return joined
+    if run_id and not any(a.startswith(f"{RUN_ID_KEY}=") for a in arguments):
+        arguments.insert(0, override(RUN_ID_KEY, run_id))
+    return [command, *arguments]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

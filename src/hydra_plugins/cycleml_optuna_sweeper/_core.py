@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # the override through which a job learns which trial it is
 TRIAL_NUMBER_KEY = "optuna_trial.number"
+# the config group that selects this sweeper (`hparams_search=optuna`)
+SEARCH_CONFIG_OVERRIDE = "hparams_search="
 
 
 class SweepAbortedError(CycleMLError):
@@ -159,7 +161,9 @@ class OptunaSweep:
         batch = []
         for slot, trial in enumerate(trials):
             trial_overrides = space.overrides(trial.params)
-            trial.set_user_attr("overrides", trial_overrides)
+            # what reruns this trial as a plain training run: without the search config
+            rerun = [o for o in trial_overrides if not o.startswith(SEARCH_CONFIG_OVERRIDE)]
+            trial.set_user_attr("overrides", rerun)
             batch.append([*trial_overrides, f"++{TRIAL_NUMBER_KEY}={trial.number}", *slots[slot]])
         return batch
 
