@@ -120,23 +120,18 @@ class GatheredImageDataModule(ImageDataModule):
         labels = np.asarray([index[str(v)] for v in frame["label"]], dtype=np.int64)
         return np.stack(decoded), labels, names, list(frame["item_id"])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.images is not None:
-            return
-        self.images, self.labels, self.class_names, self.item_ids = self._load()
+    def _assign_splits(self, labels: np.ndarray) -> dict[str, np.ndarray]:
         split_of = np.asarray(
             assign_splits(
-                _split_column(self.dataset), self.labels, self.val_fraction,
+                _split_column(self.dataset), labels, self.val_fraction,
                 self.test_fraction, self.split_seed,
             )
         )  # fmt: skip
-        self.splits = {name: np.flatnonzero(split_of == name) for name in SPLITS}
-        self.fingerprint = self.dataset.fingerprint
-        log.info(
-            "gathered images %s: %d items %s, %d classes, split %s, fingerprint %s",
-            self.dataset.root, len(self.labels), self.images.shape[1:], len(self.class_names),
-            {k: len(v) for k, v in self.splits.items()}, self.fingerprint,
-        )  # fmt: skip
+        return {name: np.flatnonzero(split_of == name) for name in SPLITS}
+
+    def _fingerprint(self) -> str:
+        # the manifest's: a run records exactly the dataset version it read
+        return self.dataset.fingerprint
 
 
 class GatheredTextDataModule(TextTableDataModule):

@@ -150,16 +150,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
         images, labels, class_names, item_ids = self._load()
         self.images, self.labels = images, labels.astype(np.int64)
         self.class_names, self.item_ids = class_names, item_ids
-        self.splits = split_indices(
-            self.labels, self.val_fraction, self.test_fraction, seed=self.split_seed
-        )
-        split_of = np.empty(len(labels), dtype=object)
-        for name, idx in self.splits.items():
-            split_of[idx] = name
-        self.fingerprint = dataset_fingerprint(
-            (content_hash(img.tobytes()), str(lab), str(split))
-            for img, lab, split in zip(images, self.labels, split_of, strict=True)
-        )
+        self.splits = self._assign_splits(self.labels)
+        self.fingerprint = self._fingerprint()
         log.info(
             "%s: %d images %s, %d classes, split %s, fingerprint %s",
             type(self).__name__,
@@ -168,6 +160,20 @@ class ImageDataModule(L.LightningDataModule, ABC):
             len(class_names),
             {k: len(v) for k, v in self.splits.items()},
             self.fingerprint,
+        )
+
+    def _assign_splits(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """Item indices of each split; by default stratified and seeded."""
+        return split_indices(labels, self.val_fraction, self.test_fraction, seed=self.split_seed)
+
+    def _fingerprint(self) -> str:
+        """Hash of every item's pixels, label and split (the data actually used)."""
+        split_of = np.empty(len(self.labels), dtype=object)
+        for name, idx in self.splits.items():
+            split_of[idx] = name
+        return dataset_fingerprint(
+            (content_hash(img.tobytes()), str(lab), str(split))
+            for img, lab, split in zip(self.images, self.labels, split_of, strict=True)
         )
 
     def _dataset(self, split: str, augment: bool) -> AugmentedImages:
