@@ -20,6 +20,7 @@ class RuntimeSettings:
     inter_op_threads: int = 1
     providers: tuple[str, ...] | None = None
     decode_threads: int = 1
+    spin_wait: bool = False
 
 
 @dataclass(frozen=True)
