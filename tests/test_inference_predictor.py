@@ -151,20 +151,24 @@ def test_precision_variants_load_and_agree(image_predictor):
 
 
 def test_inference_runs_without_torch(tmp_path):
-    """The inference side and `cycleml predict` import and run where torch cannot be imported."""
+    """The inference side and `cycleml predict` (API and CLI) import and run where the
+    training-only packages (torch, onnx, lightning, optuna, scikit-learn) cannot."""
     images, labels = synthetic_images(5, seed=21)
     folder = tmp_path / "images"
     folder.mkdir()
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f"{i}.png")
+    (tmp_path / "t.jsonl").write_text('{"text": "cloud rain"}\n{"text": "fern moss"}\n')
     script = textwrap.dedent(
         f"""
         import importlib.abc, json, sys
 
+        BLOCKED = ("torch", "onnx", "onnxscript", "onnx_ir", "lightning", "optuna", "sklearn")
+
         class NoTorch(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is not installed here")
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"{{name}} is not installed here")
                 return None
 
         sys.meta_path.insert(0, NoTorch())
@@ -183,12 +187,16 @@ def test_inference_runs_without_torch(tmp_path):
             {str(cached_bundle("image"))!r}, {str(folder)!r},
             "sqlite:///{tmp_path / "p.db"}", PredictSettings(progress=False),
         )
+        from cycleml.cli import main
+        main(["predict", "bundle={str(cached_bundle("text"))}", "input={tmp_path / "t.jsonl"}",
+              "db_url=sqlite:///{tmp_path / "cli.db"}", "hydra.run.dir={tmp_path / "run"}",
+              "progress=false"])
         print(json.dumps({{
             "image": [p.label_id for p in image.predict_images(
                 [open({str(folder)!r} + f"/{{i}}.png", "rb").read() for i in range(5)])],
             "text": text.predict_texts(["apple cherry plum"])[0].label,
             "written": summary.written,
-            "torch_loaded": any(m == "torch" or m.startswith("torch.") for m in sys.modules),
+            "torch_loaded": any(m.split(".")[0] in BLOCKED for m in sys.modules),
         }}))
         """
     )
@@ -204,3 +212,5 @@ def test_inference_runs_without_torch(tmp_path):
         "torch_loaded": False,
     }
     assert Path(tmp_path / "p.db").is_file()
+    cli_summary = json.loads((tmp_path / "run" / "predict_summary.json").read_text())
+    assert cli_summary["written"] == 2 and cli_summary["model_name"] == "tiny-text"

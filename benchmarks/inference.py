@@ -1,0 +1,207 @@
+"""Inference benchmark: ONNX Runtime vs PyTorch eager, int8 vs fp32, and `cycleml predict`
+end to end vs in-process ONNX Runtime.
+
+    .venv/bin/python benchmarks/inference.py                      # digits CNN at 32x32
+    .venv/bin/python benchmarks/inference.py --image-size 16      # the default digits setup
+    .venv/bin/python benchmarks/inference.py --ckpt logs/train/runs/<run>
+
+Without ``--ckpt`` it trains the small CNN (``cycleml.models.cnn.SmallCNN``) on the
+bundled digits for a few epochs; either way it exports a bundle with an int8 variant
+(parity-verified, accuracies recorded), then measures, in this one process and with
+the same number of threads for PyTorch and ONNX Runtime:
+
+1. latency of one image (median of many batch-1 calls) and throughput at batch 32,
+   PyTorch eager (inference mode) vs the bundle's ONNX Runtime session;
+2. int8 vs fp32 throughput at batch 32, and validation accuracy of each;
+3. ``cycleml predict`` end to end (a PNG folder into SQLite) against ONNX Runtime on
+   the same images already decoded, at the same batch size.
+
+Every ratio compares figures measured here, in one run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from cycleml.batch.runner import PredictSettings, predict_to_database
+from cycleml.export import ExportSettings, export_bundle
+from cycleml.export.graph import ImageInferenceNet
+from cycleml.inference import ModelBundle, Predictor
+
+
+def train_digits_cnn(image_size: int, epochs: int) -> tuple[nn.Module, dict, list[str], tuple]:
+    """A SmallCNN trained on the digits; returns net, data spec, classes, splits."""
+    from cycleml.data.images import DigitsDataModule
+    from cycleml.models.cnn import SmallCNN
+
+    data = DigitsDataModule(image_size=image_size, channels=1, mean=[0.5], std=[0.5])
+    data.setup()
+    train_x, train_y = data.split_arrays("train")
+    val_x, val_y = data.split_arrays("val")
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=1, num_classes=10, width=32)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=5e-4)
+    x = (torch.from_numpy(train_x).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.5
+    y = torch.from_numpy(train_y)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+            optimizer.step()
+    spec = {**data.spec(), "kind": "image"}
+    return net.eval(), spec, list(data.class_names), (val_x, val_y, data.images)
+
+
+def from_checkpoint(path: str) -> tuple[nn.Module, dict, list[str], tuple]:
+    from cycleml.export.checkpoint import validation_split
+    from cycleml.models.module import ClassifierModule
+    from cycleml.training.evaluate import resolve_checkpoint
+
+    module = ClassifierModule.from_checkpoint(resolve_checkpoint(path))
+    spec = dict(module.hparams.data_spec)
+    if spec.get("kind") != "image":
+        raise SystemExit("the benchmark needs an image checkpoint")
+    val_x, val_y = validation_split(spec["data_config"], spec)
+    return module.net.eval(), spec, list(module.hparams.class_names), (val_x, val_y, val_x)
+
+
+def median_latency(fn: Callable[[], object], seconds: float) -> float:
+    fn()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 20:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def throughput(
+    run: Callable[[np.ndarray], object], images: np.ndarray, batch: int, seconds: float
+) -> float:
+    """Rows/s running ``images`` in batches of ``batch`` for about ``seconds``."""
+    run(images[:batch])
+    rows, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for offset in range(0, len(images) - batch + 1, batch):
+            run(images[offset : offset + batch])
+            rows += batch
+    return rows / (time.perf_counter() - start)
+
+
+def write_pngs(images: np.ndarray, folder: Path, copies: int) -> np.ndarray:
+    folder.mkdir(parents=True)
+    stacked = np.concatenate([images] * copies)
+    for i, image in enumerate(stacked):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            folder / f"{i:06d}.png"
+        )
+    return stacked
+
+
+def row(name: str, value: str, target: str = "", met: bool | None = None) -> None:
+    verdict = "" if met is None else ("met" if met else "MISSED")
+    print(f"  {name:<52} {value:>14}   {target:<10} {verdict}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", help="a cycleml image checkpoint or run folder")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="PyTorch and ORT threads")
+    parser.add_argument("--batch", type=int, default=256, help="predict batch size")
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--copies", type=int, default=3, help="copies of the digits on disk")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    started = time.perf_counter()
+    if args.ckpt:
+        net, spec, classes, (val_x, val_y, all_images) = from_checkpoint(args.ckpt)
+    else:
+        net, spec, classes, (val_x, val_y, all_images) = train_digits_cnn(
+            args.image_size, args.epochs
+        )
+    print(f"model ready in {time.perf_counter() - started:.0f} s; input {val_x.shape[1:]}")
+
+    work = Path(tempfile.mkdtemp(prefix="cycleml-bench-"))
+    bundle: ModelBundle = export_bundle(
+        net, spec, classes, work / "bundle", val_inputs=val_x, val_labels=val_y,
+        name="bench", version="1", settings=ExportSettings(quantize="int8"),
+    )  # fmt: skip
+    meta = bundle.meta
+    print(
+        f"bundle: parity max |diff| {meta.verification['parity']['max_abs_diff']:.1e}, "
+        f"val accuracy fp32 {100 * meta.metrics['bundle/val_acc']:.2f}%, "
+        f"int8 {100 * meta.variants['int8'].accuracy:.2f}%"
+    )
+
+    torch.set_num_threads(args.threads)
+    eager = ImageInferenceNet(net, spec["mean"], spec["std"]).eval()
+    fp32 = Predictor(bundle, intra_op_threads=args.threads)
+    int8 = Predictor(bundle, intra_op_threads=args.threads, precision="int8")
+
+    def eager_run(batch: np.ndarray) -> object:
+        with torch.inference_mode():
+            return eager(torch.from_numpy(batch))
+
+    one = val_x[:1]
+    lat_eager = median_latency(lambda: eager_run(one), args.seconds)
+    lat_ort = median_latency(lambda: fp32.run(one), args.seconds)
+    tp_eager = throughput(eager_run, val_x, 32, args.seconds)
+    tp_ort = throughput(fp32.run, val_x, 32, args.seconds)
+    tp_int8 = throughput(int8.run, val_x, 32, args.seconds)
+    acc_fp32 = float((fp32.run(val_x).argmax(1) == val_y).mean())
+    acc_int8 = float((int8.run(val_x).argmax(1) == val_y).mean())
+
+    images = write_pngs(all_images, work / "images", args.copies)
+    tp_decoded = throughput(fp32.run, images, args.batch, args.seconds)
+    summary = predict_to_database(
+        bundle, work / "images", f"sqlite:///{work / 'predictions.db'}",
+        PredictSettings(
+            batch_size=args.batch, decode_workers=args.decode_workers, progress=False,
+            intra_op_threads=args.threads,
+        ),
+    )  # fmt: skip
+    e2e = summary.written / summary.seconds
+
+    print(f"\n{args.threads} thread(s), {len(val_x)} validation images, {len(images)} PNG files")
+    print("1. ONNX Runtime vs PyTorch eager (fp32)")
+    row("latency batch 1, eager", f"{1e3 * lat_eager:.3f} ms")
+    row("latency batch 1, ONNX Runtime", f"{1e3 * lat_ort:.3f} ms")
+    row("speed-up at batch 1 (eager / ORT latency)", f"{lat_eager / lat_ort:.2f}x", ">= 2x",
+        lat_eager / lat_ort >= 2)  # fmt: skip
+    row("throughput batch 32, eager", f"{tp_eager:,.0f} rows/s")
+    row("throughput batch 32, ONNX Runtime", f"{tp_ort:,.0f} rows/s")
+    row("speed-up at batch 32", f"{tp_ort / tp_eager:.2f}x")
+    print("2. int8 vs fp32 (ONNX Runtime, batch 32)")
+    row("throughput int8", f"{tp_int8:,.0f} rows/s")
+    row("int8 / fp32 throughput", f"{tp_int8 / tp_ort:.2f}x", ">= 1.3x", tp_int8 / tp_ort >= 1.3)
+    row("val accuracy fp32 / int8", f"{100 * acc_fp32:.2f}/{100 * acc_int8:.2f}%")
+    drop = 100 * (acc_fp32 - acc_int8)
+    row("accuracy lost by int8", f"{drop:.2f} points", "<= 1", drop <= 1.0)
+    print(f"3. cycleml predict end to end (batch {args.batch}, {args.decode_workers} decoders)")
+    row("ONNX Runtime on decoded images", f"{tp_decoded:,.0f} rows/s")
+    row("cycleml predict, PNG folder -> SQLite", f"{e2e:,.0f} rows/s")
+    row("end to end / in-process", f"{e2e / tp_decoded:.2f}", ">= 0.7", e2e / tp_decoded >= 0.7)
+    print(f"   stages (s): {summary.stages}, written {summary.written}, failed {summary.failed}")
+
+
+if __name__ == "__main__":
+    main()
