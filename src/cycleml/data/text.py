@@ -72,7 +72,10 @@ def read_columns(path: Path, columns: Sequence[str], fmt: str | None = None) -> 
     :class:`DataError` naming the file (and the column, and the columns that exist).
     """
     if not path.is_file():
-        raise DataError(f"text table not found: {path}")
+        raise DataError(
+            f"text table not found: {path} (set data.path; demo data: "
+            f"python scripts/make_demo_text.py)"
+        )
     fmt = fmt or _FORMATS.get(path.suffix.lower())
     if fmt not in set(_FORMATS.values()):
         raise ConfigError(
