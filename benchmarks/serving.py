@@ -78,7 +78,9 @@ def export_digits_cnn(out: Path) -> Path:
 # -- in-process limit ------------------------------------------------------------------------
 def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
                ) -> tuple[dict[int, float], float]:
-    """Rows/s at each batch size, and the median latency (ms) of one batch-1 call."""
+    """Rows/s at each batch size (best of three runs: other load on the machine only ever
+    lowers a figure, and this one is the ceiling), and the median latency (ms) of one
+    batch-1 call."""
     predictor = Predictor(load_bundle(bundle_dir))
     shape = predictor.input_shape[1:]
     rates = {}
@@ -86,14 +88,17 @@ def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
         batch = np.random.default_rng(0).integers(0, 256, (size, *shape), dtype=np.uint8)
         for _ in range(3):
             predictor.run(batch)
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            predictor.run(batch)
-            runs += 1
-        rates[size] = runs * size / (time.perf_counter() - start)
+        best = 0.0
+        for _ in range(3):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                predictor.run(batch)
+                runs += 1
+            best = max(best, runs * size / (time.perf_counter() - start))
+        rates[size] = best
     one = np.zeros((1, *shape), dtype=np.uint8)
     times = []
-    for _ in range(200):
+    for _ in range(300):
         start = time.perf_counter()
         predictor.run(one)
         times.append(time.perf_counter() - start)
@@ -251,7 +256,7 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
     meta = load_bundle(bundle).meta
     shape = tuple(meta.input.shape[1:])
     print(f"\n== {name}: input {list(shape)} uint8 ==", flush=True)
-    rates, one_call_ms = in_process(bundle, (1, 8, 16, 32, 64), max(seconds / 2, 1.0))
+    rates, one_call_ms = in_process(bundle, (1, 8, 16, 32, 64), seconds / 2)
     best_batch = max(rates, key=rates.get)
     limit = rates[best_batch]
     for size, rate in rates.items():
