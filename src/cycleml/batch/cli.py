@@ -35,6 +35,7 @@ def main(cfg: DictConfig) -> PredictSummary:
         intra_op_threads=int(runtime.get("intra_op_threads", 0)),
         inter_op_threads=int(runtime.get("inter_op_threads", 1)),
         providers=list(OmegaConf.to_container(providers)) if providers else None,  # type: ignore[arg-type]
+        spin_wait=bool(runtime.get("spin_wait", False)),
         progress=bool(cfg.progress),
     )
     summary = predict_to_database(cfg.bundle, cfg.input, str(cfg.db_url), settings)

@@ -53,6 +53,8 @@ class PredictSettings:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     providers: list[str] | None = None
+    # let idle ONNX Runtime threads spin (they would take CPU the decoders need)
+    spin_wait: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -102,6 +104,7 @@ class _Scored:
 
 
 _DONE = object()
+SPINNING = "session.intra_op.allow_spinning"
 
 
 def predict_to_database(
@@ -154,6 +157,7 @@ def _predict(
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         precision=settings.precision,
+        session_config={} if settings.spin_wait else {SPINNING: "0"},
     )
     job_id = uuid.uuid4().hex
     store = PredictionStore(engine, meta.name, meta.version, meta.run_id, job_id)

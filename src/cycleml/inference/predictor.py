@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,8 @@ class Predictor:
     ``run`` is safe to call from several threads at once (ONNX Runtime sessions are).
     ``intra_op_threads=0`` lets ONNX Runtime pick (one per physical core).
     ``precision`` picks the bundle's ``fp32`` model or its ``int8``/``fp16`` variant.
+    ``session_config`` entries go to ONNX Runtime as they are, e.g.
+    ``{"session.intra_op.allow_spinning": "0"}`` so idle worker threads sleep.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Predictor:
         inter_op_threads: int = 1,
         warmup: bool = True,
         precision: str = "fp32",
+        session_config: Mapping[str, str] | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, ModelBundle) else load_bundle(bundle)
         meta = self.bundle.meta
@@ -59,6 +62,8 @@ class Predictor:
         options.inter_op_num_threads = max(0, int(inter_op_threads))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(str(key), str(value))
         chosen = list(providers) if providers else default_providers()
         model_path = self.bundle.variant_path(precision)
         try:
