@@ -214,3 +214,16 @@ def test_inference_runs_without_torch(tmp_path):
     assert Path(tmp_path / "p.db").is_file()
     cli_summary = json.loads((tmp_path / "run" / "predict_summary.json").read_text())
     assert cli_summary["written"] == 2 and cli_summary["model_name"] == "tiny-text"
+
+
+def test_session_config_entries_reach_onnx_runtime():
+    images, _ = synthetic_images(8, seed=13)
+    sleeping = Predictor(
+        cached_bundle("image"),
+        intra_op_threads=2,
+        session_config={"session.intra_op.allow_spinning": "0"},
+    )
+    spinning = Predictor(cached_bundle("image"), intra_op_threads=2)
+    options = sleeping.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    np.testing.assert_array_equal(sleeping.run(images), spinning.run(images))
