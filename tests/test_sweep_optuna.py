@@ -22,6 +22,7 @@ import pytest
 import yaml
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from optuna.trial import TrialState
 
 from cycleml.sweeps.results import load_sweep
@@ -185,6 +186,8 @@ def test_sweep_prunes_records_results_and_returns_the_best_value(toy, tmp_path, 
             config_name="toy", task_function=module.task, overrides=[]
         )
     GlobalHydra.instance().clear()
+    # the sweep leaves no job's Hydra config behind in this process
+    assert not HydraConfig.initialized()
 
     study = load_study(sweep_dir)
     found = states(study)

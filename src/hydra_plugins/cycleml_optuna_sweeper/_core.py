@@ -99,8 +99,6 @@ class OptunaSweep:
     ) -> None:
         self.config = config
         self.hydra_context = hydra_context
-        # the sweep folder may interpolate ${hydra:...} (e.g. the working directory)
-        HydraConfig.instance().set_config(config)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -109,7 +107,7 @@ class OptunaSweep:
 
     def sweep(self, arguments: list[str]) -> float | None:
         assert self.config is not None and self.hydra_context is not None
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir = self._sweep_dir()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space = parse_search_space(self.params, arguments, parser)
@@ -217,6 +215,17 @@ class OptunaSweep:
         log.error("trial %d failed: %s", trial.number, error, exc_info=err)
 
     # ---- settings -------------------------------------------------------------------
+
+    def _sweep_dir(self) -> Path:
+        """The sweep folder, resolved as a job sees it (it may use ``${hydra:...}``)."""
+        assert self.config is not None
+        hydra_config = HydraConfig.instance()
+        previous = hydra_config.cfg
+        hydra_config.set_config(self.config)
+        try:
+            return Path(str(self.config.hydra.sweep.dir)).absolute()
+        finally:
+            hydra_config.cfg = previous
 
     def _sampler(self, existing: int) -> optuna.samplers.BaseSampler:
         if self.sampler_cfg is None:
