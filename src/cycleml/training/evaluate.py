@@ -78,7 +78,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_config = cfg.get("data") or spec.get("data_config")
     if not data_config:
         raise ConfigError(f"checkpoint '{ckpt}' records no data config; pass data=… explicitly")
-    datamodule = hydra.utils.instantiate(data_config)
+    # text: tokenize with the model's own tokenizer, never one re-trained on this data
+    extra = (
+        {"tokenizer_json": spec["tokenizer_json"], "class_names": class_names}
+        if spec.get("kind") == "text"
+        else {}
+    )
+    datamodule = hydra.utils.instantiate(data_config, **extra)
     datamodule.setup()
     if list(datamodule.class_names) != class_names:
         raise ConfigError(
