@@ -33,6 +33,11 @@ def _usage() -> str:
         "  cycleml train -m model.optimizer.lr=1e-3,1e-2",
         "  cycleml eval ckpt_path=logs/train/runs/<run>/checkpoints/best.ckpt",
         "  cycleml compare logs/train",
+        "  cycleml train -m hparams_search=optuna",
+        "  cycleml export ckpt_path=logs/train/runs/<run> export.quantize=int8",
+        "  cycleml predict bundle=bundles/digits/1 input=photos/ db_url=sqlite:///predictions.db",
+        "  cycleml serve path=bundles",
+        "  cycleml data gather && cycleml data clean",
     ]
     return "\n".join(lines)
 
