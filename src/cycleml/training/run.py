@@ -109,6 +109,14 @@ def instantiate_loggers(cfg: DictConfig | None, run_id: str) -> list[Logger]:
     return loggers
 
 
+def record_tracker_ids(output_dir: Path, info: dict[str, Any], loggers: list[Logger]) -> None:
+    """Write the W&B run id actually used (a sweep agent may choose it) to run_info.json."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger.version != info.get("wandb_id"):
+            info["wandb_id"] = logger.version
+            write_json(output_dir / RUN_INFO, info)
+
+
 def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
     """Close tracker runs, so that the next run in this process (a sweep) gets its own."""
     for logger in loggers:

@@ -19,6 +19,7 @@ from cycleml.training.run import (
     flat_config,
     instantiate_callbacks,
     instantiate_loggers,
+    record_tracker_ids,
     resolve_resume,
     start_run,
 )
@@ -80,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
     loggers = instantiate_loggers(cfg.get("logger"), info["run_id"])
+    record_tracker_ids(output_dir, info, loggers)
     if not loggers:
         # nothing to report learning rates to (logger=null, debug runs)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
