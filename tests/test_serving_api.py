@@ -423,6 +423,29 @@ def test_overload_status_503_when_configured(slow_bundle: Path) -> None:
     assert refused and all(r.headers["retry-after"] == "3" for r in refused)
 
 
+def test_in_flight_limit_refuses_at_once_but_health_answers(slow_bundle: Path) -> None:
+    serve = settings(slow_bundle, runtime={"intra_op_threads": 1},
+                     batching={"max_batch_size": 4, "max_queue_size": 64},
+                     limits={"max_inflight": 2})
+
+    async def scenario(url: str) -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=url) as http:
+            burst = asyncio.ensure_future(_burst(url, 12))
+            await asyncio.sleep(0.05)
+            health = await http.get("/v2/health/ready")
+        return await burst, health
+
+    with RunningServer(serve) as running:
+        responses, health = asyncio.run(scenario(running.url))
+        text = httpx.get(f"{running.url}/metrics").text
+    busy = [r for r in responses if r.status_code == 429]
+    assert busy and all(r.status_code in (200, 429) for r in responses)
+    assert all(r.headers["retry-after"] == "1" and "server busy" in r.json()["error"]
+               for r in busy)
+    assert health.status_code == 200
+    assert _metric(text, "cycleml_rejected_total", reason="server_busy") == len(busy)
+
+
 def test_api_keys(image_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                   caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("TEST_SERVE_KEYS", "key-one, key-two")

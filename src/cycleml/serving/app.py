@@ -74,8 +74,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.add_middleware(
         RequestContextMiddleware,
         auth=auth,
-        max_body_bytes=settings.limits.max_body_bytes,
+        limits=settings.limits,
         log_requests=settings.access_log,
+        on_busy=metrics.rejected.labels("", "", "server_busy").inc,
     )
     return app
 

@@ -74,7 +74,8 @@ class ServingMetrics:
         )
         self.rejected = Counter(
             "cycleml_rejected_total",
-            "Requests refused before compute: queue_full, deadline, cancelled.",
+            "Requests refused before compute: queue_full, deadline, cancelled, server_busy "
+            "(the in-flight limit of the process; model and version empty).",
             (*labels, "reason"),
             registry=self.registry,
         )

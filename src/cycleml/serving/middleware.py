@@ -7,12 +7,14 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.protocol import json_dumps
+from cycleml.serving.settings import LimitSettings
 
 access_log = logging.getLogger("cycleml.serving.access")
 
@@ -27,17 +29,27 @@ _ID_COUNTER = itertools.count(1)
 class RequestContextMiddleware:
     """Gives every HTTP request an id (the client's ``X-Request-Id`` or a new one), echoes
     it in the response, refuses requests without a valid API key (401) or with a declared
-    body over the limit (413), and logs one JSON line when the response is sent.
+    body over the limit (413), refuses work beyond ``limits.max_inflight`` requests in
+    the process at once (the overload status, with ``Retry-After``), and logs one JSON
+    line when the response is sent.
+
+    The in-flight bound matters when the HTTP front end, not a model, is the bottleneck:
+    the model queues stay short, and without it requests would wait unbounded in the
+    event loop instead of being refused at once.
 
     The ``Authorization`` header is never logged.
     """
 
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth | None, max_body_bytes: int,
-                 log_requests: bool) -> None:
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth | None, limits: LimitSettings,
+                 log_requests: bool, on_busy: Callable[[], None]) -> None:
         self.app = app
         self.auth = auth
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
         self.log_requests = log_requests
+        self.on_busy = on_busy
+        self.inflight = 0
+        # health, readiness and metrics must answer however busy the server is
+        self.unlimited_paths = frozenset(("/v2/health/live", "/v2/health/ready", "/metrics"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,13 +87,26 @@ class RequestContextMiddleware:
             await _refuse(send_with_id, 401, "missing or invalid API key: send "
                           "'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")])
         elif content_length is not None and content_length.isdigit() and (
-            int(content_length) > self.max_body_bytes
+            int(content_length) > self.limits.max_body_bytes
         ):
             info["error"] = "body too large"
             await _refuse(send_with_id, 413, f"request body of {int(content_length)} bytes "
-                          f"exceeds the limit of {self.max_body_bytes}", [])
-        else:
+                          f"exceeds the limit of {self.limits.max_body_bytes}", [])
+        elif path in self.unlimited_paths:
             await self.app(scope, receive, send_with_id)
+        elif self.inflight >= self.limits.max_inflight:
+            info["error"] = "server busy"
+            self.on_busy()
+            await _refuse(send_with_id, self.limits.overload_status,
+                          f"server busy: {self.inflight} requests in flight; retry after "
+                          f"{self.limits.retry_after_s} s",
+                          [(b"retry-after", str(self.limits.retry_after_s).encode())])
+        else:
+            self.inflight += 1
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                self.inflight -= 1
         if self.log_requests:
             info["method"] = scope["method"]
             info["path"] = path

@@ -33,6 +33,7 @@ class BatchingSettings:
 @dataclass(frozen=True)
 class LimitSettings:
     max_body_bytes: int = 16 * 1024 * 1024
+    max_inflight: int = 256
     default_timeout_ms: float = 10_000.0
     max_timeout_ms: float = 60_000.0
     overload_status: int = 429
@@ -90,6 +91,8 @@ class ServeSettings:
                f"batching.max_queue_size must be >= 1, got {batching.max_queue_size}")
         _check(limits.max_body_bytes >= 1024,
                f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}")
+        _check(limits.max_inflight >= 1,
+               f"limits.max_inflight must be >= 1, got {limits.max_inflight}")
         _check(0 < limits.default_timeout_ms <= limits.max_timeout_ms,
                "limits.default_timeout_ms must be > 0 and <= limits.max_timeout_ms")
         _check(limits.overload_status in (429, 503),
