@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 import cycleml
 from cycleml.serving import routes_v1, routes_v2
@@ -25,7 +26,22 @@ from cycleml.serving.settings import ServeSettings, read_api_keys
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
+class ServingApp:
+    """The ASGI application the server runs: request context (id, auth, limits, access
+    log) around the inference fast path, around the FastAPI application that holds every
+    route and the OpenAPI document. The fast path sits outside FastAPI so that inference
+    requests skip its middleware too; ``state`` is the FastAPI app's state."""
+
+    def __init__(self, api: FastAPI, asgi: RequestContextMiddleware) -> None:
+        self.api = api
+        self.state = api.state
+        self._asgi = asgi
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._asgi(scope, receive, send)
+
+
+def create_app(settings: ServeSettings) -> ServingApp:
     """The server application. Models load after start-up, in the background: the server
     is live at once and ready (``/v2/health/ready``) once every model is warm."""
     metrics = ServingMetrics()
@@ -70,15 +86,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
                       summary="Readiness: every model loaded and warm, not draining")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["health"],
                       summary="Prometheus metrics")
-    app.add_middleware(InferenceFastPath)
-    app.add_middleware(
-        RequestContextMiddleware,
+    asgi = RequestContextMiddleware(
+        InferenceFastPath(app),
         auth=auth,
         limits=settings.limits,
         log_requests=settings.access_log,
         on_busy=metrics.rejected.labels("", "", "server_busy").inc,
     )
-    return app
+    return ServingApp(app, asgi)
 
 
 def _load(state: ServerState) -> None:

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.hydra_app import hydra_app
-from cycleml.serving.app import create_app
+from cycleml.serving.app import ServingApp, create_app
 from cycleml.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def serve(settings: ServeSettings) -> None:
                 **_uvicorn_options(settings))
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> ServingApp:
     """The app of one worker process (``workers > 1``)."""
     return create_app(ServeSettings.from_dict(json.loads(os.environ[SETTINGS_ENV])))
 

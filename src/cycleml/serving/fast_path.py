@@ -5,7 +5,8 @@ need none of the framework's routing, dependency solving or exception middleware
 Measured on two cores, going through those layers cost as much CPU per request as the
 handler itself, so ``POST /v2/models/{m}[/versions/{v}]/infer`` is matched here with
 one regular expression and handed to the same handler the documented route uses.
-Everything else continues into the application unchanged.
+Everything else continues into the application unchanged. The fast path wraps the
+application from outside, so inference requests skip its middleware as well.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class InferenceFastPath:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = INFER_PATH.match(scope["path"])
             if match is not None:
+                scope["app"] = self.app  # where the handlers find the server state
                 request = Request(scope, receive)
                 response = await infer_response(request, match["model"], match["version"])
                 await response(scope, receive, send)
