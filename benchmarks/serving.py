@@ -18,7 +18,6 @@ this machine's cores; every ratio compares figures measured in this one process 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -26,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from cycleml.inference import Predictor, load_bundle
-from cycleml.serving.loadgen import build_request, closed_loop, open_loop, summarize
+from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
 
 HOST = "127.0.0.1"
 CONCURRENCY = (1, 8, 32, 64)
@@ -76,31 +76,52 @@ def export_digits_cnn(out: Path) -> Path:
 
 
 # -- in-process limit ------------------------------------------------------------------------
+def _rows_per_s(predictors: list[Predictor], size: int, seconds: float) -> float:
+    """Rows/s with each predictor run in a loop on its own thread, best of three runs
+    (other load on the machine only ever lowers a figure, and this one is a ceiling)."""
+    shape = predictors[0].input_shape[1:]
+    batch = np.random.default_rng(0).integers(0, 256, (size, *shape), dtype=np.uint8)
+    for predictor in predictors:
+        predictor.run(batch)
+    best = 0.0
+    for _ in range(3):
+        counts = [0] * len(predictors)
+        stop = time.perf_counter() + seconds / 3
+
+        def loop(index: int, counts: list[int], stop: float) -> None:
+            while time.perf_counter() < stop:
+                predictors[index].run(batch)
+                counts[index] += size
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=loop, args=(i, counts, stop))
+                   for i in range(len(predictors))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        best = max(best, sum(counts) / (time.perf_counter() - start))
+    return best
+
+
 def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
-               ) -> tuple[dict[int, float], float]:
-    """Rows/s at each batch size (best of three runs: other load on the machine only ever
-    lowers a figure, and this one is the ceiling), and the median latency (ms) of one
-    batch-1 call."""
-    predictor = Predictor(load_bundle(bundle_dir))
-    shape = predictor.input_shape[1:]
+               ) -> tuple[dict[str, float], float]:
+    """Rows/s of ONNX Runtime alone at each batch size, as one session with its default
+    threads and as one single-threaded session per core running side by side; and the
+    median latency (ms) of one batch-1 call of the default session."""
+    bundle = load_bundle(bundle_dir)
+    default = Predictor(bundle)
+    per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(os.cpu_count() or 1)]
     rates = {}
     for size in batch_sizes:
-        batch = np.random.default_rng(0).integers(0, 256, (size, *shape), dtype=np.uint8)
-        for _ in range(3):
-            predictor.run(batch)
-        best = 0.0
-        for _ in range(3):
-            runs, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 3:
-                predictor.run(batch)
-                runs += 1
-            best = max(best, runs * size / (time.perf_counter() - start))
-        rates[size] = best
-    one = np.zeros((1, *shape), dtype=np.uint8)
+        rates[f"1 session, batch {size}"] = _rows_per_s([default], size, seconds)
+        rates[f"{len(per_core)} sessions x 1 thread, batch {size}"] = _rows_per_s(
+            per_core, size, seconds)
+    one = np.zeros((1, *default.input_shape[1:]), dtype=np.uint8)
     times = []
     for _ in range(300):
         start = time.perf_counter()
-        predictor.run(one)
+        default.run(one)
         times.append(time.perf_counter() - start)
     return rates, float(np.median(times) * 1000.0)
 
@@ -182,16 +203,18 @@ def serve_command(bundle: Path, port: int, workdir: Path, overrides: list[str]) 
             "reload.watch=false", f"hydra.run.dir={workdir / f'serve-{port}'}", *overrides]
 
 
-def batch_counts(port: int) -> tuple[float, float]:
-    """(sum, count) of the server's batch-size histogram."""
+def histogram_totals(port: int, name: str) -> tuple[float, float]:
+    """(sum, count) of one of the server's histograms, over all its label sets."""
     import httpx
 
     text = httpx.get(f"http://{HOST}:{port}/metrics", timeout=5).text
-    total = sum(float(v) for v in re.findall(r"^cycleml_batch_size_sum\{[^}]*\} (\S+)$",
-                                             text, re.M))
-    count = sum(float(v) for v in re.findall(r"^cycleml_batch_size_count\{[^}]*\} (\S+)$",
-                                             text, re.M))
+    total = sum(float(v) for v in re.findall(rf"^{name}_sum\{{[^}}]*\}} (\S+)$", text, re.M))
+    count = sum(float(v) for v in re.findall(rf"^{name}_count\{{[^}}]*\}} (\S+)$", text, re.M))
     return total, count
+
+
+def _mean(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return (after[0] - before[0]) / max(after[1] - before[1], 1.0)
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -222,23 +245,24 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
 
 def measure_closed(port: int, requests: list[bytes], concurrency: int, seconds: float,
                    with_batches: bool) -> dict[str, float]:
-    asyncio.run(closed_loop(HOST, port, requests, concurrency, min(seconds, 1.0)))  # warm
-    before = batch_counts(port) if with_batches else (0.0, 0.0)
-    results = asyncio.run(closed_loop(HOST, port, requests, concurrency, seconds))
+    run(closed_loop(HOST, port, requests, concurrency, min(seconds, 1.0)))  # warm
+    names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
+    before = [histogram_totals(port, name) for name in names]
+    results = run(closed_loop(HOST, port, requests, concurrency, seconds))
     row = summarize(results)
     if with_batches:
-        after = batch_counts(port)
-        row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+        after = [histogram_totals(port, name) for name in names]
+        row["mean_batch"] = _mean(before[0], after[0])
+        row["inference_ms"] = _mean(before[1], after[1]) * 1000.0
     return row
 
 
 def measure_open(port: int, requests: list[bytes], rate: float, seconds: float
                  ) -> dict[str, float]:
-    before = batch_counts(port)
-    results = asyncio.run(open_loop(HOST, port, requests, rate, seconds, seed=int(rate)))
+    before = histogram_totals(port, "cycleml_batch_size")
+    results = run(open_loop(HOST, port, requests, rate, seconds, seed=int(rate)))
     row = summarize(results)
-    after = batch_counts(port)
-    row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1.0)
+    row["mean_batch"] = _mean(before, histogram_totals(port, "cycleml_batch_size"))
     row["rate"] = rate
     return row
 
@@ -256,12 +280,12 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
     meta = load_bundle(bundle).meta
     shape = tuple(meta.input.shape[1:])
     print(f"\n== {name}: input {list(shape)} uint8 ==", flush=True)
-    rates, one_call_ms = in_process(bundle, (1, 8, 16, 32, 64), seconds / 2)
-    best_batch = max(rates, key=rates.get)
-    limit = rates[best_batch]
-    for size, rate in rates.items():
-        print(f"  in-process batch {size:<3}          {rate:8.0f} rows/s")
-    print(f"  in-process limit {limit:.0f} rows/s at batch {best_batch}; "
+    rates, one_call_ms = in_process(bundle, (1, 8, 32, 64), seconds / 2)
+    best = max(rates, key=rates.get)
+    limit = rates[best]
+    for label, rate in rates.items():
+        print(f"  in-process {label:<32} {rate:8.0f} rows/s")
+    print(f"  in-process limit {limit:.0f} rows/s ({best}); "
           f"one batch-1 call {one_call_ms:.3f} ms", flush=True)
     pixels = samples(shape)
 
@@ -305,7 +329,10 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
           f"{figures['json_vs_limit']:.2f}x; {figures['serve_vs_naive']:.2f}x the naive "
           f"server ({naive_best:.0f} req/s)")
     print(f"  concurrency 1: p50 {served[1]['p50_ms']:.3f} ms vs one in-process call "
-          f"{one_call_ms:.3f} ms (+{figures['p50_c1_minus_one_call_ms']:.3f} ms)", flush=True)
+          f"{one_call_ms:.3f} ms (+{figures['p50_c1_minus_one_call_ms']:.3f} ms); inside the "
+          f"server the runtime took {served[1]['inference_ms']:.3f} ms per call (its threads "
+          "idle between requests), so serving itself added "
+          f"{served[1]['p50_ms'] - served[1]['inference_ms']:.3f} ms", flush=True)
     return figures
 
 
