@@ -275,13 +275,21 @@ def test_bad_requests_get_a_4xx_naming_the_problem(client: httpx.Client, path: s
 
 def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureFixture
                                 ) -> None:
+    def access_lines() -> list[dict]:
+        return [json.loads(r.getMessage()) for r in caplog.records
+                if r.name == "cycleml.serving.access"]
+
     with caplog.at_level(logging.INFO, logger="cycleml.serving.access"):
         ok = client.post("/v2/models/shapes/infer", json=v2_body(_GOOD),
                          headers={"X-Request-Id": "trace-42"})
         client.post("/v2/models/shapes/infer", json={"inputs": "nope"})
+        # the line is written once the response is sent, so it may trail the response
+        for _ in range(200):
+            lines = access_lines()
+            if len([e for e in lines if e.get("model") == "shapes"]) >= 2:
+                break
+            time.sleep(0.01)
     assert ok.headers["x-request-id"] == "trace-42"
-    lines = [json.loads(r.getMessage()) for r in caplog.records
-             if r.name == "cycleml.serving.access"]
     line = next(entry for entry in lines if entry["request_id"] == "trace-42")
     assert line["status"] == 200 and line["model"] == "shapes" and line["version"] == "2"
     assert line["batch_rows"] >= 1 and line["latency_ms"] > 0 and "queue_ms" in line
