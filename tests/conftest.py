@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +44,17 @@ def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfi
 
 
 @pytest.fixture
-def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """``make_cfg("train", "model=resnet18", ...)`` → a fast CPU config writing under tmp_path."""
 
     def make(name: str = "train", *overrides: str, fast: bool = True) -> DictConfig:
         extra = FAST_TRAIN if fast and name == "train" else []
         return compose_config(name, [*extra, *overrides], tmp_path)
 
-    return make
+    yield make
+    # leave no Hydra state behind for the next test
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
 
 
 @pytest.fixture(scope="session")
