@@ -13,14 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cycleml.data.clean import (
-    CleanSettings,
-    clean,
-    near_links,
-    normalise_text,
-    perceptual_hash,
-)
+from cycleml.data.clean import CleanSettings, clean, normalise_text
 from cycleml.data.gather import gather
+from cycleml.data.image_facts import near_links, perceptual_hash
 from cycleml.data.manifest import read_dataset
 from cycleml.errors import ConfigError
 

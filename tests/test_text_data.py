@@ -167,7 +167,7 @@ def test_bad_jsonl_rows_and_unknown_split(tmp_path):
     assert "row 5, column 'split': unknown split 'holdout'" in str(err.value)
     assert "row 7, column 'label': missing label" in str(err.value)
     path.write_text(path.read_text() + "{broken\n")
-    with pytest.raises(DataError, match=r"r\.jsonl: row 31: not valid JSON"):
+    with pytest.raises(DataError, match=r"r\.jsonl: row 31 \(line 31\): not valid JSON"):
         module(path, split_column="split")
 
 

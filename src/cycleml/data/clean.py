@@ -28,28 +28,27 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import shutil
 import unicodedata
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from cycleml.data.gather import map_in_chunks
+from cycleml.data.image_facts import ImageFacts, inspect_images, near_links
 from cycleml.data.manifest import (
     MANIFEST_FILE,
     SPLIT_COLUMN,
     Dataset,
+    place_file,
     read_dataset,
     write_dataset,
 )
+from cycleml.data.parallel import map_in_chunks
 from cycleml.data.report import write_report
 from cycleml.errors import ConfigError
 
@@ -141,95 +140,6 @@ class CleanResult:
     num_kept: int
     num_removed: int
     counts: dict[str, int]  # items flagged per check
-
-
-# --------------------------------------------------------------------------- images
-
-
-@dataclass(frozen=True)
-class ImageFacts:
-    """What decoding one file taught us; ``error`` is None when it decoded fully."""
-
-    error: str | None
-    width: int = 0
-    height: int = 0
-    phash: int = 0
-
-
-def _dct_matrix(size: int) -> np.ndarray:
-    """Orthonormal DCT-II matrix: ``m @ x`` transforms the columns of ``x``."""
-    k = np.arange(size)[:, None]
-    i = np.arange(size)[None, :]
-    matrix = np.cos(np.pi * (2 * i + 1) * k / (2 * size)) * np.sqrt(2.0 / size)
-    matrix[0] /= np.sqrt(2.0)
-    return matrix
-
-
-_DCT32 = _dct_matrix(32)
-
-
-def perceptual_hash(image: Any) -> int:
-    """64-bit pHash: signs of the 8×8 lowest DCT frequencies of a 32×32 grey image.
-
-    Each bit says whether a frequency is above the median of the 63 non-constant ones, so
-    brightness, contrast, mild noise, re-encoding and resizing change few bits while
-    different pictures differ in about half of them.
-    """
-    from PIL import Image
-
-    grey = np.asarray(
-        image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64
-    )
-    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8].ravel()
-    bits = low > np.median(low[1:])
-    return int(np.packbits(bits).view(">u8")[0])
-
-
-def inspect_images(paths: list[str]) -> list[ImageFacts]:
-    """Worker: fully decode each file; report size and pHash, or why it failed."""
-    from PIL import Image, UnidentifiedImageError
-
-    facts = []
-    for path in paths:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            facts.append(ImageFacts(f"cannot read file: {err.strerror or err}"))
-            continue
-        try:
-            with Image.open(BytesIO(data)) as image:
-                image.load()  # decodes every pixel: truncated files fail here
-                facts.append(ImageFacts(None, image.width, image.height, perceptual_hash(image)))
-        except UnidentifiedImageError:
-            facts.append(ImageFacts("not an image format Pillow can read"))
-        except (OSError, ValueError, SyntaxError) as err:
-            facts.append(ImageFacts(f"not a readable image: {err}"))
-    return facts
-
-
-def near_links(hashes: Iterable[int], threshold: int) -> dict[int, set[int]]:
-    """For each distinct 64-bit hash, the other distinct hashes within ``threshold`` bits.
-
-    Pigeonhole: split the 64 bits into ``threshold + 1`` bands; two hashes that close
-    agree exactly on at least one band, so only hashes sharing a band value are compared.
-    """
-    unique = np.unique(np.fromiter(hashes, dtype=np.uint64))
-    links: dict[int, set[int]] = defaultdict(set)
-    bands = threshold + 1
-    edges = [round(i * 64 / bands) for i in range(bands + 1)]
-    for start, stop in zip(edges[:-1], edges[1:], strict=True):
-        keys = (unique >> np.uint64(start)) & np.uint64((1 << (stop - start)) - 1)
-        order = np.argsort(keys, kind="stable")
-        bounds = np.flatnonzero(np.diff(keys[order])) + 1
-        for group in np.split(order, bounds):
-            if len(group) < 2:
-                continue
-            values = unique[group]
-            close = np.bitwise_count(values[:, None] ^ values[None, :]) <= threshold
-            for a, b in zip(*np.nonzero(np.triu(close, k=1)), strict=True):
-                links[int(values[a])].add(int(values[b]))
-                links[int(values[b])].add(int(values[a]))
-    return dict(links)
 
 
 # --------------------------------------------------------------------------- checks
@@ -433,19 +343,6 @@ def find_issues(dataset: Dataset, settings: CleanSettings) -> list[Issue]:
     return issues
 
 
-def _place(source: Path, target: Path, mode: str) -> None:
-    if target.exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if mode == "hardlink":
-        try:
-            os.link(source, target)
-            return
-        except OSError:  # another file system, or links not allowed
-            pass
-    shutil.copyfile(source, target)
-
-
 def clean(
     input_dir: str | Path,
     output_dir: str | Path | None,
@@ -485,7 +382,7 @@ def clean(
     output.mkdir(parents=True)
     if dataset.kind == "image":
         for relative in kept["path"]:
-            _place(dataset.root / relative, output / relative, settings.files)
+            place_file(dataset.root / relative, output / relative, settings.files)
     quarantine = frame.iloc[removed].copy()
     quarantine["action"] = [action[r] for r in removed]
     quarantine["checks"] = [",".join(sorted({i.check for i in by_row[r]})) for r in removed]
@@ -494,7 +391,7 @@ def clean(
         stored = []
         for row, relative in zip(removed, quarantine["path"], strict=True):
             if action[row] == "quarantine" and (dataset.root / relative).is_file():
-                _place(dataset.root / relative, output / QUARANTINE_DIR / relative, "copy")
+                place_file(dataset.root / relative, output / QUARANTINE_DIR / relative)
                 stored.append(f"{QUARANTINE_DIR}/{relative}")
             else:
                 stored.append(None)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from cycleml.errors import DataError
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.parquet"
+FILE_MODES = ("copy", "hardlink", "symlink")
 DATASET_FILE = "dataset.json"
 FILES_DIR = "files"
 FORMAT_VERSION = 1
@@ -71,6 +74,38 @@ class Dataset:
     def file_path(self, relative: str) -> Path:
         """Absolute path of an item's file."""
         return self.root / relative
+
+
+def stored_name(digest: str, suffix: str) -> str:
+    """Where a file with content hash ``digest`` lives in a dataset directory."""
+    return f"{FILES_DIR}/{digest[:2]}/{digest}{suffix}"
+
+
+def place_file(source: Path | bytes, target: Path, mode: str = "copy") -> None:
+    """Put ``source`` (a file, or bytes to write) at ``target`` unless something is there.
+
+    ``mode`` is ``copy``, ``hardlink`` (a copy where links are not possible, e.g. across
+    file systems) or ``symlink``. The file appears under its name only once complete,
+    so processes placing the same content at once do not see each other's half files.
+    """
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    if isinstance(source, bytes):
+        staging.write_bytes(source)
+    elif mode == "symlink":
+        staging.symlink_to(Path(source).resolve())
+    elif mode == "hardlink":
+        try:
+            os.link(source, staging)
+        except OSError:
+            shutil.copyfile(source, staging)
+    elif mode == "copy":
+        shutil.copyfile(source, staging)
+    else:
+        raise ValueError(f"unknown file mode {mode!r}; expected one of {FILE_MODES}")
+    os.replace(staging, target)
 
 
 def has_splits(manifest: pd.DataFrame) -> bool:

@@ -131,6 +131,11 @@ class TextTableDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
+        if not self.path.is_file():
+            raise DataError(
+                f"text table not found: {self.path} (set data.path; demo data: "
+                f"python scripts/make_demo_text.py)"
+            )
         c = self.columns
         parsed = parse_rows(self.path, c["text"], c["label"], c["split"], c["id"],
                             self.given_class_names, self.format)  # fmt: skip

@@ -3,13 +3,12 @@
 One row is one example: a text column, a label column (class names or class ids) and
 optionally a split column (train/val/test) and an id column. Every problem with a row
 is a :class:`BadRow` naming the file, the row and the column; nothing is dropped
-without being reported. Rows are numbered from 1 in file order (the CSV header is not
-a row; in a JSONL file the row is the line).
+without being reported. Rows are numbered from 1 in file order (the CSV header and
+blank JSONL lines are not rows). The file itself is read by :mod:`cycleml.data.tables`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -17,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cycleml.data.tables import read_columns
 from cycleml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test"}  # fmt: skip
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-            ".parquet": "parquet", ".pq": "parquet"}  # fmt: skip
 # how many bad rows an error message or a warning lists before "... and N more"
 _LISTED = 20
 
@@ -55,82 +53,6 @@ class TextRows:
     bad_rows: list[BadRow]
 
 
-def read_columns(path: Path, columns: Sequence[str], fmt: str | None = None) -> dict[str, list]:
-    """The named columns of a CSV/TSV, JSONL or Parquet file, as Python lists.
-
-    Missing values are ``None`` (a CSV has none: its empty cells are ``""``). A missing file, an empty file or a missing column is a
-    :class:`DataError` naming the file (and the column, and the columns that exist).
-    """
-    if not path.is_file():
-        raise DataError(
-            f"text table not found: {path} (set data.path; demo data: "
-            f"python scripts/make_demo_text.py)"
-        )
-    fmt = fmt or _FORMATS.get(path.suffix.lower())
-    if fmt not in set(_FORMATS.values()):
-        raise ConfigError(
-            f"{path}: unknown table format {fmt or path.suffix!r}; set data.format to one of "
-            f"{sorted(set(_FORMATS.values()))}"
-        )
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    if fmt in ("csv", "tsv"):
-        table = _read_delimited(path, "\t" if fmt == "tsv" else ",")
-    elif fmt == "jsonl":
-        table = _read_jsonl(path)
-    else:
-        table = _read_parquet(path)
-    if not table or not next(iter(table.values()), []):
-        raise DataError(f"{path}: the file has no data rows")
-    for column in columns:
-        if column not in table:
-            raise DataError(
-                f"{path}: column '{column}' not found; the file has columns {sorted(table)}"
-            )
-    return {column: table[column] for column in columns}
-
-
-def _read_delimited(path: Path, sep: str) -> dict[str, list]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
-    except pd.errors.EmptyDataError as err:
-        raise DataError(f"{path}: the file is empty") from err
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable {sep!r}-separated table: {err}") from err
-    return {str(c): frame[c].tolist() for c in frame.columns}
-
-
-def _read_jsonl(path: Path) -> dict[str, list]:
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: row {number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: row {number}: expected a JSON object per line")
-            records.append(record)
-    keys: dict[str, None] = {}
-    for record in records:
-        keys.update(dict.fromkeys(record))
-    return {key: [r.get(key) for r in records] for key in keys}
-
-
-def _read_parquet(path: Path) -> dict[str, list]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several unrelated types for bad files
-        raise DataError(f"{path}: not a readable Parquet file: {err}") from err
-    return {name: table.column(name).to_pylist() for name in table.column_names}
-
-
 def parse_rows(
     path: Path,
     text_column: str,
@@ -142,7 +64,7 @@ def parse_rows(
 ) -> TextRows:
     """Read a text table and check every row; bad rows are returned, not dropped."""
     wanted = [c for c in (text_column, label_column, split_column, id_column) if c]
-    table = read_columns(path, wanted, fmt)
+    table = read_columns(path, wanted, fmt, setting="data.format")
     name = str(path)
     count = len(table[text_column])
     bad: list[BadRow] = []
