@@ -134,7 +134,7 @@ def test_training_on_a_gathered_dataset_records_its_fingerprint(make_cfg, tmp_pa
 
 
 def test_training_a_text_model_on_a_gathered_dataset(make_cfg, tmp_path: Path) -> None:
-    from cycleml.training.train import train
+    from cycleml.training.train import build_datamodule, train
 
     words = ["great", "awful", "fine", "broken", "lovely", "slow"]
     rows = [
@@ -146,6 +146,9 @@ def test_training_a_text_model_on_a_gathered_dataset(make_cfg, tmp_path: Path) -
                     tmp_path / "ds", progress=False)  # fmt: skip
     cfg = make_cfg("train", "data=gathered", f"data.path={tmp_path / 'ds'}", "augment=none",
                    "model=textcnn", "debug=fdr", fast=False)  # fmt: skip
+    # the shipped tokenizer settings give the same ids every time the data is read
+    tokenizers = {build_datamodule(cfg).spec()["tokenizer_json"] for _ in range(2)}
+    assert len(tokenizers) == 1
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset_fingerprint"] == result.fingerprint
