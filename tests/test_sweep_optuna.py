@@ -304,6 +304,10 @@ def test_too_many_failures_stop_the_sweep_with_a_clear_error(toy, tmp_path):
     assert result.returncode != 0
     assert "2 of 4 trials failed, more than max_failure_rate=0.25" in result.stderr
     assert states(load_study(sweep_dir)) == [TrialState.FAIL, TrialState.FAIL]
+    # once the cause is fixed, the same sweep goes on: earlier failures stay recorded
+    # and count towards n_trials, but not again towards max_failure_rate
+    run_sweep(toy, sweep_dir, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_failure_rate=0.25")
+    assert states(load_study(sweep_dir)) == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
 
 
 @pytest.mark.slow

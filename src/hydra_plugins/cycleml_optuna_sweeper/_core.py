@@ -128,6 +128,9 @@ class OptunaSweep:
         requeue_interrupted(study, storage)
 
         done, failed = counts(study)
+        # failures of an earlier run stay in the study (and count towards n_trials), but
+        # only this run's count against max_failure_rate: rerunning after a fix goes on
+        failed_before = failed
         log.info(
             "study '%s' in %s: %d of %d trials done (%d failed)",
             self.study_name, describe_url(url), done, self.n_trials, failed,
@@ -143,11 +146,12 @@ class OptunaSweep:
                 self._record(study, trial, result)
             done, failed = counts(study)
             write_results(sweep_dir, study, self.metric)
-            if failed > self.max_failure_rate * self.n_trials:
+            if failed - failed_before > self.max_failure_rate * self.n_trials:
                 raise SweepAbortedError(
-                    f"{failed} of {self.n_trials} trials failed, more than "
+                    f"{failed - failed_before} of {self.n_trials} trials failed, more than "
                     f"max_failure_rate={self.max_failure_rate}; see the errors in "
-                    f"{sweep_dir / 'leaderboard.csv'} and each trial's log"
+                    f"{sweep_dir / 'leaderboard.csv'} and each trial's log. Once fixed, "
+                    "the same command continues the study"
                 )
         best = write_results(sweep_dir, study, self.metric)
         self._log_summary(study, sweep_dir, best)
