@@ -20,6 +20,7 @@ import tritonclient.http as triton
 from PIL import Image
 
 from cycleml.inference import Predictor, load_bundle
+from cycleml.serving import dispatch
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_CLASSES,
     IMAGE_SIZE,
@@ -379,7 +380,12 @@ def test_request_that_cannot_start_in_time_gets_504(slow_server: RunningServer) 
     assert _metric(text, "cycleml_rejected_total", model="slow", reason="deadline") >= 1
 
 
-def test_disconnected_client_has_its_queued_work_cancelled(slow_server: RunningServer) -> None:
+def test_disconnected_client_has_its_queued_work_cancelled(
+    slow_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # listen for the client from the start (the server does so after 50 ms of waiting,
+    # and on a fast machine this test's queue may drain sooner than that)
+    monkeypatch.setattr(dispatch, "WATCH_DISCONNECT_AFTER_S", 0.0)
     body, headers = _slow_request()
     request = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
                f"\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
