@@ -92,13 +92,17 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(slow_bundle: Path) -> 
                 pending = [asyncio.ensure_future(http.post("/v2/models/slow/infer",
                                                            content=body, headers=headers))
                            for _ in range(24)]
-                for _ in range(500):  # wait until the server holds a queue of them
+                # every request is one full batch: once queued + run + one running
+                # account for all 24, the server has received them all, and a queue waits
+                for _ in range(1000):
                     text = (await http.get("/metrics")).text
-                    depth = [line for line in text.splitlines()
-                             if line.startswith("cycleml_queue_depth{")]
-                    if depth and float(depth[0].rsplit(" ", 1)[1]) >= 4:
+                    queued = _value(text, "cycleml_queue_depth{")
+                    ran = _value(text, "cycleml_batch_size_count{")
+                    if queued >= 4 and queued + ran >= 23:
                         break
                     await asyncio.sleep(0.005)
+                else:
+                    raise TimeoutError("the server never held the requests")
                 process.send_signal(signal.SIGTERM)
                 return list(await asyncio.gather(*pending, return_exceptions=True))
 
@@ -112,6 +116,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(slow_bundle: Path) -> 
     assert "draining in-flight requests" in output
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/v2/health/live", timeout=2)
+
+
+def _value(metrics_text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
+               if line.startswith(prefix))
 
 
 def _image_requests(port: int, count: int = 8) -> list[bytes]:
