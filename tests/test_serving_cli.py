@@ -101,6 +101,7 @@ def test_version_policy_and_pins(tmp_path: Path, image_bundle: Path, image_bundl
     repository = ModelRepository(settings(_repository(tmp_path, image_bundle, image_bundle_v2),
                                           **overrides), ServingMetrics())
     try:
+        assert not repository.ready  # not before every model loaded and ran its warm-up
         repository.load_all()
         assert repository.versions("shapes") == served
         assert repository.get("shapes").version == served[-1]
