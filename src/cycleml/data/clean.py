@@ -111,9 +111,13 @@ class CleanSettings:
             unknown = set(spec) - _SCHEMA_KEYS
             if unknown:
                 raise ConfigError(f"schema.{column}: unknown key(s) {sorted(unknown)}")
-            if spec.get("type", "str") not in _TYPES:
+            kind = spec.get("type", "str")
+            if kind not in _TYPES:
+                raise ConfigError(f"schema.{column}.type={kind!r}; use one of {list(_TYPES)}")
+            bounds = [key for key in ("min", "max") if spec.get(key) is not None]
+            if bounds and kind not in ("int", "float"):
                 raise ConfigError(
-                    f"schema.{column}.type={spec['type']!r}; use one of {list(_TYPES)}"
+                    f"schema.{column}: bounds {bounds} need type int or float, not {kind}"
                 )
 
     def policy(self, check: str) -> str:
