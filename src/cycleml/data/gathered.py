@@ -37,7 +37,7 @@ def assign_splits(
     seed: int,
 ) -> list[str]:
     """A split per item: the given one, or a stratified seeded one for items without."""
-    splits = [s for s in given]
+    splits = list(given)
     free = np.flatnonzero([s is None for s in splits])
     if len(free):
         parts = split_indices(labels[free], val_fraction, test_fraction, seed=seed)
