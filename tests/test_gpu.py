@@ -19,8 +19,3 @@ def test_gpu_mixed_precision_training(make_cfg):
     metrics = train(cfg)
     assert metrics["train/loss"] > 0
     assert 0 <= metrics["test/acc"] <= 1
-
-
-def test_ddp_config_composes_for_all_gpus(make_cfg):
-    cfg = make_cfg("train", "trainer=ddp")
-    assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == -1

@@ -37,6 +37,18 @@ def test_timm_backbone_fast_dev_run(make_cfg):
     assert "test/acc" in train(cfg)
 
 
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [("cpu", ("cpu", 1, None)), ("gpu", ("gpu", 1, None)), ("ddp", ("gpu", -1, "ddp")),
+     ("ddp_sim", ("cpu", 2, "ddp"))],
+)  # fmt: skip
+def test_trainer_configs_compose(make_cfg, trainer, expected):
+    cfg = make_cfg("train", f"trainer={trainer}")
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.get("strategy")) == expected
+    if trainer in ("gpu", "ddp"):
+        assert cfg.trainer.precision == "bf16-mixed"
+
+
 def test_summary_records_run(make_cfg, tmp_path):
     metrics = train(make_cfg("train"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -204,3 +216,25 @@ def test_killed_training_resumes_with_ckpt_path_last(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 4 * 20  # 20 batches of 64 per epoch on digits
     assert summary["metrics"]["test/acc"] > 0.9
+
+
+@pytest.mark.slow
+def test_ddp_sim_trains_with_two_cpu_processes(tmp_path):
+    """trainer=ddp_sim: two real processes (gloo); one run folder, one summary, one run id."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "cycleml", "train", "trainer=ddp_sim", "logger=csv",
+         "trainer.max_epochs=2", "callbacks.progress_bar=null"],
+        cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (summary_path,) = (tmp_path / "logs" / "train" / "runs").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    # 1,259 training digits, 2 processes × batch 64 → 10 steps per epoch
+    assert summary["global_step"] == 2 * 10
+    info = json.loads((summary_path.parent / "run_info.json").read_text())
+    assert summary["run_id"] == info["run_id"]

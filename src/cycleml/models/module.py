@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
+from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassF1Score,
@@ -77,7 +77,6 @@ class ClassifierModule(L.LightningModule):
         self.metrics = nn.ModuleDict(
             {f"{s}_": classification_metrics(num_classes).clone(prefix=f"{s}/") for s in STAGES}
         )
-        self.losses = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -94,11 +93,17 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(
             logits, y, label_smoothing=self.hparams.label_smoothing if stage == "train" else 0.0
         )
-        self.losses[f"{stage}_"](loss)
         self.metrics[f"{stage}_"].update(logits.detach(), y)
-        on_step = stage == "train"
+        # a plain tensor, not a Metric: the progress bar (rank 0 only) must never trigger a
+        # cross-process sync; val/test losses are averaged over processes at epoch end
         self.log(
-            f"{stage}/loss", self.losses[f"{stage}_"], on_step=on_step, on_epoch=True, prog_bar=True
+            f"{stage}/loss",
+            loss.detach(),
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=stage != "train",
+            batch_size=len(y),
         )
         return loss
 
@@ -154,8 +159,9 @@ class ClassifierModule(L.LightningModule):
         params = inspect.signature(func).parameters
         steps = int(self.trainer.estimated_stepping_batches)
         length = steps if self.hparams.scheduler_interval == "step" else self.trainer.max_epochs
+        # a floor of 10 keeps every phase of a warm-up schedule non-empty on tiny runs
         return {
-            name: max(1, length)
+            name: max(10, length)
             for name in ("total_steps", "T_max")
             if name in params and given.get(name) is None
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import string
 from dataclasses import dataclass
@@ -66,6 +67,9 @@ def new_run_id() -> str:
 def start_run(output_dir: Path, resume: Resume) -> dict[str, Any]:
     """Write (or, when resuming, re-read) ``run_info.json`` and return it."""
     info = read_json(output_dir / RUN_INFO)
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and info.get("run_id"):
+        # a DDP worker started again by the launcher: rank 0 has written the run's ids
+        return info
     if resume.run_dir is not None and info.get("run_id"):
         log.info("resuming run %s in %s from %s", info["run_id"], output_dir, resume.ckpt_path)
         info["resumed_from"] = resume.ckpt_path

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
-import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
-from cycleml.training.run import (
-    finish_loggers,
-    flat_config,
-    instantiate_callbacks,
-    instantiate_loggers,
-    record_tracker_ids,
-    resolve_resume,
-    start_run,
-)
-from cycleml.training.summary import write_summary
+
+if TYPE_CHECKING:
+    import lightning as L
+
+# torch and Lightning are imported when a run starts, so that `--help`, `--cfg job` and
+# config errors answer at once
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +49,21 @@ def build_model(cfg: DictConfig, datamodule: Any, run_id: str) -> L.LightningMod
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns its final metrics (``train/…``, ``val/…``, ``test/…``)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from cycleml.training.run import (
+        finish_loggers,
+        flat_config,
+        instantiate_callbacks,
+        instantiate_loggers,
+        record_tracker_ids,
+        resolve_resume,
+        start_run,
+    )
+    from cycleml.training.summary import write_summary
+
     output_dir = Path(cfg.paths.output_dir)
     resume = resolve_resume(
         cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
