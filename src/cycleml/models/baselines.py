@@ -43,6 +43,7 @@ class SklearnBaseline:
         self.name = name
         self.estimator = estimator
         self.tfidf = _tfidf_kwargs(tfidf)
+        self.kind: str | None = None
         self.pipeline: Pipeline | None = None
 
     def _features(self, kind: str) -> list[Any]:

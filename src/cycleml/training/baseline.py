@@ -42,7 +42,9 @@ def split_inputs(datamodule: Any, split: str) -> tuple[list[str] | np.ndarray, n
     raise ConfigError(f"baselines handle text and image data, not {kind!r}")
 
 
-def score(predictions: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str) -> dict:
+def score(
+    predictions: np.ndarray, labels: np.ndarray, num_classes: int, prefix: str
+) -> dict[str, float]:
     """``<prefix>/acc``, ``/precision``, ``/recall``, ``/f1`` as the LightningModule logs them."""
     metrics = classification_metrics(num_classes).clone(prefix=f"{prefix}/")
     metrics.update(torch.from_numpy(predictions), torch.from_numpy(labels))
