@@ -327,6 +327,17 @@ def test_bad_settings_and_outputs_are_rejected(tmp_path: Path) -> None:
         clean(
             tmp_path / "d", tmp_path / "out", CleanSettings(schema={"rating": {}}, progress=False)
         )
+    (tmp_path / "out2").mkdir()  # an empty folder is a fine output
     clean(tmp_path / "d", tmp_path / "out2", CleanSettings(progress=False))
     with pytest.raises(ConfigError, match="overwrite=true"):
         clean(tmp_path / "d", tmp_path / "out2", CleanSettings(progress=False))
+    # overwriting replaces what clean wrote and leaves anything else in the folder alone
+    (tmp_path / "out2" / "notes.txt").write_text("mine")
+    (tmp_path / "out2" / "report.html").write_text("stale")
+    clean(tmp_path / "d", tmp_path / "out2", CleanSettings(progress=False), overwrite=True)
+    assert (tmp_path / "out2" / "notes.txt").read_text() == "mine"
+    assert "stale" not in (tmp_path / "out2" / "report.html").read_text()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a dataset directory"):
+        clean(tmp_path / "d", tmp_path / "mine", CleanSettings(progress=False), overwrite=True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 import unicodedata
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
@@ -41,15 +40,18 @@ import pandas as pd
 
 from cycleml.data.image_facts import ImageFacts, inspect_images, near_links
 from cycleml.data.manifest import (
+    DATASET_FILE,
+    FILES_DIR,
     MANIFEST_FILE,
     SPLIT_COLUMN,
     Dataset,
     place_file,
+    prepare_output,
     read_dataset,
     write_dataset,
 )
 from cycleml.data.parallel import map_in_chunks
-from cycleml.data.report import write_report
+from cycleml.data.report import REPORT_HTML, REPORT_JSON, write_report
 from cycleml.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -361,16 +363,9 @@ def clean(
     output = output.expanduser()
     if output.resolve() == dataset.root:
         raise ConfigError(f"output {output} is the input; clean writes a new dataset directory")
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"output {output} exists and is not empty; set overwrite=true or choose another"
-            )
-        if not (output / MANIFEST_FILE).is_file():
-            raise ConfigError(
-                f"output {output} is not a dataset directory; refusing to overwrite it"
-            )
-        shutil.rmtree(output)
+    written = (MANIFEST_FILE, DATASET_FILE, FILES_DIR, QUARANTINE_FILE, QUARANTINE_DIR,
+               ISSUES_FILE, REPORT_JSON, REPORT_HTML)  # fmt: skip
+    prepare_output(output, overwrite, written)
     issues = find_issues(dataset, settings)
     frame = dataset.manifest
     by_row: dict[int, list[Issue]] = defaultdict(list)
@@ -383,7 +378,6 @@ def clean(
     removed = sorted(r for r, a in action.items() if a != "keep")
     kept = frame.drop(index=frame.index[removed]).reset_index(drop=True)
 
-    output.mkdir(parents=True)
     if dataset.kind == "image":
         for relative in kept["path"]:
             place_file(dataset.root / relative, output / relative, settings.files)

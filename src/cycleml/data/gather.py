@@ -11,7 +11,6 @@ Files are hashed and copied (or linked) in parallel over chunks.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cycleml.data.manifest import (
     MANIFEST_FILE,
     SPLIT_COLUMN,
     place_file,
+    prepare_output,
     stored_name,
     write_dataset,
 )
@@ -105,23 +105,6 @@ def _store_files(chunk: list[tuple[str | None, np.ndarray | None, str, str]]) ->
     return hashes
 
 
-def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"output {output} exists and is not empty; choose another output or set overwrite=true"
-            )
-        if not (output / MANIFEST_FILE).is_file():
-            raise ConfigError(
-                f"output {output} is not a dataset directory ({MANIFEST_FILE} missing); "
-                "refusing to overwrite it"
-            )
-        for name in (MANIFEST_FILE, DATASET_FILE, REJECTED_FILE):
-            (output / name).unlink(missing_ok=True)
-        shutil.rmtree(output / FILES_DIR, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
-
-
 def gather(
     sources: Mapping[str, Mapping[str, Any]],
     output: str | Path,
@@ -172,7 +155,7 @@ def gather(
             )
     if not pending:
         raise DataError("the sources gave no items to gather")
-    _prepare_output(output, overwrite)
+    prepare_output(output, overwrite, (MANIFEST_FILE, DATASET_FILE, REJECTED_FILE, FILES_DIR))
     hashes = _store_items(pending, output, files, workers, progress)
     manifest = _manifest_frame(pending, hashes)
     source_info = {

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from cycleml.data.versioning import dataset_fingerprint
-from cycleml.errors import DataError
+from cycleml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,33 @@ def place_file(source: Path | bytes, target: Path, mode: str = "copy") -> None:
     else:
         raise ValueError(f"unknown file mode {mode!r}; expected one of {FILE_MODES}")
     os.replace(staging, target)
+
+
+def prepare_output(output: Path, overwrite: bool, written: Sequence[str]) -> None:
+    """Make ``output`` ready to receive a dataset directory.
+
+    An existing, non-empty ``output`` is replaced only with ``overwrite`` and only if it
+    is a dataset directory; then the files and folders named in ``written`` (what the
+    command writes) are removed, and anything else in it is left alone.
+    """
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"output {output} exists and is not empty; choose another output or set "
+                "overwrite=true"
+            )
+        if not (output / MANIFEST_FILE).is_file():
+            raise ConfigError(
+                f"output {output} is not a dataset directory ({MANIFEST_FILE} missing); "
+                "refusing to overwrite it"
+            )
+        for name in written:
+            target = output / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
 
 
 def has_splits(manifest: pd.DataFrame) -> bool:
