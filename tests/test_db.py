@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, UniqueConstraint, select, text
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    inspect,
+    select,
+    text,
+)
 
 from cycleml.db import chunked, insert_new_rows, open_database, safe_url, utc_now
 from cycleml.errors import ConfigError
 from test_predict_support import DATABASES, POSTGRES_URL
 
 
-def probe_table() -> Table:
+def probe_table(metadata: MetaData | None = None) -> Table:
     return Table(
         f"probe_{uuid.uuid4().hex[:8]}",
-        MetaData(),
+        metadata or MetaData(),
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("key", String(50), nullable=False),
         Column("value", Integer),
@@ -72,3 +83,43 @@ def test_helpers():
     assert safe_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
     assert [list(c) for c in chunked([1, 2, 3, 4, 5], 2)] == [[1, 2], [3, 4], [5]]
     assert utc_now().utcoffset().total_seconds() == 0
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_jobs_started_together_create_the_tables_once(tmp_path, database):
+    """Shards of one run, started at the same moment on a new database, race to create
+    the tables; every one of them must open the database."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if database == "sqlite" else POSTGRES_URL
+    tables = MetaData()
+    probe_table(tables), probe_table(tables)
+    barrier = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            open_database(url, create=list(tables.tables.values())).dispose()
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    engine = open_database(url)
+    try:
+        assert failures == []
+        assert set(tables.tables) <= set(inspect(engine).get_table_names())
+    finally:
+        tables.drop_all(engine)
+        engine.dispose()
+
+
+def test_tables_that_cannot_be_created_are_named(tmp_path):
+    path = tmp_path / "db.sqlite"
+    open_database(f"sqlite:///{path}").dispose()
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"
+    table = probe_table()
+    with pytest.raises(ConfigError, match=rf"cannot create the tables {table.name} in database"):
+        open_database(read_only, create=[table])

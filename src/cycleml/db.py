@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 metadata = MetaData()
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_CREATE_ATTEMPTS = 5
+_SQLITE_BUSY_MS = 30_000
 
 
 def open_database(url: str | URL, create: Sequence[Table] = ()) -> Engine:
@@ -46,12 +50,11 @@ def open_database(url: str | URL, create: Sequence[Table] = ()) -> Engine:
             f"db_url '{shown}': unsupported database '{parsed.get_backend_name()}'; "
             "use sqlite:///path.db or postgresql+psycopg://user@host:5432/db"
         )
-    options: dict[str, Any] = {"future": True}
+    options: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        options["connect_args"] = {"timeout": 30}
     else:
         options["pool_pre_ping"] = True
     try:
@@ -68,20 +71,57 @@ def open_database(url: str | URL, create: Sequence[Table] = ()) -> Engine:
             conn.execute(text("SELECT 1"))
     except exc.SQLAlchemyError as err:
         engine.dispose()
-        reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
-        raise ConfigError(f"cannot connect to database '{shown}': {reason}") from err
+        raise ConfigError(f"cannot connect to database '{shown}': {_reason(err)}") from err
     if create:
-        metadata.create_all(engine, tables=list(create))
+        _create_tables(engine, create, shown)
     return engine
+
+
+def _create_tables(engine: Engine, tables: Sequence[Table], shown: str) -> None:
+    """Create the missing ``tables``. Jobs started together on a new database (the
+    shards of one run) race to create them: one that loses finds them made by another
+    between its check and its CREATE, and fails; it then checks again."""
+    for attempt in range(1, _CREATE_ATTEMPTS + 1):
+        try:
+            metadata.create_all(engine, tables=list(tables))
+            return
+        except exc.SQLAlchemyError as err:
+            if attempt == _CREATE_ATTEMPTS:
+                engine.dispose()
+                names = ", ".join(table.name for table in tables)
+                raise ConfigError(
+                    f"cannot create the tables {names} in database '{shown}': {_reason(err)}"
+                ) from err
+            log.debug("creating tables, attempt %d: %s", attempt, err)
+
+
+def _reason(err: exc.SQLAlchemyError) -> str:
+    """The driver's own message, first line only (SQLAlchemy appends the statement)."""
+    return str(getattr(err, "orig", err)).strip().splitlines()[0]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _use_wal(cursor: Any) -> None:
+    """Switch the database to WAL. When several connections open a new file at the same
+    moment (shards started together), SQLite refuses all switches but one with "database
+    is locked" at once, without the busy wait; the others try again until it is done."""
+    deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def safe_url(url: str | URL) -> str:
