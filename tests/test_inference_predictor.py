@@ -115,6 +115,28 @@ def test_preprocess_image_accepts_bytes_arrays_and_pil(image_predictor):
     assert [r.label_id for r in results] == labels.tolist()
 
 
+def test_image_files_are_read_and_decoded(image_predictor, tmp_path):
+    images, _ = synthetic_images(2, seed=4)
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(image_predictor.preprocess_image(tmp_path / "a.png"), images[0])
+    with pytest.raises(DataError, match="cannot read image file: FileNotFoundError"):
+        image_predictor.preprocess_image(tmp_path / "missing.png")
+    with pytest.raises(DataError, match="cannot read image file: IsADirectoryError"):
+        image_predictor.preprocess_image(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty data"):
+        image_predictor.preprocess_image(tmp_path / "empty.png")
+
+
+def test_top_k_ranks_best_first_lower_id_on_ties():
+    probabilities = np.array([[0.2, 0.5, 0.3], [0.4, 0.2, 0.4]], dtype=np.float32)
+    ids, probs = Predictor.top_k(probabilities, 2)
+    assert ids.tolist() == [[1, 2], [0, 2]]
+    np.testing.assert_array_equal(probs, probabilities[[[0], [1]], ids])
+    assert Predictor.top_k(probabilities, 10)[0].shape == (2, 3)
+    assert Predictor.top_k(probabilities, 0)[0].tolist() == [[1], [0]]
+
+
 def test_undecodable_images_raise_data_error(image_predictor):
     with pytest.raises(DataError, match="cannot decode image"):
         image_predictor.preprocess_image(b"definitely not an image")

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cycleml.batch.runner import PredictSettings, predict_to_database
 from cycleml.batch.sources import InputSource, Shard
+from cycleml.batch.store import DUPLICATE_REASON
 from cycleml.errors import ConfigError, DataError
 from cycleml.inference import Predictor
 from test_export_support import (
@@ -174,14 +175,59 @@ def test_image_paths_from_a_table(tmp_path):
     (tmp_path / "pics").mkdir()
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / "pics" / f"{i}.png")
-    records = [{"image": f"pics/{i}.png"} for i in range(4)] + [{"image": "pics/missing.png"}]
+    records = [{"image": f"pics/{i}.png"} for i in range(3)]
+    records += [{"image": str(tmp_path / "pics" / "3.png")}]  # absolute paths stay as they are
+    records += [{"image": "pics/missing.png"}, {"image": " "}]
+    for number, record in enumerate(records, 1):
+        record["note"] = f"row {number}"  # a CSV line holding only blanks would be no row
     path = write_table(tmp_path / "images.csv", records)
     url = f"sqlite:///{tmp_path / 'p.db'}"
     summary = predict_to_database(cached_bundle("image"), path, url, SETTINGS)
-    assert (summary.written, summary.failed) == (4, 1)
+    assert (summary.written, summary.failed) == (4, 2)
     rows, errors = stored(url, "tiny-image")
     assert [rows[str(i + 1)]["label_id"] for i in range(4)] == labels.tolist()
-    assert "No such file" in errors["5"]
+    assert errors["5"].startswith("cannot read image file: FileNotFoundError")
+    assert "missing.png" in errors["5"]
+    assert errors["6"] == "empty image path"
+
+
+def test_folder_walk_skips_hidden_entries_and_links_to_folders(tmp_path):
+    root = tmp_path / "input"
+    (root / "b").mkdir(parents=True)
+    (root / ".cache").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    image = synthetic_images(1)[0][0]
+    for file in ("z.png", "b/a.PNG", ".cache/x.png", ".hidden.png"):
+        Image.fromarray(image).save(root / file, format="PNG")
+    Image.fromarray(image).save(tmp_path / "elsewhere" / "far.png")
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "notes.txt").write_text("not an image")
+    source = InputSource(root, "image")
+    items = list(source)
+    assert [(i.key, i.value) for i in items] == [
+        ("b/a.PNG", str(root / "b" / "a.PNG")),
+        ("z.png", str(root / "z.png")),
+    ]
+    assert source.ignored == 1  # notes.txt; hidden files are not counted
+
+
+def test_a_key_repeated_in_a_later_batch_is_a_duplicate_error(tmp_path):
+    """Whether or not the first copy is committed when the second is read, the second
+    is reported as a duplicate (not counted as skipped), and a rerun skips both."""
+    texts, _ = synthetic_texts(41, seed=54)
+    records = [{"id": f"k{i}", "text": t} for i, t in enumerate(texts[:40])]
+    records.append({"id": "k0", "text": texts[40]})
+    path = write_table(tmp_path / "texts.jsonl", records)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    settings = PredictSettings(
+        **{**SETTINGS.__dict__, "key_field": "id", "batch_size": 4, "prefetch": 1}
+    )
+    summary = predict_to_database(cached_bundle("text"), path, url, settings)
+    assert (summary.written, summary.failed, summary.skipped) == (40, 1, 0)
+    rows, errors = stored(url, "tiny-text")
+    assert len(rows) == 40 and errors == {"k0": DUPLICATE_REASON}
+    again = predict_to_database(cached_bundle("text"), path, url, settings)
+    assert (again.written, again.failed, again.skipped) == (0, 0, 41)
 
 
 def test_configuration_errors_are_named(tmp_path):

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -23,10 +22,12 @@ from cycleml.errors import DataError
 from cycleml.inference.preprocess import ImagePreprocessor
 
 DecodedSlice = tuple[np.ndarray, list[int], list[tuple[int, str]]]
+# an image file's path (text is cheaper to send to a worker than a Path) or its bytes
+ImageSource = str | bytes
 
 
 def decode_images(
-    preprocessor: ImagePreprocessor, values: Sequence[Path | bytes], offset: int = 0
+    preprocessor: ImagePreprocessor, values: Sequence[ImageSource], offset: int = 0
 ) -> DecodedSlice:
     """Decode ``values``: ``(stacked uint8 images, their positions, [(position, reason)])``
     with positions counted from ``offset``."""
@@ -35,7 +36,9 @@ def decode_images(
     failures: list[tuple[int, str]] = []
     for i, value in enumerate(values, start=offset):
         try:
-            arrays.append(preprocessor(value))
+            arrays.append(
+                preprocessor.decode_file(value) if isinstance(value, str) else preprocessor(value)
+            )
             positions.append(i)
         except DataError as err:
             failures.append((i, str(err)))
@@ -81,7 +84,7 @@ class ImageDecoder:
             # start every worker now (a fork pool launches them all on first use)
             self._pool.submit(int).result()
 
-    def __call__(self, values: Sequence[Path | bytes]) -> DecodedSlice:
+    def __call__(self, values: Sequence[ImageSource]) -> DecodedSlice:
         if self._pool is None or len(values) < 2:
             return decode_images(self.preprocessor, values)
         step = -(-len(values) // self.workers)

@@ -2,9 +2,9 @@
 
 Three stages run at once, joined by bounded queues so memory stays flat however
 large the input: a reader thread (read, shard, skip keys already predicted, decode
-on a thread pool), the main thread (ONNX Runtime on whole batches) and a writer
-thread (one transaction per batch). A bad input becomes an error row; only a
-failure of the database or the model itself stops the run.
+in worker processes), the main thread (ONNX Runtime on whole batches, nothing else)
+and a writer thread (top-k, then one transaction per batch). A bad input becomes an
+error row; only a failure of the database or the model itself stops the run.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from cycleml.batch.decode import ImageDecoder
 from cycleml.batch.sources import InputItem, InputSource, Shard
-from cycleml.batch.store import TABLES, PredictionRow, PredictionStore
+from cycleml.batch.store import DUPLICATE_REASON, TABLES, PredictionStore
 from cycleml.db import open_database, safe_url
 from cycleml.errors import ConfigError
 from cycleml.inference import ImagePreprocess, ModelBundle, Predictor, load_bundle
@@ -91,14 +91,15 @@ class PredictSummary:
 @dataclass(frozen=True)
 class _Prepared:
     keys: list[str]
-    inputs: np.ndarray | None
+    inputs: np.ndarray
     failures: list[tuple[str, str]]
     skipped: int
 
 
 @dataclass(frozen=True)
 class _Scored:
-    rows: list[PredictionRow]
+    keys: list[str]
+    probabilities: np.ndarray
     failures: list[tuple[str, str]]
     skipped: int
 
@@ -160,7 +161,7 @@ def _predict(
         session_config={} if settings.spin_wait else {SPINNING: "0"},
     )
     job_id = uuid.uuid4().hex
-    store = PredictionStore(engine, meta.name, meta.version, meta.run_id, job_id)
+    store = PredictionStore(engine, meta.name, meta.version, meta.run_id, job_id, meta.class_names)
     summary = PredictSummary(
         model_name=meta.name,
         model_version=meta.version,
@@ -235,7 +236,8 @@ def _run_pipeline(
                 if item is _DONE:
                     return
                 start = time.perf_counter()
-                result = store.write(item.rows, item.failures)
+                top_ids, top_probs = Predictor.top_k(item.probabilities, settings.top_k)
+                result = store.write(item.keys, top_ids, top_probs, item.failures)
                 timings["write_s"] += time.perf_counter() - start
                 summary.written += result.written
                 summary.failed += result.failed
@@ -267,16 +269,11 @@ def _run_pipeline(
                 break
             if stop.is_set():
                 continue
+            # this thread only runs the model; ranking and rows are the writer's work
             start = time.perf_counter()
-            rows: list[PredictionRow] = []
-            if batch.inputs is not None and len(batch.inputs):
-                probabilities = predictor.run(batch.inputs)
-                for key, p in zip(
-                    batch.keys, predictor.to_predictions(probabilities, settings.top_k), strict=True
-                ):
-                    rows.append(PredictionRow(key, p.label, p.label_id, p.confidence, p.top_k))
+            probabilities = predictor.run(batch.inputs)
             timings["model_s"] += time.perf_counter() - start
-            _put(scored, _Scored(rows, batch.failures, batch.skipped), stop)
+            _put(scored, _Scored(batch.keys, probabilities, batch.failures, batch.skipped), stop)
     except BaseException:
         stop.set()
         raise
@@ -301,22 +298,31 @@ def _prepare(
     store: PredictionStore,
     decoder: ImageDecoder | None,
 ) -> _Prepared:
-    """Skip keys already predicted, record unreadable inputs, decode the rest."""
+    """Skip keys an earlier run predicted, record unreadable inputs and keys this run
+    has already predicted (duplicates in the input), decode the rest."""
     done = store.predicted_keys([item.key for item in chunk])
-    todo = [item for item in chunk if item.key not in done]
-    failures = [(item.key, item.error) for item in todo if item.error is not None]
-    valid = [item for item in todo if item.error is None]
-    inputs: np.ndarray | None = None
-    if not valid:
-        keys: list[str] = []
-    elif decoder is not None:
-        inputs, positions, bad = decoder([item.value for item in valid])  # type: ignore[misc]
+    failures: list[tuple[str, str]] = []
+    valid: list[InputItem] = []
+    skipped = 0
+    for item in chunk:
+        job = done.get(item.key)
+        if job == store.job_id:
+            failures.append((item.key, DUPLICATE_REASON))
+        elif job is not None:
+            skipped += 1
+        elif item.error is not None:
+            failures.append((item.key, item.error))
+        else:
+            valid.append(item)
+    values = [item.value for item in valid]
+    if decoder is not None:
+        inputs, positions, bad = decoder(values)  # type: ignore[arg-type]
         keys = [valid[i].key for i in positions]
         failures += [(valid[i].key, reason) for i, reason in bad]
     else:
         keys = [item.key for item in valid]
-        inputs = predictor.preprocess_texts([str(item.value) for item in valid])
-    return _Prepared(keys, inputs, failures, skipped=len(chunk) - len(todo))
+        inputs = predictor.preprocess_texts(values)  # type: ignore[arg-type]
+    return _Prepared(keys, inputs, failures, skipped)
 
 
 def _chunks(items: Iterator[InputItem], size: int) -> Iterator[list[InputItem]]:

@@ -30,11 +30,11 @@ _CHUNK_ROWS = 4096
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input: its key (stable across runs), and a file path or a text; or the
-    reason it cannot be read (it then goes to the errors table)."""
+    """One input: its key (stable across runs) and its value (the text, or the image
+    file's path); or the reason it cannot be read (it then goes to the errors table)."""
 
     key: str
-    value: Path | str | None
+    value: str | None
     error: str | None = None
 
 
@@ -67,8 +67,9 @@ class Shard:
 class InputSource:
     """The inputs at ``path`` for a model of ``kind`` (``image`` or ``text``).
 
-    * a folder: every image file below it (sorted, recursive); key = relative path;
-      other files are counted in :attr:`ignored` and reported;
+    * a folder: every image file below it (sorted, recursive; links to folders are
+      not followed); key = relative path; other files are counted in
+      :attr:`ignored` and reported;
     * a table: one row per input; the value is the ``text_field`` column (text
       models) or the ``image_field`` column, a path relative to the table (image
       models); key = the ``key_field`` column, else the 1-based row number.
@@ -123,17 +124,28 @@ class InputSource:
     # -- image folder ------------------------------------------------------------------
     def _folder(self) -> Iterator[InputItem]:
         self.ignored = 0
-        for directory, subdirs, files in os.walk(self.path):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            base = Path(directory)
-            for name in sorted(files):
-                file = base / name
-                if file.suffix.lower() not in IMAGE_SUFFIXES:
-                    if not name.startswith("."):
-                        self.ignored += 1
-                        log.debug("not an image file, ignored: %s", file)
-                    continue
-                yield InputItem(file.relative_to(self.path).as_posix(), file)
+        yield from self._walk(str(self.path), "")
+
+    def _walk(self, directory: str, prefix: str) -> Iterator[InputItem]:
+        """Image files below ``directory`` in sorted order; keys are '/'-joined relative
+        paths (built as strings: this runs once per input)."""
+        try:
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as err:
+            raise DataError(f"cannot list the input folder '{directory}': {err}") from err
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path, f"{prefix}{entry.name}/")
+            elif entry.is_dir():
+                log.debug("link to a folder, not followed: %s", entry.path)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                yield InputItem(prefix + entry.name, entry.path)
+            else:
+                self.ignored += 1
+                log.debug("not an image file, ignored: %s", entry.path)
 
     # -- tables ------------------------------------------------------------------------
     def _table(self) -> Iterator[InputItem]:
@@ -156,13 +168,11 @@ class InputSource:
         value = row.get(self.value_field)
         if value is None or (isinstance(value, float) and value != value):  # None / NaN
             return InputItem(key, None, f"missing {self.kind} column '{self.value_field}'")
-        if self.kind == "image":
-            image = Path(str(value))
-            return InputItem(key, image if image.is_absolute() else self.path.parent / image)
-        if not isinstance(value, str):
-            value = str(value)
+        value = str(value)
         if not value.strip():
-            return InputItem(key, None, "empty text")
+            return InputItem(key, None, f"empty {'text' if self.kind == 'text' else 'image path'}")
+        if self.kind == "image":
+            return InputItem(key, str(self.path.parent / value))  # absolute paths stay as they are
         return InputItem(key, value)
 
     def _columns(self, available: list[str]) -> list[str]:

@@ -3,7 +3,9 @@
 Both tables are unique on ``(model_name, model_version, input_key)``: a rerun after
 an interruption skips keys already predicted by that bundle version, and no key is
 ever written twice. After a completed run every input key of a shard is in exactly
-one of the two tables (a failure that succeeds on a rerun leaves the errors table).
+one of the two tables (a failure that succeeds on a rerun leaves the errors table),
+except a key that the input holds more than once: its first input is predicted, the
+others are recorded as duplicate errors.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from sqlalchemy import (
     JSON,
     Column,
@@ -26,7 +30,6 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
-    func,
     select,
 )
 from sqlalchemy.engine import Connection
@@ -36,7 +39,9 @@ from cycleml.db import chunked, insert_new_rows, metadata, utc_now
 log = logging.getLogger(__name__)
 
 _KEY_QUERY_SIZE = 500
-DUPLICATE_REASON = "duplicate input key: already predicted by this model version"
+DUPLICATE_REASON = (
+    "duplicate input key: another input with this key is already predicted by this model version"
+)
 
 predictions = Table(
     "batch_predictions",
@@ -75,54 +80,59 @@ TABLES = (predictions, prediction_errors)
 
 
 @dataclass(frozen=True)
-class PredictionRow:
-    key: str
-    label: str
-    label_id: int
-    confidence: float
-    top_k: list[tuple[str, float]]
-
-
-@dataclass(frozen=True)
 class WriteResult:
     written: int
     failed: int
-    duplicates: list[str]
 
 
 class PredictionStore:
-    """The batch tables, scoped to one bundle (``model_name``, ``model_version``)."""
+    """The batch tables, scoped to one bundle (``model_name``, ``model_version``) and
+    one ``cycleml predict`` invocation (``job_id``)."""
 
     def __init__(
-        self, engine: Engine, model_name: str, model_version: str, run_id: str | None, job_id: str
+        self,
+        engine: Engine,
+        model_name: str,
+        model_version: str,
+        run_id: str | None,
+        job_id: str,
+        class_names: Sequence[str],
     ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.model_version = model_version
         self.run_id = run_id
         self.job_id = job_id
+        self.class_names = list(class_names)
 
     def _scope(self, table: Table) -> list:
         return [table.c.model_name == self.model_name, table.c.model_version == self.model_version]
 
-    def predicted_keys(self, keys: Sequence[str]) -> set[str]:
-        """Those of ``keys`` that already have a prediction from this bundle version."""
+    def predicted_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Those of ``keys`` that already have a prediction from this bundle version,
+        with the job that wrote it."""
         with self.engine.connect() as conn:
             return self._predicted(conn, keys)
 
-    def _predicted(self, conn: Connection, keys: Sequence[str]) -> set[str]:
-        found: set[str] = set()
+    def _predicted(self, conn: Connection, keys: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
         for part in chunked(list(keys), _KEY_QUERY_SIZE):
-            query = select(predictions.c.input_key).where(
+            query = select(predictions.c.input_key, predictions.c.job_id).where(
                 and_(*self._scope(predictions), predictions.c.input_key.in_(part))
             )
-            found.update(conn.execute(query).scalars())
+            found.update(conn.execute(query).all())
         return found
 
     def write(
-        self, rows: Sequence[PredictionRow], failures: Sequence[tuple[str, str]]
+        self,
+        keys: Sequence[str],
+        top_ids: np.ndarray,
+        top_probs: np.ndarray,
+        failures: Sequence[tuple[str, str]],
     ) -> WriteResult:
-        """Write one batch in one transaction: predictions, then errors.
+        """Write one batch in one transaction: a prediction per key (``top_ids`` and
+        ``top_probs``: ``(N, k)`` classes and probabilities, best first), then the
+        ``failures`` as ``(key, reason)``.
 
         A prediction whose key is already stored (the same key twice in the input)
         is not written again; it is recorded as an error instead, so nothing is
@@ -131,25 +141,36 @@ class PredictionStore:
         now = utc_now()
         failures = list(failures)
         with self.engine.begin() as conn:
-            present = self._predicted(conn, [row.key for row in rows])
-            fresh: list[PredictionRow] = []
-            duplicates: list[str] = []
-            for row in rows:
-                if row.key in present:
-                    duplicates.append(row.key)
-                else:
-                    present.add(row.key)
-                    fresh.append(row)
-            failures += [(key, DUPLICATE_REASON) for key in duplicates]
-            inserted = insert_new_rows(
-                conn, predictions, [self._prediction(row, now) for row in fresh]
-            )
-            if 0 <= inserted < len(fresh):
+            present = set(self._predicted(conn, keys))
+            rows: list[dict[str, Any]] = []
+            names = self.class_names
+            shared = {
+                "model_name": self.model_name,
+                "model_version": self.model_version,
+                "run_id": self.run_id,
+                "job_id": self.job_id,
+                "created_at": now,
+            }
+            for key, ids, probs in zip(keys, top_ids.tolist(), top_probs.tolist(), strict=True):
+                if key in present:
+                    failures.append((key, DUPLICATE_REASON))
+                    continue
+                present.add(key)
+                rows.append({
+                    **shared,
+                    "input_key": key,
+                    "label": names[ids[0]],
+                    "label_id": ids[0],
+                    "confidence": probs[0],
+                    "top_k": [[names[i], p] for i, p in zip(ids, probs, strict=True)],
+                })  # fmt: skip
+            inserted = insert_new_rows(conn, predictions, rows)
+            if 0 <= inserted < len(rows):
                 log.warning(
                     "%d of %d predictions were already stored by a concurrent run of %s %s",
-                    len(fresh) - inserted, len(fresh), self.model_name, self.model_version,
+                    len(rows) - inserted, len(rows), self.model_name, self.model_version,
                 )  # fmt: skip
-            cleared = [row.key for row in fresh] + [key for key, _ in failures]
+            cleared = [row["input_key"] for row in rows] + [key for key, _ in failures]
             for part in chunked(cleared, _KEY_QUERY_SIZE):
                 conn.execute(
                     delete(prediction_errors).where(
@@ -164,36 +185,9 @@ class PredictionStore:
                 prediction_errors,
                 [self._error(key, reason, now) for key, reason in failures],
             )
-        return WriteResult(written=len(fresh), failed=len(failures), duplicates=duplicates)
+        return WriteResult(written=len(rows), failed=len(failures))
 
-    def count(self) -> tuple[int, int]:
-        """(predictions, errors) stored for this bundle version."""
-        with self.engine.connect() as conn:
-            done = conn.execute(
-                select(func.count()).select_from(predictions).where(and_(*self._scope(predictions)))
-            ).scalar_one()
-            failed = conn.execute(
-                select(func.count())
-                .select_from(prediction_errors)
-                .where(and_(*self._scope(prediction_errors)))
-            ).scalar_one()
-        return int(done), int(failed)
-
-    def _prediction(self, row: PredictionRow, now: dt.datetime) -> dict:
-        return {
-            "model_name": self.model_name,
-            "model_version": self.model_version,
-            "input_key": row.key,
-            "label": row.label,
-            "label_id": row.label_id,
-            "confidence": row.confidence,
-            "top_k": [[label, prob] for label, prob in row.top_k],
-            "run_id": self.run_id,
-            "job_id": self.job_id,
-            "created_at": now,
-        }
-
-    def _error(self, key: str, reason: str, now: dt.datetime) -> dict:
+    def _error(self, key: str, reason: str, now: dt.datetime) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
             "model_version": self.model_version,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -47,7 +48,7 @@ class Predictor:
 
     def __init__(
         self,
-        bundle: ModelBundle | str,
+        bundle: ModelBundle | str | Path,
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 1,
@@ -157,9 +158,7 @@ class Predictor:
 
     def to_predictions(self, probabilities: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """Labels, confidences and the ``top_k`` classes of each row of probabilities."""
-        k = max(1, min(int(top_k), probabilities.shape[1]))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-        top_probs = np.take_along_axis(probabilities, order, axis=1).tolist()
+        top_ids, top_probs = self.top_k(probabilities, top_k)
         names = self.class_names
         return [
             Prediction(
@@ -169,5 +168,15 @@ class Predictor:
                 top_k=[(names[i], p) for i, p in zip(ids, probs, strict=True)],
                 probabilities=row,
             )
-            for ids, probs, row in zip(order.tolist(), top_probs, probabilities, strict=True)
+            for ids, probs, row in zip(
+                top_ids.tolist(), top_probs.tolist(), probabilities, strict=True
+            )
         ]
+
+    @staticmethod
+    def top_k(probabilities: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Class ids ``(N, k)`` of each row's ``k`` highest probabilities, best first (ties:
+        the lower id first), and those probabilities; ``k`` is capped to the classes."""
+        k = max(1, min(int(k), probabilities.shape[1]))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(probabilities, order, axis=1)
