@@ -43,6 +43,14 @@ def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfi
     return cfg
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tiny models gain nothing from a second thread, and lose much on a busy CPU."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """``make_cfg("train", "model=resnet18", ...)`` → a fast CPU config writing under tmp_path."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,13 @@ class ClassifierModule(L.LightningModule):
         params = inspect.signature(func).parameters
         steps = int(self.trainer.estimated_stepping_batches)
         length = steps if self.hparams.scheduler_interval == "step" else self.trainer.max_epochs
-        # a floor of 10 keeps every phase of a warm-up schedule non-empty on tiny runs
+        # tiny runs: a floor keeps every phase of a warm-up schedule (OneCycle) non-empty
+        floor = 10
+        pct = given.get("pct_start", getattr(params.get("pct_start"), "default", None))
+        if isinstance(pct, (int, float)) and pct > 0:
+            floor = max(floor, math.ceil(2 / pct))
         return {
-            name: max(10, length)
+            name: max(floor, length)
             for name in ("total_steps", "T_max")
             if name in params and given.get(name) is None
         }
