@@ -181,3 +181,21 @@ def test_serving_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, None)])
+def test_runtime_threads_do_not_spin_unless_asked(image_bundle: Path, spin_wait: bool,
+                                                  allowed: str | None) -> None:
+    repository = ModelRepository(settings(image_bundle, runtime={"spin_wait": spin_wait}),
+                                 ServingMetrics())
+    try:
+        repository.load_all()
+        options = repository.get("shapes").predictors[0].session.get_session_options()
+        entry = "session.intra_op.allow_spinning"
+        if allowed is None:  # left to ONNX Runtime's default
+            with pytest.raises(Exception, match=entry):
+                options.get_session_config_entry(entry)
+        else:
+            assert options.get_session_config_entry(entry) == allowed
+    finally:
+        repository.close()

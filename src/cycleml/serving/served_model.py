@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
@@ -28,14 +27,8 @@ WARMUP_RUNS = 3
 # Between runs, ONNX Runtime's worker threads spin waiting for the next one. In a server
 # that burns the cores the HTTP front end needs (measured on two cores: 1.1 ms of CPU
 # per batch-1 run of a small CNN with spinning, 0.3 ms without), so serving turns it off
-# unless runtime.spin_wait is set. Older predictors take no session config entries.
-_ACCEPTS_SESSION_CONFIG = "session_config" in inspect.signature(Predictor).parameters
-
-
-def _session_config(spin_wait: bool) -> dict[str, Any]:
-    if spin_wait or not _ACCEPTS_SESSION_CONFIG:
-        return {}
-    return {"session_config": {"session.intra_op.allow_spinning": "0"}}
+# unless runtime.spin_wait is set.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
 
 
 class QueueFull(Exception):
@@ -61,7 +54,7 @@ class ServedModel:
                 intra_op_threads=runtime.intra_op_threads,
                 inter_op_threads=runtime.inter_op_threads,
                 warmup=False,
-                **_session_config(runtime.spin_wait),
+                session_config=None if runtime.spin_wait else NO_SPINNING,
             )
             for _ in range(runtime.instances)
         ]
