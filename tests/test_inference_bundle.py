@@ -136,7 +136,10 @@ def test_missing_or_broken_model_files(tmp_path):
     path = copy_bundle("image", tmp_path / "c")
     data = (path / "model.onnx").read_bytes()
     (path / "model.onnx").write_bytes(data[: len(data) // 2])
-    with pytest.raises(BundleError, match="not a valid ONNX model"):
+    with pytest.raises(BundleError, match="not a valid ONNX model: a length-delimited field"):
+        load_bundle(path)
+    (path / "model.onnx").write_bytes(b"")
+    with pytest.raises(BundleError, match="not a valid ONNX model: the file is empty"):
         load_bundle(path)
     path = copy_bundle("image", tmp_path / "d")
     (path / "model.int8.onnx").unlink()

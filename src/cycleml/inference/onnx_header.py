@@ -3,11 +3,13 @@
 The inference side installs ONNX Runtime but not ``onnx``; validating a bundle only
 needs a few fields of the ``ModelProto`` message, so they are decoded here straight
 from the protobuf wire format (field numbers from ``onnx/onnx.proto``). Large parts
-of the file, such as weights, are skipped by length and never copied.
+of the file, such as weights, are skipped by length and never read.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +67,25 @@ class OnnxHeader:
 
 
 def read_onnx_header(path: str | Path) -> OnnxHeader:
-    """Decode opsets and the graph's (non-initializer) inputs and outputs of ``path``."""
-    data = memoryview(Path(path).read_bytes())
+    """Decode opsets and the graph's (non-initializer) inputs and outputs of ``path``.
+
+    The file is mapped, not read: only the pages holding the fields walked over are
+    loaded, so a large model costs no more memory to check than a small one.
+    """
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise OnnxFormatError("the file is empty")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            try:
+                return _parse_model(memoryview(mapped))
+            except (OnnxFormatError, UnicodeDecodeError) as err:
+                # raised again below, once this error's traceback (which holds views
+                # of the mapping) is gone and the mapping can close
+                problem = str(err)
+    raise OnnxFormatError(problem)
+
+
+def _parse_model(data: memoryview) -> OnnxHeader:
     opsets: dict[str, int] = {}
     graph: memoryview | None = None
     for field, value in _fields(data):
