@@ -10,11 +10,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from PIL import Image
 
+from conftest import FAST_TRAIN, compose_config
 from cycleml.batch.runner import PredictSettings, predict_to_database
-from cycleml.errors import ConfigError
-from cycleml.export import ExportSettings
+from cycleml.errors import BundleError, ConfigError
+from cycleml.export import ExportSettings, checkpoint
 from cycleml.export.checkpoint import export_checkpoint, next_version
 from cycleml.inference import Predictor, load_bundle
 from cycleml.training.train import train
@@ -31,22 +34,33 @@ def _script(name: str):
     return module
 
 
-@pytest.fixture
-def image_run(make_cfg, tmp_path) -> Path:
-    train(make_cfg("train", "trainer.limit_train_batches=5"))
-    return tmp_path / "run"
+def train_in(folder: Path, *overrides: str) -> Path:
+    """A fast `cycleml train` run under ``folder``; returns its run folder."""
+    try:
+        train(compose_config("train", [*FAST_TRAIN, *overrides], folder))
+    finally:  # leave no Hydra state behind for the next test
+        HydraConfig.instance().cfg = None
+        GlobalHydra.instance().clear()
+    return folder / "run"
 
 
-@pytest.fixture
-def text_run(make_cfg, tmp_path) -> tuple[Path, list[dict]]:
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    """One image training run for this module's tests, which only read it."""
+    return train_in(tmp_path_factory.mktemp("image-run"), "trainer.limit_train_batches=5")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("text-run")
     demo = _script("make_demo_text")
     reviews = demo.make_reviews(rows=400, seed=1)
-    data = demo.write_table(reviews, tmp_path / "reviews.csv")
-    train(make_cfg(
-        "train", "experiment=text_sentiment", "model=embedding_bag", f"data.path={data}",
+    data = demo.write_table(reviews, folder / "reviews.csv")
+    run = train_in(
+        folder, "experiment=text_sentiment", "model=embedding_bag", f"data.path={data}",
         "data.tokenizer.vocab_size=500", "data.tokenizer.min_frequency=1",
-    ))  # fmt: skip
-    return tmp_path / "run", reviews
+    )  # fmt: skip
+    return run, reviews
 
 
 @pytest.mark.parametrize("database", DATABASES)
@@ -84,6 +98,22 @@ def test_image_run_to_bundle_to_rows(image_run, tmp_path, database):
 
     # the next export of the same model becomes version 2
     assert next_version(bundles / name) == "2"
+
+
+def test_an_existing_bundle_folder_is_refused_before_the_data_is_rebuilt(
+    image_run, tmp_path, monkeypatch
+):
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("the validation data was rebuilt")
+
+    monkeypatch.setattr(checkpoint, "validation_split", no_rebuild)
+    with pytest.raises(BundleError, match="already exists and is not empty"):
+        export_checkpoint(image_run, out_dir=target)
+    assert (target / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("database", DATABASES)

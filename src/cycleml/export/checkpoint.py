@@ -11,7 +11,7 @@ import hydra
 import numpy as np
 
 from cycleml.errors import ConfigError
-from cycleml.export.exporter import ExportSettings, export_bundle
+from cycleml.export.exporter import ExportSettings, check_target, export_bundle
 from cycleml.inference.bundle import ModelBundle
 from cycleml.inference.preprocess import TextPreprocessor
 
@@ -36,6 +36,7 @@ def export_checkpoint(
     from cycleml.models.module import ClassifierModule
     from cycleml.training.evaluate import resolve_checkpoint
 
+    settings = settings or ExportSettings()
     ckpt = resolve_checkpoint(str(ckpt_path))
     module = ClassifierModule.from_checkpoint(ckpt)
     spec: dict[str, Any] = dict(module.hparams.get("data_spec") or {})
@@ -43,11 +44,12 @@ def export_checkpoint(
     data_config = spec.get("data_config")
     if not data_config or not class_names:
         raise ConfigError(f"checkpoint '{ckpt}' lacks data_spec.data_config or class_names")
-    inputs, labels = validation_split(data_config, spec)
-    summary = _run_summary(ckpt)
     name = name or _data_name(data_config)
     version = version or next_version(Path(bundles_dir) / name)
     target = Path(out_dir) if out_dir else Path(bundles_dir) / name / version
+    check_target(target, settings.overwrite)  # before the validation data is rebuilt
+    inputs, labels = validation_split(data_config, spec)
+    summary = _run_summary(ckpt)
     metrics = {k: v for k, v in (summary.get("metrics") or {}).items() if _is_number(v)}
     return export_bundle(
         module.net,

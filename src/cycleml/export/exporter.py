@@ -76,8 +76,11 @@ class ExportSettings:
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"export.quantize={self.quantize!r}: expected null or int8")
-        if self.tolerance <= 0 or self.parity_samples < 1 or self.batch_size < 1:
-            raise ConfigError("export.tolerance, parity_samples and batch_size must be positive")
+        if min(self.tolerance, self.parity_samples, self.calibration_samples, self.batch_size) <= 0:
+            raise ConfigError(
+                "export.tolerance, parity_samples, calibration_samples and batch_size must be "
+                "positive"
+            )
 
 
 def export_bundle(
@@ -107,11 +110,7 @@ def export_bundle(
     if kind not in INPUT_NAMES:
         raise ConfigError(f"data_spec kind={kind!r}: expected 'image' or 'text'")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not settings.overwrite:
-        raise BundleError(
-            f"bundle folder '{out}' already exists and is not empty; choose another "
-            "export.out_dir or set export.overwrite=true"
-        )
+    check_target(out, settings.overwrite)
     input_spec, preprocess = _input_spec(kind, data_spec)
     _check_validation_data(val_inputs, val_labels, input_spec, len(class_names))
 
@@ -137,6 +136,15 @@ def export_bundle(
     return load_bundle(out)
 
 
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty bundle folder unless ``overwrite``."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise BundleError(
+            f"bundle folder '{out_dir}' already exists and is not empty; choose another "
+            "export.out_dir or set export.overwrite=true"
+        )
+
+
 def _build(
     module: nn.Module,
     kind: str,
@@ -159,11 +167,13 @@ def _build(
     example = torch.from_numpy(np.ascontiguousarray(val_inputs[: min(2, len(val_inputs))]))
     export_onnx(module, example, model_path, input_spec.name, settings.opset)
 
-    # Parity on (up to) parity_samples validation samples.
+    # ONNX Runtime on the whole validation split: parity on the first parity_samples,
+    # accuracy and reference statistics on all of it
+    probabilities = onnx_probabilities(model_path, input_spec.name, val_inputs, settings.batch_size)
     sample = val_inputs[: settings.parity_samples]
     parity = compare_probabilities(
         torch_probabilities(module, sample, settings.batch_size),
-        onnx_probabilities(model_path, input_spec.name, sample, settings.batch_size),
+        probabilities[: len(sample)],
         settings.tolerance,
     )
     log.info(
@@ -178,7 +188,6 @@ def _build(
             "(required 100%)"
         )
 
-    probabilities = onnx_probabilities(model_path, input_spec.name, val_inputs, settings.batch_size)
     fp32_accuracy = accuracy(probabilities, val_labels)
     variants = _variants(
         kind, model_path, input_spec.name, fp32_accuracy, val_inputs, val_labels, settings
