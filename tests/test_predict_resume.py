@@ -34,6 +34,32 @@ def count(url: str, model_name: str = "tiny-text") -> int:
         engine.dispose()
 
 
+def kill_midway(command: list[str], url: str, model_name: str, rows: int) -> list[int]:
+    """Start ``command`` and SIGKILL it once it has written ``rows`` predictions; returns
+    the ids of the processes it had started (from /proc, where there is one)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while count(url, model_name) < rows:
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no rows were written in time"
+        time.sleep(0.02)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    return workers
+
+
+def rerun(command: list[str]) -> None:
+    """Run ``command`` again to the end, in larger batches (the batch size does not
+    change which keys a rerun skips)."""
+    command = [a if not a.startswith("batch_size=") else "batch_size=256" for a in command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 @pytest.mark.parametrize("database", DATABASES)
 def test_sigkill_midway_then_rerun_gives_one_row_per_input(tmp_path, database):
@@ -48,21 +74,11 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_input(tmp_path, database):
         f"input={path}", f"db_url={url}", "key_field=id", "batch_size=4", "prefetch=1",
         "progress=false", "runtime.intra_op_threads=1", f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while count(url) < 200:
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no rows were written in time"
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    kill_midway(command, url, "tiny-text", 200)
     partial = count(url)
     assert 200 <= partial < ROWS, "the run finished before it could be killed"
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun(command)
     summary = json.loads((tmp_path / "run" / "predict_summary.json").read_text())
     assert summary["skipped"] == partial
     assert summary["written"] == ROWS - partial and summary["failed"] == 0
@@ -92,18 +108,8 @@ def test_image_run_killed_midway_leaves_no_workers_and_resumes(tmp_path):
         f"input={folder}", f"db_url={url}", "batch_size=4", "prefetch=1", "decode_workers=2",
         "progress=false", "runtime.intra_op_threads=1", f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while count(url, "tiny-image") < 40:
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no rows were written in time"
-        time.sleep(0.02)
-    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-    workers = [int(p) for p in children_file.read_text().split()]
+    workers = kill_midway(command, url, "tiny-image", 40)
     assert len(workers) == 2, "expected two decoding processes"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    process.stderr.close()
     partial = count(url, "tiny-image")
     assert 40 <= partial < 1500
     deadline = time.monotonic() + 10
@@ -111,7 +117,6 @@ def test_image_run_killed_midway_leaves_no_workers_and_resumes(tmp_path):
         time.sleep(0.1)
     assert not any(alive(pid) for pid in workers), "decoding workers outlived the run"
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun(command)
     rows, errors = stored(url, "tiny-image")
     assert set(rows) == {f"{i:04d}.png" for i in range(1500)} and errors == {}
