@@ -170,6 +170,19 @@ def test_duplicate_keys_are_reported_not_dropped(tmp_path):
     assert errors["same"].startswith("duplicate input key")
 
 
+def test_a_failed_copy_of_a_duplicated_key_stays_recorded(tmp_path):
+    texts, _ = synthetic_texts(2, seed=55)
+    records = [{"id": "x", "text": " "}, {"id": "y", "text": texts[0]}]
+    records.append({"id": "x", "text": texts[1]})
+    path = write_table(tmp_path / "texts.jsonl", records)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    settings = PredictSettings(**{**SETTINGS.__dict__, "key_field": "id", "batch_size": 1})
+    summary = predict_to_database(cached_bundle("text"), path, url, settings)
+    assert (summary.written, summary.failed) == (2, 1)
+    rows, errors = stored(url, "tiny-text")
+    assert set(rows) == {"x", "y"} and errors == {"x": "empty text"}
+
+
 def test_image_paths_from_a_table(tmp_path):
     images, labels = synthetic_images(4, seed=53)
     (tmp_path / "pics").mkdir()

@@ -4,8 +4,8 @@ Both tables are unique on ``(model_name, model_version, input_key)``: a rerun af
 an interruption skips keys already predicted by that bundle version, and no key is
 ever written twice. After a completed run every input key of a shard is in exactly
 one of the two tables (a failure that succeeds on a rerun leaves the errors table),
-except a key that the input holds more than once: its first input is predicted, the
-others are recorded as duplicate errors.
+except a key that the input holds more than once: one copy is predicted, and the
+error of each other copy (a duplicate, or why it failed) is kept as well.
 """
 
 from __future__ import annotations
@@ -136,7 +136,8 @@ class PredictionStore:
 
         A prediction whose key is already stored (the same key twice in the input)
         is not written again; it is recorded as an error instead, so nothing is
-        dropped silently. Keys that succeed clear any error row of an earlier run.
+        dropped silently. Keys that succeed or fail replace any error row of an
+        earlier run.
         """
         now = utc_now()
         failures = list(failures)
@@ -170,12 +171,15 @@ class PredictionStore:
                     "%d of %d predictions were already stored by a concurrent run of %s %s",
                     len(rows) - inserted, len(rows), self.model_name, self.model_version,
                 )  # fmt: skip
+            # what earlier runs recorded about these keys gives way to this run's outcome;
+            # an error of this run stays (another copy of a duplicated key failed)
             cleared = [row["input_key"] for row in rows] + [key for key, _ in failures]
             for part in chunked(cleared, _KEY_QUERY_SIZE):
                 conn.execute(
                     delete(prediction_errors).where(
                         and_(
                             *self._scope(prediction_errors),
+                            prediction_errors.c.job_id != self.job_id,
                             prediction_errors.c.input_key.in_(part),
                         )
                     )
