@@ -128,6 +128,28 @@ def test_inconsistent_meta(tmp_path):
         load_bundle(path)
 
 
+@pytest.mark.parametrize(
+    ("entry", "value", "message"),
+    [
+        ("input", {"name": "pixels", "dtype": "uint8", "shape": [-1, "12", 10, 3]},
+         r"input shape must be a list of integers, got \[-1, '12', 10, 3\]"),
+        ("preprocess", {"image_size": 12, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3},
+         "preprocess image_size must be \\[H, W\\], got 12"),
+        ("preprocess", {"image_size": [12, 10], "channels": 3, "mean": None, "std": [0.5] * 3},
+         "preprocess channels must be an integer, mean and std lists"),
+        ("variants", ["int8"], "'variants' has the wrong type \\(list\\)"),
+        ("metrics", [1.0], "'metrics' has the wrong type \\(list\\)"),
+        ("model_file", "../model.onnx",
+         "model_file must name a file in the bundle folder, got '../model.onnx'"),
+    ],
+)  # fmt: skip
+def test_malformed_entries_are_named(tmp_path, entry, value, message):
+    path = copy_bundle("image", tmp_path / "b")
+    rewrite_meta(path, **{entry: value})
+    with pytest.raises(BundleError, match=message):
+        load_bundle(path)
+
+
 def test_missing_or_broken_model_files(tmp_path):
     path = copy_bundle("image", tmp_path / "b")
     (path / "model.onnx").unlink()

@@ -116,7 +116,9 @@ class BundleMeta:
             preprocess: ImagePreprocess | TextPreprocess = (
                 ImagePreprocess(**pre) if kind == "image" else TextPreprocess(**pre)
             )
-            variants = {str(k): Variant(**v) for k, v in (data.get("variants") or {}).items()}
+            variants = {
+                str(k): Variant(**v) for k, v in _get(data, "variants", dict, where, {}).items()
+            }
             meta = cls(
                 format_version=int(version),
                 kind=kind,
@@ -127,15 +129,15 @@ class BundleMeta:
                 output=TensorSpec(**_get(data, "output", dict, where)),
                 preprocess=preprocess,
                 opset=_get(data, "opset", int, where),
-                model_file=data.get("model_file", MODEL_FILE),
+                model_file=_get(data, "model_file", str, where, MODEL_FILE),
                 run_id=data.get("run_id"),
                 fingerprint=data.get("fingerprint"),
                 created_at=data.get("created_at", ""),
-                metrics=dict(data.get("metrics") or {}),
-                verification=dict(data.get("verification") or {}),
+                metrics=_get(data, "metrics", dict, where, {}),
+                verification=_get(data, "verification", dict, where, {}),
                 variants=variants,
-                reference=dict(data.get("reference") or {}),
-                source=dict(data.get("source") or {}),
+                reference=_get(data, "reference", dict, where, {}),
+                source=_get(data, "source", dict, where, {}),
             )
         except TypeError as err:  # unknown or missing keys in a nested object
             raise BundleError(f"{where}: malformed entry: {err}") from err
@@ -143,7 +145,11 @@ class BundleMeta:
         return meta
 
     def check_consistency(self, where: str = META_FILE) -> None:
-        """Check that input spec, output spec, preprocessing and classes agree."""
+        """Check the types of the nested entries, then that input spec, output spec,
+        preprocessing and classes agree."""
+        problems = self._type_problems()
+        if problems:
+            raise BundleError(f"{where}: " + "; ".join(problems))
         expected_dtype = INPUT_DTYPES[self.kind]
         spec = self.input
         if spec.dtype != expected_dtype:
@@ -177,6 +183,34 @@ class BundleMeta:
         unknown = sorted(set(self.variants) - set(PRECISIONS[1:]))
         if unknown:
             raise BundleError(f"{where}: unknown precision variant(s) {unknown}")
+
+    def _type_problems(self) -> list[str]:
+        problems = []
+        for role, spec in (("input", self.input), ("output", self.output)):
+            if not (isinstance(spec.name, str) and isinstance(spec.dtype, str)):
+                problems.append(f"{role} name and dtype must be strings")
+            if not _integers(spec.shape):
+                problems.append(f"{role} shape must be a list of integers, got {spec.shape!r}")
+        pre = self.preprocess
+        if isinstance(pre, ImagePreprocess):
+            if not (_integers(pre.image_size) and len(pre.image_size) == 2):
+                problems.append(f"preprocess image_size must be [H, W], got {pre.image_size!r}")
+            if not (_integers([pre.channels]) and _numbers(pre.mean) and _numbers(pre.std)):
+                problems.append("preprocess channels must be an integer, mean and std lists")
+        elif not (_file_name(pre.tokenizer_file) and _integers([pre.max_length, pre.pad_id])):
+            problems.append(
+                "preprocess needs a tokenizer_file in the bundle folder and integer "
+                "max_length and pad_id"
+            )
+        files = {"model_file": self.model_file}
+        files.update({f"variants.{p}.file": v.file for p, v in self.variants.items()})
+        for key, file in files.items():
+            if not _file_name(file):
+                problems.append(f"{key} must name a file in the bundle folder, got {file!r}")
+        for precision, variant in self.variants.items():
+            if not _numbers([variant.accuracy, variant.accuracy_drop]):
+                problems.append(f"variants.{precision} accuracy and accuracy_drop must be numbers")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -281,10 +315,40 @@ def _check_tensor(model_path: Path, role: str, found: tuple, spec: TensorSpec) -
         )
 
 
-def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+_REQUIRED = object()
+
+
+def _get(
+    data: dict[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    default: Any = _REQUIRED,
+) -> Any:
+    """``data[key]`` checked to be a ``kind``; a missing key is an error unless there is a
+    ``default`` (null counts as missing for optional keys)."""
+    if data.get(key) is None and default is not _REQUIRED:
+        return default
     if key not in data:
         raise BundleError(f"{where}: missing required key '{key}'")
     value = data[key]
     if not isinstance(value, kind) or isinstance(value, bool):
         raise BundleError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
     return value
+
+
+def _integers(values: Any) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    )
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    )
+
+
+def _file_name(value: Any) -> bool:
+    """A plain file name (no folder part), so a bundle never points outside itself."""
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
