@@ -66,13 +66,28 @@ class AugmentedImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch at once: one seed, one normalisation, one tensor (no collate).
+
+        The pipeline is seeded from (seed, epoch, batch indices), so a batch is the same
+        whatever the number of loader workers.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
         if self._cache is not None:
             return self._cache[index], self.labels[index]
-        self.transform.set_random_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-        image = self.transform(image=self.images[index])["image"]
-        if image.ndim == 2:
-            image = image[..., None]
-        return self._normalise(image), self.labels[index]
+        self.transform.set_random_seed(hash((self.seed, self.epoch, *indices)) & 0x7FFFFFFF)
+        batch = np.stack([self.transform(image=self.images[i])["image"] for i in indices])
+        if batch.ndim == 3:  # OpenCV drops a single channel
+            batch = batch[..., None]
+        return self._normalise(batch), self.labels[index]
+
+
+def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collate step of datasets that build whole batches themselves."""
+    return batch
 
 
 class _EpochSeeder(L.Callback):
@@ -195,6 +210,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            collate_fn=_batch_as_is,
         )
 
     def train_dataloader(self) -> DataLoader:
