@@ -35,13 +35,17 @@ print(f"resnet18 32x32 batch 256 {precision}: {steps * 256 / dt:,.0f} images/s, 
 PY
 cycleml train trainer=gpu trainer.max_epochs=3 logger=csv callbacks.progress_bar=null \
   paths.log_dir="$out/logs" 2>&1 | tail -n 12 | tee "$out/cycleml_train.txt"
-if python -c "import cycleml.export" 2>/dev/null; then
-  ckpt=$(ls -td "$out"/logs/train/runs/*/ | head -n 1)checkpoints/best.ckpt
-  cycleml export ckpt_path="$ckpt" export.out_dir="$out/bundle" 2>&1 | tail -n 5 | tee "$out/export.txt"
-fi
-if [ -f benchmarks/inference.py ]; then
-  timeout 240 python benchmarks/inference.py --quick 2>&1 | tail -n 30 | tee "$out/inference.txt" || true
-fi
-if [ -f benchmarks/serving.py ]; then
-  timeout 240 python benchmarks/serving.py --quick 2>&1 | tail -n 30 | tee "$out/serving.txt" || true
-fi
+run=$(ls -td "$out"/logs/train/runs/*/ | head -n 1)
+cycleml export ckpt_path="$run" export.out_dir="$out/bundle" export.fp16=true 2>&1 \
+  | tail -n 5 | tee "$out/export.txt"
+python - "$out/bundle" <<'PY' 2>&1 | tee "$out/inference.txt"
+import sys, time, numpy as np, onnxruntime as ort
+from cycleml.inference import Predictor, load_bundle
+print("ONNX Runtime providers:", ort.get_available_providers())
+p = Predictor(load_bundle(sys.argv[1]))
+x = np.random.default_rng(0).integers(0, 256, (256, *p.input_shape[1:]), dtype=np.uint8)
+p.run(x); t = time.perf_counter(); n = 20
+for _ in range(n): p.run(x)
+print(f"bundle inference, batch 256: {n * 256 / (time.perf_counter() - t):,.0f} images/s")
+PY
+timeout 240 python benchmarks/serving.py --quick 2>&1 | tail -n 30 | tee "$out/serving.txt" || true
