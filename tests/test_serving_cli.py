@@ -31,9 +31,15 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
 
 
 def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("serve", f"path={tmp_path}", "port=9001", "runtime.instances=3",
-                   "batching.max_queue_delay_ms=0.5", "limits.overload_status=503",
-                   "+pinned_versions={digits: 4}")
+    cfg = make_cfg(
+        "serve",
+        f"path={tmp_path}",
+        "port=9001",
+        "runtime.instances=3",
+        "batching.max_queue_delay_ms=0.5",
+        "limits.overload_status=503",
+        "+pinned_versions={digits: 4}",
+    )
     serve = settings_from_config(cfg)
     assert serve.port == 9001 and serve.runtime.instances == 3
     assert serve.batching.max_queue_delay_ms == 0.5
@@ -52,8 +58,7 @@ def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
         ("runtime.instances=0", "runtime.instances must be >= 1"),
     ],
 )
-def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str,
-                                   message: str) -> None:
+def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         settings_from_config(make_cfg("serve", f"path={tmp_path}", override))
 
@@ -73,9 +78,17 @@ def test_missing_path_and_missing_keys(make_cfg, tmp_path: Path) -> None:
 
 def test_cli_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "cycleml.serving.cli", f"path={tmp_path / 'missing'}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "cycleml.serving.cli",
+            f"path={tmp_path / 'missing'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
@@ -96,10 +109,13 @@ def _repository(tmp_path: Path, v1: Path, v2: Path) -> Path:
         ({"pinned_versions": {"shapes": "2"}}, ["2"]),
     ],
 )
-def test_version_policy_and_pins(tmp_path: Path, image_bundle: Path, image_bundle_v2: Path,
-                                 overrides: dict, served: list[str]) -> None:
-    repository = ModelRepository(settings(_repository(tmp_path, image_bundle, image_bundle_v2),
-                                          **overrides), ServingMetrics())
+def test_version_policy_and_pins(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path, overrides: dict, served: list[str]
+) -> None:
+    repository = ModelRepository(
+        settings(_repository(tmp_path, image_bundle, image_bundle_v2), **overrides),
+        ServingMetrics(),
+    )
     try:
         assert not repository.ready  # not before every model loaded and ran its warm-up
         repository.load_all()
@@ -108,6 +124,20 @@ def test_version_policy_and_pins(tmp_path: Path, image_bundle: Path, image_bundl
         assert repository.ready
         with pytest.raises(ModelNotFound, match="has no version '7' loaded"):
             repository.get("shapes", "7")
+    finally:
+        repository.close()
+
+
+def test_a_model_folder_of_versions_serves_as_one_model(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    """`serve path=bundles/shapes` (what `cycleml export` writes) serves that model."""
+    model_dir = _repository(tmp_path, image_bundle, image_bundle_v2) / "shapes"
+    repository = ModelRepository(settings(model_dir), ServingMetrics())
+    try:
+        repository.load_all()
+        assert repository.versions("shapes") == ["10"]
+        assert [(m["name"], m["version"]) for m in repository.index()] == [("shapes", "10")]
     finally:
         repository.close()
 
@@ -134,6 +164,7 @@ def test_broken_version_is_reported_and_watch_waits_for_a_settled_folder(
         assert repository.versions("shapes") == ["1"]
         repository.poll()  # unchanged since the last poll: load it
         assert repository.versions("shapes") == ["2"]
+
         def load_errors() -> int:
             return caplog.text.count("cannot load model other")
 
@@ -150,8 +181,9 @@ def test_broken_version_is_reported_and_watch_waits_for_a_settled_folder(
         repository.close()
 
 
-def test_several_worker_processes_share_the_port_and_metrics(tmp_path: Path,
-                                                            image_bundle: Path) -> None:
+def test_several_worker_processes_share_the_port_and_metrics(
+    tmp_path: Path, image_bundle: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     pixels = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
@@ -159,8 +191,14 @@ def test_several_worker_processes_share_the_port_and_metrics(tmp_path: Path,
     with server_process(image_bundle, port, "workers=2", "access_log=false") as process:
         wait_ready(url)
         with httpx.Client(base_url=url) as http:
-            statuses = [http.post("/v2/models/shapes/infer", content=body, headers=headers,
-                                  ).status_code for _ in range(20)]
+            statuses = [
+                http.post(
+                    "/v2/models/shapes/infer",
+                    content=body,
+                    headers=headers,
+                ).status_code
+                for _ in range(20)
+            ]
             # new connections land on either worker; the metrics add up over both
             for _ in range(20):
                 with httpx.Client(base_url=url) as fresh:
@@ -169,25 +207,33 @@ def test_several_worker_processes_share_the_port_and_metrics(tmp_path: Path,
         process.terminate()
         process.wait(timeout=60)
     assert statuses == [200] * 20
-    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                if line.startswith("cycleml_requests_total{") and 'status="200"' in line)
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cycleml_requests_total{") and 'status="200"' in line
+    )
     assert total == 40, json.dumps(text[:2000])
 
 
 def test_serving_never_imports_torch() -> None:
-    code = ("import sys, cycleml.serving.cli, cycleml.serving.loadgen; "
-            "bad = sorted(m for m in ('torch', 'lightning', 'onnx') if m in sys.modules); "
-            "print(bad); sys.exit(1 if bad else 0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys, cycleml.serving.cli, cycleml.serving.loadgen; "
+        "bad = sorted(m for m in ('torch', 'lightning', 'onnx') if m in sys.modules); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, None)])
-def test_runtime_threads_do_not_spin_unless_asked(image_bundle: Path, spin_wait: bool,
-                                                  allowed: str | None) -> None:
-    repository = ModelRepository(settings(image_bundle, runtime={"spin_wait": spin_wait}),
-                                 ServingMetrics())
+def test_runtime_threads_do_not_spin_unless_asked(
+    image_bundle: Path, spin_wait: bool, allowed: str | None
+) -> None:
+    repository = ModelRepository(
+        settings(image_bundle, runtime={"spin_wait": spin_wait}), ServingMetrics()
+    )
     try:
         repository.load_all()
         options = repository.get("shapes").predictors[0].session.get_session_options()

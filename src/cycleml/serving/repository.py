@@ -87,23 +87,33 @@ class ModelRepository:
         """Model name -> versions found on disk, oldest first."""
         if self.single_bundle:
             bundle = load_bundle(self.root)
-            found = VersionOnDisk(bundle.meta.name, bundle.meta.version, self.root,
-                                  _signature(self.root))
+            found = VersionOnDisk(
+                bundle.meta.name, bundle.meta.version, self.root, _signature(self.root)
+            )
             return {bundle.meta.name: [found]}
         models: dict[str, list[VersionOnDisk]] = {}
         if not self.root.is_dir():
             raise CycleMLError(f"model repository '{self.root}' is not a directory")
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            if model_dir.name.startswith("."):
-                continue
-            versions = [
-                VersionOnDisk(model_dir.name, v.name, v, _signature(v))
-                for v in model_dir.iterdir()
-                if v.is_dir() and (v / BUNDLE_FILE).is_file()
-            ]
+        # one model's folder (<path>/<version>/bundle.json) serves as a one-model repository
+        if self._versions_in(self.root):
+            model_dirs = [self.root]
+        else:
+            model_dirs = sorted(
+                p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            )
+        for model_dir in model_dirs:
+            versions = self._versions_in(model_dir)
             if versions:
                 models[model_dir.name] = sorted(versions, key=lambda v: version_order(v.version))
         return models
+
+    @staticmethod
+    def _versions_in(model_dir: Path) -> list[VersionOnDisk]:
+        return [
+            VersionOnDisk(model_dir.name, v.name, v, _signature(v))
+            for v in model_dir.iterdir()
+            if v.is_dir() and (v / BUNDLE_FILE).is_file()
+        ]
 
     def wanted(self, name: str, versions: list[VersionOnDisk]) -> list[VersionOnDisk]:
         """The versions of a model to serve, by pin or by version policy."""
@@ -191,27 +201,41 @@ class ModelRepository:
             for model in retired:
                 self._retire(model)
             if fresh:
-                log.info("model %s now serves version(s) %s (default %s)", name,
-                         ", ".join(sorted(table, key=version_order)), self._default.get(name))
+                log.info(
+                    "model %s now serves version(s) %s (default %s)",
+                    name,
+                    ", ".join(sorted(table, key=version_order)),
+                    self._default.get(name),
+                )
 
     def _load_version(self, found: VersionOnDisk) -> ServedModel | None:
         started = time.perf_counter()
         key = (found.model, found.version)
         try:
             bundle = load_bundle(found.path)
-            model = ServedModel(found.model, bundle, self.settings, self.metrics,
-                                version=found.version)
+            model = ServedModel(
+                found.model, bundle, self.settings, self.metrics, version=found.version
+            )
             model.warm_up()
         except Exception as err:  # a broken bundle must not take the server down
             self._failures[found.model] = f"version {found.version}: {err}"
             self._failed[key] = found.signature
-            log.error("cannot load model %s version %s from %s: %s", found.model,
-                      found.version, found.path, err)
+            log.error(
+                "cannot load model %s version %s from %s: %s",
+                found.model,
+                found.version,
+                found.path,
+                err,
+            )
             return None
         self._failures.pop(found.model, None)
         self._failed.pop(key, None)
-        log.info("loaded model %s version %s in %.2f s", found.model, found.version,
-                 time.perf_counter() - started)
+        log.info(
+            "loaded model %s version %s in %.2f s",
+            found.model,
+            found.version,
+            time.perf_counter() - started,
+        )
         return model
 
     def _retire(self, model: ServedModel) -> None:
@@ -224,8 +248,9 @@ class ModelRepository:
             model.stop(timeout=self.settings.limits.drain_timeout_s)
             log.info("retired model %s version %s", model.name, model.version)
 
-        threading.Thread(target=drain, name=f"retire-{model.name}-{model.version}",
-                         daemon=True).start()
+        threading.Thread(
+            target=drain, name=f"retire-{model.name}-{model.version}", daemon=True
+        ).start()
 
     # -- routing ---------------------------------------------------------------------------
     @contextmanager
@@ -302,9 +327,12 @@ class ModelRepository:
             wanted = self.wanted(name, versions)
             served = set(self.versions(name))
             changed = [
-                v for v in wanted
-                if (v.version not in served
-                    or self._signatures.get((name, v.version)) != v.signature)
+                v
+                for v in wanted
+                if (
+                    v.version not in served
+                    or self._signatures.get((name, v.version)) != v.signature
+                )
                 and self._failed.get((name, v.version)) != v.signature
             ]
             stale = served - {v.version for v in wanted}
