@@ -51,10 +51,23 @@ def export_resnet18(out: Path) -> Path:
     net = torchvision.models.resnet18(num_classes=10).eval()
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
-    spec = {"kind": "image", "image_size": [32, 32], "channels": 3,
-            "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    export_bundle(net, spec, [str(i) for i in range(10)], out, val_inputs=pixels,
-                  val_labels=rng.integers(0, 10, 32), name="resnet18", version="1")
+    spec = {
+        "kind": "image",
+        "image_size": [32, 32],
+        "channels": 3,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    export_bundle(
+        net,
+        spec,
+        [str(i) for i in range(10)],
+        out,
+        val_inputs=pixels,
+        val_labels=rng.integers(0, 10, 32),
+        name="resnet18",
+        version="1",
+    )
     return out
 
 
@@ -68,10 +81,17 @@ def export_digits_cnn(out: Path) -> Path:
     net = SmallCNN(in_channels=1, num_classes=10, width=32).eval()
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (32, 16, 16, 1), dtype=np.uint8)
-    spec = {"kind": "image", "image_size": [16, 16], "channels": 1, "mean": [0.5],
-            "std": [0.5]}
-    export_bundle(net, spec, [str(i) for i in range(10)], out, val_inputs=pixels,
-                  val_labels=rng.integers(0, 10, 32), name="digits", version="1")
+    spec = {"kind": "image", "image_size": [16, 16], "channels": 1, "mean": [0.5], "std": [0.5]}
+    export_bundle(
+        net,
+        spec,
+        [str(i) for i in range(10)],
+        out,
+        val_inputs=pixels,
+        val_labels=rng.integers(0, 10, 32),
+        name="digits",
+        version="1",
+    )
     return out
 
 
@@ -94,8 +114,9 @@ def _rows_per_s(predictors: list[Predictor], size: int, seconds: float) -> float
                 counts[index] += size
 
         start = time.perf_counter()
-        threads = [threading.Thread(target=loop, args=(i, counts, stop))
-                   for i in range(len(predictors))]
+        threads = [
+            threading.Thread(target=loop, args=(i, counts, stop)) for i in range(len(predictors))
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -104,8 +125,9 @@ def _rows_per_s(predictors: list[Predictor], size: int, seconds: float) -> float
     return best
 
 
-def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
-               ) -> tuple[dict[str, float], float]:
+def in_process(
+    bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
+) -> tuple[dict[str, float], float]:
     """Rows/s of ONNX Runtime alone at each batch size, as one session with its default
     threads and as one single-threaded session per core running side by side; and the
     median latency (ms) of one batch-1 call of the default session."""
@@ -116,7 +138,8 @@ def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
     for size in batch_sizes:
         rates[f"1 session, batch {size}"] = _rows_per_s([default], size, seconds)
         rates[f"{len(per_core)} sessions x 1 thread, batch {size}"] = _rows_per_s(
-            per_core, size, seconds)
+            per_core, size, seconds
+        )
     one = np.zeros((1, *default.input_shape[1:]), dtype=np.uint8)
     times = []
     for _ in range(300):
@@ -127,7 +150,7 @@ def in_process(bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
 
 
 # -- servers ---------------------------------------------------------------------------------
-NAIVE_SERVER = '''
+NAIVE_SERVER = """
 import sys, json, numpy as np, uvicorn
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
@@ -157,7 +180,7 @@ async def infer(request: Request, name: str):
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
             access_log=False)
-'''
+"""
 
 
 def free_port() -> int:
@@ -199,8 +222,16 @@ def running(command: list[str], port: int, workdir: Path) -> Iterator[subprocess
 
 
 def serve_command(bundle: Path, port: int, workdir: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "cycleml.serving.cli", f"path={bundle}", f"port={port}",
-            "reload.watch=false", f"hydra.run.dir={workdir / f'serve-{port}'}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "cycleml.serving.cli",
+        f"path={bundle}",
+        f"port={port}",
+        "reload.watch=false",
+        f"hydra.run.dir={workdir / f'serve-{port}'}",
+        *overrides,
+    ]
 
 
 def histogram_totals(port: int, name: str) -> tuple[float, float]:
@@ -219,23 +250,48 @@ def _mean(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 # -- requests --------------------------------------------------------------------------------
 def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
-    header = json.dumps({
-        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
-                    "parameters": {"binary_data_size": pixels.nbytes}}],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }).encode()
-    return build_request(HOST, port, "POST", f"/v2/models/{model}/infer",
-                         header + pixels.tobytes(),
-                         {"Inference-Header-Content-Length": str(len(header)),
-                          "Content-Type": "application/octet-stream"})
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return build_request(
+        HOST,
+        port,
+        "POST",
+        f"/v2/models/{model}/infer",
+        header + pixels.tobytes(),
+        {
+            "Inference-Header-Content-Length": str(len(header)),
+            "Content-Type": "application/octet-stream",
+        },
+    )
 
 
 def json_request(port: int, model: str, pixels: np.ndarray) -> bytes:
-    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8",
-                                   "shape": list(pixels.shape),
-                                   "data": pixels.reshape(-1).tolist()}]}).encode()
-    return build_request(HOST, port, "POST", f"/v2/models/{model}/infer", body,
-                         {"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "data": pixels.reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
+    return build_request(
+        HOST, port, "POST", f"/v2/models/{model}/infer", body, {"Content-Type": "application/json"}
+    )
 
 
 def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
@@ -243,8 +299,9 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
     return [rng.integers(0, 256, (1, *shape), dtype=np.uint8) for _ in range(count)]
 
 
-def measure_closed(port: int, requests: list[bytes], concurrency: int, seconds: float,
-                   with_batches: bool) -> dict[str, float]:
+def measure_closed(
+    port: int, requests: list[bytes], concurrency: int, seconds: float, with_batches: bool
+) -> dict[str, float]:
     run(closed_loop(HOST, port, requests, concurrency, min(seconds, 1.0)))  # warm
     names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
     before = [histogram_totals(port, name) for name in names]
@@ -257,8 +314,7 @@ def measure_closed(port: int, requests: list[bytes], concurrency: int, seconds: 
     return row
 
 
-def measure_open(port: int, requests: list[bytes], rate: float, seconds: float
-                 ) -> dict[str, float]:
+def measure_open(port: int, requests: list[bytes], rate: float, seconds: float) -> dict[str, float]:
     before = histogram_totals(port, "cycleml_batch_size")
     results = run(open_loop(HOST, port, requests, rate, seconds, seed=int(rate)))
     row = summarize(results)
@@ -273,14 +329,18 @@ def _load() -> str:
 
 def show(label: str, row: dict[str, float]) -> None:
     batch = f"  batch {row['mean_batch']:5.1f}" if "mean_batch" in row else ""
-    print(f"  {label:<28} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
-          f"p99 {row['p99_ms']:7.2f} ms{batch}  rejected {row.get('rejected', 0)}  "
-          f"errors {row['errors']}", flush=True)
+    print(
+        f"  {label:<28} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:7.2f} ms  "
+        f"p99 {row['p99_ms']:7.2f} ms{batch}  rejected {row.get('rejected', 0)}  "
+        f"errors {row['errors']}",
+        flush=True,
+    )
 
 
 # -- one model -------------------------------------------------------------------------------
-def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
-                serve_overrides: list[str]) -> dict[str, float]:
+def bench_model(
+    name: str, bundle: Path, workdir: Path, seconds: float, serve_overrides: list[str]
+) -> dict[str, float]:
     meta = load_bundle(bundle).meta
     shape = tuple(meta.input.shape[1:])
     print(f"\n== {name}: input {list(shape)} uint8; load average {_load()} ==", flush=True)
@@ -289,8 +349,10 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
     limit = rates[best]
     for label, rate in rates.items():
         print(f"  in-process {label:<32} {rate:8.0f} rows/s")
-    print(f"  in-process limit {limit:.0f} rows/s ({best}); "
-          f"one batch-1 call {one_call_ms:.3f} ms", flush=True)
+    print(
+        f"  in-process limit {limit:.0f} rows/s ({best}); one batch-1 call {one_call_ms:.3f} ms",
+        flush=True,
+    )
     pixels = samples(shape)
 
     naive = {}
@@ -323,8 +385,11 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
     again, _ = in_process(bundle, (int(best.rsplit(" ", 1)[1]),), seconds / 2)
-    print(f"  in-process limit again after the servers: {max(again.values()):.0f} rows/s; "
-          f"load average {_load()}", flush=True)
+    print(
+        f"  in-process limit again after the servers: {max(again.values()):.0f} rows/s; "
+        f"load average {_load()}",
+        flush=True,
+    )
     limit = max(limit, *again.values())
     naive_best = max(row["rps"] for row in naive.values())
     figures = {
@@ -334,27 +399,37 @@ def bench_model(name: str, bundle: Path, workdir: Path, seconds: float,
         "serve_vs_naive": saturation / naive_best,
         "p50_c1_minus_one_call_ms": served[1]["p50_ms"] - one_call_ms,
     }
-    print(f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
-          f"the in-process limit; JSON {json_row['rps']:.0f} req/s = "
-          f"{figures['json_vs_limit']:.2f}x; {figures['serve_vs_naive']:.2f}x the naive "
-          f"server ({naive_best:.0f} req/s)")
-    print(f"  concurrency 1: p50 {served[1]['p50_ms']:.3f} ms vs one in-process call "
-          f"{one_call_ms:.3f} ms (+{figures['p50_c1_minus_one_call_ms']:.3f} ms); inside the "
-          f"server the runtime took {served[1]['inference_ms']:.3f} ms per call (its threads "
-          "idle between requests), so serving itself added "
-          f"{served[1]['p50_ms'] - served[1]['inference_ms']:.3f} ms", flush=True)
+    print(
+        f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
+        f"the in-process limit; JSON {json_row['rps']:.0f} req/s = "
+        f"{figures['json_vs_limit']:.2f}x; {figures['serve_vs_naive']:.2f}x the naive "
+        f"server ({naive_best:.0f} req/s)"
+    )
+    print(
+        f"  concurrency 1: p50 {served[1]['p50_ms']:.3f} ms vs one in-process call "
+        f"{one_call_ms:.3f} ms (+{figures['p50_c1_minus_one_call_ms']:.3f} ms); inside the "
+        f"server the runtime took {served[1]['inference_ms']:.3f} ms per call (its threads "
+        "idle between requests), so serving itself added "
+        f"{served[1]['p50_ms'] - served[1]['inference_ms']:.3f} ms",
+        flush=True,
+    )
     return figures
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1.5 s per point instead of 4 s")
-    parser.add_argument("--models", default="resnet18,digits",
-                        help="comma-separated: resnet18, digits")
-    parser.add_argument("--serve", default="batching.max_batch_size=64 access_log=false",
-                        help="overrides for cycleml serve (default: its shipped config, "
-                        "batches up to the in-process best size, no access log)")
+    parser.add_argument(
+        "--models", default="resnet18,digits", help="comma-separated: resnet18, digits"
+    )
+    parser.add_argument(
+        "--serve",
+        default="batching.max_batch_size=64 access_log=false",
+        help="overrides for cycleml serve (default: its shipped config, "
+        "batches up to the in-process best size, no access log)",
+    )
     args = parser.parse_args()
     seconds = 1.5 if args.quick else 4.0
     print(f"machine: {os.cpu_count()} cores; {seconds} s per measurement", flush=True)

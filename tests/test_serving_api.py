@@ -38,8 +38,12 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory, image_bundle: Path,
-               image_bundle_v2: Path, text_bundle: Path) -> Path:
+def repository(
+    tmp_path_factory: pytest.TempPathFactory,
+    image_bundle: Path,
+    image_bundle_v2: Path,
+    text_bundle: Path,
+) -> Path:
     root = tmp_path_factory.mktemp("repository")
     copy_version(image_bundle, root, "shapes", "1")
     copy_version(image_bundle_v2, root, "shapes", "2")
@@ -85,15 +89,19 @@ def test_health_metadata_and_readiness(client: httpx.Client) -> None:
     assert server["name"] == "cycleml" and "binary_tensor_data" in server["extensions"]
     meta = client.get("/v2/models/shapes").json()
     assert meta["versions"] == ["1", "2"]
-    assert meta["inputs"] == [{"name": "pixels", "datatype": "UINT8",
-                               "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}]
+    assert meta["inputs"] == [
+        {"name": "pixels", "datatype": "UINT8", "shape": [-1, IMAGE_SIZE, IMAGE_SIZE, 3]}
+    ]
     assert meta["outputs"][0]["shape"] == [-1, len(IMAGE_CLASSES)]
     assert client.get("/v2/models/shapes/versions/1").json()["name"] == "shapes"
     assert client.get("/v2/models/shapes/ready").status_code == 200
     assert client.get("/v2/models/topics/versions/1/ready").json()["ready"] is True
     index = client.post("/v2/repository/index").json()
     assert {(e["name"], e["version"], e["state"]) for e in index} == {
-        ("shapes", "1", "READY"), ("shapes", "2", "READY"), ("topics", "1", "READY")}
+        ("shapes", "1", "READY"),
+        ("shapes", "2", "READY"),
+        ("topics", "1", "READY"),
+    }
     docs = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in docs["paths"]
     assert client.get("/docs").status_code == 200
@@ -123,10 +131,19 @@ def test_tritonclient_infer_matches_the_in_process_predictor(
 def test_raw_json_and_binary_bodies(client: httpx.Client) -> None:
     pixels = _pixels(seed=3, rows=2)
     plain = client.post("/v2/models/shapes/infer", json=v2_body(pixels))
-    nested = client.post("/v2/models/shapes/infer", json={
-        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, IMAGE_SIZE,
-                                                                        IMAGE_SIZE, 3],
-                    "data": pixels.tolist()}]})
+    nested = client.post(
+        "/v2/models/shapes/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": [2, IMAGE_SIZE, IMAGE_SIZE, 3],
+                    "data": pixels.tolist(),
+                }
+            ]
+        },
+    )
     body, headers = binary_body(pixels)
     binary = client.post("/v2/models/shapes/infer", content=body, headers=headers)
     assert plain.status_code == nested.status_code == binary.status_code == 200
@@ -139,8 +156,9 @@ def test_raw_json_and_binary_bodies(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compressed_request_bodies(server: RunningServer, client: httpx.Client,
-                                   algorithm: str) -> None:
+def test_compressed_request_bodies(
+    server: RunningServer, client: httpx.Client, algorithm: str
+) -> None:
     pixels = _pixels(seed=9, rows=2)
     triton_client = triton.InferenceServerClient(server.url.removeprefix("http://"))
     tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
@@ -170,20 +188,26 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_predict_with_an_image_file_in_every_form(client: httpx.Client,
-                                                  image_bundle_v2: Path) -> None:
+def test_predict_with_an_image_file_in_every_form(
+    client: httpx.Client, image_bundle_v2: Path
+) -> None:
     pixels = _pixels(seed=5)[0]
     png = _png(pixels)
     predictor = Predictor(load_bundle(image_bundle_v2))
     expected = predictor.predict(predictor.preprocess_image(png)[None])[0]
 
-    raw = client.post("/v1/models/shapes:predict", content=png,
-                      headers={"Content-Type": "image/png", "X-Request-Id": "abc-1"})
+    raw = client.post(
+        "/v1/models/shapes:predict",
+        content=png,
+        headers={"Content-Type": "image/png", "X-Request-Id": "abc-1"},
+    )
     form = client.post("/v1/models/shapes:predict", files={"file": ("x.png", png, "image/png")})
-    b64 = client.post("/v1/models/shapes:predict",
-                      json={"instances": [{"b64": base64.b64encode(png).decode()}]})
-    arrays = client.post("/v1/models/shapes:predict",
-                         json={"instances": [pixels.tolist(), pixels.tolist()]})
+    b64 = client.post(
+        "/v1/models/shapes:predict", json={"instances": [{"b64": base64.b64encode(png).decode()}]}
+    )
+    arrays = client.post(
+        "/v1/models/shapes:predict", json={"instances": [pixels.tolist(), pixels.tolist()]}
+    )
     for response in (raw, form, b64, arrays):
         assert response.status_code == 200, response.text
         document = response.json()
@@ -194,18 +218,20 @@ def test_predict_with_an_image_file_in_every_form(client: httpx.Client,
             assert set(prediction["probabilities"]) == set(IMAGE_CLASSES)
     assert raw.json()["id"] == "abc-1" and raw.headers["x-request-id"] == "abc-1"
     assert len(arrays.json()["predictions"]) == 2
-    pinned = client.post("/v1/models/shapes/versions/1:predict", content=png,
-                         headers={"Content-Type": "image/png"})
+    pinned = client.post(
+        "/v1/models/shapes/versions/1:predict", content=png, headers={"Content-Type": "image/png"}
+    )
     assert pinned.json()["model_version"] == "1"
 
 
-def test_predict_with_text(client: httpx.Client, text_bundle: Path, server: RunningServer
-                           ) -> None:
+def test_predict_with_text(client: httpx.Client, text_bundle: Path, server: RunningServer) -> None:
     predictor = Predictor(load_bundle(text_bundle))
     expected = predictor.predict_texts(["the team scored a goal", "vote on the law"])
     one = client.post("/v1/models/topics:predict", json={"text": "the team scored a goal"})
-    many = client.post("/v1/models/topics:predict",
-                       json={"instances": ["the team scored a goal", "vote on the law"]})
+    many = client.post(
+        "/v1/models/topics:predict",
+        json={"instances": ["the team scored a goal", "vote on the law"]},
+    )
     assert one.status_code == many.status_code == 200
     assert one.json()["predictions"][0]["label"] == expected[0].label
     assert [p["label"] for p in many.json()["predictions"]] == [p.label for p in expected]
@@ -216,8 +242,9 @@ def test_predict_with_text(client: httpx.Client, text_bundle: Path, server: Runn
     tensor = triton.InferInput("input_ids", list(ids.shape), "INT64")
     tensor.set_data_from_numpy(ids)
     result = client_v2.infer("topics", [tensor])
-    np.testing.assert_allclose(result.as_numpy("probabilities")[0], expected[1].probabilities,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities")[0], expected[1].probabilities, atol=1e-6
+    )
 
 
 # -- bad input -------------------------------------------------------------------------------
@@ -228,61 +255,153 @@ _GOOD = _pixels()
 @pytest.mark.parametrize(
     ("path", "kwargs", "status", "message"),
     [
-        ("/v2/models/shapes/infer", {"json": {"inputs": [
-            {"name": "pixels", "datatype": "UINT8", "shape": [1, 4, 4, 3],
-             "data": [0] * 48}]}}, 400, "the model expects [-1, 8, 8, 3]"),
-        ("/v2/models/shapes/infer", {"json": {"inputs": [
-            {"name": "pixels", "datatype": "FP32", "shape": list(_GOOD.shape),
-             "data": [0.5] * _GOOD.size}]}}, 400, "must be UINT8, got FP32"),
-        ("/v2/models/shapes/infer", {"json": {"inputs": [
-            {"name": "pixels", "datatype": "UINT8", "shape": list(_GOOD.shape),
-             "data": [1, 2, 3]}]}}, 400, "has 3 elements but shape"),
-        ("/v2/models/shapes/infer", {"json": {"inputs": [
-            {"name": "image", "datatype": "UINT8", "shape": list(_GOOD.shape),
-             "data": _GOOD.reshape(-1).tolist()}]}}, 400, "has no input 'image'"),
-        ("/v2/models/shapes/infer", {"json": v2_body(_GOOD, outputs=[{"name": "logits"}])},
-         400, "has no output 'logits'"),
-        ("/v2/models/shapes/infer", {"json": v2_body(_pixels(rows=40))}, 400,
-         "send between 1 and 32"),
-        ("/v2/models/shapes/infer", {"content": b'{"inputs": [', "headers": {
-            "Content-Type": "application/json"}}, 400, "not valid JSON"),
-        ("/v2/models/shapes/infer", {"json": v2_body(_GOOD), "headers": {
-            "X-Timeout-Ms": "soon"}}, 400, "X-Timeout-Ms must be a number"),
-        ("/v2/models/nosuch/infer", {"json": v2_body(_GOOD)}, 404,
-         "model 'nosuch' is not served"),
-        ("/v2/models/shapes/versions/9/infer", {"json": v2_body(_GOOD)}, 404,
-         "has no version '9' loaded (loaded: 1, 2)"),
+        (
+            "/v2/models/shapes/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "UINT8",
+                            "shape": [1, 4, 4, 3],
+                            "data": [0] * 48,
+                        }
+                    ]
+                }
+            },
+            400,
+            "the model expects [-1, 8, 8, 3]",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "FP32",
+                            "shape": list(_GOOD.shape),
+                            "data": [0.5] * _GOOD.size,
+                        }
+                    ]
+                }
+            },
+            400,
+            "must be UINT8, got FP32",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "UINT8",
+                            "shape": list(_GOOD.shape),
+                            "data": [1, 2, 3],
+                        }
+                    ]
+                }
+            },
+            400,
+            "has 3 elements but shape",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {
+                "json": {
+                    "inputs": [
+                        {
+                            "name": "image",
+                            "datatype": "UINT8",
+                            "shape": list(_GOOD.shape),
+                            "data": _GOOD.reshape(-1).tolist(),
+                        }
+                    ]
+                }
+            },
+            400,
+            "has no input 'image'",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {"json": v2_body(_GOOD, outputs=[{"name": "logits"}])},
+            400,
+            "has no output 'logits'",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {"json": v2_body(_pixels(rows=40))},
+            400,
+            "send between 1 and 32",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {"content": b'{"inputs": [', "headers": {"Content-Type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        (
+            "/v2/models/shapes/infer",
+            {"json": v2_body(_GOOD), "headers": {"X-Timeout-Ms": "soon"}},
+            400,
+            "X-Timeout-Ms must be a number",
+        ),
+        ("/v2/models/nosuch/infer", {"json": v2_body(_GOOD)}, 404, "model 'nosuch' is not served"),
+        (
+            "/v2/models/shapes/versions/9/infer",
+            {"json": v2_body(_GOOD)},
+            404,
+            "has no version '9' loaded (loaded: 1, 2)",
+        ),
         ("/v2/models/nosuch", {}, 404, "model 'nosuch' is not served"),
-        ("/v1/models/shapes:predict", {"content": b"GIF89a-broken", "headers": {
-            "Content-Type": "image/gif"}}, 400, "cannot decode image"),
+        (
+            "/v1/models/shapes:predict",
+            {"content": b"GIF89a-broken", "headers": {"Content-Type": "image/gif"}},
+            400,
+            "cannot decode image",
+        ),
         ("/v1/models/shapes:predict", {"json": {"text": "hello"}}, 400, "is an image model"),
-        ("/v1/models/topics:predict", {"content": _png(_GOOD[0]), "headers": {
-            "Content-Type": "image/png"}}, 400, "is a text model"),
+        (
+            "/v1/models/topics:predict",
+            {"content": _png(_GOOD[0]), "headers": {"Content-Type": "image/png"}},
+            400,
+            "is a text model",
+        ),
         ("/v1/models/topics:predict", {"json": {"text": "   "}}, 400, "text #0 is empty"),
-        ("/v1/models/shapes:predict", {"json": {"instances": [{"b64": "%%%"}]}}, 400,
-         "not valid base64"),
-        ("/v1/models/shapes:predict", {"json": {"pixels": []}}, 400,
-         '{"text": "..."} or {"instances": [...]}'),
+        (
+            "/v1/models/shapes:predict",
+            {"json": {"instances": [{"b64": "%%%"}]}},
+            400,
+            "not valid base64",
+        ),
+        (
+            "/v1/models/shapes:predict",
+            {"json": {"pixels": []}},
+            400,
+            '{"text": "..."} or {"instances": [...]}',
+        ),
     ],
 )
-def test_bad_requests_get_a_4xx_naming_the_problem(client: httpx.Client, path: str,
-                                                   kwargs: dict, status: int,
-                                                   message: str) -> None:
+def test_bad_requests_get_a_4xx_naming_the_problem(
+    client: httpx.Client, path: str, kwargs: dict, status: int, message: str
+) -> None:
     method = client.get if path == "/v2/models/nosuch" else client.post
     response = method(path, **kwargs)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
 
 
-def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureFixture
-                                ) -> None:
+def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     def access_lines() -> list[dict]:
-        return [json.loads(r.getMessage()) for r in caplog.records
-                if r.name == "cycleml.serving.access"]
+        return [
+            json.loads(r.getMessage()) for r in caplog.records if r.name == "cycleml.serving.access"
+        ]
 
     with caplog.at_level(logging.INFO, logger="cycleml.serving.access"):
-        ok = client.post("/v2/models/shapes/infer", json=v2_body(_GOOD),
-                         headers={"X-Request-Id": "trace-42"})
+        ok = client.post(
+            "/v2/models/shapes/infer", json=v2_body(_GOOD), headers={"X-Request-Id": "trace-42"}
+        )
         client.post("/v2/models/shapes/infer", json={"inputs": "nope"})
         # the line is written once the response is sent, so it may trail the response
         for _ in range(200):
@@ -297,11 +416,14 @@ def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureF
     assert any(entry["status"] == 400 and "error" in entry for entry in lines)
 
     text = client.get("/metrics").text
-    assert _metric(text, "cycleml_requests_total", model="shapes", version="2",
-                   status="200") >= 1
+    assert _metric(text, "cycleml_requests_total", model="shapes", version="2", status="200") >= 1
     assert _metric(text, "cycleml_requests_total", model="shapes", status="400") >= 1
-    for name in ("cycleml_request_latency_seconds_count", "cycleml_queue_time_seconds_count",
-                 "cycleml_inference_time_seconds_count", "cycleml_batch_size_count"):
+    for name in (
+        "cycleml_request_latency_seconds_count",
+        "cycleml_queue_time_seconds_count",
+        "cycleml_inference_time_seconds_count",
+        "cycleml_batch_size_count",
+    ):
         assert _metric(text, name, model="shapes", version="2") >= 1, name
     assert "cycleml_queue_depth{" in text
     assert _metric(text, "cycleml_model_ready", model="topics", version="1") == 1
@@ -312,10 +434,12 @@ def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureF
 
 @pytest.fixture(scope="module")
 def slow_server(slow_bundle: Path) -> RunningServer:
-    serve = settings(slow_bundle, runtime={"intra_op_threads": 1},
-                     batching={"max_batch_size": 4, "max_queue_size": 8,
-                               "max_queue_delay_ms": 0},
-                     limits={"max_body_bytes": 64 * 1024})
+    serve = settings(
+        slow_bundle,
+        runtime={"intra_op_threads": 1},
+        batching={"max_batch_size": 4, "max_queue_size": 8, "max_queue_delay_ms": 0},
+        limits={"max_body_bytes": 64 * 1024},
+    )
     with RunningServer(serve) as running:
         yield running
 
@@ -336,14 +460,23 @@ async def _until_queued(url: str) -> None:
     raise TimeoutError("the slow model never had a queue")
 
 
-async def _burst(url: str, count: int, headers: dict[str, str] | None = None
-                 ) -> list[httpx.Response]:
+async def _burst(
+    url: str, count: int, headers: dict[str, str] | None = None
+) -> list[httpx.Response]:
     body, base = _slow_request()
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 limits=httpx.Limits(max_connections=count)) as http:
-        return list(await asyncio.gather(*(
-            http.post("/v2/models/slow/infer", content=body, headers={**base, **(headers or {})})
-            for _ in range(count))))
+    async with httpx.AsyncClient(
+        base_url=url, timeout=60, limits=httpx.Limits(max_connections=count)
+    ) as http:
+        return list(
+            await asyncio.gather(
+                *(
+                    http.post(
+                        "/v2/models/slow/infer", content=body, headers={**base, **(headers or {})}
+                    )
+                    for _ in range(count)
+                )
+            )
+        )
 
 
 def test_full_queue_answers_at_once_with_retry_after(slow_server: RunningServer) -> None:
@@ -363,13 +496,19 @@ def test_request_that_cannot_start_in_time_gets_504(slow_server: RunningServer) 
     body, headers = _slow_request()
 
     async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
-        async with httpx.AsyncClient(base_url=slow_server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=16)) as http:
-            busy = [asyncio.ensure_future(http.post("/v2/models/slow/infer", content=body,
-                                                    headers=headers)) for _ in range(8)]
+        async with httpx.AsyncClient(
+            base_url=slow_server.url, timeout=60, limits=httpx.Limits(max_connections=16)
+        ) as http:
+            busy = [
+                asyncio.ensure_future(
+                    http.post("/v2/models/slow/infer", content=body, headers=headers)
+                )
+                for _ in range(8)
+            ]
             await _until_queued(slow_server.url)
-            late = await http.post("/v2/models/slow/infer", content=body,
-                                   headers={**headers, "X-Timeout-Ms": "1"})
+            late = await http.post(
+                "/v2/models/slow/infer", content=body, headers={**headers, "X-Timeout-Ms": "1"}
+            )
             return late, list(await asyncio.gather(*busy))
 
     late, busy = asyncio.run(scenario())
@@ -387,13 +526,15 @@ def test_disconnected_client_has_its_queued_work_cancelled(
     # and on a fast machine this test's queue may drain sooner than that)
     monkeypatch.setattr(dispatch, "WATCH_DISCONNECT_AFTER_S", 0.0)
     body, headers = _slow_request()
-    request = (f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
-               f"\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-               ).encode() + body
+    request = (
+        f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+        f"\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    ).encode() + body
 
     def batch_rows() -> float:
-        return _metric(httpx.get(f"{slow_server.url}/metrics").text, "cycleml_batch_size_sum",
-                       model="slow")
+        return _metric(
+            httpx.get(f"{slow_server.url}/metrics").text, "cycleml_batch_size_sum", model="slow"
+        )
 
     async def scenario() -> None:
         busy = asyncio.ensure_future(_burst(slow_server.url, 8))
@@ -414,8 +555,11 @@ def test_disconnected_client_has_its_queued_work_cancelled(
 
 def test_body_size_limit(slow_server: RunningServer) -> None:
     big = b"\0" * (65 * 1024)
-    response = httpx.post(f"{slow_server.url}/v2/models/slow/infer", content=big,
-                          headers={"Content-Type": "application/octet-stream"})
+    response = httpx.post(
+        f"{slow_server.url}/v2/models/slow/infer",
+        content=big,
+        headers={"Content-Type": "application/octet-stream"},
+    )
     assert response.status_code == 413 and "exceeds the limit" in response.json()["error"]
 
     def chunks():  # no Content-Length: the limit holds while streaming
@@ -427,9 +571,12 @@ def test_body_size_limit(slow_server: RunningServer) -> None:
 
 
 def test_overload_status_503_when_configured(slow_bundle: Path) -> None:
-    serve = settings(slow_bundle, runtime={"intra_op_threads": 1},
-                     batching={"max_batch_size": 4, "max_queue_size": 1},
-                     limits={"overload_status": 503, "retry_after_s": 3})
+    serve = settings(
+        slow_bundle,
+        runtime={"intra_op_threads": 1},
+        batching={"max_batch_size": 4, "max_queue_size": 1},
+        limits={"overload_status": 503, "retry_after_s": 3},
+    )
     with RunningServer(serve) as running:
         statuses = [r.status_code for r in asyncio.run(_burst(running.url, 12))]
         refused = [r for r in asyncio.run(_burst(running.url, 12)) if r.status_code != 200]
@@ -438,9 +585,12 @@ def test_overload_status_503_when_configured(slow_bundle: Path) -> None:
 
 
 def test_in_flight_limit_refuses_at_once_but_health_answers(slow_bundle: Path) -> None:
-    serve = settings(slow_bundle, runtime={"intra_op_threads": 1},
-                     batching={"max_batch_size": 4, "max_queue_size": 64},
-                     limits={"max_inflight": 2})
+    serve = settings(
+        slow_bundle,
+        runtime={"intra_op_threads": 1},
+        batching={"max_batch_size": 4, "max_queue_size": 64},
+        limits={"max_inflight": 2},
+    )
 
     async def scenario(url: str) -> tuple[list[httpx.Response], httpx.Response]:
         async with httpx.AsyncClient(base_url=url) as http:
@@ -454,28 +604,35 @@ def test_in_flight_limit_refuses_at_once_but_health_answers(slow_bundle: Path) -
         text = httpx.get(f"{running.url}/metrics").text
     busy = [r for r in responses if r.status_code == 429]
     assert busy and all(r.status_code in (200, 429) for r in responses)
-    assert all(r.headers["retry-after"] == "1" and "server busy" in r.json()["error"]
-               for r in busy)
+    assert all(r.headers["retry-after"] == "1" and "server busy" in r.json()["error"] for r in busy)
     assert health.status_code == 200
     assert _metric(text, "cycleml_rejected_total", reason="server_busy") == len(busy)
 
 
-def test_api_keys(image_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                  caplog: pytest.LogCaptureFixture) -> None:
+def test_api_keys(
+    image_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     monkeypatch.setenv("TEST_SERVE_KEYS", "key-one, key-two")
     key_file = tmp_path / "keys.txt"
     key_file.write_text("key-three\n")
-    serve = settings(image_bundle, access_log=True,
-                     auth={"enabled": True, "keys_env": "TEST_SERVE_KEYS",
-                           "keys_file": str(key_file)})
+    serve = settings(
+        image_bundle,
+        access_log=True,
+        auth={"enabled": True, "keys_env": "TEST_SERVE_KEYS", "keys_file": str(key_file)},
+    )
     body = v2_body(_GOOD)
     with caplog.at_level(logging.DEBUG), RunningServer(serve) as running:
         url = f"{running.url}/v2/models/shapes/infer"
         missing = httpx.post(url, json=body)
         wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer key-on"})
         basic = httpx.post(url, json=body, headers={"Authorization": "Basic key-one"})
-        good = [httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
-                for key in ("key-one", "key-two", "key-three")]
+        good = [
+            httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+            for key in ("key-one", "key-two", "key-three")
+        ]
         health = httpx.get(f"{running.url}/v2/health/ready")
         metadata = httpx.get(f"{running.url}/v2/models/shapes")
     for refused in (missing, wrong, basic, metadata):

@@ -80,9 +80,12 @@ def test_no_wait_when_per_row_cost_dominates() -> None:
 
 
 def _item(loop: asyncio.AbstractEventLoop, rows: int = 1, deadline_s: float = 10.0) -> WorkItem:
-    return WorkItem(inputs=np.zeros((rows, 2), np.float32),
-                    deadline=time.perf_counter() + deadline_s, loop=loop,
-                    future=loop.create_future())
+    return WorkItem(
+        inputs=np.zeros((rows, 2), np.float32),
+        deadline=time.perf_counter() + deadline_s,
+        loop=loop,
+        future=loop.create_future(),
+    )
 
 
 def test_queue_is_bounded_and_fifo_within_max_rows() -> None:
@@ -155,19 +158,30 @@ class RecordingModel:
         return batch * 2
 
 
-def _batcher(model: RecordingModel, max_rows: int = 8, max_delay_s: float = 0.0,
-             max_requests: int = 64) -> tuple[RequestQueue, DynamicBatcher]:
+def _batcher(
+    model: RecordingModel, max_rows: int = 8, max_delay_s: float = 0.0, max_requests: int = 64
+) -> tuple[RequestQueue, DynamicBatcher]:
     queue = RequestQueue(max_requests, ArrivalRate())
-    batcher = DynamicBatcher("test", queue, model, max_rows=max_rows, max_delay_s=max_delay_s,
-                             latency=BatchLatencyModel())
+    batcher = DynamicBatcher(
+        "test",
+        queue,
+        model,
+        max_rows=max_rows,
+        max_delay_s=max_delay_s,
+        latency=BatchLatencyModel(),
+    )
     batcher.start()
     return queue, batcher
 
 
 async def _submit(queue: RequestQueue, rows: np.ndarray, deadline_s: float = 10.0) -> WorkItem:
     loop = asyncio.get_running_loop()
-    item = WorkItem(inputs=rows, deadline=time.perf_counter() + deadline_s, loop=loop,
-                    future=loop.create_future())
+    item = WorkItem(
+        inputs=rows,
+        deadline=time.perf_counter() + deadline_s,
+        loop=loop,
+        future=loop.create_future(),
+    )
     assert queue.put(item)
     return item
 

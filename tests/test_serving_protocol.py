@@ -23,12 +23,35 @@ def _json(body: dict) -> bytes:
 
 def test_flat_and_nested_json_data_give_the_same_tensor() -> None:
     pixels = np.arange(24, dtype=np.uint8).reshape(2, 2, 2, 3)
-    flat = parse_json_request(_json({"id": "r1", "inputs": [
-        {"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 2, 3],
-         "data": pixels.reshape(-1).tolist()}]}))
-    nested = parse_json_request(_json({"inputs": [
-        {"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 2, 3],
-         "data": pixels.tolist()}]}))
+    flat = parse_json_request(
+        _json(
+            {
+                "id": "r1",
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [2, 2, 2, 3],
+                        "data": pixels.reshape(-1).tolist(),
+                    }
+                ],
+            }
+        )
+    )
+    nested = parse_json_request(
+        _json(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [2, 2, 2, 3],
+                        "data": pixels.tolist(),
+                    }
+                ]
+            }
+        )
+    )
     for request in (flat, nested):
         (tensor,) = request.inputs
         assert tensor.array.dtype == np.uint8
@@ -39,15 +62,25 @@ def test_flat_and_nested_json_data_give_the_same_tensor() -> None:
 def test_binary_tensors_follow_the_json_header() -> None:
     ids = np.arange(12, dtype=np.int64).reshape(3, 4)
     pixels = np.arange(6, dtype=np.uint8).reshape(1, 6)
-    header = _json({
-        "inputs": [
-            {"name": "a", "datatype": "INT64", "shape": [3, 4],
-             "parameters": {"binary_data_size": ids.nbytes}},
-            {"name": "b", "datatype": "UINT8", "shape": [1, 6],
-             "parameters": {"binary_data_size": pixels.nbytes}},
-        ],
-        "parameters": {"timeout": 2500},
-    })
+    header = _json(
+        {
+            "inputs": [
+                {
+                    "name": "a",
+                    "datatype": "INT64",
+                    "shape": [3, 4],
+                    "parameters": {"binary_data_size": ids.nbytes},
+                },
+                {
+                    "name": "b",
+                    "datatype": "UINT8",
+                    "shape": [1, 6],
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                },
+            ],
+            "parameters": {"timeout": 2500},
+        }
+    )
     request = parse_binary_request(header + ids.tobytes() + pixels.tobytes(), str(len(header)))
     np.testing.assert_array_equal(request.inputs[0].array, ids)
     np.testing.assert_array_equal(request.inputs[1].array, pixels)
@@ -60,24 +93,60 @@ def test_binary_tensors_follow_the_json_header() -> None:
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "JSON object"),
         (_json({"inputs": []}), "non-empty 'inputs'"),
-        (_json({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}),
-         "datatype 'FLOAT'"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, -2], "data": []}]}),
-         "non-negative integers"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [2, 3],
-                            "data": [1, 2, 3]}]}), "has 3 elements but shape [2, 3] needs 6"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}),
-         "cannot be read as UINT8"),
-        (_json({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1],
-                            "data": ["a"]}]}), "cannot be read as INT64"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [3, 1],
-                            "data": [[1, 2, 3]]}]}), "nested 'data' has shape [1, 3]"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1]}]}),
-         "neither 'data' nor binary_data_size"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1]}],
-                "outputs": "probabilities"}), "'outputs' must be a list"),
-        (_json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1]}],
-                "parameters": {"timeout": -5}}), "parameter 'timeout'"),
+        (
+            _json({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [1], "data": [1]}]}),
+            "datatype 'FLOAT'",
+        ),
+        (
+            _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, -2], "data": []}]}),
+            "non-negative integers",
+        ),
+        (
+            _json(
+                {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [2, 3], "data": [1, 2, 3]}]}
+            ),
+            "has 3 elements but shape [2, 3] needs 6",
+        ),
+        (
+            _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}]}),
+            "cannot be read as UINT8",
+        ),
+        (
+            _json({"inputs": [{"name": "x", "datatype": "INT64", "shape": [1], "data": ["a"]}]}),
+            "cannot be read as INT64",
+        ),
+        (
+            _json(
+                {
+                    "inputs": [
+                        {"name": "x", "datatype": "UINT8", "shape": [3, 1], "data": [[1, 2, 3]]}
+                    ]
+                }
+            ),
+            "nested 'data' has shape [1, 3]",
+        ),
+        (
+            _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1]}]}),
+            "neither 'data' nor binary_data_size",
+        ),
+        (
+            _json(
+                {
+                    "inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1]}],
+                    "outputs": "probabilities",
+                }
+            ),
+            "'outputs' must be a list",
+        ),
+        (
+            _json(
+                {
+                    "inputs": [{"name": "x", "datatype": "UINT8", "shape": [1], "data": [1]}],
+                    "parameters": {"timeout": -5},
+                }
+            ),
+            "parameter 'timeout'",
+        ),
     ],
 )
 def test_malformed_json_requests_name_the_problem(body: bytes, message: str) -> None:
@@ -88,12 +157,32 @@ def test_malformed_json_requests_name_the_problem(body: bytes, message: str) -> 
 
 
 def test_binary_sizes_are_checked_against_shape_and_body() -> None:
-    header = _json({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
-                                "parameters": {"binary_data_size": 4}}]})
+    header = _json(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": 4},
+                }
+            ]
+        }
+    )
     with pytest.raises(ProtocolError, match="does not match shape"):
         parse_binary_request(header + b"\0" * 4, str(len(header)))
-    header = _json({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
-                                "parameters": {"binary_data_size": 8}}]})
+    header = _json(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2],
+                    "parameters": {"binary_data_size": 8},
+                }
+            ]
+        }
+    )
     with pytest.raises(ProtocolError, match="only 4 remain"):
         parse_binary_request(header + b"\0" * 4, str(len(header)))
     with pytest.raises(ProtocolError, match="bytes after the binary tensors"):
@@ -106,8 +195,9 @@ def test_binary_sizes_are_checked_against_shape_and_body() -> None:
 
 def test_response_as_json_or_binary_by_request() -> None:
     probabilities = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
-    as_json = encode_response("m", "3", InferRequest(inputs=[], id="x"),
-                              {"probabilities": probabilities})
+    as_json = encode_response(
+        "m", "3", InferRequest(inputs=[], id="x"), {"probabilities": probabilities}
+    )
     assert as_json.header_length is None
     document = json_loads(as_json.body)
     assert document["model_version"] == "3" and document["id"] == "x"
@@ -115,12 +205,15 @@ def test_response_as_json_or_binary_by_request() -> None:
     assert tensor["shape"] == [2, 2] and tensor["datatype"] == "FP32"
     assert tensor["data"] == pytest.approx([0.25, 0.75, 0.5, 0.5])
 
-    binary = encode_response("m", "3", InferRequest(inputs=[], binary_outputs={"probabilities"},
-                                                    outputs=["probabilities"]),
-                             {"probabilities": probabilities})
+    binary = encode_response(
+        "m",
+        "3",
+        InferRequest(inputs=[], binary_outputs={"probabilities"}, outputs=["probabilities"]),
+        {"probabilities": probabilities},
+    )
     header = json_loads(binary.body[: binary.header_length])
     size = header["outputs"][0]["parameters"]["binary_data_size"]
     assert size == probabilities.nbytes
     np.testing.assert_array_equal(
-        np.frombuffer(binary.body[binary.header_length:], np.float32).reshape(2, 2),
-        probabilities)
+        np.frombuffer(binary.body[binary.header_length :], np.float32).reshape(2, 2), probabilities
+    )

@@ -35,16 +35,22 @@ def _slow_requests(port: int, count: int = 8) -> list[bytes]:
     requests = []
     for _ in range(count):
         body, headers = binary_body(rng.integers(0, 256, (1, 32, 32, 3), dtype=np.uint8))
-        requests.append(build_request("127.0.0.1", port, "POST", "/v2/models/slow/infer",
-                                      body, headers))
+        requests.append(
+            build_request("127.0.0.1", port, "POST", "/v2/models/slow/infer", body, headers)
+        )
     return requests
 
 
 def test_open_loop_overload_is_answered_and_recovers(slow_bundle: Path) -> None:
     port = free_port()
-    with server_process(slow_bundle, port, "runtime.intra_op_threads=1",
-                        "batching.max_batch_size=8", "batching.max_queue_size=32",
-                        "access_log=false"):
+    with server_process(
+        slow_bundle,
+        port,
+        "runtime.intra_op_threads=1",
+        "batching.max_batch_size=8",
+        "batching.max_queue_size=32",
+        "access_log=false",
+    ):
         wait_ready(f"http://127.0.0.1:{port}")
         requests = _slow_requests(port)
         saturated = summarize(asyncio.run(closed_loop("127.0.0.1", port, requests, 32, 1.5)))
@@ -52,12 +58,15 @@ def test_open_loop_overload_is_answered_and_recovers(slow_bundle: Path) -> None:
         assert capacity > 0 and saturated["errors"] == 0
 
         async def phases() -> tuple[list[Result], list[Result], list[Result]]:
-            before = await open_loop("127.0.0.1", port, requests, 0.3 * capacity, 1.0, seed=1,
-                                     timeout_s=15)
-            surge = await open_loop("127.0.0.1", port, requests, 3.0 * capacity, 2.0, seed=2,
-                                    timeout_s=15)
-            after = await open_loop("127.0.0.1", port, requests, 0.3 * capacity, 1.5, seed=3,
-                                    timeout_s=15)
+            before = await open_loop(
+                "127.0.0.1", port, requests, 0.3 * capacity, 1.0, seed=1, timeout_s=15
+            )
+            surge = await open_loop(
+                "127.0.0.1", port, requests, 3.0 * capacity, 2.0, seed=2, timeout_s=15
+            )
+            after = await open_loop(
+                "127.0.0.1", port, requests, 0.3 * capacity, 1.5, seed=3, timeout_s=15
+            )
             return before, surge, after
 
         before, surge, after = asyncio.run(phases())
@@ -80,18 +89,27 @@ def test_open_loop_overload_is_answered_and_recovers(slow_bundle: Path) -> None:
 def test_sigterm_drains_in_flight_requests_and_exits_zero(slow_bundle: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with server_process(slow_bundle, port, "runtime.intra_op_threads=1",
-                        "batching.max_batch_size=4", "batching.max_queue_size=64") as process:
+    with server_process(
+        slow_bundle,
+        port,
+        "runtime.intra_op_threads=1",
+        "batching.max_batch_size=4",
+        "batching.max_queue_size=64",
+    ) as process:
         wait_ready(url)
         rng = np.random.default_rng(0)
         body, headers = binary_body(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
 
         async def scenario() -> list[httpx.Response]:
-            async with httpx.AsyncClient(base_url=url, timeout=60,
-                                         limits=httpx.Limits(max_connections=32)) as http:
-                pending = [asyncio.ensure_future(http.post("/v2/models/slow/infer",
-                                                           content=body, headers=headers))
-                           for _ in range(24)]
+            async with httpx.AsyncClient(
+                base_url=url, timeout=60, limits=httpx.Limits(max_connections=32)
+            ) as http:
+                pending = [
+                    asyncio.ensure_future(
+                        http.post("/v2/models/slow/infer", content=body, headers=headers)
+                    )
+                    for _ in range(24)
+                ]
                 # every request is one full batch: once queued + run + one running
                 # account for all 24, the server has received them all, and a queue waits
                 for _ in range(1000):
@@ -119,34 +137,42 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(slow_bundle: Path) -> 
 
 
 def _value(metrics_text: str, prefix: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics_text.splitlines()
-               if line.startswith(prefix))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics_text.splitlines()
+        if line.startswith(prefix)
+    )
 
 
 def _image_requests(port: int, count: int = 8) -> list[bytes]:
     rng = np.random.default_rng(0)
     requests = []
     for _ in range(count):
-        body, headers = binary_body(rng.integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3),
-                                                 dtype=np.uint8))
-        requests.append(build_request("127.0.0.1", port, "POST", "/v2/models/shapes/infer",
-                                      body, headers))
+        body, headers = binary_body(
+            rng.integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        )
+        requests.append(
+            build_request("127.0.0.1", port, "POST", "/v2/models/shapes/infer", body, headers)
+        )
     return requests
 
 
-def test_hot_reload_under_load_fails_no_request(tmp_path: Path, image_bundle: Path,
-                                               image_bundle_v2: Path) -> None:
+def test_hot_reload_under_load_fails_no_request(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
     repository = tmp_path / "models"
     copy_version(image_bundle, repository, "shapes", "1")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with server_process(repository, port, "reload.watch=true", "reload.interval_s=0.2",
-                        "access_log=false"):
+    with server_process(
+        repository, port, "reload.watch=true", "reload.interval_s=0.2", "access_log=false"
+    ):
         wait_ready(url)
 
         async def scenario() -> tuple[list[Result], list[str]]:
-            load = asyncio.ensure_future(closed_loop("127.0.0.1", port, _image_requests(port),
-                                                     8, 4.0))
+            load = asyncio.ensure_future(
+                closed_loop("127.0.0.1", port, _image_requests(port), 8, 4.0)
+            )
             seen = []
             async with httpx.AsyncClient(base_url=url, timeout=30) as http:
                 await asyncio.sleep(0.5)
@@ -164,9 +190,11 @@ def test_hot_reload_under_load_fails_no_request(tmp_path: Path, image_bundle: Pa
             return await load, seen
 
         results, seen = asyncio.run(scenario())
-        final = httpx.post(f"{url}/v2/models/shapes/infer", content=binary_body(
-            np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))[0],
-            headers=binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))[1])
+        final = httpx.post(
+            f"{url}/v2/models/shapes/infer",
+            content=binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))[0],
+            headers=binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))[1],
+        )
 
     assert seen == ["2", "3"]
     statuses = {r.status for r in results}
@@ -177,8 +205,9 @@ def test_hot_reload_under_load_fails_no_request(tmp_path: Path, image_bundle: Pa
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory, image_bundle: Path,
-                text_bundle: Path) -> RunningServer:
+def fuzz_server(
+    tmp_path_factory: pytest.TempPathFactory, image_bundle: Path, text_bundle: Path
+) -> RunningServer:
     repository = tmp_path_factory.mktemp("fuzz-repository")
     copy_version(image_bundle, repository, "shapes", "1")
     copy_version(text_bundle, repository, "topics", "1")
@@ -197,19 +226,30 @@ def test_schema_fuzz_never_gets_a_server_error(fuzz_server: RunningServer) -> No
             continue  # unloading would take the model away from the other cases
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=15, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=15,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def no_server_error(case: schemathesis.Case) -> None:
             if case.path_parameters and case.path_parameters.get("model_name") not in (
-                None, "shapes", "topics"
+                None,
+                "shapes",
+                "topics",
             ):
                 # aim generated names at a served model so the bodies reach validation
                 # and the batcher (unknown names are covered by the bad-input tests)
                 case.path_parameters["model_name"] = "shapes"
             response = case.call(timeout=30)
             calls.append(response.status_code)
-            assert response.status_code < 500, (case.method, case.formatted_path,
-                                                response.status_code, response.text)
+            assert response.status_code < 500, (
+                case.method,
+                case.formatted_path,
+                response.status_code,
+                response.text,
+            )
 
         no_server_error()
         checked.append(f"{operation.method.upper()} {operation.path}")

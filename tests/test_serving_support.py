@@ -52,9 +52,15 @@ def _torch_nets() -> Any:
     return torch, conv_net, TinyTextNet
 
 
-def export_image_bundle(out: Path, name: str = "shapes", version: str = "1",
-                        image_size: int = IMAGE_SIZE, channels: int = 4, depth: int = 0,
-                        seed: int = 0) -> Path:
+def export_image_bundle(
+    out: Path,
+    name: str = "shapes",
+    version: str = "1",
+    image_size: int = IMAGE_SIZE,
+    channels: int = 4,
+    depth: int = 0,
+    seed: int = 0,
+) -> Path:
     """A real exported image bundle: a small conv net on ``image_size`` RGB pixels.
     ``depth`` extra conv layers make it slower (for load tests)."""
     from cycleml.export import export_bundle
@@ -64,16 +70,29 @@ def export_image_bundle(out: Path, name: str = "shapes", version: str = "1",
     net = conv_net(channels, depth, len(IMAGE_CLASSES)).eval()
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
-    spec = {"kind": "image", "image_size": [image_size, image_size], "channels": 3,
-            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-    export_bundle(net, spec, IMAGE_CLASSES, out, val_inputs=pixels,
-                  val_labels=rng.integers(0, len(IMAGE_CLASSES), 16), name=name,
-                  version=version)
+    spec = {
+        "kind": "image",
+        "image_size": [image_size, image_size],
+        "channels": 3,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+    }
+    export_bundle(
+        net,
+        spec,
+        IMAGE_CLASSES,
+        out,
+        val_inputs=pixels,
+        val_labels=rng.integers(0, len(IMAGE_CLASSES), 16),
+        name=name,
+        version=version,
+    )
     return out
 
 
-def export_text_bundle(out: Path, name: str = "topics", version: str = "1",
-                       max_length: int = 6) -> Path:
+def export_text_bundle(
+    out: Path, name: str = "topics", version: str = "1", max_length: int = 6
+) -> Path:
     """A real exported text bundle with a word-level tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -87,11 +106,22 @@ def export_text_bundle(out: Path, name: str = "topics", version: str = "1",
     net = text_net(len(vocab), len(TEXT_CLASSES)).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(0, len(vocab), (8, max_length)).astype(np.int64)
-    spec = {"kind": "text", "tokenizer_json": tokenizer.to_str(), "max_length": max_length,
-            "pad_id": 0}
-    export_bundle(net, spec, TEXT_CLASSES, out, val_inputs=ids,
-                  val_labels=rng.integers(0, len(TEXT_CLASSES), 8), name=name,
-                  version=version)
+    spec = {
+        "kind": "text",
+        "tokenizer_json": tokenizer.to_str(),
+        "max_length": max_length,
+        "pad_id": 0,
+    }
+    export_bundle(
+        net,
+        spec,
+        TEXT_CLASSES,
+        out,
+        val_inputs=ids,
+        val_labels=rng.integers(0, len(TEXT_CLASSES), 8),
+        name=name,
+        version=version,
+    )
     return out
 
 
@@ -105,8 +135,7 @@ def copy_version(bundle: Path, repository: Path, model: str, version: str) -> Pa
 
 
 def settings(path: Path, **overrides: Any) -> ServeSettings:
-    values: dict[str, Any] = {"path": str(path), "reload": {"watch": False},
-                              "access_log": False}
+    values: dict[str, Any] = {"path": str(path), "reload": {"watch": False}, "access_log": False}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}
@@ -125,11 +154,13 @@ class RunningServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10)
+        config = uvicorn.Config(
+            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=10
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
 
     @property
     def state(self) -> Any:
@@ -150,8 +181,7 @@ def wait_ready(url: str, timeout_s: float = 60.0, headers: dict | None = None) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=2, headers=headers
-                         ).status_code == 200:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2, headers=headers).status_code == 200:
                 return
         time.sleep(0.05)
     raise TimeoutError(f"server at {url} not ready after {timeout_s} s")
@@ -160,8 +190,16 @@ def wait_ready(url: str, timeout_s: float = 60.0, headers: dict | None = None) -
 @contextlib.contextmanager
 def server_process(path: Path, port: int, *overrides: str) -> Iterator[subprocess.Popen]:
     """``cycleml serve`` as its own process (for signals); killed if the test fails."""
-    command = [sys.executable, "-m", "cycleml.serving.cli", f"path={path}", f"port={port}",
-               "reload.watch=false", f"hydra.run.dir={path.parent / 'serve-run'}", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "cycleml.serving.cli",
+        f"path={path}",
+        f"port={port}",
+        "reload.watch=false",
+        f"hydra.run.dir={path.parent / 'serve-run'}",
+        *overrides,
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         yield process
@@ -178,21 +216,40 @@ def free_port() -> int:
 
 
 def v2_body(pixels: np.ndarray, **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
-                        "data": pixels.reshape(-1).tolist()}], **extra}
+    return {
+        "inputs": [
+            {
+                "name": "pixels",
+                "datatype": "UINT8",
+                "shape": list(pixels.shape),
+                "data": pixels.reshape(-1).tolist(),
+            }
+        ],
+        **extra,
+    }
 
 
-def binary_body(array: np.ndarray, name: str = "pixels", datatype: str = "UINT8"
-                ) -> tuple[bytes, dict[str, str]]:
+def binary_body(
+    array: np.ndarray, name: str = "pixels", datatype: str = "UINT8"
+) -> tuple[bytes, dict[str, str]]:
     """A binary-tensor request body and its headers."""
-    header = json.dumps({"inputs": [{"name": name, "datatype": datatype,
-                                     "shape": list(array.shape),
-                                     "parameters": {"binary_data_size": array.nbytes}}],
-                         "outputs": [{"name": "probabilities",
-                                      "parameters": {"binary_data": True}}]}).encode()
-    return header + array.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
-                                      "Content-Type": "application/octet-stream"}
-
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": name,
+                    "datatype": datatype,
+                    "shape": list(array.shape),
+                    "parameters": {"binary_data_size": array.nbytes},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + array.tobytes(), {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
 
 
 def _cached(tmp_path_factory: pytest.TempPathFactory, key: str, export: Any) -> Path:
@@ -212,8 +269,9 @@ def image_bundle_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", name="image_bundle_v2")
 def image_bundle_v2_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same model retrained (other weights), as version 2."""
-    return _cached(tmp_path_factory, "shapes-2",
-                   lambda out: export_image_bundle(out, version="2", seed=1))
+    return _cached(
+        tmp_path_factory, "shapes-2", lambda out: export_image_bundle(out, version="2", seed=1)
+    )
 
 
 @pytest.fixture(scope="session", name="text_bundle")
@@ -225,6 +283,8 @@ def text_bundle_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def slow_bundle_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32x32 RGB through five 32-channel convolutions: about 75 MFLOPs per row, so a
     single-threaded instance serves a few hundred rows per second (for load tests)."""
-    return _cached(tmp_path_factory, "slow-1",
-                   lambda out: export_image_bundle(out, name="slow", image_size=32,
-                                                   channels=32, depth=4))
+    return _cached(
+        tmp_path_factory,
+        "slow-1",
+        lambda out: export_image_bundle(out, name="slow", image_size=32, channels=32, depth=4),
+    )

@@ -51,8 +51,9 @@ def create_app(settings: ServeSettings) -> ServingApp:
         settings=settings,
         metrics=metrics,
         repository=ModelRepository(settings, metrics),
-        decode_pool=ThreadPoolExecutor(settings.runtime.decode_threads,
-                                       thread_name_prefix="decode"),
+        decode_pool=ThreadPoolExecutor(
+            settings.runtime.decode_threads, thread_name_prefix="decode"
+        ),
         auth=auth,
     )
 
@@ -78,14 +79,20 @@ def create_app(settings: ServeSettings) -> ServingApp:
     app.state.serving = state
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
-    app.add_api_route("/v2", server_metadata, methods=["GET"], tags=["health"],
-                      summary="Server metadata")
-    app.add_api_route("/v2/health/live", live, methods=["GET"], tags=["health"],
-                      summary="Liveness")
-    app.add_api_route("/v2/health/ready", ready, methods=["GET"], tags=["health"],
-                      summary="Readiness: every model loaded and warm, not draining")
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], tags=["health"],
-                      summary="Prometheus metrics")
+    app.add_api_route(
+        "/v2", server_metadata, methods=["GET"], tags=["health"], summary="Server metadata"
+    )
+    app.add_api_route("/v2/health/live", live, methods=["GET"], tags=["health"], summary="Liveness")
+    app.add_api_route(
+        "/v2/health/ready",
+        ready,
+        methods=["GET"],
+        tags=["health"],
+        summary="Readiness: every model loaded and warm, not draining",
+    )
+    app.add_api_route(
+        "/metrics", metrics_endpoint, methods=["GET"], tags=["health"], summary="Prometheus metrics"
+    )
     asgi = RequestContextMiddleware(
         InferenceFastPath(app),
         auth=auth,
@@ -103,11 +110,13 @@ def _load(state: ServerState) -> None:
 
 
 async def server_metadata(request: Request) -> Response:
-    return json_response({
-        "name": "cycleml",
-        "version": cycleml.__version__,
-        "extensions": ["binary_tensor_data", "model_repository"],
-    })
+    return json_response(
+        {
+            "name": "cycleml",
+            "version": cycleml.__version__,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        }
+    )
 
 
 async def live(request: Request) -> Response:

@@ -265,8 +265,10 @@ class DynamicBatcher:
             item.started_at = start
             item.batch_rows = rows
         try:
-            inputs = items[0].inputs if len(items) == 1 else np.concatenate(
-                [item.inputs for item in items]
+            inputs = (
+                items[0].inputs
+                if len(items) == 1
+                else np.concatenate([item.inputs for item in items])
             )
             outputs = self._run(inputs)
             if outputs.shape[0] != rows:

@@ -82,10 +82,19 @@ def serve(settings: ServeSettings) -> None:
     os.environ[SETTINGS_ENV] = json.dumps(settings.to_dict())
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cycleml-metrics-")
-    log.info("serving %s on http://%s:%d with %d worker processes", settings.path,
-             settings.host, settings.port, settings.workers)
-    uvicorn.run(f"{__name__}:app_from_environment", factory=True, workers=settings.workers,
-                **_uvicorn_options(settings))
+    log.info(
+        "serving %s on http://%s:%d with %d worker processes",
+        settings.path,
+        settings.host,
+        settings.port,
+        settings.workers,
+    )
+    uvicorn.run(
+        f"{__name__}:app_from_environment",
+        factory=True,
+        workers=settings.workers,
+        **_uvicorn_options(settings),
+    )
 
 
 def app_from_environment() -> ServingApp:

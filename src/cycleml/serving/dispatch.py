@@ -147,8 +147,9 @@ async def infer_rows(
 class _QueueGuard:
     """Withdraws a queued item at its deadline or when its client goes away."""
 
-    def __init__(self, request: Request, model: ServedModel, item: WorkItem,
-                 deadline: float) -> None:
+    def __init__(
+        self, request: Request, model: ServedModel, item: WorkItem, deadline: float
+    ) -> None:
         self._request, self._model, self._item, self._deadline = request, model, item, deadline
         self._loop = asyncio.get_running_loop()
         self._watcher: asyncio.Task | None = None
@@ -163,7 +164,8 @@ class _QueueGuard:
             return
         self._watcher = self._loop.create_task(self._on_disconnect())
         self._timer = self._loop.call_later(
-            max(self._deadline - time.perf_counter(), 0.0), self._expire)
+            max(self._deadline - time.perf_counter(), 0.0), self._expire
+        )
 
     def _expire(self) -> None:
         self._withdraw(DeadlineExceeded())
@@ -220,10 +222,10 @@ def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Respon
     return status, json_response({"error": message}, status, headers)
 
 
-def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> Response:
-    return Response(json_dumps(value), status_code=status, headers=headers,
-                    media_type="application/json")
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json_dumps(value), status_code=status, headers=headers, media_type="application/json"
+    )
 
 
 REJECTION_REASONS = {429: "queue_full", 503: "queue_full", 504: "deadline", 499: "cancelled"}

@@ -47,11 +47,16 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def build_request(host: str, port: int, method: str, path: str, body: bytes = b"",
-                  headers: dict[str, str] | None = None) -> bytes:
+def build_request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> bytes:
     """The bytes of one HTTP/1.1 request, built once and sent many times."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}",
-             f"Content-Length: {len(body)}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
@@ -93,22 +98,33 @@ class Connection:
         self._reader = self._writer = None
 
 
-async def _one(connection: Connection, request: bytes, intended: float,
-               timeout_s: float) -> Result:
+async def _one(connection: Connection, request: bytes, intended: float, timeout_s: float) -> Result:
     sent = time.perf_counter()
     try:
         status, headers, _ = await asyncio.wait_for(connection.exchange(request), timeout_s)
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-            asyncio.TimeoutError, ValueError) as err:
+    except (
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        asyncio.TimeoutError,
+        ValueError,
+    ) as err:
         connection.close()
         return Result(intended, sent, time.perf_counter(), 0, error=type(err).__name__)
-    return Result(intended, sent, time.perf_counter(), status,
-                  retry_after=b"retry-after" in headers)
+    return Result(
+        intended, sent, time.perf_counter(), status, retry_after=b"retry-after" in headers
+    )
 
 
-async def closed_loop(host: str, port: int, requests: list[bytes], concurrency: int,
-                      duration_s: float, timeout_s: float = 30.0,
-                      max_requests: int = 1_000_000) -> list[Result]:
+async def closed_loop(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    duration_s: float,
+    timeout_s: float = 30.0,
+    max_requests: int = 1_000_000,
+) -> list[Result]:
     """``concurrency`` clients, each on its own connection, for ``duration_s``."""
     results: list[Result] = []
     stop_at = time.perf_counter() + duration_s
@@ -128,9 +144,16 @@ async def closed_loop(host: str, port: int, requests: list[bytes], concurrency: 
     return results
 
 
-async def open_loop(host: str, port: int, requests: list[bytes], rate_per_s: float,
-                    duration_s: float, seed: int = 0, timeout_s: float = 30.0,
-                    max_connections: int = 512) -> list[Result]:
+async def open_loop(
+    host: str,
+    port: int,
+    requests: list[bytes],
+    rate_per_s: float,
+    duration_s: float,
+    seed: int = 0,
+    timeout_s: float = 30.0,
+    max_connections: int = 512,
+) -> list[Result]:
     """Poisson arrivals at ``rate_per_s`` for ``duration_s``; each request goes out on an
     idle connection (a new one while fewer than ``max_connections`` exist, else it waits
     for one, and that wait counts in its latency)."""

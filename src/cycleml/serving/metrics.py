@@ -19,8 +19,22 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0,
-    4.0, 8.0, 16.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.0,
+    2.0,
+    4.0,
+    8.0,
+    16.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

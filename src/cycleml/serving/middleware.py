@@ -40,8 +40,14 @@ class RequestContextMiddleware:
     The ``Authorization`` header is never logged.
     """
 
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth | None, limits: LimitSettings,
-                 log_requests: bool, on_busy: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: ApiKeyAuth | None,
+        limits: LimitSettings,
+        log_requests: bool,
+        on_busy: Callable[[], None],
+    ) -> None:
         self.app = app
         self.auth = auth
         self.limits = limits
@@ -80,27 +86,43 @@ class RequestContextMiddleware:
             await send(message)
 
         path = scope["path"]
-        if self.auth is not None and path not in self.auth.public_paths and not (
-            self.auth.allows(authorization)
+        if (
+            self.auth is not None
+            and path not in self.auth.public_paths
+            and not (self.auth.allows(authorization))
         ):
             info["error"] = "missing or invalid API key"
-            await _refuse(send_with_id, 401, "missing or invalid API key: send "
-                          "'Authorization: Bearer <key>'", [(b"www-authenticate", b"Bearer")])
-        elif content_length is not None and content_length.isdigit() and (
-            int(content_length) > self.limits.max_body_bytes
+            await _refuse(
+                send_with_id,
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        elif (
+            content_length is not None
+            and content_length.isdigit()
+            and (int(content_length) > self.limits.max_body_bytes)
         ):
             info["error"] = "body too large"
-            await _refuse(send_with_id, 413, f"request body of {int(content_length)} bytes "
-                          f"exceeds the limit of {self.limits.max_body_bytes}", [])
+            await _refuse(
+                send_with_id,
+                413,
+                f"request body of {int(content_length)} bytes "
+                f"exceeds the limit of {self.limits.max_body_bytes}",
+                [],
+            )
         elif path in self.unlimited_paths:
             await self.app(scope, receive, send_with_id)
         elif self.inflight >= self.limits.max_inflight:
             info["error"] = "server busy"
             self.on_busy()
-            await _refuse(send_with_id, self.limits.overload_status,
-                          f"server busy: {self.inflight} requests in flight; retry after "
-                          f"{self.limits.retry_after_s} s",
-                          [(b"retry-after", str(self.limits.retry_after_s).encode())])
+            await _refuse(
+                send_with_id,
+                self.limits.overload_status,
+                f"server busy: {self.inflight} requests in flight; retry after "
+                f"{self.limits.retry_after_s} s",
+                [(b"retry-after", str(self.limits.retry_after_s).encode())],
+            )
         else:
             self.inflight += 1
             try:
@@ -120,10 +142,15 @@ class RequestContextMiddleware:
 
 async def _refuse(send: Send, status: int, message: str, headers: list) -> None:
     body = json_dumps({"error": message})
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -94,8 +94,9 @@ class InferRequest:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ProtocolError(f"parameter 'timeout' must be a positive number of "
-                                f"microseconds, got {value!r}")
+            raise ProtocolError(
+                f"parameter 'timeout' must be a positive number of microseconds, got {value!r}"
+            )
         return float(value)
 
 
@@ -160,9 +161,7 @@ def _parse(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
-def _parse_input(
-    raw: Any, index: int, binary: memoryview, offset: int
-) -> tuple[InputTensor, int]:
+def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
     if not isinstance(raw, dict):
         raise ProtocolError(f"inputs[{index}] must be a JSON object")
     name = raw.get("name")
@@ -174,9 +173,8 @@ def _parse_input(
             f"input '{name}' has datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
         )
     shape = raw.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ProtocolError(f"input '{name}' needs a 'shape' list of non-negative integers")
     shape_t = tuple(shape)

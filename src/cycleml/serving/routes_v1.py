@@ -65,21 +65,23 @@ def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
         document = json_loads(body)
     except ValueError as err:
         raise ProtocolError(f"request body is not valid JSON: {err}") from None
-    if not isinstance(document, dict) or ("text" not in document
-                                          and "instances" not in document):
+    if not isinstance(document, dict) or ("text" not in document and "instances" not in document):
         raise ProtocolError('JSON body must be {"text": "..."} or {"instances": [...]}')
     if "text" in document:
         if model.kind != "text":
-            raise ProtocolError(f"model '{model.name}' is an image model; send an image file "
-                                'or {"instances": [<H×W×C pixel array> | {"b64": ...}]}')
+            raise ProtocolError(
+                f"model '{model.name}' is an image model; send an image file "
+                'or {"instances": [<H×W×C pixel array> | {"b64": ...}]}'
+            )
         instances = [document["text"]]
     else:
         instances = document["instances"]
     if not isinstance(instances, list) or not instances:
         raise ProtocolError("'instances' must be a non-empty list")
     if len(instances) > model.max_batch_size:
-        raise ProtocolError(f"{len(instances)} instances exceed the maximum of "
-                            f"{model.max_batch_size} per request")
+        raise ProtocolError(
+            f"{len(instances)} instances exceed the maximum of {model.max_batch_size} per request"
+        )
     if model.kind == "text":
         texts = [i.get("text") if isinstance(i, dict) else i for i in instances]
         return model.preprocess_texts(texts)
@@ -94,11 +96,13 @@ def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
             try:
                 images.append(np.asarray(instance, dtype=np.uint8))
             except (ValueError, TypeError, OverflowError) as err:
-                raise ProtocolError(f"instances[{index}] is not a uint8 pixel array: {err}"
-                                    ) from None
+                raise ProtocolError(
+                    f"instances[{index}] is not a uint8 pixel array: {err}"
+                ) from None
         else:
-            raise ProtocolError(f"instances[{index}] must be a pixel array or "
-                                '{"b64": "<encoded image>"}')
+            raise ProtocolError(
+                f'instances[{index}] must be a pixel array or {{"b64": "<encoded image>"}}'
+            )
     return model.preprocess_images(images)
 
 
@@ -108,15 +112,18 @@ async def _rows(request: Request, body: bytes, model: ServedModel) -> np.ndarray
     if content_type == "application/json":
         return await state.off_loop(_json_instances, body, model)
     if model.kind != "image":
-        raise ProtocolError(f"model '{model.name}' is a text model; send JSON "
-                            '{"text": "..."} or {"instances": ["...", ...]}')
+        raise ProtocolError(
+            f"model '{model.name}' is a text model; send JSON "
+            '{"text": "..."} or {"instances": ["...", ...]}'
+        )
     if content_type == "multipart/form-data":
         files = await _form_files(request, body)
         if not files:
             raise ProtocolError("multipart body has no file parts")
         if len(files) > model.max_batch_size:
-            raise ProtocolError(f"{len(files)} files exceed the maximum of "
-                                f"{model.max_batch_size} per request")
+            raise ProtocolError(
+                f"{len(files)} files exceed the maximum of {model.max_batch_size} per request"
+            )
         return await state.off_loop(model.preprocess_images, files)
     if not body:
         raise ProtocolError("empty body: send an image file, multipart form or JSON")
@@ -148,32 +155,43 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             item = await infer_rows(request, model, rows, deadline)
             record_item(info, item)
             predictions = model.predictors[0].to_predictions(item.output, TOP_K)
-            return json_response({
-                "model_name": model.name,
-                "model_version": model.version,
-                "id": info["request_id"],
-                "predictions": [
-                    {
-                        "label": p.label,
-                        "label_id": p.label_id,
-                        "confidence": p.confidence,
-                        "probabilities": dict(zip(model.class_names,
-                                                  p.probabilities.tolist(), strict=True)),
-                    }
-                    for p in predictions
-                ],
-            })
+            return json_response(
+                {
+                    "model_name": model.name,
+                    "model_version": model.version,
+                    "id": info["request_id"],
+                    "predictions": [
+                        {
+                            "label": p.label,
+                            "label_id": p.label_id,
+                            "confidence": p.confidence,
+                            "probabilities": dict(
+                                zip(model.class_names, p.probabilities.tolist(), strict=True)
+                            ),
+                        }
+                        for p in predictions
+                    ],
+                }
+            )
 
     return await answered(state, request, "v1_predict", model_name, handle)
 
 
-@router.post("/v1/models/{model_name}:predict", tags=["inference"], openapi_extra=_PREDICT_BODY,
-             summary="Predict labels for an image file or a text")
+@router.post(
+    "/v1/models/{model_name}:predict",
+    tags=["inference"],
+    openapi_extra=_PREDICT_BODY,
+    summary="Predict labels for an image file or a text",
+)
 async def predict(request: Request, model_name: str) -> Response:
     return await _predict(request, model_name, None)
 
 
-@router.post("/v1/models/{model_name}/versions/{model_version}:predict", tags=["inference"],
-             openapi_extra=_PREDICT_BODY, summary="Predict with a pinned version")
+@router.post(
+    "/v1/models/{model_name}/versions/{model_version}:predict",
+    tags=["inference"],
+    openapi_extra=_PREDICT_BODY,
+    summary="Predict with a pinned version",
+)
 async def predict_version(request: Request, model_name: str, model_version: str) -> Response:
     return await _predict(request, model_name, model_version)

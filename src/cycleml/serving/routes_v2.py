@@ -95,25 +95,38 @@ async def infer_response(request: Request, model_name: str, version: str | None)
             rows = model.check_request(parsed)
             item = await infer_rows(request, model, rows, deadline)
             record_item(info, item)
-            encoded = encode_response(model.name, model.version, parsed,
-                                      {model.output_name: item.output})
+            encoded = encode_response(
+                model.name, model.version, parsed, {model.output_name: item.output}
+            )
         if encoded.header_length is None:
             return Response(encoded.body, media_type="application/json")
-        return Response(encoded.body, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(encoded.header_length)})
+        return Response(
+            encoded.body,
+            media_type="application/octet-stream",
+            headers={"Inference-Header-Content-Length": str(encoded.header_length)},
+        )
 
     return await answered(state, request, "v2_infer", model_name, handle)
 
 
-@router.post("/v2/models/{model_name}/infer", tags=["inference"], openapi_extra=_INFER_BODY,
-             responses=_INFER_RESPONSES, summary="Run inference (latest version)")
+@router.post(
+    "/v2/models/{model_name}/infer",
+    tags=["inference"],
+    openapi_extra=_INFER_BODY,
+    responses=_INFER_RESPONSES,
+    summary="Run inference (latest version)",
+)
 async def infer(request: Request, model_name: str) -> Response:
     return await infer_response(request, model_name, None)
 
 
-@router.post("/v2/models/{model_name}/versions/{model_version}/infer", tags=["inference"],
-             openapi_extra=_INFER_BODY, responses=_INFER_RESPONSES,
-             summary="Run inference on a pinned version")
+@router.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    tags=["inference"],
+    openapi_extra=_INFER_BODY,
+    responses=_INFER_RESPONSES,
+    summary="Run inference on a pinned version",
+)
 async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
     return await infer_response(request, model_name, model_version)
 
@@ -131,10 +144,12 @@ async def model_metadata(request: Request, model_name: str) -> Response:
     return _metadata(request, model_name, None)
 
 
-@router.get("/v2/models/{model_name}/versions/{model_version}", tags=["models"],
-            summary="Model version metadata")
-async def model_version_metadata(request: Request, model_name: str,
-                                 model_version: str) -> Response:
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    tags=["models"],
+    summary="Model version metadata",
+)
+async def model_version_metadata(request: Request, model_name: str, model_version: str) -> Response:
     return _metadata(request, model_name, model_version)
 
 
@@ -150,10 +165,12 @@ async def model_ready(request: Request, model_name: str) -> Response:
     return _ready(request, model_name, None)
 
 
-@router.get("/v2/models/{model_name}/versions/{model_version}/ready", tags=["health"],
-            summary="Model version readiness")
-async def model_version_ready(request: Request, model_name: str,
-                              model_version: str) -> Response:
+@router.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    tags=["health"],
+    summary="Model version readiness",
+)
+async def model_version_ready(request: Request, model_name: str, model_version: str) -> Response:
     return _ready(request, model_name, model_version)
 
 
@@ -162,31 +179,47 @@ def _ready(request: Request, model_name: str, version: str | None) -> Response:
     if failure is not None:
         return failure
     ready = model.ready and not state_of(request).draining
-    return json_response({"name": model.name, "version": model.version, "ready": ready},
-                         200 if ready else 503)
+    return json_response(
+        {"name": model.name, "version": model.version, "ready": ready}, 200 if ready else 503
+    )
 
 
-@router.get("/v2/models/{model_name}/config", tags=["models"],
-            summary="Model configuration (batching and instances)")
+@router.get(
+    "/v2/models/{model_name}/config",
+    tags=["models"],
+    summary="Model configuration (batching and instances)",
+)
 async def model_config(request: Request, model_name: str) -> Response:
     model, failure = _lookup(request, model_name, None)
     if failure is not None:
         return failure
     settings = state_of(request).settings
-    return json_response({
-        "name": model.name,
-        "platform": "onnxruntime_onnx",
-        "max_batch_size": model.max_batch_size,
-        "input": [{"name": model.input_name, "data_type": f"TYPE_{model.input_datatype}",
-                   "dims": list(model.input_shape[1:])}],
-        "output": [{"name": model.output_name, "data_type": "TYPE_FP32",
-                    "dims": [len(model.class_names)]}],
-        "dynamic_batching": {
-            "max_queue_delay_microseconds": int(settings.batching.max_queue_delay_ms * 1000),
-            "max_queue_size": settings.batching.max_queue_size,
-        },
-        "instance_group": [{"count": len(model.batchers), "kind": "KIND_CPU"}],
-    })
+    return json_response(
+        {
+            "name": model.name,
+            "platform": "onnxruntime_onnx",
+            "max_batch_size": model.max_batch_size,
+            "input": [
+                {
+                    "name": model.input_name,
+                    "data_type": f"TYPE_{model.input_datatype}",
+                    "dims": list(model.input_shape[1:]),
+                }
+            ],
+            "output": [
+                {
+                    "name": model.output_name,
+                    "data_type": "TYPE_FP32",
+                    "dims": [len(model.class_names)],
+                }
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(settings.batching.max_queue_delay_ms * 1000),
+                "max_queue_size": settings.batching.max_queue_size,
+            },
+            "instance_group": [{"count": len(model.batchers), "kind": "KIND_CPU"}],
+        }
+    )
 
 
 # -- model repository extension ------------------------------------------------------------
@@ -195,10 +228,15 @@ async def repository_index(request: Request) -> Response:
     return json_response(state_of(request).repository.index())
 
 
-@router.post("/v2/repository/models/{model_name}/load", tags=["repository"],
-             summary="Load or reload a model from the repository folder",
-             responses={404: {"description": "no such model on disk"},
-                        503: {"description": "the model failed to load"}})
+@router.post(
+    "/v2/repository/models/{model_name}/load",
+    tags=["repository"],
+    summary="Load or reload a model from the repository folder",
+    responses={
+        404: {"description": "no such model on disk"},
+        503: {"description": "the model failed to load"},
+    },
+)
 async def repository_load(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:
@@ -208,9 +246,12 @@ async def repository_load(request: Request, model_name: str) -> Response:
     return json_response({"name": model_name, "versions": versions})
 
 
-@router.post("/v2/repository/models/{model_name}/unload", tags=["repository"],
-             summary="Stop serving a model (after its queued requests)",
-             responses={404: {"description": "the model is not loaded"}})
+@router.post(
+    "/v2/repository/models/{model_name}/unload",
+    tags=["repository"],
+    summary="Stop serving a model (after its queued requests)",
+    responses={404: {"description": "the model is not loaded"}},
+)
 async def repository_unload(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:

@@ -39,8 +39,14 @@ class ServedModel:
     """A loaded model version: ``instances`` ONNX Runtime sessions, each with a batching
     thread, sharing one bounded queue. Ready once every instance ran its warm-up."""
 
-    def __init__(self, name: str, bundle: ModelBundle, settings: ServeSettings,
-                 metrics: ServingMetrics, version: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        bundle: ModelBundle,
+        settings: ServeSettings,
+        metrics: ServingMetrics,
+        version: str | None = None,
+    ) -> None:
         self.name = name
         self.version = str(version if version is not None else bundle.meta.version)
         self.bundle = bundle
@@ -71,9 +77,7 @@ class ServedModel:
         self._metrics = metrics
         depth_gauge = metrics.queue_depth.labels(*self._labels)
         self.latency_model = BatchLatencyModel()
-        self.queue = RequestQueue(
-            batching.max_queue_size, ArrivalRate(), on_depth=depth_gauge.set
-        )
+        self.queue = RequestQueue(batching.max_queue_size, ArrivalRate(), on_depth=depth_gauge.set)
         self._inference_time = metrics.inference_time.labels(*self._labels)
         self._batch_size = metrics.batch_size.labels(*self._labels)
         self.batchers = [
@@ -112,8 +116,13 @@ class ServedModel:
             batcher.start()
         self.ready = True
         self._metrics.models_ready.labels(*self._labels).set(1)
-        log.info("model %s version %s ready: %d instance(s), max batch %d",
-                 self.name, self.version, len(self.batchers), self.max_batch_size)
+        log.info(
+            "model %s version %s ready: %d instance(s), max batch %d",
+            self.name,
+            self.version,
+            len(self.batchers),
+            self.max_batch_size,
+        )
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new work, let the batchers finish what is queued, and join them."""
@@ -217,12 +226,14 @@ class ServedModel:
             "versions": list(versions),
             "platform": "onnxruntime_onnx",
             "inputs": [
-                {"name": self.input_name, "datatype": self.input_datatype,
-                 "shape": list(self.input_shape)}
+                {
+                    "name": self.input_name,
+                    "datatype": self.input_datatype,
+                    "shape": list(self.input_shape),
+                }
             ],
             "outputs": [
-                {"name": self.output_name, "datatype": "FP32",
-                 "shape": [-1, len(self.class_names)]}
+                {"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.class_names)]}
             ],
             "parameters": {
                 "kind": self.kind,

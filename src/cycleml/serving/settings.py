@@ -71,36 +71,61 @@ class ServeSettings:
     access_log: bool = True
 
     def __post_init__(self) -> None:
-        _check(Path(self.path).exists(), f"path '{self.path}' does not exist; give a bundle "
-               "folder or a model repository (<repository>/<model>/<version>/)")
+        _check(
+            Path(self.path).exists(),
+            f"path '{self.path}' does not exist; give a bundle "
+            "folder or a model repository (<repository>/<model>/<version>/)",
+        )
         _check(1 <= self.port <= 65535, f"port must be in 1..65535, got {self.port}")
         _check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
-        _check(self.version_policy in VERSION_POLICIES,
-               f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'")
+        _check(
+            self.version_policy in VERSION_POLICIES,
+            f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'",
+        )
         rt, batching, limits = self.runtime, self.batching, self.limits
         _check(rt.instances >= 1, f"runtime.instances must be >= 1, got {rt.instances}")
-        _check(rt.intra_op_threads >= 0 and rt.inter_op_threads >= 0,
-               "runtime.intra_op_threads and runtime.inter_op_threads must be >= 0")
-        _check(rt.decode_threads >= 1,
-               f"runtime.decode_threads must be >= 1, got {rt.decode_threads}")
-        _check(batching.max_batch_size >= 1,
-               f"batching.max_batch_size must be >= 1, got {batching.max_batch_size}")
-        _check(batching.max_queue_delay_ms >= 0,
-               f"batching.max_queue_delay_ms must be >= 0, got {batching.max_queue_delay_ms}")
-        _check(batching.max_queue_size >= 1,
-               f"batching.max_queue_size must be >= 1, got {batching.max_queue_size}")
-        _check(limits.max_body_bytes >= 1024,
-               f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}")
-        _check(limits.max_inflight >= 1,
-               f"limits.max_inflight must be >= 1, got {limits.max_inflight}")
-        _check(0 < limits.default_timeout_ms <= limits.max_timeout_ms,
-               "limits.default_timeout_ms must be > 0 and <= limits.max_timeout_ms")
-        _check(limits.overload_status in (429, 503),
-               f"limits.overload_status must be 429 or 503, got {limits.overload_status}")
-        _check(limits.retry_after_s >= 1,
-               f"limits.retry_after_s must be >= 1, got {limits.retry_after_s}")
-        _check(self.reload.interval_s > 0,
-               f"reload.interval_s must be > 0, got {self.reload.interval_s}")
+        _check(
+            rt.intra_op_threads >= 0 and rt.inter_op_threads >= 0,
+            "runtime.intra_op_threads and runtime.inter_op_threads must be >= 0",
+        )
+        _check(
+            rt.decode_threads >= 1, f"runtime.decode_threads must be >= 1, got {rt.decode_threads}"
+        )
+        _check(
+            batching.max_batch_size >= 1,
+            f"batching.max_batch_size must be >= 1, got {batching.max_batch_size}",
+        )
+        _check(
+            batching.max_queue_delay_ms >= 0,
+            f"batching.max_queue_delay_ms must be >= 0, got {batching.max_queue_delay_ms}",
+        )
+        _check(
+            batching.max_queue_size >= 1,
+            f"batching.max_queue_size must be >= 1, got {batching.max_queue_size}",
+        )
+        _check(
+            limits.max_body_bytes >= 1024,
+            f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}",
+        )
+        _check(
+            limits.max_inflight >= 1, f"limits.max_inflight must be >= 1, got {limits.max_inflight}"
+        )
+        _check(
+            0 < limits.default_timeout_ms <= limits.max_timeout_ms,
+            "limits.default_timeout_ms must be > 0 and <= limits.max_timeout_ms",
+        )
+        _check(
+            limits.overload_status in (429, 503),
+            f"limits.overload_status must be 429 or 503, got {limits.overload_status}",
+        )
+        _check(
+            limits.retry_after_s >= 1,
+            f"limits.retry_after_s must be >= 1, got {limits.retry_after_s}",
+        )
+        _check(
+            self.reload.interval_s > 0,
+            f"reload.interval_s must be > 0, got {self.reload.interval_s}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
