@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import runpy
 import sys
+from collections.abc import Iterable
 
 # command -> (module run as __main__, one-line help). Each module is a Hydra app
 # with its own primary config, so everything after the command is Hydra's.
@@ -42,15 +43,29 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+def pick_command(
+    args: list[str], names: Iterable[str], usage: str, prog: str
+) -> tuple[str, list[str]] | None:
+    """Split ``args`` into a known command and the rest; None after printing help.
+
+    An unknown command prints the usage to stderr and exits with status 2.
+    """
     if not args or args[0] in {"-h", "--help", "help"}:
-        print(_usage())
-        return
-    command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"cycleml: unknown command '{command}'.\n\n{_usage()}", file=sys.stderr)
+        print(usage)
+        return None
+    if args[0] not in names:
+        print(f"{prog}: unknown command '{args[0]}'.\n\n{usage}", file=sys.stderr)
         raise SystemExit(2)
+    return args[0], args[1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    picked = pick_command(
+        list(sys.argv[1:] if argv is None else argv), COMMANDS, _usage(), "cycleml"
+    )
+    if picked is None:
+        return
+    command, rest = picked
     module, _ = COMMANDS[command]
     # Run the command module as __main__ so that tools which re-launch the program
     # (Lightning's DDP launcher) start `python -m <module> <overrides>` again.

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.cli import pick_command
 from cycleml.hydra_app import hydra_app
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,12 @@ def _diff_arguments(args: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in {"-h", "--help", "help"}:
-        print(_usage())
+    picked = pick_command(
+        list(sys.argv[1:] if argv is None else argv), SUBCOMMANDS, _usage(), "cycleml data"
+    )
+    if picked is None:
         return
-    command, rest = args[0], args[1:]
-    if command not in SUBCOMMANDS:
-        print(f"cycleml data: unknown sub-command '{command}'.\n\n{_usage()}", file=sys.stderr)
-        raise SystemExit(2)
+    command, rest = picked
     if command == "diff":
         rest = _diff_arguments(rest)
     app, _ = SUBCOMMANDS[command]
