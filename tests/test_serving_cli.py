@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,15 @@ def test_several_worker_processes_share_the_port_and_metrics(
     body, headers = binary_body(pixels)
     with server_process(image_bundle, port, "workers=2", "access_log=false") as process:
         wait_ready(url)
+        # each worker loads the model itself: ready once new connections, which land on
+        # either worker, all find it ready
+        deadline = time.monotonic() + 60
+        streak = 0
+        while streak < 10 and time.monotonic() < deadline:
+            with httpx.Client(base_url=url) as fresh:
+                ready = fresh.get("/v2/health/ready").status_code == 200
+            streak = streak + 1 if ready else 0
+        assert streak == 10, "the worker processes did not all become ready"
         with httpx.Client(base_url=url) as http:
             statuses = [
                 http.post(

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from cycleml.errors import CycleMLError
 from cycleml.serving.auth import ApiKeyAuth
@@ -63,16 +64,25 @@ def state_of(request: Request) -> ServerState:
 async def read_body(request: Request, state: ServerState) -> bytes:
     """The whole body, decompressed if it came gzip/deflate encoded, refused when it is
     (or grows, or inflates) larger than ``limits.max_body_bytes``."""
-    limit = state.settings.limits.max_body_bytes
-    body = await _read_raw_body(request, limit)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    body = await receive_body(
+        request.receive,
+        state.settings.limits.max_body_bytes,
+        request.headers.get("content-length"),
+    )
+    encoding = request.headers.get("content-encoding")
+    return body if encoding is None else await decode_body(state, body, encoding)
+
+
+async def decode_body(state: ServerState, body: bytes, encoding: str) -> bytes:
+    """``body`` as sent with ``Content-Encoding: encoding`` (identity, gzip or deflate)."""
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedEncoding(
             f"Content-Encoding '{encoding}' is not supported; use gzip, deflate or none"
         )
-    return await state.off_loop(_inflate, body, encoding, limit)
+    return await state.off_loop(_inflate, body, encoding, state.settings.limits.max_body_bytes)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -88,25 +98,46 @@ def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-async def _read_raw_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def receive_body(receive: Receive, limit: int, declared: bytes | str | None) -> bytes:
+    """The raw request body from the ASGI ``receive`` channel; ``BodyTooLarge`` when the
+    declared Content-Length or the bytes that arrive exceed ``limit``."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
+        length = declared.decode("latin-1") if isinstance(declared, bytes) else declared
+        raise BodyTooLarge(f"request body of {length} bytes exceeds the limit of {limit}")
+    message = await receive()
+    if message["type"] != "http.request":
+        raise Cancelled()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return body
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise Cancelled()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def timeout_s(request: Request, settings: ServeSettings, requested_us: float | None) -> float:
     """The request's time budget: the header, else the request parameter, else the
     default; never more than ``limits.max_timeout_ms``."""
+    return request_timeout_s(settings, request.headers.get(TIMEOUT_HEADER), requested_us)
+
+
+def request_timeout_s(
+    settings: ServeSettings, header: str | None, requested_us: float | None
+) -> float:
+    """:func:`timeout_s` from the value of the X-Timeout-Ms header (None: not sent)."""
     limits = settings.limits
-    header = request.headers.get(TIMEOUT_HEADER)
     if header is not None:
         try:
             millis = float(header)
@@ -128,7 +159,7 @@ WATCH_DISCONNECT_AFTER_S = 0.05
 
 
 async def infer_rows(
-    request: Request, model: ServedModel, rows: np.ndarray, deadline: float
+    receive: Receive, model: ServedModel, rows: np.ndarray, deadline: float
 ) -> WorkItem:
     """Queue ``rows`` on ``model`` and wait for the batch that runs them.
 
@@ -137,7 +168,7 @@ async def infer_rows(
     to the end.
     """
     item = model.submit(rows, deadline)
-    guard = _QueueGuard(request, model, item, deadline)
+    guard = _QueueGuard(receive, model, item, deadline)
     try:
         return await item.future
     finally:
@@ -148,9 +179,9 @@ class _QueueGuard:
     """Withdraws a queued item at its deadline or when its client goes away."""
 
     def __init__(
-        self, request: Request, model: ServedModel, item: WorkItem, deadline: float
+        self, receive: Receive, model: ServedModel, item: WorkItem, deadline: float
     ) -> None:
-        self._request, self._model, self._item, self._deadline = request, model, item, deadline
+        self._receive, self._model, self._item, self._deadline = receive, model, item, deadline
         self._loop = asyncio.get_running_loop()
         self._watcher: asyncio.Task | None = None
         wait = self._deadline - time.perf_counter()
@@ -171,7 +202,7 @@ class _QueueGuard:
         self._withdraw(DeadlineExceeded())
 
     async def _on_disconnect(self) -> None:
-        receive = self._request.receive
+        receive = self._receive
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -191,8 +222,8 @@ class _QueueGuard:
             self._watcher.cancel()
 
 
-def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Response]:
-    """The HTTP answer for a failure, as ``(status, response)``."""
+def error_parts(err: Exception, settings: ServeSettings) -> tuple[int, str, dict[str, str]]:
+    """The HTTP answer for a failure: ``(status, message, extra headers)``."""
     headers: dict[str, str] = {}
     if isinstance(err, ProtocolError | CycleMLError | ValueError):
         # bad input, an undecodable image or text, a model of the other kind
@@ -219,6 +250,12 @@ def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Respon
     else:  # a bug, not a bad request: log it in full, tell the client only what kind
         log.error("internal error", exc_info=err)
         status, message = 500, f"internal server error ({type(err).__name__})"
+    return status, message, headers
+
+
+def error_response(err: Exception, settings: ServeSettings) -> tuple[int, Response]:
+    """The HTTP answer for a failure, as ``(status, response)``."""
+    status, message, headers = error_parts(err, settings)
     return status, json_response({"error": message}, status, headers)
 
 
@@ -229,6 +266,23 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
 
 
 REJECTION_REASONS = {429: "queue_full", 503: "queue_full", 504: "deadline", 499: "cancelled"}
+
+
+def account(
+    state: ServerState, info: dict[str, Any], endpoint: str, status: int, started: float
+) -> None:
+    """Count one finished inference request in the metrics (by model, version, endpoint
+    and status; latency and queue time of the successful ones; rejections by reason)."""
+    version = info.get("version")
+    state.metrics.request_done(
+        info.get("model", ""),
+        version or "",
+        endpoint,
+        status,
+        time.perf_counter() - started,
+        info.get("queue_ms"),
+        REJECTION_REASONS.get(status) if version is not None else None,
+    )
 
 
 async def answered(
@@ -249,15 +303,7 @@ async def answered(
     except Exception as err:
         status, response = error_response(err, state.settings)
         info["error"] = str(err)[:200]
-    version = info.get("version", "")
-    metrics = state.metrics
-    metrics.requests.labels(model_name, version, endpoint, str(status)).inc()
-    if status == 200:
-        metrics.latency.labels(model_name, version).observe(time.perf_counter() - started)
-        if "queue_ms" in info:
-            metrics.queue_time.labels(model_name, version).observe(info["queue_ms"] / 1000.0)
-    elif status in REJECTION_REASONS and info.get("version") is not None:
-        metrics.rejected.labels(model_name, version, REJECTION_REASONS[status]).inc()
+    account(state, info, endpoint, status, started)
     return response
 
 

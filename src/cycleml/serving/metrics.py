@@ -44,6 +44,8 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # several server processes (workers > 1) keep their values in files
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         labels = ("model", "version")
         self.requests = Counter(
             "cycleml_requests_total",
@@ -100,10 +102,45 @@ class ServingMetrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        # (model, version, endpoint, status) -> the children request_done updates
+        self._children: dict[tuple[str, str, str, int], tuple] = {}
+
+    def request_done(
+        self,
+        model: str,
+        version: str,
+        endpoint: str,
+        status: int,
+        latency_s: float,
+        queue_ms: float | None,
+        rejection: str | None,
+    ) -> None:
+        """Count one inference request. The labelled children are looked up once per label
+        set and kept: ``labels()`` costs more than the update itself, and this runs for
+        every request."""
+        key = (model, version, endpoint, status)
+        children = self._children.get(key)
+        if children is None:
+            ok = status == 200
+            children = (
+                self.requests.labels(model, version, endpoint, str(status)),
+                self.latency.labels(model, version) if ok else None,
+                self.queue_time.labels(model, version) if ok else None,
+                self.rejected.labels(model, version, rejection) if rejection else None,
+            )
+            self._children[key] = children
+        requests, latency, queue_time, rejected = children
+        requests.inc()
+        if latency is not None:
+            latency.observe(latency_s)
+            if queue_ms is not None:
+                queue_time.observe(queue_ms / 1000.0)
+        elif rejected is not None:
+            rejected.inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format of all metrics (summed over processes if several)."""
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -57,12 +57,17 @@ DATATYPES: dict[str, np.dtype] = {
 }
 
 
+_DATATYPE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DATATYPES.items()}
+
+
 def datatype_of(dtype: np.dtype) -> str:
     """The KServe v2 datatype name of a numpy dtype."""
-    for name, candidate in DATATYPES.items():
-        if candidate == np.dtype(dtype).newbyteorder("<"):
-            return name
-    raise ValueError(f"no KServe v2 datatype for numpy dtype {dtype}")
+    name = _DATATYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DATATYPE_NAMES.get(np.dtype(dtype).newbyteorder("<"))
+        if name is None:
+            raise ValueError(f"no KServe v2 datatype for numpy dtype {dtype}")
+    return name
 
 
 class ProtocolError(ValueError):
@@ -75,6 +80,8 @@ class InputTensor:
     datatype: str
     shape: tuple[int, ...]
     array: np.ndarray
+    # the values came as binary tensor data (not JSON ``data``)
+    binary: bool = False
 
 
 @dataclass
@@ -117,7 +124,59 @@ def parse_binary_request(body: bytes, header_length: str) -> InferRequest:
         raise ProtocolError(
             f"Inference-Header-Content-Length {length} is outside the body of {len(body)} bytes"
         )
-    return _parse(body, header_length=length)
+    header = body[:length]
+    known = _binary_headers.get(header)
+    if known is not None:
+        return known.request(body, length)
+    request = _parse(body, header_length=length)
+    # a header that carries a request id is usually sent once: not worth keeping
+    if request.id is None and all(t.binary for t in request.inputs):
+        if len(_binary_headers) >= BINARY_HEADER_CACHE:
+            _binary_headers.clear()
+        _binary_headers[header] = _BinaryHeader(request)
+    return request
+
+
+# A client sends the same JSON header with every request of the same shape, so the
+# checked layout of a binary request is kept by its header bytes and the next request
+# with those bytes skips parsing and checking it again. The requests the server
+# handles at once share the template's (read-only) parameters and output choices.
+BINARY_HEADER_CACHE = 1024
+
+
+class _BinaryHeader:
+    """What a checked binary-request header says, to apply to another body."""
+
+    def __init__(self, parsed: InferRequest) -> None:
+        self.template = parsed
+        self.layout = [
+            (t.name, t.datatype, t.shape, t.array.dtype, t.array.nbytes) for t in parsed.inputs
+        ]
+        self.size = sum(item[4] for item in self.layout)
+
+    def request(self, body: bytes, header_length: int) -> InferRequest:
+        binary = memoryview(body)[header_length:]
+        if len(binary) != self.size:
+            # the same header over a body of another length: let the full parser say why
+            return _parse(body, header_length)
+        inputs = []
+        offset = 0
+        for name, datatype, shape, dtype, size in self.layout:
+            array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape)
+            inputs.append(InputTensor(name, datatype, shape, array, binary=True))
+            offset += size
+        template = self.template
+        return InferRequest(
+            inputs=inputs,
+            id=template.id,
+            outputs=template.outputs,
+            binary_outputs=template.binary_outputs,
+            binary_by_default=template.binary_by_default,
+            parameters=template.parameters,
+        )
+
+
+_binary_headers: dict[bytes, _BinaryHeader] = {}
 
 
 def _parse(body: bytes, header_length: int | None) -> InferRequest:
@@ -199,7 +258,7 @@ def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple
                 f"{len(binary) - offset} remain in the body"
             )
         array = np.frombuffer(binary[offset : offset + size], dtype=dtype).reshape(shape_t)
-        return InputTensor(name, datatype, shape_t, array), offset + size
+        return InputTensor(name, datatype, shape_t, array, binary=True), offset + size
 
     if "data" not in raw:
         raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
@@ -269,7 +328,9 @@ def encode_response(
             request.binary_by_default and request.outputs is None
         )
         if as_binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            if array.dtype.byteorder == ">":
+                array = array.astype(array.dtype.newbyteorder("<"))
+            blob = array.tobytes()  # C order, whatever the array's layout
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

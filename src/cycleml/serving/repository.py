@@ -253,9 +253,9 @@ class ModelRepository:
         ).start()
 
     # -- routing ---------------------------------------------------------------------------
-    @contextmanager
-    def lease(self, name: str, version: str | None = None) -> Iterator[ServedModel]:
-        """The served model for a request, held so that a reload waits for the request."""
+    def acquire(self, name: str, version: str | None = None) -> ServedModel:
+        """The served model for a request, held (a reload waits for it) until the caller
+        calls its ``release()``; :meth:`lease` does both around a ``with`` block."""
         with self._lock:
             versions = self._live.get(name)
             if versions is None:
@@ -268,6 +268,12 @@ class ModelRepository:
                     f"(loaded: {', '.join(sorted(versions, key=version_order))})"
                 )
             model.acquire()
+        return model
+
+    @contextmanager
+    def lease(self, name: str, version: str | None = None) -> Iterator[ServedModel]:
+        """The served model for a request, held so that a reload waits for the request."""
+        model = self.acquire(name, version)
         try:
             yield model
         finally:

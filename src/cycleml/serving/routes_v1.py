@@ -152,7 +152,7 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             info["version"] = model.version
             rows = await _rows(request, body, model)
             model.check_rows(rows)
-            item = await infer_rows(request, model, rows, deadline)
+            item = await infer_rows(request.receive, model, rows, deadline)
             record_item(info, item)
             predictions = model.predictors[0].to_predictions(item.output, TOP_K)
             return json_response(

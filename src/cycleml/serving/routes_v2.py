@@ -9,20 +9,24 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from cycleml.serving.dispatch import (
-    answered,
+    ServerState,
+    account,
+    decode_body,
+    error_parts,
     error_response,
     infer_rows,
     json_response,
-    read_body,
+    receive_body,
     record_item,
+    request_timeout_s,
     state_of,
-    timeout_s,
 )
 from cycleml.serving.protocol import (
-    HEADER_LENGTH,
     encode_response,
+    json_dumps,
     parse_binary_request,
     parse_json_request,
 )
@@ -76,37 +80,99 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def infer_response(request: Request, model_name: str, version: str | None) -> Response:
-    """Run one inference request (the documented routes below, and the fast path)."""
-    state = state_of(request)
-    received = time.perf_counter()
+# (status, headers, body) of an HTTP answer, ready to send
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
-    async def handle(info: dict[str, Any]) -> Response:
-        body = await read_body(request, state)
-        header_length = request.headers.get(HEADER_LENGTH)
+_JSON = (b"content-type", b"application/json")
+_BINARY = (b"content-type", b"application/octet-stream")
+
+
+async def infer_answer(
+    state: ServerState,
+    scope: Scope,
+    receive: Receive,
+    model_name: str,
+    version: str | None,
+) -> Answer:
+    """Run one inference request from its ASGI scope to the bytes of its answer, counted
+    in the metrics and noted in the access log fields.
+
+    This is the whole of ``POST /v2/models/{m}[/versions/{v}]/infer``: the fast path
+    sends its answer directly, the documented routes wrap it in a response. Every
+    request pays for each step here, so it reads the headers in one pass and builds the
+    answer without a framework response object.
+    """
+    started = time.perf_counter()
+    info: dict[str, Any] = scope.setdefault("cycleml", {})
+    info["model"] = model_name
+    header_length = encoding = timeout_header = declared = None
+    for name, value in scope["headers"]:
+        if name == b"inference-header-content-length":
+            header_length = value.decode("latin-1")
+        elif name == b"content-length":
+            declared = value
+        elif name == b"content-encoding":
+            encoding = value.decode("latin-1")
+        elif name == b"x-timeout-ms":
+            timeout_header = value.decode("latin-1")
+    settings = state.settings
+    try:
+        body = await receive_body(receive, settings.limits.max_body_bytes, declared)
+        if encoding is not None:
+            body = await decode_body(state, body, encoding)
         if header_length is not None:
             # binary tensors: a small JSON header, the tensors are views of the body
             parsed = parse_binary_request(body, header_length)
         else:
             parsed = await state.off_loop(parse_json_request, body)
-        deadline = received + timeout_s(request, state.settings, parsed.timeout_us)
-        with state.repository.lease(model_name, version) as model:
+        deadline = started + request_timeout_s(settings, timeout_header, parsed.timeout_us)
+        model = state.repository.acquire(model_name, version)
+        try:
             info["version"] = model.version
             rows = model.check_request(parsed)
-            item = await infer_rows(request, model, rows, deadline)
+            item = await infer_rows(receive, model, rows, deadline)
             record_item(info, item)
             encoded = encode_response(
                 model.name, model.version, parsed, {model.output_name: item.output}
             )
-        if encoded.header_length is None:
-            return Response(encoded.body, media_type="application/json")
-        return Response(
-            encoded.body,
-            media_type="application/octet-stream",
-            headers={"Inference-Header-Content-Length": str(encoded.header_length)},
-        )
+        finally:
+            model.release()
+    except Exception as err:
+        status, message, extra = error_parts(err, settings)
+        info["error"] = str(err)[:200]
+        account(state, info, "v2_infer", status, started)
+        headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+        return status, headers, json_dumps({"error": message})
+    account(state, info, "v2_infer", 200, started)
+    if encoded.header_length is None:
+        return 200, [_JSON], encoded.body
+    return (
+        200,
+        [_BINARY, (b"inference-header-content-length", str(encoded.header_length).encode())],
+        encoded.body,
+    )
 
-    return await answered(state, request, "v2_infer", model_name, handle)
+
+async def send_answer(send: Send, answer: Answer) -> None:
+    status, headers, body = answer
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def infer_response(request: Request, model_name: str, version: str | None) -> Response:
+    """The inference answer as a response object (the documented routes below)."""
+    status, headers, body = await infer_answer(
+        state_of(request), request.scope, request.receive, model_name, version
+    )
+    response = Response(body, status_code=status)
+    response.raw_headers = [*headers, (b"content-length", str(len(body)).encode())]
+    return response
 
 
 @router.post(

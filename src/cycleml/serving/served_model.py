@@ -77,7 +77,16 @@ class ServedModel:
         self._metrics = metrics
         depth_gauge = metrics.queue_depth.labels(*self._labels)
         self.latency_model = BatchLatencyModel()
-        self.queue = RequestQueue(batching.max_queue_size, ArrivalRate(), on_depth=depth_gauge.set)
+        # the depth is read when /metrics is scraped; only with several server processes,
+        # whose values live in files, is it written on every change
+        shared = metrics.multiprocess
+        self.queue = RequestQueue(
+            batching.max_queue_size,
+            ArrivalRate(),
+            on_depth=depth_gauge.set if shared else None,
+        )
+        if not shared:
+            depth_gauge.set_function(self.queue.__len__)
         self._inference_time = metrics.inference_time.labels(*self._labels)
         self._batch_size = metrics.batch_size.labels(*self._labels)
         self.batchers = [
@@ -132,7 +141,11 @@ class ServedModel:
             if not batcher.join(timeout):
                 log.warning("instance %s did not stop within %s s", batcher.name, timeout)
         self._metrics.models_ready.labels(*self._labels).set(0)
-        self._metrics.queue_depth.labels(*self._labels).set(0)
+        depth = self._metrics.queue_depth.labels(*self._labels)
+        if self._metrics.multiprocess:
+            depth.set(0)
+        else:
+            depth.set_function(lambda: 0)
 
     def acquire(self) -> None:
         with self._lease_lock:
