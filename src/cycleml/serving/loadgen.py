@@ -3,7 +3,7 @@ clients, each sending its next request when the previous one is answered) and
 open-loop (Poisson arrivals at a fixed rate, latency measured from the *intended*
 send time, so a slow server cannot hide its queueing by slowing the client down).
 
-It speaks just enough HTTP over asyncio streams (keep-alive, Content-Length bodies)
+It speaks just enough HTTP over an asyncio protocol (keep-alive, Content-Length bodies)
 to cost the machine far less per request than a general client library, which
 matters when client and server share the same cores.
 """
@@ -61,47 +61,122 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+class _ResponseReader(asyncio.Protocol):
+    """Collects one HTTP/1.1 response at a time from a keep-alive connection.
+
+    A protocol rather than stream reader and writer: each request then costs the client
+    one write and one callback per read, which leaves more of a shared machine to the
+    server under test.
+    """
+
+    def __init__(self) -> None:
+        self.transport: Any = None  # the loop's TCP transport (uvloop's is not asyncio's class)
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future | None = None
+        self._head: tuple[int, dict[bytes, bytes]] | None = None
+        self._need = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def expect(self, waiter: asyncio.Future) -> None:
+        self._waiter = waiter
+        self._process()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._waiter is None:
+            return
+        if self._head is None:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > 65536:
+                    self._fail(ValueError("response head over 64 KiB"))
+                return
+            lines = bytes(self._buffer[:end]).split(b"\r\n")
+            del self._buffer[: end + 4]
+            try:
+                status = int(lines[0].split(b" ", 2)[1])
+            except (IndexError, ValueError):
+                self._fail(ValueError(f"bad status line {lines[0]!r}"))
+                return
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+            self._head = (status, headers)
+            self._need = int(headers.get(b"content-length", b"0"))
+        if len(self._buffer) < self._need:
+            return
+        body = bytes(self._buffer[: self._need])
+        del self._buffer[: self._need]
+        status, headers = self._head
+        self._head = None
+        waiter, self._waiter = self._waiter, None
+        if not waiter.done():
+            waiter.set_result((status, headers, body))
+
+    def _fail(self, error: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._fail(exc or asyncio.IncompleteReadError(bytes(self._buffer), None))
+
+
 class Connection:
     """One keep-alive connection; ``exchange`` sends a request and reads the answer."""
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._reader: _ResponseReader | None = None
 
-    async def exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        assert self._reader is not None
+    async def exchange(
+        self, request: bytes, timeout_s: float | None = None
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
+        """Send ``request`` and wait for its response; ``asyncio.TimeoutError`` after
+        ``timeout_s`` (the connection is closed then, as its answer would come late)."""
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.transport is None:
+            _, self._reader = await loop.create_connection(_ResponseReader, self.host, self.port)
+        reader = self._reader
+        assert reader.transport is not None
+        waiter = loop.create_future()
+        reader.expect(waiter)
+        reader.transport.write(request)
+        timer = None
+        if timeout_s is not None:
+            timer = loop.call_later(
+                timeout_s,
+                lambda: waiter.done() or waiter.set_exception(asyncio.TimeoutError()),
+            )
         try:
-            self._writer.write(request)
-            head = await self._reader.readuntil(b"\r\n\r\n")
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            status, headers, body = await waiter
+        except BaseException:
             self.close()
             raise
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-        length = int(headers.get(b"content-length", b"0"))
-        body = await self._reader.readexactly(length) if length else b""
+        finally:
+            if timer is not None:
+                timer.cancel()
         if headers.get(b"connection", b"").lower() == b"close":
             self.close()
         return status, headers, body
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        if self._reader is not None and self._reader.transport is not None:
+            self._reader.transport.close()
+        self._reader = None
 
 
 async def _one(connection: Connection, request: bytes, intended: float, timeout_s: float) -> Result:
     sent = time.perf_counter()
     try:
-        status, headers, _ = await asyncio.wait_for(connection.exchange(request), timeout_s)
+        status, headers, _ = await connection.exchange(request, timeout_s)
     except (
         OSError,
         asyncio.IncompleteReadError,
