@@ -8,7 +8,8 @@ For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
   latency of one batch-1 call;
 * closed-loop concurrency sweep (1, 8, 32, 64 clients, binary tensors) for the naive
-  server and for `cycleml serve`, plus `cycleml serve` with JSON bodies;
+  server and for `cycleml serve`, taking turns (median of --rounds runs each), plus
+  `cycleml serve` with JSON bodies;
 * an open-loop Poisson sweep against `cycleml serve`, latency measured from the
   intended send time;
 and the ratios the serving targets are stated in. Client, servers and runtime share
@@ -34,6 +35,7 @@ import numpy as np
 
 from cycleml.inference import Predictor, load_bundle
 from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
+from cycleml.serving.served_model import SERVING_SESSION_CONFIG
 
 HOST = "127.0.0.1"
 CONCURRENCY = (1, 8, 32, 64)
@@ -128,25 +130,33 @@ def _rows_per_s(predictors: list[Predictor], size: int, seconds: float) -> float
 def in_process(
     bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
 ) -> tuple[dict[str, float], float]:
-    """Rows/s of ONNX Runtime alone at each batch size, as one session with its default
-    threads and as one single-threaded session per core running side by side; and the
-    median latency (ms) of one batch-1 call of the default session."""
+    """Rows/s of ONNX Runtime alone at each batch size: one session with ONNX Runtime's
+    default options, one with the options `cycleml serve` uses, and one single-threaded
+    session per core side by side; and the median latency (ms) of one batch-1 call
+    (the faster of the two single sessions)."""
     bundle = load_bundle(bundle_dir)
-    default = Predictor(bundle)
+    sessions = {
+        "1 session": Predictor(bundle),
+        "1 session, serving options": Predictor(bundle, session_config=SERVING_SESSION_CONFIG),
+    }
     per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(os.cpu_count() or 1)]
     rates = {}
     for size in batch_sizes:
-        rates[f"1 session, batch {size}"] = _rows_per_s([default], size, seconds)
+        for label, predictor in sessions.items():
+            rates[f"{label}, batch {size}"] = _rows_per_s([predictor], size, seconds)
         rates[f"{len(per_core)} sessions x 1 thread, batch {size}"] = _rows_per_s(
             per_core, size, seconds
         )
-    one = np.zeros((1, *default.input_shape[1:]), dtype=np.uint8)
-    times = []
-    for _ in range(300):
-        start = time.perf_counter()
-        default.run(one)
-        times.append(time.perf_counter() - start)
-    return rates, float(np.median(times) * 1000.0)
+    one_call = []
+    for predictor in sessions.values():
+        one = np.zeros((1, *predictor.input_shape[1:]), dtype=np.uint8)
+        times = []
+        for _ in range(300):
+            start = time.perf_counter()
+            predictor.run(one)
+            times.append(time.perf_counter() - start)
+        one_call.append(float(np.median(times) * 1000.0))
+    return rates, min(one_call)
 
 
 # -- servers ---------------------------------------------------------------------------------
@@ -302,7 +312,7 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
 def measure_closed(
     port: int, requests: list[bytes], concurrency: int, seconds: float, with_batches: bool
 ) -> dict[str, float]:
-    run(closed_loop(HOST, port, requests, concurrency, min(seconds, 1.0)))  # warm
+    run(closed_loop(HOST, port, requests, concurrency, min(seconds, 0.5)))  # warm
     names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
     before = [histogram_totals(port, name) for name in names]
     results = run(closed_loop(HOST, port, requests, concurrency, seconds))
@@ -312,6 +322,21 @@ def measure_closed(
         row["mean_batch"] = _mean(before[0], after[0])
         row["inference_ms"] = _mean(before[1], after[1]) * 1000.0
     return row
+
+
+def alternating(
+    servers: dict[str, tuple[int, list[bytes], bool]], concurrency: int, seconds: float, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Closed-loop runs of each server in turn, ``rounds`` times; for each server the run
+    with the median throughput. Taking turns, a machine whose speed drifts (other load,
+    a shared host) slows each server alike instead of whichever happened to run later."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    for _ in range(rounds):
+        for name, (port, requests, with_batches) in servers.items():
+            runs[name].append(measure_closed(port, requests, concurrency, seconds, with_batches))
+    return {
+        name: sorted(rows, key=lambda r: r["rps"])[len(rows) // 2] for name, rows in runs.items()
+    }
 
 
 def measure_open(port: int, requests: list[bytes], rate: float, seconds: float) -> dict[str, float]:
@@ -339,7 +364,12 @@ def show(label: str, row: dict[str, float]) -> None:
 
 # -- one model -------------------------------------------------------------------------------
 def bench_model(
-    name: str, bundle: Path, workdir: Path, seconds: float, serve_overrides: list[str]
+    name: str,
+    bundle: Path,
+    workdir: Path,
+    seconds: float,
+    serve_overrides: list[str],
+    rounds: int,
 ) -> dict[str, float]:
     meta = load_bundle(bundle).meta
     shape = tuple(meta.input.shape[1:])
@@ -348,30 +378,39 @@ def bench_model(
     best = max(rates, key=rates.get)
     limit = rates[best]
     for label, rate in rates.items():
-        print(f"  in-process {label:<32} {rate:8.0f} rows/s")
+        print(f"  in-process {label:<38} {rate:8.0f} rows/s")
     print(
         f"  in-process limit {limit:.0f} rows/s ({best}); one batch-1 call {one_call_ms:.3f} ms",
         flush=True,
     )
     pixels = samples(shape)
 
-    naive = {}
-    port = free_port()
-    with running([sys.executable, "-c", NAIVE_SERVER, str(bundle), str(port)], port, workdir):
-        requests = [binary_request(port, meta.name, p) for p in pixels]
-        print("  naive server (binary):")
-        for c in CONCURRENCY:
-            naive[c] = measure_closed(port, requests, c, seconds, with_batches=False)
-            show(f"concurrency {c}", naive[c])
-
+    naive_port, port = free_port(), free_port()
+    naive_command = [sys.executable, "-c", NAIVE_SERVER, str(bundle), str(naive_port)]
+    naive: dict[int, dict[str, float]] = {}
     served: dict[int, dict[str, float]] = {}
-    port = free_port()
-    with running(serve_command(bundle, port, workdir, serve_overrides), port, workdir):
-        requests = [binary_request(port, meta.name, p) for p in pixels]
-        print(f"  cycleml serve (binary) [{' '.join(serve_overrides)}]:")
+    with (
+        running(naive_command, naive_port, workdir),
+        running(serve_command(bundle, port, workdir, serve_overrides), port, workdir),
+    ):
+        servers = {
+            "naive": (
+                naive_port,
+                [binary_request(naive_port, meta.name, p) for p in pixels],
+                False,
+            ),
+            "serve": (port, [binary_request(port, meta.name, p) for p in pixels], True),
+        }
+        print(
+            f"  closed loop, binary tensors: naive server and cycleml serve "
+            f"[{' '.join(serve_overrides)}] in turns, {rounds} rounds each (median shown):"
+        )
         for c in CONCURRENCY:
-            served[c] = measure_closed(port, requests, c, seconds, with_batches=True)
-            show(f"concurrency {c}", served[c])
+            rows = alternating(servers, c, seconds, rounds)
+            naive[c], served[c] = rows["naive"], rows["serve"]
+            show(f"naive, concurrency {c}", naive[c])
+            show(f"cycleml serve, concurrency {c}", served[c])
+        requests = servers["serve"][1]
         json_requests = [json_request(port, meta.name, p) for p in pixels]
         json_row = measure_closed(port, json_requests, max(CONCURRENCY), seconds, True)
         print("  cycleml serve (JSON):")
@@ -422,6 +461,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="1.5 s per point instead of 4 s")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="turns the naive server and cycleml serve take at each concurrency",
+    )
+    parser.add_argument(
         "--models", default="resnet18,digits", help="comma-separated: resnet18, digits"
     )
     parser.add_argument(
@@ -439,7 +484,9 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            results[name] = bench_model(name, bundle, workdir, seconds, args.serve.split())
+            results[name] = bench_model(
+                name, bundle, workdir, seconds, args.serve.split(), args.rounds
+            )
     print("\nsummary:", json.dumps(results, indent=1))
 
 

@@ -21,6 +21,8 @@ class RuntimeSettings:
     providers: tuple[str, ...] | None = None
     decode_threads: int = 1
     spin_wait: bool = False
+    # further ONNX Runtime session config entries, passed as they are
+    session_config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,12 @@ class ServeSettings:
         _check(
             rt.decode_threads >= 1, f"runtime.decode_threads must be >= 1, got {rt.decode_threads}"
         )
+        for key, value in rt.session_config.items():
+            _check(
+                isinstance(value, str | int | float | bool),
+                f"runtime.session_config['{key}'] must be a single value, got {value!r} "
+                "(quote keys with dots: +runtime.session_config={session.dynamic_block_base:4})",
+            )
         _check(
             batching.max_batch_size >= 1,
             f"batching.max_batch_size must be >= 1, got {batching.max_batch_size}",
