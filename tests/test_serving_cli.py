@@ -237,21 +237,52 @@ def test_serving_never_imports_torch() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("spin_wait", "allowed"), [(False, "0"), (True, None)])
-def test_runtime_threads_do_not_spin_unless_asked(
-    image_bundle: Path, spin_wait: bool, allowed: str | None
+@pytest.mark.parametrize(
+    ("runtime", "expected"),
+    [
+        # spin inside a run, stop when it ends, shrinking blocks for preempted threads
+        (
+            {},
+            {
+                "session.intra_op.allow_spinning": "1",
+                "session.force_spinning_stop": "1",
+                "session.dynamic_block_base": "4",
+            },
+        ),
+        # spin between runs too: nothing stops the spinning
+        (
+            {"spin_wait": True},
+            {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": None},
+        ),
+        # entries given in the config win over the serving defaults
+        (
+            {
+                "session_config": {
+                    "session.dynamic_block_base": 8,
+                    "session.set_denormal_as_zero": "1",
+                }
+            },
+            {"session.dynamic_block_base": "8", "session.set_denormal_as_zero": "1"},
+        ),
+    ],
+)
+def test_runtime_session_options(
+    image_bundle: Path, runtime: dict, expected: dict[str, str | None]
 ) -> None:
-    repository = ModelRepository(
-        settings(image_bundle, runtime={"spin_wait": spin_wait}), ServingMetrics()
-    )
+    repository = ModelRepository(settings(image_bundle, runtime=runtime), ServingMetrics())
     try:
         repository.load_all()
         options = repository.get("shapes").predictors[0].session.get_session_options()
-        entry = "session.intra_op.allow_spinning"
-        if allowed is None:  # left to ONNX Runtime's default
-            with pytest.raises(Exception, match=entry):
-                options.get_session_config_entry(entry)
-        else:
-            assert options.get_session_config_entry(entry) == allowed
+        for entry, value in expected.items():
+            if value is None:  # not set: ONNX Runtime's own behaviour
+                with pytest.raises(Exception, match=entry):
+                    options.get_session_config_entry(entry)
+            else:
+                assert options.get_session_config_entry(entry) == value, entry
     finally:
         repository.close()
+
+
+def test_runtime_session_config_values_must_be_single(image_bundle: Path) -> None:
+    with pytest.raises(ConfigError, match=r"runtime.session_config\['session'\] must be a single"):
+        settings(image_bundle, runtime={"session_config": {"session": {"dynamic_block_base": 4}}})
