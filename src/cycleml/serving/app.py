@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -105,6 +106,12 @@ def create_app(settings: ServeSettings) -> ServingApp:
 
 def _load(state: ServerState) -> None:
     state.repository.load_all()
+    # Everything loaded so far (the libraries, the sessions, the app) lives as long as
+    # the server. Moved out of the collector's reach, it is not scanned again: without
+    # this, each full collection walked it all and held the event loop and the batchers
+    # for about 30 ms, which showed as latency spikes and lost throughput under load.
+    gc.collect()
+    gc.freeze()
     if state.settings.reload.watch and not state.draining:
         state.repository.start_watching()
 

@@ -11,6 +11,7 @@ matters when client and server share the same cores.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import time
 from collections import Counter
@@ -39,12 +40,21 @@ class Result:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a load coroutine on uvloop where it is installed (a cheaper client leaves more
-    of a shared machine to the server under test), else on asyncio's own loop."""
+    of a shared machine to the server under test), else on asyncio's own loop.
+
+    The cyclic garbage collector is off while it runs: a full collection pauses the
+    client for tens of milliseconds, which would count against the server.
+    """
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        uvloop = None
+    gc.collect()
+    gc.disable()
+    try:
+        return asyncio.run(main) if uvloop is None else uvloop.run(main)
+    finally:
+        gc.enable()
 
 
 def build_request(
