@@ -445,7 +445,7 @@ def bench_model(
             show(f"naive, concurrency {c}", naive[c])
             show(f"cycleml serve, concurrency {c}", served[c])
         requests = servers["serve"][1]
-        head_to_head = compare_head_to_head(servers, naive, served, seconds / 2, 2 * rounds - 1)
+        head_to_head = compare_head_to_head(servers, naive, served, seconds, 2 * rounds - 1)
         json_requests = [json_request(port, meta.name, p) for p in pixels]
         json_row = measure_closed(port, json_requests, max(CONCURRENCY), seconds, True)
         print("  cycleml serve (JSON):")
