@@ -193,6 +193,49 @@ def test_binary_sizes_are_checked_against_shape_and_body() -> None:
         parse_binary_request(header, "ten")
 
 
+def test_a_known_binary_header_gives_each_body_its_own_tensors() -> None:
+    """The second request with the same header bytes takes the kept layout: its tensors
+    are its own body's bytes, and a body of the wrong size is still refused."""
+    header = _json(
+        {
+            "inputs": [
+                {
+                    "name": "a",
+                    "datatype": "INT32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 8},
+                },
+                {
+                    "name": "b",
+                    "datatype": "UINT8",
+                    "shape": [3],
+                    "parameters": {"binary_data_size": 3},
+                },
+            ],
+            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+        }
+    )
+    length = str(len(header))
+    bodies = [
+        np.array([[1, 2]], np.int32).tobytes() + bytes([7, 8, 9]),
+        np.array([[-5, 6]], np.int32).tobytes() + bytes([0, 1, 255]),
+    ]
+    first, second = (parse_binary_request(header + body, length) for body in bodies)
+    assert first.inputs[0].array.tolist() == [[1, 2]] and first.inputs[1].array.tolist() == [
+        7,
+        8,
+        9,
+    ]
+    assert second.inputs[0].array.tolist() == [[-5, 6]]
+    assert second.inputs[1].array.tolist() == [0, 1, 255]
+    assert second.binary_outputs == {"y"} and second.outputs == ["y"]
+    assert [t.name for t in second.inputs] == ["a", "b"]
+    with pytest.raises(ProtocolError, match="only 2 remain"):
+        parse_binary_request(header + bodies[0][:10], length)
+    with pytest.raises(ProtocolError, match="bytes after the binary tensors"):
+        parse_binary_request(header + bodies[0] + b"\0", length)
+
+
 def test_response_as_json_or_binary_by_request() -> None:
     probabilities = np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32)
     as_json = encode_response(
