@@ -286,3 +286,25 @@ def test_runtime_session_options(
 def test_runtime_session_config_values_must_be_single(image_bundle: Path) -> None:
     with pytest.raises(ConfigError, match=r"runtime.session_config\['session'\] must be a single"):
         settings(image_bundle, runtime={"session_config": {"session": {"dynamic_block_base": 4}}})
+
+
+def test_queue_depth_reports_the_latest_queue_of_a_label_set() -> None:
+    """A reload of the same version registers its new queue before the old model stops;
+    the old model's stop must not blank the new one's depth."""
+    metrics = ServingMetrics()
+    old, new = [object()] * 2, [object()] * 3
+
+    def depth() -> float | None:
+        return metrics.registry.get_sample_value(
+            "cycleml_queue_depth", {"model": "m", "version": "1"}
+        )
+
+    metrics.watch_queue(("m", "1"), old.__len__)
+    assert depth() == 2
+    metrics.watch_queue(("m", "1"), new.__len__)
+    metrics.unwatch_queue(("m", "1"), old.__len__)
+    assert depth() == 3
+    new.append(object())
+    assert depth() == 4  # read when scraped
+    metrics.unwatch_queue(("m", "1"), new.__len__)
+    assert depth() == 0

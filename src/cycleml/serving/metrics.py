@@ -7,6 +7,7 @@ With several server processes (``workers > 1``) the values live in
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +18,11 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+
+def _zero() -> int:
+    return 0
+
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -104,6 +110,20 @@ class ServingMetrics:
         )
         # (model, version, endpoint, status) -> the children request_done updates
         self._children: dict[tuple[str, str, str, int], tuple] = {}
+        # (model, version) -> the length of the queue cycleml_queue_depth reports
+        self._queues: dict[tuple[str, str], Callable[[], int]] = {}
+
+    def watch_queue(self, labels: tuple[str, str], length: Callable[[], int]) -> None:
+        """Report ``length()`` as the queue depth of ``labels`` when scraped. The latest
+        model registered with a label set wins: a reload of the same version registers
+        its new queue before the old model stops."""
+        self._queues[labels] = length
+        self.queue_depth.labels(*labels).set_function(lambda: self._queues.get(labels, _zero)())
+
+    def unwatch_queue(self, labels: tuple[str, str], length: Callable[[], int]) -> None:
+        """Stop reporting ``length`` (a stopped model), unless another took its place."""
+        if self._queues.get(labels) == length:
+            del self._queues[labels]
 
     def request_done(
         self,

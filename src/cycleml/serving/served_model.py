@@ -100,7 +100,7 @@ class ServedModel:
             on_depth=depth_gauge.set if shared else None,
         )
         if not shared:
-            depth_gauge.set_function(self.queue.__len__)
+            metrics.watch_queue(self._labels, self.queue.__len__)
         self._inference_time = metrics.inference_time.labels(*self._labels)
         self._batch_size = metrics.batch_size.labels(*self._labels)
         self.batchers = [
@@ -155,11 +155,10 @@ class ServedModel:
             if not batcher.join(timeout):
                 log.warning("instance %s did not stop within %s s", batcher.name, timeout)
         self._metrics.models_ready.labels(*self._labels).set(0)
-        depth = self._metrics.queue_depth.labels(*self._labels)
         if self._metrics.multiprocess:
-            depth.set(0)
+            self._metrics.queue_depth.labels(*self._labels).set(0)
         else:
-            depth.set_function(lambda: 0)
+            self._metrics.unwatch_queue(self._labels, self.queue.__len__)
 
     def acquire(self) -> None:
         with self._lease_lock:
