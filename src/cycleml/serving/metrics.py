@@ -113,16 +113,26 @@ class ServingMetrics:
         # (model, version) -> the length of the queue cycleml_queue_depth reports
         self._queues: dict[tuple[str, str], Callable[[], int]] = {}
 
+    def queue_depth_writer(self, labels: tuple[str, str]) -> Callable[[int], None] | None:
+        """What a queue calls with its depth on every change: only with several server
+        processes, whose values live in files; otherwise the depth is read when scraped
+        (:meth:`watch_queue`)."""
+        return self.queue_depth.labels(*labels).set if self.multiprocess else None
+
     def watch_queue(self, labels: tuple[str, str], length: Callable[[], int]) -> None:
         """Report ``length()`` as the queue depth of ``labels`` when scraped. The latest
         model registered with a label set wins: a reload of the same version registers
         its new queue before the old model stops."""
+        if self.multiprocess:
+            return
         self._queues[labels] = length
         self.queue_depth.labels(*labels).set_function(lambda: self._queues.get(labels, _zero)())
 
     def unwatch_queue(self, labels: tuple[str, str], length: Callable[[], int]) -> None:
         """Stop reporting ``length`` (a stopped model), unless another took its place."""
-        if self._queues.get(labels) == length:
+        if self.multiprocess:
+            self.queue_depth.labels(*labels).set(0)
+        elif self._queues.get(labels) == length:
             del self._queues[labels]
 
     def request_done(

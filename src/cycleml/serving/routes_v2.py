@@ -153,14 +153,14 @@ async def infer_answer(
     )
 
 
+def _with_length(headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
+    return [*headers, (b"content-length", str(len(body)).encode())]
+
+
 async def send_answer(send: Send, answer: Answer) -> None:
     status, headers, body = answer
     await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
+        {"type": "http.response.start", "status": status, "headers": _with_length(headers, body)}
     )
     await send({"type": "http.response.body", "body": body})
 
@@ -171,7 +171,7 @@ async def infer_response(request: Request, model_name: str, version: str | None)
         state_of(request), request.scope, request.receive, model_name, version
     )
     response = Response(body, status_code=status)
-    response.raw_headers = [*headers, (b"content-length", str(len(body)).encode())]
+    response.raw_headers = _with_length(headers, body)
     return response
 
 

@@ -39,7 +39,9 @@ SERVING_SESSION_CONFIG = {
     "session.force_spinning_stop": "1",
     "session.dynamic_block_base": "4",
 }
-SPIN_BETWEEN_RUNS = {"session.intra_op.allow_spinning": "1", "session.dynamic_block_base": "4"}
+SPIN_BETWEEN_RUNS = {
+    k: v for k, v in SERVING_SESSION_CONFIG.items() if k != "session.force_spinning_stop"
+}
 
 
 class QueueFull(Exception):
@@ -89,18 +91,13 @@ class ServedModel:
 
         self._labels = (name, self.version)
         self._metrics = metrics
-        depth_gauge = metrics.queue_depth.labels(*self._labels)
         self.latency_model = BatchLatencyModel()
-        # the depth is read when /metrics is scraped; only with several server processes,
-        # whose values live in files, is it written on every change
-        shared = metrics.multiprocess
         self.queue = RequestQueue(
             batching.max_queue_size,
             ArrivalRate(),
-            on_depth=depth_gauge.set if shared else None,
+            on_depth=metrics.queue_depth_writer(self._labels),
         )
-        if not shared:
-            metrics.watch_queue(self._labels, self.queue.__len__)
+        metrics.watch_queue(self._labels, self.queue.__len__)
         self._inference_time = metrics.inference_time.labels(*self._labels)
         self._batch_size = metrics.batch_size.labels(*self._labels)
         self.batchers = [
@@ -155,10 +152,7 @@ class ServedModel:
             if not batcher.join(timeout):
                 log.warning("instance %s did not stop within %s s", batcher.name, timeout)
         self._metrics.models_ready.labels(*self._labels).set(0)
-        if self._metrics.multiprocess:
-            self._metrics.queue_depth.labels(*self._labels).set(0)
-        else:
-            self._metrics.unwatch_queue(self._labels, self.queue.__len__)
+        self._metrics.unwatch_queue(self._labels, self.queue.__len__)
 
     def acquire(self) -> None:
         with self._lease_lock:
