@@ -400,7 +400,9 @@ def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureF
 
     with caplog.at_level(logging.INFO, logger="cycleml.serving.access"):
         ok = client.post(
-            "/v2/models/shapes/infer", json=v2_body(_GOOD), headers={"X-Request-Id": "trace-42"}
+            "/v2/models/shapes/infer",
+            json=v2_body(_GOOD),
+            headers={"X-Request-Id": "trace-42", "X-Forwarded-For": "203.0.113.7"},
         )
         client.post("/v2/models/shapes/infer", json={"inputs": "nope"})
         # the line is written once the response is sent, so it may trail the response
@@ -413,6 +415,8 @@ def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureF
     line = next(entry for entry in lines if entry["request_id"] == "trace-42")
     assert line["status"] == 200 and line["model"] == "shapes" and line["version"] == "2"
     assert line["batch_rows"] >= 1 and line["latency_ms"] > 0 and "queue_ms" in line
+    # the connection's own address, and the one a proxy passed on next to it
+    assert line["client"].startswith("127.0.0.1:") and line["forwarded_for"] == "203.0.113.7"
     assert any(entry["status"] == 400 and "error" in entry for entry in lines)
 
     text = client.get("/metrics").text

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from cycleml.serving.app import create_app
+from cycleml.serving.cli import uvicorn_options
 from cycleml.serving.settings import ServeSettings
 
 IMAGE_SIZE = 8
@@ -154,9 +155,9 @@ class RunningServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, timeout_graceful_shutdown=10
-        )
+        # as `cycleml serve` runs it (protocol, proxy headers, ...), on this socket
+        options = {**uvicorn_options(serve_settings), "timeout_graceful_shutdown": 10}
+        config = uvicorn.Config(self.app, **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True

@@ -7,12 +7,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
 from cycleml.serving import routes_v1, routes_v2
@@ -29,9 +31,10 @@ log = logging.getLogger(__name__)
 
 class ServingApp:
     """The ASGI application the server runs: request context (id, auth, limits, access
-    log) around the inference fast path, around the FastAPI application that holds every
-    route and the OpenAPI document. The fast path sits outside FastAPI so that inference
-    requests skip its middleware too; ``state`` is the FastAPI app's state."""
+    log), which answers inference requests on the fast path and passes every other
+    request to the FastAPI application that holds every route and the OpenAPI document.
+    Inference requests thus skip the framework's middleware too; ``state`` is the
+    FastAPI app's state."""
 
     def __init__(self, api: FastAPI, asgi: RequestContextMiddleware) -> None:
         self.api = api
@@ -95,7 +98,10 @@ def create_app(settings: ServeSettings) -> ServingApp:
         "/metrics", metrics_endpoint, methods=["GET"], tags=["health"], summary="Prometheus metrics"
     )
     asgi = RequestContextMiddleware(
-        InferenceFastPath(app),
+        # X-Forwarded-For/-Proto from a trusted proxy (FORWARDED_ALLOW_IPS, as uvicorn
+        # reads it) set the client address and scheme the framework routes see
+        ProxyHeadersMiddleware(app, os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")),
+        fast_path=InferenceFastPath(state),
         auth=auth,
         limits=settings.limits,
         log_requests=settings.access_log,

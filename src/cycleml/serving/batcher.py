@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,9 @@ class WorkItem:
     batch_rows: int = 0
     output: np.ndarray | None = None
     error: Exception | None = None
+    # what watches the item for its deadline and its client while it waits (set by the
+    # HTTP layer, on the event loop)
+    guard: Any = None
 
     @property
     def rows(self) -> int:

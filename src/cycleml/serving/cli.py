@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycleml.hydra_app import hydra_app
 from cycleml.serving.app import ServingApp, create_app
+from cycleml.serving.http_protocol import CoalescingHttpToolsProtocol
 from cycleml.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def settings_from_config(cfg: DictConfig) -> ServeSettings:
     return ServeSettings.from_dict(values)
 
 
-def _uvicorn_options(settings: ServeSettings) -> dict:
+def uvicorn_options(settings: ServeSettings) -> dict:
+    """How uvicorn runs the server (also used by tests that run it in a thread)."""
     return {
         "host": settings.host,
         "port": settings.port,
@@ -63,6 +65,9 @@ def _uvicorn_options(settings: ServeSettings) -> dict:
         "timeout_graceful_shutdown": int(settings.limits.drain_timeout_s),
         "backlog": 2048,
         "timeout_keep_alive": 30,
+        # proxy headers are read inside the app, for the routes that use them (app.py)
+        "proxy_headers": False,
+        "http": CoalescingHttpToolsProtocol,
     }
 
 
@@ -71,7 +76,7 @@ def serve(settings: ServeSettings) -> None:
     if settings.workers == 1:
         app = create_app(settings)
         server = DrainingServer(
-            uvicorn.Config(app, **_uvicorn_options(settings)),
+            uvicorn.Config(app, **uvicorn_options(settings)),
             on_stop=lambda: setattr(app.state.serving, "draining", True),
         )
         log.info("serving %s on http://%s:%d", settings.path, settings.host, settings.port)
@@ -93,7 +98,7 @@ def serve(settings: ServeSettings) -> None:
         f"{__name__}:app_from_environment",
         factory=True,
         workers=settings.workers,
-        **_uvicorn_options(settings),
+        **uvicorn_options(settings),
     )
 
 

@@ -13,7 +13,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.fast_path import InferenceFastPath
 from cycleml.serving.protocol import json_dumps
+from cycleml.serving.routes_v2 import send_answer
 from cycleml.serving.settings import LimitSettings
 
 access_log = logging.getLogger("cycleml.serving.access")
@@ -37,18 +39,22 @@ class RequestContextMiddleware:
     the model queues stay short, and without it requests would wait unbounded in the
     event loop instead of being refused at once.
 
-    The ``Authorization`` header is never logged.
+    Inference requests (``fast_path``) are answered here directly; every other request
+    goes on to ``app``. The ``Authorization`` header is never logged; a proxy's
+    ``X-Forwarded-For`` is logged as ``forwarded_for`` next to the connection's address.
     """
 
     def __init__(
         self,
         app: ASGIApp,
+        fast_path: InferenceFastPath | None,
         auth: ApiKeyAuth | None,
         limits: LimitSettings,
         log_requests: bool,
         on_busy: Callable[[], None],
     ) -> None:
         self.app = app
+        self.fast_path = fast_path
         self.auth = auth
         self.limits = limits
         self.log_requests = log_requests
@@ -65,6 +71,7 @@ class RequestContextMiddleware:
         request_id = None
         authorization = None
         content_length = None
+        forwarded_for = None
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER:
                 request_id = value.decode("latin-1")[:128]
@@ -72,6 +79,8 @@ class RequestContextMiddleware:
                 authorization = value
             elif name == b"content-length":
                 content_length = value
+            elif name == b"x-forwarded-for":
+                forwarded_for = value
         if not request_id:
             request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         info: dict[str, Any] = {"request_id": request_id}
@@ -126,7 +135,14 @@ class RequestContextMiddleware:
         else:
             self.inflight += 1
             try:
-                await self.app(scope, receive, send_with_id)
+                route = None if self.fast_path is None else self.fast_path.match(scope)
+                if route is None:
+                    await self.app(scope, receive, send_with_id)
+                else:
+                    status, headers, body = await self.fast_path.answer(scope, receive, route)
+                    status_holder[0] = status
+                    headers.append(id_header)
+                    await send_answer(send, (status, headers, body))
             finally:
                 self.inflight -= 1
         if self.log_requests:
@@ -137,6 +153,8 @@ class RequestContextMiddleware:
             client = scope.get("client")
             if client:
                 info["client"] = f"{client[0]}:{client[1]}"
+            if forwarded_for is not None:
+                info["forwarded_for"] = forwarded_for.decode("latin-1")[:256]
             access_log.info("%s", json_dumps(info).decode())
 
 

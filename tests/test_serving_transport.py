@@ -1,0 +1,169 @@
+"""Request guards (deadline and disconnect while queued) and one write per response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from cycleml.serving import dispatch
+from cycleml.serving.batch_policy import ArrivalRate
+from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
+from cycleml.serving.http_protocol import CoalescingTransport
+
+# -- guards ----------------------------------------------------------------------------------
+
+
+class QueueOnlyModel:
+    """A model whose queue nobody takes from: requests wait until withdrawn."""
+
+    def __init__(self) -> None:
+        self.queue = RequestQueue(16, ArrivalRate())
+
+    def submit(self, rows: np.ndarray, deadline: float) -> WorkItem:
+        loop = asyncio.get_running_loop()
+        item = WorkItem(inputs=rows, deadline=deadline, loop=loop, future=loop.create_future())
+        assert self.queue.put(item)
+        return item
+
+    def withdraw(self, item: WorkItem) -> bool:
+        return self.queue.remove(item)
+
+
+def _rows() -> np.ndarray:
+    return np.zeros((1, 2), np.float32)
+
+
+async def _never_disconnects() -> dict[str, Any]:
+    await asyncio.sleep(3600)
+    return {"type": "http.disconnect"}
+
+
+def test_queued_request_is_withdrawn_at_its_deadline_long_or_short() -> None:
+    model = QueueOnlyModel()
+
+    async def scenario(timeout_s: float) -> tuple[WorkItem, float]:
+        start = time.perf_counter()
+        item = await dispatch.infer_rows(
+            _never_disconnects,
+            model,
+            _rows(),
+            start + timeout_s,  # type: ignore[arg-type]
+        )
+        return item, time.perf_counter() - start
+
+    # 20 ms: its own timer; 150 ms: watched from 50 ms on, with the others of its loop
+    for timeout_s in (0.02, 0.15):
+        item, waited = asyncio.run(scenario(timeout_s))
+        assert isinstance(item.error, DeadlineExceeded)
+        assert timeout_s <= waited < timeout_s + 0.25
+        assert len(model.queue) == 0
+    assert not dispatch._watchlists  # nothing waits: no list, no timer left behind
+
+
+def test_request_answered_quickly_needs_no_guard_of_its_own() -> None:
+    model = QueueOnlyModel()
+
+    async def scenario() -> list[WorkItem]:
+        async def answered_soon() -> WorkItem:
+            task = asyncio.ensure_future(
+                dispatch.infer_rows(
+                    _never_disconnects,  # type: ignore[arg-type]
+                    model,
+                    _rows(),
+                    time.perf_counter() + 10,
+                )
+            )
+            await asyncio.sleep(0.005)
+            ready, _ = model.queue.take(1)
+            ready[0].future.set_result(ready[0])
+            return await task
+
+        items = [await answered_soon() for _ in range(5)]
+        await asyncio.sleep(0.1)  # past the watch age: the list finds them answered
+        return items
+
+    items = asyncio.run(scenario())
+    assert all(item.guard is None and item.error is None for item in items)
+    assert not dispatch._watchlists
+
+
+def test_client_that_leaves_after_the_watch_age_is_cancelled() -> None:
+    model = QueueOnlyModel()
+
+    async def scenario() -> tuple[WorkItem, float]:
+        start = time.perf_counter()
+
+        async def leaves_at_80ms() -> dict[str, Any]:
+            await asyncio.sleep(max(start + 0.08 - time.perf_counter(), 0))
+            return {"type": "http.disconnect"}
+
+        item = await dispatch.infer_rows(leaves_at_80ms, model, _rows(), start + 10)
+        return item, time.perf_counter() - start
+
+    item, waited = asyncio.run(scenario())
+    assert isinstance(item.error, Cancelled)
+    assert 0.08 <= waited < 0.5
+    assert len(model.queue) == 0
+
+
+# -- one write per response ----------------------------------------------------------------------
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5)}.get(name, default)
+
+
+def test_response_head_and_body_leave_in_one_write() -> None:
+    async def scenario() -> RecordingTransport:
+        raw = RecordingTransport()
+        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(bytearray(b"{}"))
+        assert raw.writes == []  # held until the response is complete
+        transport.flush()  # what the protocol does when the response is complete
+        assert transport.get_extra_info("peername") == ("127.0.0.1", 5)
+        return raw
+
+    raw = asyncio.run(scenario())
+    assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+
+
+def test_a_write_without_a_complete_response_leaves_by_the_next_turn() -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes], RecordingTransport]:
+        raw = RecordingTransport()
+        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        first = list(raw.writes)
+        transport.write(b"a chunk")
+        transport.close()  # closing sends what waits first
+        second = list(raw.writes)
+        transport.write(b"after close")
+        await asyncio.sleep(0.01)
+        return first, second, raw
+
+    first, second, raw = asyncio.run(scenario())
+    assert first == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert second == [*first, b"a chunk"] and raw.closed
+    assert raw.writes == second  # nothing goes to a closed connection
