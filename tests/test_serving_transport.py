@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
+import pytest
 
 from cycleml.serving import dispatch
 from cycleml.serving.batch_policy import ArrivalRate
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
 from cycleml.serving.http_protocol import CoalescingTransport
+from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
+    IMAGE_SIZE,
+    RunningServer,
+    binary_body,
+    image_bundle_fixture,
+    settings,
+)
 
 # -- guards ----------------------------------------------------------------------------------
 
@@ -167,3 +180,96 @@ def test_a_write_without_a_complete_response_leaves_by_the_next_turn() -> None:
     assert first == [b"HTTP/1.1 100 Continue\r\n\r\n"]
     assert second == [*first, b"a chunk"] and raw.closed
     assert raw.writes == second  # nothing goes to a closed connection
+
+
+# -- the direct path through a real server -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_server(image_bundle: Path) -> Iterator[RunningServer]:
+    with RunningServer(settings(image_bundle)) as running:
+        yield running
+
+
+def _infer_request(request_id: str, extra: str = "") -> tuple[bytes, bytes]:
+    pixels = np.random.default_rng(0).integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    body, headers = binary_body(pixels)
+    head = (
+        f"POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"X-Request-Id: {request_id}\r\n{extra}"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
+    return head, body
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` HTTP/1.1 responses (Content-Length bodies) from ``sock``."""
+    data = b""
+    responses = []
+    sock.settimeout(10)
+    while len(responses) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = data[:end].decode("latin-1").split("\r\n")
+            headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+            size = int(headers.get("content-length", "0"))
+            if len(data) >= end + 4 + size:
+                status = int(lines[0].split()[1])
+                if status != 100:
+                    responses.append((status, headers, data[end + 4 : end + 4 + size]))
+                data = data[end + 4 + size :]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(responses)} responses")
+        data += chunk
+    return responses
+
+
+def test_pipelined_requests_are_answered_in_order(shapes_server: RunningServer) -> None:
+    first, second = _infer_request("first"), _infer_request("third")
+    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Request-Id: second\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", shapes_server.port)) as sock:
+        sock.sendall(b"".join((*first, health, *second)))  # three requests in one packet
+        responses = _read_responses(sock, 3)
+    assert [r[0] for r in responses] == [200, 200, 200]
+    assert [r[1]["x-request-id"] for r in responses] == ["first", "second", "third"]
+    assert json.loads(responses[1][2]) == {"live": True}
+
+
+def test_expect_continue_and_chunked_bodies_are_answered(shapes_server: RunningServer) -> None:
+    head, body = _infer_request("asks-first", extra="Expect: 100-continue\r\n")
+    with socket.create_connection(("127.0.0.1", shapes_server.port)) as sock:
+        sock.sendall(head)
+        sock.settimeout(10)
+        assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        [(status, headers, _)] = _read_responses(sock, 1)
+    assert status == 200 and headers["x-request-id"] == "asks-first"
+
+    _, body = _infer_request("chunked")
+    length = body.index(b"}]}") + 3  # the JSON header of the binary body
+    response = httpx.post(
+        f"{shapes_server.url}/v2/models/shapes/infer",
+        content=iter([body[:100], body[100:]]),  # no Content-Length: sent chunked
+        headers={"Inference-Header-Content-Length": str(length)},
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_application_failure_on_the_direct_path_answers_500_and_closes(
+    shapes_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(shapes_server.app._asgi.fast_path, "answer", broken)
+    with socket.create_connection(("127.0.0.1", shapes_server.port)) as sock:
+        sock.sendall(b"".join(_infer_request("doomed")))
+        [(status, headers, body)] = _read_responses(sock, 1)
+        assert status == 500 and body == b"Internal Server Error"
+        assert headers["connection"] == "close"
+        assert sock.recv(1) == b""  # closed
+    monkeypatch.undo()
+    assert httpx.get(f"{shapes_server.url}/v2/health/ready").status_code == 200

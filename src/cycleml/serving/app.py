@@ -20,7 +20,7 @@ import cycleml
 from cycleml.serving import routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.dispatch import ServerState, json_response, state_of
-from cycleml.serving.fast_path import InferenceFastPath
+from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
 from cycleml.serving.repository import ModelRepository
@@ -40,6 +40,14 @@ class ServingApp:
         self.api = api
         self.state = api.state
         self._asgi = asgi
+        self._max_body_bytes = api.state.serving.settings.limits.max_body_bytes
+
+    def answers_directly(self, path: str, content_length: int) -> bool:
+        """Whether the connection protocol may hand a ``POST`` to ``path`` over whole,
+        skipping the server's general request cycle: the inference routes, with a
+        declared body within the size limit (a larger one is refused before it is read,
+        on the general path)."""
+        return content_length <= self._max_body_bytes and INFER_PATH.match(path) is not None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)

@@ -8,16 +8,30 @@ client that wakes twice to read one answer. Here a connection's writes wait in a
 buffer until the response is complete, then leave together; anything else written
 (``100 Continue``, a streamed body, an error answer before closing) leaves at the end
 of the event loop's current turn at the latest, so nothing waits on a request that
-never completes. Measured on two cores at saturation, this saved about a tenth of the
-event loop's CPU per inference request.
+never completes.
+
+Inference requests also skip uvicorn's general request cycle: a ``POST`` that the
+application says it answers directly (``ServingApp.answers_directly``: the inference
+routes, a declared body within the size limit) is read whole, handed to the
+application with a plain ``receive`` and ``send``, and answered in one write. Anything
+unusual (``Expect: 100-continue``, a chunked or oversized body, an upgrade, HTTP/1.0,
+an escaped path, a request pipelined behind another) takes uvicorn's own path. On two
+cores the event loop's CPU per request decides how much is left for the model, and
+every microsecond it spends costs the runtime about two: the runtime's threads split
+each operator evenly, so when the event loop preempts one, the other waits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http
+import logging
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
 
 
 class CoalescingTransport:
@@ -76,8 +90,65 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
+
+
+_STATUS_LINES = {status: _status_line(status) for status in range(100, 600)}
+
+
+class _DirectCycle:
+    """Stands in for uvicorn's request cycle while the protocol answers a request itself.
+    uvicorn's connection code reads and sets these attributes: ``response_complete``
+    (pipelining), ``keep_alive`` (a graceful shutdown clears it), ``disconnected`` and
+    ``message_event`` (the connection was lost)."""
+
+    __slots__ = ("body", "disconnected", "keep_alive", "message_event", "response_complete")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.body: list[bytes] | None = []
+        self.disconnected = False
+        self.keep_alive = True
+        self.response_complete = False
+        self.message_event = _Disconnection(loop)
+
+
+class _Disconnection:
+    """What ``message_event.set()`` means for a direct request: the client went away."""
+
+    __slots__ = ("_loop", "_waiter", "is_set")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: asyncio.Future | None = None
+        self.is_set = False
+
+    def set(self) -> None:
+        self.is_set = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self.is_set:
+            return
+        if self._waiter is None:
+            self._waiter = self._loop.create_future()
+        await self._waiter
+
+
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol writing each complete response in one call."""
+    """uvicorn's httptools protocol writing each complete response in one call, and
+    answering the application's direct requests without uvicorn's request cycle."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # only the server's own application (uvicorn may wrap an app, e.g. to log
+        # messages at trace level; then every request takes the general path)
+        self._answers_directly = getattr(self.app, "answers_directly", None)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -85,3 +156,141 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         self.transport.flush()  # type: ignore[attr-defined]
         super().on_response_complete()
+
+    # -- the direct path ---------------------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        if self._answers_directly is not None and self._take_directly():
+            return
+        super().on_headers_complete()
+
+    def _take_directly(self) -> bool:
+        parser = self.parser
+        if (
+            parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or self.expect_100_continue
+            or parser.should_upgrade()
+            or self.root_path
+            or (self.cycle is not None and not self.cycle.response_complete)
+        ):
+            return False
+        declared = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                declared = value
+            elif name == b"transfer-encoding":
+                return False
+        if declared is None or not declared.isdigit():
+            return False
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        if b"%" in raw_path:
+            return False
+        path = raw_path.decode("ascii")
+        if not self._answers_directly(path, int(declared)):
+            return False
+        scope = self.scope
+        scope["method"] = "POST"
+        scope["path"] = path
+        scope["raw_path"] = raw_path
+        scope["query_string"] = url.query or b""
+        self.cycle = _DirectCycle(self.loop)  # type: ignore[assignment]
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is _DirectCycle:
+            if cycle.body is not None:
+                cycle.body.append(body)
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is _DirectCycle:
+            if cycle.body is not None and not cycle.response_complete:
+                body = b"".join(cycle.body)
+                cycle.body = None
+                task = self.loop.create_task(self._answer(cycle, self.scope, body))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+            return
+        super().on_message_complete()
+
+    async def _answer(self, cycle: _DirectCycle, scope: Any, body: bytes) -> None:
+        """Run the application on one whole request; its answer leaves in one write."""
+        transport = self.transport
+        request: dict[str, Any] | None = {"type": "http.request", "body": body, "more_body": False}
+        head: list[bytes] | None = None
+        remaining = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal request
+            if request is not None:
+                message, request = request, None
+                return message
+            await cycle.message_event.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal head, remaining
+            if cycle.disconnected:
+                return
+            if head is None:
+                if message["type"] != "http.response.start":
+                    raise RuntimeError(f"expected http.response.start, got {message['type']}")
+                status = message["status"]
+                head = [_STATUS_LINES.get(status) or _status_line(status)]
+                remaining = -1
+                for name, value in (*self.server_state.default_headers, *message["headers"]):
+                    if name == b"content-length":
+                        remaining = int(value)
+                    head.append(b"%s: %s\r\n" % (name, value))
+                if remaining < 0:
+                    raise RuntimeError("a direct answer needs a Content-Length header")
+                if not cycle.keep_alive:  # the server is shutting down
+                    head.append(b"connection: close\r\n")
+                head.append(b"\r\n")
+                return
+            if message["type"] != "http.response.body" or cycle.response_complete:
+                raise RuntimeError(f"unexpected {message['type']} after the response")
+            chunk = message.get("body", b"")
+            remaining -= len(chunk)
+            if remaining < 0:
+                raise RuntimeError("response body longer than its Content-Length")
+            if head:
+                transport.write(b"".join((*head, chunk)))
+                head.clear()
+            elif chunk:
+                transport.write(chunk)
+            if not message.get("more_body", False):
+                if remaining:
+                    raise RuntimeError("response body shorter than its Content-Length")
+                cycle.response_complete = True
+
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            transport.close()
+            cycle.response_complete = True
+            raise
+        except Exception as exc:
+            log.error("exception in the application", exc_info=exc)
+            if head is None and not cycle.disconnected:
+                error = b"Internal Server Error"
+                transport.write(
+                    _STATUS_LINES[500] + b"content-type: text/plain; charset=utf-8\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(error), error)
+                )
+            transport.close()
+            cycle.response_complete = True
+            return
+        if not cycle.response_complete:
+            if not cycle.disconnected:
+                log.error("the application returned without completing its response")
+            transport.close()
+            cycle.response_complete = True
+            return
+        if not cycle.keep_alive:
+            transport.close()
+        self.on_response_complete()
