@@ -199,7 +199,7 @@ def _infer_request(request_id: str, extra: str = "") -> tuple[bytes, bytes]:
         f"X-Request-Id: {request_id}\r\n{extra}"
         + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         + "\r\n"
-    ).encode()
+    ).encode("latin-1")
     return head, body
 
 
@@ -236,6 +236,17 @@ def test_pipelined_requests_are_answered_in_order(shapes_server: RunningServer) 
     assert [r[0] for r in responses] == [200, 200, 200]
     assert [r[1]["x-request-id"] for r in responses] == ["first", "second", "third"]
     assert json.loads(responses[1][2]) == {"live": True}
+
+
+def test_a_request_id_that_is_not_printable_ascii_is_replaced(
+    shapes_server: RunningServer,
+) -> None:
+    head, body = _infer_request("café")  # sent as latin-1, which HTTP allows in values
+    with socket.create_connection(("127.0.0.1", shapes_server.port)) as sock:
+        sock.sendall(head + body)
+        [(status, headers, _)] = _read_responses(sock, 1)
+    assert status == 200
+    assert headers["x-request-id"] != "café" and headers["x-request-id"].isascii()
 
 
 def test_expect_continue_and_chunked_bodies_are_answered(shapes_server: RunningServer) -> None:

@@ -81,7 +81,8 @@ class RequestContextMiddleware:
                 content_length = value
             elif name == b"x-forwarded-for":
                 forwarded_for = value
-        if not request_id:
+        # a client's id is echoed in a response header: printable ASCII only
+        if not request_id or not (request_id.isascii() and request_id.isprintable()):
             request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
         info: dict[str, Any] = {"request_id": request_id}
         scope["cycleml"] = info
