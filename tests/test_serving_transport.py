@@ -161,6 +161,18 @@ def test_response_head_and_body_leave_in_one_write() -> None:
     assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
 
 
+def test_write_now_sends_what_waits_first_in_the_same_call() -> None:
+    async def scenario() -> RecordingTransport:
+        raw = RecordingTransport()
+        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"waiting ")
+        transport.write_now(b"answer")
+        await asyncio.sleep(0.01)  # the deferred flush has nothing left to send
+        return raw
+
+    assert asyncio.run(scenario()).writes == [b"waiting answer"]
+
+
 def test_a_write_without_a_complete_response_leaves_by_the_next_turn() -> None:
     async def scenario() -> tuple[list[bytes], list[bytes], RecordingTransport]:
         raw = RecordingTransport()

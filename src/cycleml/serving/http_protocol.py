@@ -66,6 +66,16 @@ class CoalescingTransport:
             return  # the peer is gone: what it would have read has nowhere to go
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` (after anything still waiting) at once, in one call."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._pending:
+            data = b"".join((*self._pending, data))
+            self._pending = []
+        self._transport.write(data)
+
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
             self.write(chunk)
@@ -219,7 +229,7 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     async def _answer(self, cycle: _DirectCycle, scope: Any, body: bytes) -> None:
         """Run the application on one whole request; its answer leaves in one write."""
-        transport = self.transport
+        transport: CoalescingTransport = self.transport  # type: ignore[assignment]
         request: dict[str, Any] | None = {"type": "http.request", "body": body, "more_body": False}
         head: list[bytes] | None = None
         remaining = 0
@@ -259,10 +269,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
             if remaining < 0:
                 raise RuntimeError("response body longer than its Content-Length")
             if head:
-                transport.write(b"".join((*head, chunk)))
+                transport.write_now(b"".join((*head, chunk)))
                 head.clear()
             elif chunk:
-                transport.write(chunk)
+                transport.write_now(chunk)
             if not message.get("more_body", False):
                 if remaining:
                     raise RuntimeError("response body shorter than its Content-Length")
