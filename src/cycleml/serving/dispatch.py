@@ -168,13 +168,12 @@ async def infer_rows(
     to the end.
     """
     item = model.submit(rows, deadline)
-    loop = item.loop
-    wait = deadline - item.enqueued_at
-    if wait <= WATCH_DISCONNECT_AFTER_S:
+    if deadline - item.enqueued_at <= WATCH_DISCONNECT_AFTER_S:
         # answered or expired before a watch would start: only the deadline matters
-        item.guard = _Guard(loop, receive, model, item)
+        item.guard = _Guard(receive, model, item)
         item.guard.expire_at(deadline)
     else:
+        loop = item.loop
         watchlist = _watchlists.get(loop)
         if watchlist is None:
             watchlist = _watchlists[loop] = _Watchlist(loop)
@@ -189,10 +188,9 @@ async def infer_rows(
 class _Guard:
     """Withdraws a queued item at its deadline or when its client goes away."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, receive: Receive, model: ServedModel, item: WorkItem
-    ) -> None:
-        self._loop, self._receive, self._model, self._item = loop, receive, model, item
+    def __init__(self, receive: Receive, model: ServedModel, item: WorkItem) -> None:
+        self._receive, self._model, self._item = receive, model, item
+        self._loop = item.loop  # the loop the request waits on
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
 
@@ -255,7 +253,7 @@ class _Watchlist:
                 waiting.popleft()
             elif due <= now:
                 waiting.popleft()
-                item.guard = _Guard(self._loop, receive, model, item)
+                item.guard = _Guard(receive, model, item)
                 item.guard.watch()
             else:
                 self._timer = self._loop.call_later(due - now, self._check)
