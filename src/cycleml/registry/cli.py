@@ -27,7 +27,13 @@ from cycleml.registry.errors import RegistryError
 from cycleml.registry.model_registry import Registry
 from cycleml.registry.records import AliasMove, ModelVersion
 from cycleml.registry.refs import check_alias, check_version
-from cycleml.registry.text import format_compare, format_show, models_table, versions_table
+from cycleml.registry.text import (
+    format_compare,
+    format_show,
+    models_table,
+    registered_line,
+    versions_table,
+)
 
 
 def open_registry(cfg: DictConfig) -> Registry:
@@ -100,10 +106,8 @@ def register_app(registry: Registry, cfg: DictConfig) -> str:
     )
     if _json_mode(cfg):
         _print_json({**version.to_dict(), "created": created})
-    elif created:
-        print(f"registered {version.ref} at {version.path}")
     else:
-        print(f"{version.ref} ({version.status}) already holds these bytes; nothing registered")
+        print(registered_line(version, created))
     return version.ref
 
 

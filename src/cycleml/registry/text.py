@@ -23,6 +23,13 @@ def _headline(version: ModelVersion) -> str:
     return ""
 
 
+def registered_line(version: ModelVersion, created: bool) -> str:
+    """What a register says: the new version, or the one that already holds the bytes."""
+    if created:
+        return f"registered {version.ref} at {version.path}"
+    return f"{version.ref} ({version.status}) already holds these bytes; nothing registered"
+
+
 def models_table(
     models: list[tuple[str, list[ModelVersion]]], pointed: dict[str, dict[str, int]]
 ) -> str:
