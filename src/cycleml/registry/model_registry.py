@@ -99,6 +99,8 @@ class Registry:
         model_dir = self.root / name
         if model_dir.exists() and not model_dir.is_dir():
             raise RegistryError(f"'{model_dir}' is a file, not a model folder; move it away")
+        # hidden, and the bundle one level down: a server scanning the root sees neither
+        # a model folder nor a version folder until the rename below
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=self.root))
         try:
             copy = staging / "bundle"
