@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+from test_errors_cli import cycleml
 from test_export_support import cached_bundle
 from test_registry_support import variant_of
-
-
-def cycleml(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "CYCLEML_ROOT": str(cwd)}
-    return subprocess.run(
-        [sys.executable, "-m", "cycleml", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def ok(*args: str, cwd: Path) -> str:

@@ -66,10 +66,16 @@ def _expected(value: Any) -> Any:
     return check_version(value)
 
 
-def _move_line(name: str, alias: str, move: AliasMove | None, now: int | None) -> str:
-    if move is None:
-        return f"{name}@{alias} already points to {shown(now)}; nothing changed"
-    return f"{name}@{alias}: {shown(move.from_version)} -> {shown(move.to_version)}"
+def _report_move(registry: Registry, cfg: DictConfig, alias: str, move: AliasMove | None) -> None:
+    """Print where the alias points now and the move that got it there (if any)."""
+    now = registry.aliases(cfg.name).get(cfg.name, {}).get(alias)
+    if _json_mode(cfg):
+        moved = move.to_dict() if move else None
+        _print_json({"name": cfg.name, "alias": alias, "version": now, "move": moved})
+    elif move is None:
+        print(f"{cfg.name}@{alias} already points to {shown(now)}; nothing changed")
+    else:
+        print(f"{cfg.name}@{alias}: {shown(move.from_version)} -> {shown(move.to_version)}")
 
 
 def _with_registry(command: str) -> Callable[[Callable[..., Any]], Callable[[DictConfig], Any]]:
@@ -173,12 +179,7 @@ def alias_app(registry: Registry, cfg: DictConfig) -> None:
         move = registry.set_alias(
             cfg.name, cfg.alias, cfg.version, reason=cfg.reason, expected=expected
         )
-    now = registry.aliases(cfg.name).get(cfg.name, {}).get(cfg.alias)
-    if _json_mode(cfg):
-        _print_json({"name": cfg.name, "alias": cfg.alias, "version": now,
-                     "move": move.to_dict() if move else None})  # fmt: skip
-    else:
-        print(_move_line(cfg.name, cfg.alias, move, now))
+    _report_move(registry, cfg, cfg.alias, move)
 
 
 @hydra_app("registry")
@@ -187,12 +188,7 @@ def promote_app(registry: Registry, cfg: DictConfig) -> None:
     move = registry.promote(
         cfg.name, cfg.source, cfg.target, reason=cfg.reason, expected=_expected(cfg.expect)
     )
-    now = registry.aliases(cfg.name).get(cfg.name, {}).get(cfg.target)
-    if _json_mode(cfg):
-        _print_json({"name": cfg.name, "alias": cfg.target, "version": now,
-                     "move": move.to_dict() if move else None})  # fmt: skip
-    else:
-        print(_move_line(cfg.name, cfg.target, move, now))
+    _report_move(registry, cfg, cfg.target, move)
 
 
 @hydra_app("registry")

@@ -426,14 +426,15 @@ class Registry:
     def _write(self, work: Callable[[Connection], T], expected: Any) -> T:
         """Run ``work`` in one transaction; a lost compare-and-set is retried only
         when the caller did not say what it expected."""
-        for attempt in range(_ATTEMPTS):
+        for _ in range(_ATTEMPTS - 1):
             try:
                 with self.engine.begin() as conn:
                     return work(conn)
             except AliasConflict:
-                if expected is not ANY or attempt == _ATTEMPTS - 1:
+                if expected is not ANY:
                     raise
-        raise AssertionError("unreachable")
+        with self.engine.begin() as conn:
+            return work(conn)
 
     def _refuse_archived(self, record: ModelVersion) -> None:
         if record.status == ARCHIVED:
