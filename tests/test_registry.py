@@ -175,6 +175,23 @@ def test_bad_names_and_roots_are_refused(tmp_path, bundles):
         Registry(None, tmp_path / "afile" / "registry")
 
 
+def test_a_root_without_write_access_is_named(registry, bundles, monkeypatch):
+    monkeypatch.setattr(model_registry.os, "access", lambda path, mode: False)
+    with pytest.raises(RegistryError, match=r"registry root '.*registry' is not writable"):
+        registry.register(bundles[0], name="digits")
+    monkeypatch.undo()
+    assert rows(registry, versions) == [] and not (registry.root / "digits").exists()
+
+
+def test_links_in_a_bundle_are_refused(registry, tmp_path, bundles):
+    linked = variant_of(bundles[0], tmp_path / "linked", "x")
+    (tmp_path / "secret.txt").write_text("outside the bundle")
+    (linked / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(RegistryError, match=r"bundle '.*/linked' holds a link 'notes.txt'"):
+        registry.register(linked, name="digits")
+    assert rows(registry, versions) == [] and not (registry.root / "digits").exists()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_a_read_only_root_is_named(tmp_path, bundles):
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "ro")
@@ -399,6 +416,26 @@ def test_unconditional_moves_retry_instead_of_failing(registry, db_url, bundles)
     final = registry.aliases("digits")["digits"]["champion"]
     last = registry.audit("digits")[-1]
     assert last.to_version == final  # the trail ends where the alias is
+
+
+def test_opposite_promotions_at_once_both_complete(registry, db_url, bundles):
+    """Each moves the alias the other one reads: they take their turns (no deadlock),
+    and the audit trail ends where the aliases point."""
+    for bundle in bundles[:2]:
+        registry.register(bundle, name="digits")
+    for _ in range(3):
+        registry.set_alias("digits", "champion", 1)
+        registry.set_alias("digits", "challenger", 2)
+        calls = [
+            ("promote", ("digits", "challenger", "champion", "up", ANY)),
+            ("promote", ("digits", "champion", "challenger", "down", ANY)),
+        ]
+        outcomes = _race(db_url, registry.root, calls)
+        assert all(o[0] == "ok" for o in outcomes), outcomes
+        pointed = registry.aliases("digits")["digits"]
+        assert pointed["champion"] == pointed["challenger"]
+        last = {m.alias: m.to_version for m in registry.audit("digits")}
+        assert last == pointed
 
 
 # --- archive, resolve, compare ----------------------------------------------------

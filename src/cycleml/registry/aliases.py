@@ -37,11 +37,21 @@ def shown(version: int | None) -> str:
     return "nowhere (unset)" if version is None else f"version {version}"
 
 
-def current_version(conn: Connection, model: str, alias: str, lock: bool = False) -> int | None:
+def current_version(conn: Connection, model: str, alias: str) -> int | None:
     query = select(aliases.c.version).where(aliases.c.model == model, aliases.c.alias == alias)
-    if lock:  # PostgreSQL: hold the row until commit (SQLite ignores it, writers are serial)
-        query = query.with_for_update()
     return conn.execute(query).scalar_one_or_none()
+
+
+def lock_aliases(conn: Connection, model: str, names: list[str]) -> dict[str, int]:
+    """``{alias: version}`` of those of ``names`` that exist, their rows locked until
+    commit in name order on PostgreSQL (SQLite ignores the lock: its writers are serial)."""
+    query = (
+        select(aliases.c.alias, aliases.c.version)
+        .where(aliases.c.model == model, aliases.c.alias.in_(names))
+        .order_by(aliases.c.alias)
+        .with_for_update()
+    )
+    return {alias: version for alias, version in conn.execute(query).all()}
 
 
 def move_alias(

@@ -23,13 +23,17 @@ _CHUNK = 1 << 20
 _SUMMARY_KEYS = ("task_name", "model", "data", "finished_at", "best_checkpoint", "tags")
 
 
-def hash_files(folder: Path) -> tuple[dict[str, str], int]:
-    """``({relative path: sha256}, total bytes)`` of every file below ``folder``."""
+def hash_files(folder: Path, shown: Path | None = None) -> tuple[dict[str, str], int]:
+    """``({relative path: sha256}, total bytes)`` of every file below ``folder`` (a copy
+    of the bundle ``shown`` in errors)."""
     hashes: dict[str, str] = {}
     total = 0
     for path in sorted(folder.rglob("*")):
         if path.is_symlink():
-            raise RegistryError(f"bundle '{folder}' holds a link '{path.name}'; copy the file in")
+            where = path.relative_to(folder).as_posix()
+            raise RegistryError(
+                f"bundle '{shown or folder}' holds a link '{where}'; copy the file in instead"
+            )
         if not path.is_file():
             continue
         digest = hashlib.sha256()

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from cycleml.db import open_database, safe_url, utc_now
 from cycleml.errors import CycleMLError
 from cycleml.inference.bundle import ModelBundle, load_bundle
-from cycleml.registry.aliases import ANY, current_version, move_alias
+from cycleml.registry.aliases import ANY, current_version, lock_aliases, move_alias
 from cycleml.registry.errors import AliasConflict, RegistryError
 from cycleml.registry.lineage import bundle_lineage, content_hash, hash_files
 from cycleml.registry.records import ARCHIVED, READY, AliasMove, ModelVersion
@@ -105,13 +105,13 @@ class Registry:
         try:
             copy = staging / "bundle"
             try:
-                shutil.copytree(source.path, copy)
+                shutil.copytree(source.path, copy, symlinks=True)  # links are refused below
             except (OSError, shutil.Error) as err:
                 raise RegistryError(
                     f"cannot copy bundle '{source.path}' into {self.root}: {err}"
                 ) from err
             _load(copy)  # what is registered is what was copied, checked again
-            files, size = hash_files(copy)
+            files, size = hash_files(copy, shown=source.path)
             digest = content_hash(files)
             existing = self._by_content(name, digest)
             if existing is not None:
@@ -391,7 +391,9 @@ class Registry:
         self.resolve(ModelRef(name, alias=source))  # names an unknown model or alias
 
         def work(conn: Connection) -> AliasMove | None:
-            version = current_version(conn, name, source, lock=True)
+            # PostgreSQL: both rows locked in name order, so that promotions in opposite
+            # directions wait for each other instead of deadlocking
+            version = lock_aliases(conn, name, [source, target]).get(source)
             if version is None:
                 raise RegistryError(f"model '{name}' has no alias '{source}'")
             move = move_alias(conn, name, target, version, expected, who_am_i(), reason, utc_now())
