@@ -142,7 +142,7 @@ def test_a_failure_while_moving_into_place_leaves_nothing(registry, bundles, mon
     with pytest.raises(RegistryError, match="cannot write version folder .*digits/1"):
         registry.register(bundles[0], name="digits")
     assert rows(registry, versions) == []
-    assert not (registry.root / "digits" / "1").exists()
+    assert not (registry.root / "digits").exists()
     assert not [p for p in registry.root.iterdir() if p.name.startswith(".staging")]
 
 
@@ -157,8 +157,16 @@ def test_a_failed_commit_leaves_nothing(registry, bundles, monkeypatch):
         registry.register(bundles[0], name="digits")
     monkeypatch.undo()
     assert rows(registry, versions) == []
-    assert not (registry.root / "digits" / "1").exists()
+    assert not (registry.root / "digits").exists()
     assert not [p for p in registry.root.iterdir() if p.name.startswith(".")]
+    # a later version that fails leaves the earlier ones in place
+    registry.register(bundles[0], name="digits")
+    monkeypatch.setattr(RootTransaction, "commit", fail)
+    with pytest.raises(RuntimeError, match="went away"):
+        registry.register(bundles[1], name="digits")
+    monkeypatch.undo()
+    assert [v.version for v in registry.versions("digits")] == [1]
+    assert sorted(p.name for p in (registry.root / "digits").iterdir()) == ["1"]
 
 
 def test_bad_names_and_roots_are_refused(tmp_path, bundles):

@@ -7,6 +7,7 @@ folders are visible in it (the SQLite file and the hidden staging folders are no
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import logging
@@ -132,6 +133,9 @@ class Registry:
                 "archive_reason": "",
             }
             return self._insert_version(copy, row)
+        except BaseException:
+            _remove_if_empty(model_dir)  # a first version that failed leaves no model folder
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -159,7 +163,9 @@ class Registry:
                     if same is not None:
                         return same, False
                     continue
-                except FileExistsError:
+                except (FileExistsError, FileNotFoundError):
+                    # the number's folder appeared, or a failed first register removed
+                    # the empty model folder meanwhile: take the next turn
                     transaction.rollback()
                     continue
                 except OSError as err:
@@ -510,6 +516,11 @@ def _load(path: Path) -> ModelBundle:
         return load_bundle(path)
     except CycleMLError as err:
         raise RegistryError(f"bundle '{path}' fails validation: {err}") from err
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (other versions), or not there
+        folder.rmdir()
 
 
 def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
