@@ -4,6 +4,11 @@ Loading happens off the event loop. A new version is loaded and warmed up before
 is swapped into the routing table; the version it replaces stops taking requests at
 that moment, finishes the ones it holds, and only then shuts its instances down, so a
 reload never fails a request in flight.
+
+A version that fails to load never replaces one that works: the model keeps serving
+what it served, the failure is reported (log, ``cycleml_model_load_failures_total``, the
+model's readiness and the repository index), and the watch tries that version again only
+once its files change.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ class ModelUnavailable(RuntimeError):
     """The model exists but is not ready: still loading, or its load failed (HTTP 503)."""
 
 
+class LoadFailed(CycleMLError):
+    """An explicit load found a version that does not load; what was served stays."""
+
+
 @dataclass(frozen=True)
 class VersionOnDisk:
     model: str
@@ -43,6 +52,14 @@ class VersionOnDisk:
     path: Path
     # changes whenever bundle.json or the model file is rewritten
     signature: tuple
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a version did not load, and the files it was tried with."""
+
+    signature: tuple
+    message: str
 
 
 def version_order(version: str) -> tuple:
@@ -73,11 +90,12 @@ class ModelRepository:
         self._live: dict[str, dict[str, ServedModel]] = {}
         self._default: dict[str, str] = {}
         self._signatures: dict[tuple[str, str], tuple] = {}
+        # model-level problems (a pin that matches no folder, an unreadable repository)
         self._failures: dict[str, str] = {}
         self._loading: set[str] = set()
-        # the watch's view: signatures seen at the last poll, and of loads that failed
+        # the watch's view: signatures seen at the last poll; versions whose load failed
         self._pending: dict[tuple[str, str], tuple] = {}
-        self._failed: dict[tuple[str, str], tuple] = {}
+        self._failed: dict[tuple[str, str], LoadFailure] = {}
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -147,16 +165,21 @@ class ModelRepository:
         self.loaded_once = True
 
     def load_model(self, name: str) -> list[str]:
-        """(Re)load one model from disk now; returns the versions it serves afterwards."""
+        """(Re)load one model from disk now, trying again versions that failed before;
+        returns the versions it serves afterwards. ``LoadFailed`` when a wanted version
+        does not load (what was served before stays served)."""
         on_disk = self.scan()
         if name not in on_disk:
             known = ", ".join(sorted(on_disk)) or "none"
             raise ModelNotFound(f"model '{name}' not found under '{self.root}' (found: {known})")
-        self._sync_model(name, on_disk[name])
+        failed = self._sync_model(name, on_disk[name], retry_failed=True)
         with self._lock:
             served = sorted(self._live.get(name, {}), key=version_order)
+        if failed:
+            still = f"still serving version(s) {', '.join(served)}" if served else "not served"
+            raise LoadFailed(f"model '{name}' {'; '.join(failed)}; {still}")
         if not served:
-            raise ModelUnavailable(self._failures.get(name, f"model '{name}' failed to load"))
+            raise ModelUnavailable(self.failure_reason(name) or f"model '{name}' failed to load")
         return served
 
     def unload_model(self, name: str) -> None:
@@ -168,21 +191,39 @@ class ModelRepository:
         for model in retired:
             self._retire(model)
 
-    def _sync_model(self, name: str, versions: list[VersionOnDisk]) -> None:
-        """Make the served versions of ``name`` match what is wanted on disk."""
+    def _sync_model(
+        self, name: str, versions: list[VersionOnDisk], retry_failed: bool = False
+    ) -> list[str]:
+        """Make the served versions of ``name`` match what is wanted on disk; returns the
+        failures of the versions it could not load (empty: all wanted are served).
+
+        Versions that failed to load with the same files are not tried again unless
+        ``retry_failed``; when no wanted version loads, the versions served so far stay.
+        """
         with self._reload_lock:
             wanted = self.wanted(name, versions)
+            self._forget_failures(name, wanted)
             with self._lock:
                 current = dict(self._live.get(name, {}))
             fresh: dict[str, ServedModel] = {}
+            failed: list[str] = []
             self._loading.add(name)
             try:
                 for found in wanted:
                     key = (name, found.version)
                     if found.version in current and self._signatures.get(key) == found.signature:
                         continue
+                    failure = self._failed.get(key)
+                    if failure is not None and failure.signature == found.signature:
+                        if retry_failed:
+                            del self._failed[key]
+                        else:
+                            failed.append(f"version {found.version}: {failure.message}")
+                            continue
                     model = self._load_version(found)
-                    if model is not None:
+                    if model is None:
+                        failed.append(f"version {found.version}: {self._failed[key].message}")
+                    else:
                         fresh[found.version] = model
                         self._signatures[key] = found.signature
             finally:
@@ -191,6 +232,9 @@ class ModelRepository:
             with self._lock:
                 table = {v: m for v, m in current.items() if v in keep and v not in fresh}
                 table.update(fresh)
+                if not table and failed:
+                    # nothing wanted loads: a broken version never retires a working one
+                    table = current
                 retired = [m for v, m in current.items() if v not in table or table[v] is not m]
                 if table:
                     self._live[name] = table
@@ -200,13 +244,31 @@ class ModelRepository:
                     self._default.pop(name, None)
             for model in retired:
                 self._retire(model)
-            if fresh:
+            if fresh or retired:
                 log.info(
                     "model %s now serves version(s) %s (default %s)",
                     name,
-                    ", ".join(sorted(table, key=version_order)),
+                    ", ".join(sorted(table, key=version_order)) or "none",
                     self._default.get(name),
                 )
+            return failed
+
+    def _forget_failures(self, name: str, wanted: list[VersionOnDisk]) -> None:
+        """Drop the load failures of versions no longer wanted (gone, or superseded)."""
+        versions = {v.version for v in wanted}
+        for key in [k for k in self._failed if k[0] == name and k[1] not in versions]:
+            del self._failed[key]
+
+    def failure_reason(self, name: str) -> str | None:
+        """Why (part of) a model is not served as wanted: failed versions, a missing pin."""
+        reasons = [
+            f"version {version} failed to load: {failure.message}"
+            for (model, version), failure in sorted(self._failed.items())
+            if model == name
+        ]
+        if name in self._failures:
+            reasons.append(self._failures[name])
+        return "; ".join(reasons) or None
 
     def _load_version(self, found: VersionOnDisk) -> ServedModel | None:
         started = time.perf_counter()
@@ -218,8 +280,8 @@ class ModelRepository:
             )
             model.warm_up()
         except Exception as err:  # a broken bundle must not take the server down
-            self._failures[found.model] = f"version {found.version}: {err}"
-            self._failed[key] = found.signature
+            self._failed[key] = LoadFailure(found.signature, str(err))
+            self.metrics.load_failures.labels(found.model, found.version).inc()
             log.error(
                 "cannot load model %s version %s from %s: %s",
                 found.model,
@@ -228,7 +290,6 @@ class ModelRepository:
                 err,
             )
             return None
-        self._failures.pop(found.model, None)
         self._failed.pop(key, None)
         log.info(
             "loaded model %s version %s in %.2f s",
@@ -291,8 +352,9 @@ class ModelRepository:
     def _missing(self, name: str) -> Exception:
         if name in self._loading:
             return ModelUnavailable(f"model '{name}' is loading")
-        if name in self._failures:
-            return ModelUnavailable(f"model '{name}' failed to load: {self._failures[name]}")
+        reason = self.failure_reason(name)
+        if reason is not None:
+            return ModelUnavailable(f"model '{name}' is not served: {reason}")
         known = ", ".join(sorted(self._live)) or "none"
         return ModelNotFound(f"model '{name}' is not served (served models: {known})")
 
@@ -302,17 +364,28 @@ class ModelRepository:
             return self.loaded_once and bool(self._live) and not self._loading
 
     def index(self) -> list[dict[str, Any]]:
-        """The repository index: every model and version, with its state."""
+        """The repository index: every model and version, with its state; a version that
+        failed to load is UNAVAILABLE with the reason, next to the versions still served."""
         entries = []
         with self._lock:
             live = {name: dict(v) for name, v in self._live.items()}
-        for name, versions in sorted(live.items()):
-            for version in sorted(versions, key=version_order):
+        for name, versions in live.items():
+            for version in versions:
                 entries.append({"name": name, "version": version, "state": "READY"})
+        for (name, version), failure in list(self._failed.items()):
+            if version not in live.get(name, {}):
+                entries.append(
+                    {
+                        "name": name,
+                        "version": version,
+                        "state": "UNAVAILABLE",
+                        "reason": f"failed to load: {failure.message}",
+                    }
+                )
         for name, reason in sorted(self._failures.items()):
             if name != "*" and name not in live:
                 entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
-        return entries
+        return sorted(entries, key=lambda e: (e["name"], version_order(e.get("version", ""))))
 
     def all_models(self) -> list[ServedModel]:
         with self._lock:
@@ -323,7 +396,7 @@ class ModelRepository:
         """One watch step: load versions that appeared or changed and have stayed the same
         since the previous poll (so a half-copied folder is not loaded), and drop models
         whose folders are gone. A version that failed to load is retried once its files
-        change."""
+        change; until then the model serves what it served before."""
         try:
             on_disk = self.scan()
         except Exception as err:
@@ -331,17 +404,20 @@ class ModelRepository:
             return
         for name, versions in on_disk.items():
             wanted = self.wanted(name, versions)
+            self._forget_failures(name, wanted)
             served = set(self.versions(name))
-            changed = [
+            loadable = [
                 v
                 for v in wanted
-                if (
-                    v.version not in served
-                    or self._signatures.get((name, v.version)) != v.signature
-                )
-                and self._failed.get((name, v.version)) != v.signature
+                if getattr(self._failed.get((name, v.version)), "signature", None) != v.signature
             ]
-            stale = served - {v.version for v in wanted}
+            changed = [
+                v
+                for v in loadable
+                if v.version not in served or self._signatures.get((name, v.version)) != v.signature
+            ]
+            # versions no longer wanted, unless they stand in for wanted ones that failed
+            stale = served - {v.version for v in loadable} if loadable else set()
             if not changed and not stale:
                 continue
             unsettled = [v for v in changed if self._pending.get((name, v.version)) != v.signature]
@@ -355,6 +431,8 @@ class ModelRepository:
             for name in set(self._default) - set(on_disk):
                 log.info("watch: model %s was removed from the repository", name)
                 self.unload_model(name)
+            for key in [k for k in self._failed if k[0] not in on_disk]:
+                del self._failed[key]
 
     def start_watching(self) -> None:
         if self._watcher is not None:

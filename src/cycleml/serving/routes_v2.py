@@ -30,7 +30,7 @@ from cycleml.serving.protocol import (
     parse_binary_request,
     parse_json_request,
 )
-from cycleml.serving.repository import ModelNotFound, ModelUnavailable
+from cycleml.serving.repository import LoadFailed, ModelNotFound, ModelUnavailable
 
 router = APIRouter()
 
@@ -244,10 +244,14 @@ def _ready(request: Request, model_name: str, version: str | None) -> Response:
     model, failure = _lookup(request, model_name, version)
     if failure is not None:
         return failure
-    ready = model.ready and not state_of(request).draining
-    return json_response(
-        {"name": model.name, "version": model.version, "ready": ready}, 200 if ready else 503
-    )
+    state = state_of(request)
+    ready = model.ready and not state.draining
+    answer = {"name": model.name, "version": model.version, "ready": ready}
+    # a newer version that failed to load: the model still serves, but says why not that one
+    reason = state.repository.failure_reason(model.name)
+    if reason is not None:
+        answer["reason"] = reason
+    return json_response(answer, 200 if ready else 503)
 
 
 @router.get(
@@ -299,6 +303,7 @@ async def repository_index(request: Request) -> Response:
     tags=["repository"],
     summary="Load or reload a model from the repository folder",
     responses={
+        400: {"description": "a version failed to load (the versions served before stay)"},
         404: {"description": "no such model on disk"},
         503: {"description": "the model failed to load"},
     },
@@ -307,7 +312,7 @@ async def repository_load(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:
         versions = await asyncio.to_thread(state.repository.load_model, model_name)
-    except (ModelNotFound, ModelUnavailable) as err:
+    except (ModelNotFound, ModelUnavailable, LoadFailed) as err:
         return error_response(err, state.settings)[1]
     return json_response({"name": model_name, "versions": versions})
 
