@@ -9,6 +9,12 @@ A version that fails to load never replaces one that works: the model keeps serv
 what it served, the failure is reported (log, ``cycleml_model_load_failures_total``, the
 model's readiness and the repository index), and the watch tries that version again only
 once its files change.
+
+A registry root is followed by alias: the versions aliases point to are served, and
+``model@alias`` routes to the version its alias points to. When an alias moves, the new
+version is loaded and warmed up first, then the alias switches to it in one step;
+requests already holding the old version finish on it, and a version no alias points
+to any more is retired once they are done.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 from cycleml.errors import CycleMLError
 from cycleml.inference import load_bundle
 from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.registry_follow import FollowedModel, RegistryFollower
 from cycleml.serving.served_model import ServedModel
 from cycleml.serving.settings import ServeSettings
 
@@ -43,6 +50,10 @@ class ModelUnavailable(RuntimeError):
 
 class LoadFailed(CycleMLError):
     """An explicit load found a version that does not load; what was served stays."""
+
+
+class BadModelRef(ValueError):
+    """A request names both an alias and a version (HTTP 400)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,14 @@ class ModelRepository:
         # the watch's view: signatures seen at the last poll; versions whose load failed
         self._pending: dict[tuple[str, str], tuple] = {}
         self._failed: dict[tuple[str, str], LoadFailure] = {}
+        # a registry root: what its aliases point to, and each model's routed aliases
+        self.follower = (
+            RegistryFollower(self.root, settings.registry.db_url)
+            if settings.follows_registry
+            else None
+        )
+        self._followed: dict[str, FollowedModel] = {}
+        self._routes: dict[str, dict[str, str]] = {}
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -134,7 +153,8 @@ class ModelRepository:
         ]
 
     def wanted(self, name: str, versions: list[VersionOnDisk]) -> list[VersionOnDisk]:
-        """The versions of a model to serve, by pin or by version policy."""
+        """The versions of a model to serve, by pin, by the registry's aliases, or by
+        version policy."""
         pinned = self.settings.pinned_versions.get(name)
         if pinned is not None:
             chosen = [v for v in versions if v.version == pinned]
@@ -144,6 +164,10 @@ class ModelRepository:
                     f"{', '.join(v.version for v in versions)}"
                 )
             return chosen
+        if self.follower is not None:
+            followed = self._followed.get(name)
+            chosen_versions = followed.versions if followed is not None else set()
+            return [v for v in versions if v.version in chosen_versions]
         if self.settings.version_policy == "all":
             return list(versions)
         return versions[-1:]
@@ -151,6 +175,8 @@ class ModelRepository:
     # -- loading ---------------------------------------------------------------------------
     def load_all(self) -> None:
         """Load every model found (at start-up)."""
+        if self.follower is not None and not self._read_registry():
+            self._failures["*"] = f"cannot read the model registry at '{self.root}'"
         try:
             on_disk = self.scan()
         except CycleMLError as err:
@@ -235,23 +261,60 @@ class ModelRepository:
                 if not table and failed:
                     # nothing wanted loads: a broken version never retires a working one
                     table = current
+                routes = self._route_aliases(name, table, current)
                 retired = [m for v, m in current.items() if v not in table or table[v] is not m]
                 if table:
                     self._live[name] = table
-                    self._default[name] = max(table, key=version_order)
+                    self._routes[name] = routes
+                    followed = self._followed.get(name)
+                    default_alias = followed.default_alias if followed is not None else None
+                    self._default[name] = (
+                        routes[default_alias]
+                        if default_alias in routes
+                        else max(table, key=version_order)
+                    )
                 else:
                     self._live.pop(name, None)
+                    self._routes.pop(name, None)
                     self._default.pop(name, None)
             for model in retired:
                 self._retire(model)
             if fresh or retired:
                 log.info(
-                    "model %s now serves version(s) %s (default %s)",
+                    "model %s now serves version(s) %s (default %s%s)",
                     name,
                     ", ".join(sorted(table, key=version_order)) or "none",
                     self._default.get(name),
+                    "".join(f", {a} -> {v}" for a, v in sorted(routes.items())),
                 )
             return failed
+
+    def _route_aliases(
+        self, name: str, table: dict[str, ServedModel], current: dict[str, ServedModel]
+    ) -> dict[str, str]:
+        """Each alias of ``name`` routed to the version it points to when that version is
+        in ``table``; otherwise (its load failed, or its folder is missing) to the version
+        it was routed to so far, which then stays in ``table``. Called under the lock."""
+        followed = self._followed.get(name)
+        if followed is None:
+            return {}
+        before = self._routes.get(name, {})
+        routes = {}
+        for alias, version in followed.aliases.items():
+            if version in table:
+                routes[alias] = version
+            elif before.get(alias) in current:
+                routes[alias] = before[alias]
+                table[before[alias]] = current[before[alias]]
+                log.warning(
+                    "model %s: alias %s points to version %s, which is not served; it "
+                    "stays on version %s",
+                    name,
+                    alias,
+                    version,
+                    before[alias],
+                )
+        return routes
 
     def _forget_failures(self, name: str, wanted: list[VersionOnDisk]) -> None:
         """Drop the load failures of versions no longer wanted (gone, or superseded)."""
@@ -316,12 +379,26 @@ class ModelRepository:
     # -- routing ---------------------------------------------------------------------------
     def acquire(self, name: str, version: str | None = None) -> ServedModel:
         """The served model for a request, held (a reload waits for it) until the caller
-        calls its ``release()``; :meth:`lease` does both around a ``with`` block."""
+        calls its ``release()``; :meth:`lease` does both around a ``with`` block.
+
+        ``name`` may be ``model@alias``: the alias is resolved here, under the same lock
+        as the lease, so the model returned is the one that computes the answer."""
+        name, at, alias = name.partition("@")
         with self._lock:
             versions = self._live.get(name)
             if versions is None:
                 raise self._missing(name)
-            chosen = self._default[name] if version in (None, "") else version
+            if at:
+                if version not in (None, ""):
+                    raise BadModelRef(
+                        f"'{name}@{alias}' names an alias; ask for it or for a version "
+                        f"(/versions/{version}), not both"
+                    )
+                chosen = self._routes.get(name, {}).get(alias)
+                if chosen is None:
+                    raise self._unknown_alias(name, alias)
+            else:
+                chosen = self._default[name] if version in (None, "") else version
             model = versions.get(chosen)
             if model is None:
                 raise ModelNotFound(
@@ -349,6 +426,23 @@ class ModelRepository:
         with self._lock:
             return sorted(self._live.get(name, {}), key=version_order)
 
+    def aliases(self, name: str) -> dict[str, str]:
+        """``alias -> version`` as requests to ``name@alias`` are routed now."""
+        with self._lock:
+            return dict(sorted(self._routes.get(name, {}).items()))
+
+    def _unknown_alias(self, name: str, alias: str) -> Exception:
+        followed = self._followed.get(name)
+        pointed = followed.aliases.get(alias) if followed is not None else None
+        if pointed is not None:
+            reason = self.failure_reason(name) or "not loaded yet"
+            return ModelUnavailable(
+                f"alias '{alias}' of model '{name}' points to version {pointed}, which is "
+                f"not served: {reason}"
+            )
+        known = ", ".join(sorted(self._routes.get(name, {}))) or "none"
+        return ModelNotFound(f"model '{name}' has no alias '{alias}' (aliases: {known})")
+
     def _missing(self, name: str) -> Exception:
         if name in self._loading:
             return ModelUnavailable(f"model '{name}' is loading")
@@ -369,9 +463,14 @@ class ModelRepository:
         entries = []
         with self._lock:
             live = {name: dict(v) for name, v in self._live.items()}
+            routes = {name: dict(r) for name, r in self._routes.items()}
         for name, versions in live.items():
             for version in versions:
-                entries.append({"name": name, "version": version, "state": "READY"})
+                entry: dict[str, Any] = {"name": name, "version": version, "state": "READY"}
+                aliases = sorted(a for a, v in routes.get(name, {}).items() if v == version)
+                if aliases:
+                    entry["aliases"] = aliases
+                entries.append(entry)
         for (name, version), failure in list(self._failed.items()):
             if version not in live.get(name, {}):
                 entries.append(
@@ -418,6 +517,7 @@ class ModelRepository:
             ]
             # versions no longer wanted, unless they stand in for wanted ones that failed
             stale = served - {v.version for v in loadable} if loadable else set()
+            stale -= set(self.aliases(name).values())
             if not changed and not stale:
                 continue
             unsettled = [v for v in changed if self._pending.get((name, v.version)) != v.signature]
@@ -434,14 +534,52 @@ class ModelRepository:
             for key in [k for k in self._failed if k[0] not in on_disk]:
                 del self._failed[key]
 
+    def follow_registry(self) -> None:
+        """One step of following a registry: read its aliases and versions, and sync
+        each model whose view changed (new versions are loaded before aliases move)."""
+        before = self._followed
+        if not self._read_registry():
+            return
+        for name in sorted(set(before) | set(self._followed)):
+            if before.get(name) != self._followed.get(name):
+                log.info("registry: model %s now wants %s", name, self._followed.get(name))
+                self._sync_model(name, self._versions_on_disk(name))
+
+    def _read_registry(self) -> bool:
+        assert self.follower is not None
+        try:
+            self._followed = self.follower.read()
+        except Exception as err:  # a database hiccup must not stop the server
+            log.warning("registry: cannot read '%s': %s", self.root, err)
+            return False
+        return True
+
+    def _versions_on_disk(self, name: str) -> list[VersionOnDisk]:
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            return []
+        return sorted(self._versions_in(model_dir), key=lambda v: version_order(v.version))
+
     def start_watching(self) -> None:
+        """Poll the folder (``reload.watch``) and follow the registry, in one thread."""
         if self._watcher is not None:
             return
-        interval = self.settings.reload.interval_s
+        watch_folder = self.settings.reload.watch
+        if self.follower is None and not watch_folder:
+            return
+        folder_every = self.settings.reload.interval_s
+        interval = folder_every
+        if self.follower is not None:
+            interval = min(interval, self.settings.registry.poll_interval_s)
 
         def watch() -> None:
+            next_folder_poll = time.monotonic() + folder_every
             while not self._stop.wait(interval):
-                self.poll()
+                if self.follower is not None:
+                    self.follow_registry()
+                if watch_folder and time.monotonic() >= next_folder_poll:
+                    next_folder_poll = time.monotonic() + folder_every
+                    self.poll()
 
         self._watcher = threading.Thread(target=watch, name="repository-watch", daemon=True)
         self._watcher.start()
@@ -457,3 +595,5 @@ class ModelRepository:
             self._default.clear()
         for model in models:
             model.stop(timeout=self.settings.limits.drain_timeout_s)
+        if self.follower is not None:
+            self.follower.close()
