@@ -3,6 +3,7 @@ request, every answer naming the version that computed it, and aliases followed 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -20,11 +21,14 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
     IMAGE_SIZE,
     RunningServer,
     binary_body,
+    free_port,
     image_bundle_fixture,
     image_bundle_v2_fixture,
+    server_process,
     settings,
     text_bundle_fixture,
     v2_body,
+    wait_ready,
 )
 
 PIXELS = np.random.default_rng(7).integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -211,3 +215,73 @@ def test_alias_moves_load_first_then_switch_and_retire(
     finally:
         repository.close()
         registry.close()
+
+
+def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_version(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    """``cycleml serve`` on a registry root while clients call ``shapes@champion`` for
+    about 20 s and the alias moves 5 times between two versions that answer differently."""
+    root = tmp_path / "registry"
+    registry = make_registry(root, image_bundle, image_bundle_v2)
+    expected = expected_outputs(image_bundle, image_bundle_v2)
+    body, headers = binary_body(PIXELS)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    moves: list[tuple[float, str]] = []  # (when, to version)
+    answers: list[tuple[float, float, int, str, str, str]] = []
+
+    async def client(http: httpx.AsyncClient, until: float) -> None:
+        while time.monotonic() < until:
+            sent = time.monotonic()
+            response = await http.post("/v2/models/shapes@champion/infer", content=body)
+            done = time.monotonic()
+            if response.status_code != 200:
+                answers.append((sent, done, response.status_code, "", "", response.text))
+                continue
+            header, output = _binary_answer(response)
+            computed = version_of_output(output, expected)
+            answers.append(
+                (
+                    sent,
+                    done,
+                    200,
+                    response.headers["x-model-version"],
+                    header["model_version"],
+                    computed,
+                )
+            )
+
+    async def mover() -> None:
+        for to in ("2", "1", "2", "1", "2"):
+            await asyncio.sleep(3.5)
+            await asyncio.to_thread(registry.set_alias, "shapes", "champion", int(to))
+            moves.append((time.monotonic(), to))
+
+    async def scenario() -> None:
+        until = time.monotonic() + 21.0
+        async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as http:
+            await asyncio.gather(mover(), *(client(http, until) for _ in range(4)))
+
+    try:
+        with server_process(root, port, "access_log=false", "registry.poll_interval_s=0.5"):
+            wait_ready(url)
+            asyncio.run(scenario())
+    finally:
+        registry.close()
+
+    failed = [a for a in answers if a[2] != 200]
+    assert not failed, failed[:5]
+    assert len(answers) > 500
+    # the version named in the header and the body is the one whose output came back
+    assert all(a[3] == a[4] == a[5] for a in answers)
+    for index, (moved_at, to) in enumerate(moves):
+        next_move = moves[index + 1][0] if index + 1 < len(moves) else float("inf")
+        first = min(a[1] for a in answers if a[0] >= moved_at and a[5] == to)
+        assert first - moved_at < 3.0, (
+            f"move {index + 1} to {to} served after {first - moved_at:.2f} s"
+        )
+        # once the new version answers, every request sent afterwards gets it
+        later = [a for a in answers if first <= a[0] < next_move]
+        assert later and all(a[5] == to for a in later)
+    assert [to for _, to in moves] == ["2", "1", "2", "1", "2"]
