@@ -13,9 +13,9 @@ import datetime as dt
 from typing import Any, Final
 
 from sqlalchemy import delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from cycleml.db import insert_new_rows
 from cycleml.registry.errors import AliasConflict
 from cycleml.registry.records import AliasMove
 from cycleml.registry.tables import alias_moves, aliases
@@ -24,6 +24,9 @@ from cycleml.registry.tables import alias_moves, aliases
 class _Any:
     def __repr__(self) -> str:
         return "ANY"
+
+    def __reduce__(self) -> str:
+        return "ANY"  # pickled by name: still the one sentinel in another process
 
 
 ANY: Final[Any] = _Any()
@@ -68,7 +71,7 @@ def move_alias(
     where = (aliases.c.model == model, aliases.c.alias == alias)
     if current is None:
         row = {"model": model, "alias": alias, "version": to_version, "updated_at": now}
-        changed = insert_new_rows(conn, aliases, [row])
+        changed = _insert_absent(conn, row)
     elif to_version is None:
         changed = conn.execute(delete(aliases).where(*where, aliases.c.version == current)).rowcount
     else:
@@ -92,3 +95,11 @@ def move_alias(
         )
     )
     return move
+
+
+def _insert_absent(conn: Connection, row: dict[str, Any]) -> int:
+    """Insert the alias row unless the primary key exists; 1 if inserted, else 0
+    (counted from RETURNING: not every driver reports a row count here)."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(aliases).values(**row).on_conflict_do_nothing()
+    return len(conn.execute(statement.returning(aliases.c.alias)).all())
