@@ -4,7 +4,10 @@ request, every answer naming the version that computed it, and aliases followed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,8 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.repository import ModelRepository
+from test_predict_support import DATABASES, POSTGRES_URL
+from test_registry_support import postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
@@ -285,3 +290,50 @@ def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_versio
         later = [a for a in answers if first <= a[0] < next_move]
         assert later and all(a[5] == to for a in later)
     assert [to for _, to in moves] == ["2", "1", "2", "1", "2"]
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_registry_database_given_by_url_is_followed(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path, database: str
+) -> None:
+    """``registry.db_url`` names the database (PostgreSQL, or a SQLite file elsewhere)."""
+    with contextlib.ExitStack() as stack:
+        if database == "sqlite":
+            url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+        else:
+            url = stack.enter_context(contextlib.contextmanager(postgres_schema_url)(POSTGRES_URL))
+        root = tmp_path / "registry"
+        registry = Registry(url, root)
+        stack.callback(registry.close)
+        registry.register(image_bundle)
+        registry.register(image_bundle_v2)
+        assert not (root / "registry.db").exists()
+        repository = ModelRepository(settings(root, registry={"db_url": url}), ServingMetrics())
+        stack.callback(repository.close)
+        repository.load_all()
+        assert repository.versions("shapes") == ["2"]  # no alias: the newest
+        assert repository.aliases("shapes") == {}
+        registry.set_alias("shapes", "champion", 1)
+        repository.follow_registry()
+        assert repository.versions("shapes") == ["1"]
+        assert repository.get("shapes@champion").version == "1"
+        assert repository.get("shapes").version == "1"
+
+
+def test_unreachable_registry_database_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cycleml.serving.cli",
+            f"path={tmp_path}",
+            "registry.db_url=postgresql+psycopg://nobody@127.0.0.1:1/none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "registry database" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
