@@ -146,3 +146,28 @@ def test_broken_version_loaded_through_the_api_keeps_the_old_one(
         }
         metrics = http.get("/metrics").text
         assert 'cycleml_model_load_failures_total{model="shapes",version="2"} 1.0' in metrics
+
+
+def test_start_up_with_a_broken_newest_version_serves_the_newest_that_loads(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    root = tmp_path / "models"
+    copy_version(image_bundle, root, "shapes", "1")
+    copy_version(image_bundle_v2, root, "shapes", "2")
+    broken = copy_broken_version(image_bundle_v2, root, "shapes", "3", "unknown format_version")
+    repository = ModelRepository(settings(root), ServingMetrics())
+    try:
+        repository.load_all()
+        assert repository.versions("shapes") == ["2"]
+        assert repository.ready
+        assert repository.failure_reason("shapes").startswith("version 3 failed to load")
+        repository.poll()
+        repository.poll()
+        assert repository.versions("shapes") == ["2"]
+        shutil.rmtree(broken)
+        copy_version(image_bundle, root, "shapes", "3")
+        repository.poll()
+        repository.poll()
+        assert repository.versions("shapes") == ["3"]
+    finally:
+        repository.close()

@@ -257,6 +257,14 @@ def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_versio
                 )
             )
 
+    readiness: list[int] = []
+
+    async def probe(http: httpx.AsyncClient, until: float) -> None:
+        """Readiness stays true while a new version loads next to the served one."""
+        while time.monotonic() < until:
+            readiness.append((await http.get("/v2/health/ready")).status_code)
+            await asyncio.sleep(0.02)
+
     async def mover() -> None:
         for to in ("2", "1", "2", "1", "2"):
             await asyncio.sleep(3.5)
@@ -266,7 +274,9 @@ def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_versio
     async def scenario() -> None:
         until = time.monotonic() + 21.0
         async with httpx.AsyncClient(base_url=url, timeout=30, headers=headers) as http:
-            await asyncio.gather(mover(), *(client(http, until) for _ in range(4)))
+            await asyncio.gather(
+                mover(), probe(http, until), *(client(http, until) for _ in range(4))
+            )
 
     try:
         with server_process(root, port, "access_log=false", "registry.poll_interval_s=0.5"):
@@ -278,6 +288,7 @@ def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_versio
     failed = [a for a in answers if a[2] != 200]
     assert not failed, failed[:5]
     assert len(answers) > 500
+    assert len(readiness) > 100 and set(readiness) == {200}
     # the version named in the header and the body is the one whose output came back
     assert all(a[3] == a[4] == a[5] for a in answers)
     for index, (moved_at, to) in enumerate(moves):

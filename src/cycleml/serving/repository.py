@@ -252,9 +252,11 @@ class ModelRepository:
                     else:
                         fresh[found.version] = model
                         self._signatures[key] = found.signature
+                if failed and not fresh and not current:
+                    fresh.update(self._newest_that_loads(name, versions, wanted))
             finally:
                 self._loading.discard(name)
-            keep = {v.version for v in wanted}
+            keep = {v.version for v in wanted} | set(fresh)
             with self._lock:
                 table = {v: m for v, m in current.items() if v in keep and v not in fresh}
                 table.update(fresh)
@@ -315,6 +317,34 @@ class ModelRepository:
                     before[alias],
                 )
         return routes
+
+    def _newest_that_loads(
+        self, name: str, versions: list[VersionOnDisk], wanted: list[VersionOnDisk]
+    ) -> dict[str, ServedModel]:
+        """With ``version_policy=latest`` and nothing served yet (start-up), the newest
+        older version that loads stands in for a newest one that does not."""
+        if (
+            self.settings.version_policy != "latest"
+            or name in self.settings.pinned_versions
+            or self.follower is not None
+        ):
+            return {}
+        skip = {v.version for v in wanted}
+        for found in reversed(versions):
+            key = (name, found.version)
+            failure = self._failed.get(key)
+            if found.version in skip or (failure and failure.signature == found.signature):
+                continue
+            model = self._load_version(found)
+            if model is not None:
+                self._signatures[key] = found.signature
+                log.warning(
+                    "model %s serves version %s until its newer version loads",
+                    name,
+                    found.version,
+                )
+                return {found.version: model}
+        return {}
 
     def _forget_failures(self, name: str, wanted: list[VersionOnDisk]) -> None:
         """Drop the load failures of versions no longer wanted (gone, or superseded)."""
@@ -455,7 +485,9 @@ class ModelRepository:
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self.loaded_once and bool(self._live) and not self._loading
+            # a model that loads a new version while serving an older one stays ready
+            loading_only = any(name not in self._live for name in self._loading)
+            return self.loaded_once and bool(self._live) and not loading_only
 
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every model and version, with its state; a version that
