@@ -58,6 +58,12 @@ def copy_broken_version(bundle: Path, repository: Path, model: str, version: str
     return target
 
 
+def _watch_settles(repository: ModelRepository) -> None:
+    """Two watch steps: a new folder is seen, then (unchanged) loaded."""
+    repository.poll()
+    repository.poll()
+
+
 def _failures(metrics: ServingMetrics, version: str) -> float:
     value = metrics.registry.get_sample_value(
         "cycleml_model_load_failures_total", {"model": "shapes", "version": version}
@@ -81,8 +87,7 @@ def test_broken_new_version_keeps_the_old_one_serving(
     try:
         repository.load_all()
         broken = copy_broken_version(image_bundle_v2, root, "shapes", "2", how)
-        repository.poll()  # first sight
-        repository.poll()  # settled: tried, fails
+        _watch_settles(repository)  # tried, fails
         assert repository.versions("shapes") == ["1"]
         assert repository.get("shapes").version == "1"
         assert repository.ready
@@ -104,8 +109,7 @@ def test_broken_new_version_keeps_the_old_one_serving(
         # fixed in place: the watch sees new files and the repaired version takes over
         shutil.rmtree(broken)
         copy_version(image_bundle_v2, root, "shapes", "2")
-        repository.poll()
-        repository.poll()
+        _watch_settles(repository)
         assert repository.versions("shapes") == ["2"]
         assert repository.failure_reason("shapes") is None
         assert all(e["state"] == "READY" for e in repository.index())
@@ -161,13 +165,11 @@ def test_start_up_with_a_broken_newest_version_serves_the_newest_that_loads(
         assert repository.versions("shapes") == ["2"]
         assert repository.ready
         assert repository.failure_reason("shapes").startswith("version 3 failed to load")
-        repository.poll()
-        repository.poll()
+        _watch_settles(repository)
         assert repository.versions("shapes") == ["2"]
         shutil.rmtree(broken)
         copy_version(image_bundle, root, "shapes", "3")
-        repository.poll()
-        repository.poll()
+        _watch_settles(repository)
         assert repository.versions("shapes") == ["3"]
     finally:
         repository.close()

@@ -4,7 +4,9 @@ schema fuzz of the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -158,17 +160,24 @@ def _image_requests(port: int, count: int = 8) -> list[bytes]:
     return requests
 
 
-def test_hot_reload_under_load_fails_no_request(
-    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
-) -> None:
-    repository = tmp_path / "models"
-    copy_version(image_bundle, repository, "shapes", "1")
+@contextlib.contextmanager
+def watched_server(repository: Path) -> Iterator[tuple[int, str]]:
+    """``cycleml serve`` on ``repository`` with a fast folder watch: (port, url)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with server_process(
         repository, port, "reload.watch=true", "reload.interval_s=0.2", "access_log=false"
     ):
         wait_ready(url)
+        yield port, url
+
+
+def test_hot_reload_under_load_fails_no_request(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    repository = tmp_path / "models"
+    copy_version(image_bundle, repository, "shapes", "1")
+    with watched_server(repository) as (port, url):
 
         async def scenario() -> tuple[list[Result], list[str]]:
             load = asyncio.ensure_future(
@@ -210,12 +219,7 @@ def test_broken_version_copied_in_under_load_fails_no_request(
 ) -> None:
     repository = tmp_path / "models"
     copy_version(image_bundle, repository, "shapes", "1")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with server_process(
-        repository, port, "reload.watch=true", "reload.interval_s=0.2", "access_log=false"
-    ):
-        wait_ready(url)
+    with watched_server(repository) as (port, url):
 
         async def scenario() -> tuple[list[Result], list[dict]]:
             load = asyncio.ensure_future(
