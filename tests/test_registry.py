@@ -233,11 +233,18 @@ def test_racing_registers_take_different_versions(registry, db_url, bundles):
 # --- lineage --------------------------------------------------------------------
 
 
-def test_lineage_from_a_real_trained_run(tmp_path):
-    from cycleml.export.checkpoint import export_checkpoint
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """One real `cycleml train` run (digits, a few batches) for the lineage tests."""
     from test_export_checkpoint import train_in
 
-    run = train_in(tmp_path / "train", "trainer.limit_train_batches=5")
+    return train_in(tmp_path_factory.mktemp("train"), "trainer.limit_train_batches=5")
+
+
+def test_lineage_from_a_real_trained_run(tmp_path, trained_run):
+    from cycleml.export.checkpoint import export_checkpoint
+
+    run = trained_run
     bundle = export_checkpoint(run, bundles_dir=tmp_path / "bundles", name="digits")
     registry = Registry(None, tmp_path / "registry")
     first, _ = registry.register(bundle.path, description="first")
@@ -265,6 +272,31 @@ def test_lineage_from_a_real_trained_run(tmp_path):
     with pytest.raises(RegistryError, match="model 'digits' has no version 9"):
         registry.register(bundle.path, parent="digits/9")
     registry.close()
+
+
+def test_export_with_register_exports_then_registers(tmp_path, trained_run):
+    command = [sys.executable, "-m", "cycleml", "export", f"ckpt_path={trained_run}",
+               "export.register=true", "registry.description=from export",
+               "+registry.tags.team=vision"]  # fmt: skip
+    env = {**os.environ, "CYCLEML_ROOT": str(tmp_path)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"registered digits/1 at {tmp_path / 'registry' / 'digits' / '1'}" in result.stdout
+    registry = Registry(None, tmp_path / "registry")
+    version = registry.get("digits", 1)
+    assert version.description == "from export" and version.tags == {"team": "vision"}
+    exported = tmp_path / "bundles" / "digits" / "1"
+    assert (exported / "model.onnx").read_bytes() == (version.path / "model.onnx").read_bytes()
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert version.lineage["run_id"] == summary["run_id"] and version.lineage["run_dir"]
+    registry.close()
+    # an unusable registry fails before the export, with one line
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([*command[:6], f"registry.root={tmp_path / 'file' / 'r'}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 2 and "cannot be created" in result.stderr
+    assert not (tmp_path / "bundles" / "digits" / "2").exists()
 
 
 def test_lineage_variants_come_from_bundle_json(registry, bundles):

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cycleml.batch.cli", "offline batch prediction into a database"),
     "serve": ("cycleml.serving.cli", "serve model bundles over HTTP (KServe v2)"),
     "data": ("cycleml.data.cli", "data gather | clean | diff"),
+    "registry": (
+        "cycleml.registry.cli",
+        "model registry: register | list | show | alias | promote | compare | archive",
+    ),
 }
 
 
@@ -39,6 +43,7 @@ def _usage() -> str:
         "  cycleml predict bundle=bundles/digits/1 input=photos/ db_url=sqlite:///predictions.db",
         "  cycleml serve path=bundles",
         "  cycleml data gather && cycleml data clean",
+        "  cycleml registry register bundle=bundles/digits/1 && cycleml registry list",
     ]
     return "\n".join(lines)
 
@@ -57,6 +62,27 @@ def pick_command(
         print(f"{prog}: unknown command '{args[0]}'.\n\n{usage}", file=sys.stderr)
         raise SystemExit(2)
     return args[0], args[1:]
+
+
+# Hydra options followed by a value (which is not a positional argument)
+HYDRA_VALUE_OPTIONS = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
+}  # fmt: skip
+
+
+def positional_overrides(args: list[str], names: list[str]) -> list[str]:
+    """Plain arguments become overrides of ``names`` in order (``A B`` → ``old='A'
+    new='B'``); overrides, options and their values pass unchanged."""
+    out, names = [], list(names)
+    for i, arg in enumerate(args):
+        follows_option = i > 0 and args[i - 1] in HYDRA_VALUE_OPTIONS
+        if names and not follows_option and not arg.startswith("-") and "=" not in arg:
+            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
+            out.append(f"{names.pop(0)}='{quoted}'")
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
