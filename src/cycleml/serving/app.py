@@ -126,7 +126,7 @@ def _load(state: ServerState) -> None:
     # for about 30 ms, which showed as latency spikes and lost throughput under load.
     gc.collect()
     gc.freeze()
-    if state.settings.reload.watch and not state.draining:
+    if not state.draining:  # the folder watch (reload.watch) and a registry's aliases
         state.repository.start_watching()
 
 

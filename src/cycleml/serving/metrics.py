@@ -101,6 +101,12 @@ class ServingMetrics:
             (*labels, "reason"),
             registry=self.registry,
         )
+        self.load_failures = Counter(
+            "cycleml_model_load_failures_total",
+            "Loads of a model version that failed; the versions served before stay served.",
+            labels,
+            registry=self.registry,
+        )
         self.models_ready = Gauge(
             "cycleml_model_ready",
             "1 while a model version is loaded, warm and serving.",

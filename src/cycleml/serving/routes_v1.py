@@ -28,6 +28,7 @@ from cycleml.serving.dispatch import (
     timeout_s,
 )
 from cycleml.serving.protocol import ProtocolError, json_loads
+from cycleml.serving.routes_v2 import MODEL_VERSION_HEADER
 from cycleml.serving.served_model import ServedModel
 
 router = APIRouter()
@@ -149,6 +150,7 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
         body = await read_body(request, state)
         deadline = received + timeout_s(request, state.settings, None)
         with state.repository.lease(model_name, version) as model:
+            info["model"] = model.name
             info["version"] = model.version
             rows = await _rows(request, body, model)
             model.check_rows(rows)
@@ -171,7 +173,8 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
                         }
                         for p in predictions
                     ],
-                }
+                },
+                headers={MODEL_VERSION_HEADER.decode(): model.version},
             )
 
     return await answered(state, request, "v1_predict", model_name, handle)

@@ -11,6 +11,8 @@ from typing import Any
 from cycleml.errors import ConfigError
 
 VERSION_POLICIES = ("latest", "all")
+# the SQLite file of a model registry root (cycleml.registry.DB_FILE)
+REGISTRY_DB = "registry.db"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class ReloadSettings:
 
 
 @dataclass(frozen=True)
+class RegistrySettings:
+    # the registry's database; None: <path>/registry.db when that file exists
+    db_url: str | None = None
+    # how often the alias table is read (a move is served within about this long plus
+    # the new version's load and warm-up)
+    poll_interval_s: float = 0.5
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     path: str
     host: str = "127.0.0.1"
@@ -70,6 +81,7 @@ class ServeSettings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     access_log: bool = True
 
     def __post_init__(self) -> None:
@@ -134,6 +146,15 @@ class ServeSettings:
             self.reload.interval_s > 0,
             f"reload.interval_s must be > 0, got {self.reload.interval_s}",
         )
+        _check(
+            self.registry.poll_interval_s > 0,
+            f"registry.poll_interval_s must be > 0, got {self.registry.poll_interval_s}",
+        )
+
+    @property
+    def follows_registry(self) -> bool:
+        """Whether ``path`` is a model registry whose aliases say what to serve."""
+        return self.registry.db_url is not None or (Path(self.path) / REGISTRY_DB).is_file()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,6 +169,7 @@ class ServeSettings:
             "limits": LimitSettings,
             "auth": AuthSettings,
             "reload": ReloadSettings,
+            "registry": RegistrySettings,
         }
         for name, section_cls in sections.items():
             values[name] = _build(section_cls, values.get(name) or {}, prefix=f"{name}.")
