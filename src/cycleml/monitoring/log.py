@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy.engine import Connection
 
 from cycleml.db import chunked, insert_new_rows, open_database, utc_now
 from cycleml.errors import ConfigError
@@ -172,8 +173,19 @@ class PredictionLog:
         now = utc_now()
         rows = [record.to_row(now) for record in records]
         with self.engine.begin() as conn:
-            added = insert_new_rows(conn, predictions, rows)
-        return len(rows) if added < 0 else added
+            # drivers differ in the row count they report for a skipping insert, so the
+            # ids already logged are looked up first
+            present = self._logged_ids(conn, [row["request_id"] for row in rows])
+            insert_new_rows(conn, predictions, rows)
+        return sum(row["request_id"] not in present for row in rows)
+
+    @staticmethod
+    def _logged_ids(conn: Connection, request_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for part in chunked(list(request_ids), _IN_CHUNK):
+            query = select(predictions.c.request_id).where(predictions.c.request_id.in_(part))
+            found.update(conn.execute(query).scalars())
+        return found
 
     def attach_labels(
         self, labels: Sequence[tuple[str, str]], labeled_at: dt.datetime | None = None
@@ -186,12 +198,9 @@ class PredictionLog:
         """
         latest = {str(rid): str(label) for rid, label in labels}
         when = labeled_at or utc_now()
+        ids = list(latest)
         with self.engine.begin() as conn:
-            known: set[str] = set()
-            ids = list(latest)
-            for part in chunked(ids, _IN_CHUNK):
-                query = select(predictions.c.request_id).where(predictions.c.request_id.in_(part))
-                known.update(conn.execute(query).scalars())
+            known = self._logged_ids(conn, ids)
             if known:
                 statement = (
                     update(predictions)
