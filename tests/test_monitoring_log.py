@@ -96,10 +96,31 @@ def test_labels_attach_by_request_id_and_unknown_ids_are_reported(db_url):
 
 # -- cycleml monitor ---------------------------------------------------------------------
 def cycleml(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`cycleml monitor …` in a subprocess: what a user (or cron) types and sees."""
     return subprocess.run(
         [sys.executable, "-m", "cycleml", "monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+
+
+def monitor_here(capsys, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The same command in this process (no interpreter start-up), as a CompletedProcess."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cycleml.cli import main
+
+    GlobalHydra.instance().clear()
+    saved = list(sys.argv)
+    try:
+        main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def log_digits(url: str, images: np.ndarray, prefix: str, start: dt.datetime) -> None:
@@ -158,11 +179,11 @@ def test_monitor_reports_drift_in_the_latest_window_with_exit_status_1(tmp_path,
     assert report["gauges"] == gauges
 
 
-def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path, traffic):
+def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path, traffic, capsys):
     url, _ = traffic
     out = tmp_path / "report"
-    result = cycleml(
-        tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
+    result = monitor_here(
+        capsys, tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
         "window.by=time", "window.duration=30min", f"window.start='{T0.isoformat()}'",
         f"window.end='{(T0 + dt.timedelta(hours=2)).isoformat()}'", "format=json",
     )  # fmt: skip
@@ -174,24 +195,28 @@ def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path,
     assert windows[1]["skipped"]["brightness"] == "empty window: no logged predictions"
     assert windows[1]["performance"]["estimated_accuracy"] is None
 
-    small = cycleml(tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
+    small = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
                     "window.size=20", "window.last=1")  # fmt: skip
     assert small.returncode == 0, small.stderr
     assert "skipped embedding: window has 20 rows, the mmd test needs 30" in small.stdout
 
 
-def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic):
+def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic, capsys):
     url, _ = traffic
-    result = cycleml(tmp_path, str(digits_bundle()), f"db_url={url}", "log_version=9")
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "log_version=9")
     assert result.returncode == 2
     assert "no logged predictions for model 'digits' version '9'" in result.stderr
     assert "logged versions of 'digits': 1 (1000)" in result.stderr
     assert "Traceback" not in result.stderr
-    bad = cycleml(tmp_path, str(digits_bundle()), f"db_url={url}", "drift.correction=fdr")
+    bad = monitor_here(
+        capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "drift.correction=fdr"
+    )
     assert bad.returncode == 2 and "drift.correction='fdr'" in bad.stderr
 
 
-def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(tmp_path, traffic):
+def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(
+    tmp_path, traffic, capsys
+):
     url, _ = traffic
     old = tmp_path / "old"
     shutil.copytree(digits_bundle(), old)
@@ -201,7 +226,7 @@ def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(tmp_pa
     (old / "bundle.json").write_text(json.dumps(meta))
     (old / "monitoring_reference.npz").unlink()
     out = tmp_path / "report"
-    result = cycleml(tmp_path, str(old), f"db_url={url}", f"out_dir={out}")
+    result = monitor_here(capsys, tmp_path, str(old), f"db_url={url}", f"out_dir={out}")
     assert result.returncode in (0, 1), result.stderr
     report = json.loads((out / "report.json").read_text())
     assert any("no monitoring reference sample" in note for note in report["notes"])

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -22,6 +23,9 @@ from cycleml.monitoring.log import logged_from_records, records_from_batch
 from cycleml.monitoring.monitor import evaluate_window
 from cycleml.monitoring.reference import load_reference_sample
 from cycleml.monitoring.windows import Window
+
+# trains and exports a text model of its own (about a minute on a busy machine)
+pytestmark = pytest.mark.slow
 
 CLASSES = ["negative", "positive"]
 MAX_LENGTH = 40
