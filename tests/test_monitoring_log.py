@@ -239,3 +239,24 @@ def test_log_tables_open_on_an_existing_engine(tmp_path):
     log = PredictionLog(engine)
     assert log.write(synthetic_records(3, "e-")) == 3
     engine.dispose()
+
+
+def test_a_registry_reference_reads_the_registered_version(tmp_path, traffic, capsys):
+    from cycleml.registry.model_registry import Registry
+
+    url, _ = traffic
+    registry = Registry(None, tmp_path / "registry")
+    registry.register(digits_bundle())
+    registry.close()
+    out = tmp_path / "report"
+    result = monitor_here(
+        capsys, tmp_path, "digits/1", f"registry.root={tmp_path / 'registry'}",
+        f"db_url={url}", f"out_dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["model"], report["version"]) == ("digits", "1")
+    assert report["source"]["registry"] == "digits/1"
+    missing = monitor_here(capsys, tmp_path, "digits/7", f"registry.root={tmp_path / 'registry'}",
+                           f"db_url={url}")  # fmt: skip
+    assert missing.returncode == 2 and "digits" in missing.stderr and "7" in missing.stderr

@@ -18,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
@@ -66,26 +68,35 @@ def _png(figure: plt.Figure) -> str:
 
 
 def _drift_figure(windows: list[dict[str, Any]], alpha: float) -> plt.Figure:
-    figure, (p_axis, d_axis) = plt.subplots(1, 2, figsize=(12, 3.5))
+    """Adjusted p-value per test over the windows (and the distance tests, when any
+    window was large enough for them)."""
     index = [w["index"] for w in windows]
     features = sorted({t["feature"] for w in windows for t in w["tests"]})
+    p_series, d_series = {}, {}
     for feature in features:
-        p_values, distances = [], []
-        for window in windows:
-            test = next((t for t in window["tests"] if t["feature"] == feature), None)
-            p_values.append(test["adjusted_p_value"] if test else None)
-            distances.append(test["statistic"] if test and test["threshold"] else None)
+        tests = [next((t for t in w["tests"] if t["feature"] == feature), None) for w in windows]
+        p_values = [t["adjusted_p_value"] if t else None for t in tests]
+        distances = [t["statistic"] if t and t["threshold"] is not None else None for t in tests]
         if any(v is not None for v in p_values):
-            p_axis.plot(index, [max(v, 1e-6) if v is not None else None for v in p_values],
-                        marker="o", label=feature)  # fmt: skip
+            p_series[feature] = [max(v, 1e-6) if v is not None else np.nan for v in p_values]
         if any(v is not None for v in distances):
-            d_axis.plot(index, distances, marker="o", label=feature)
-    p_axis.set(yscale="log", title="adjusted p-value per test", xlabel="window")
-    p_axis.axhline(alpha, color="red", linestyle="--", label="α")
+            d_series[feature] = [v if v is not None else np.nan for v in distances]
+    panels = 2 if d_series else 1
+    figure, axes = plt.subplots(1, panels, figsize=(12, 3.5), squeeze=False)
+    p_axis = axes[0][0]
+    for feature, values in p_series.items():
+        p_axis.plot(index, values, marker="o", label=feature)
+    p_axis.axhline(alpha, color="red", linestyle="--", label=f"α = {alpha}")
+    p_axis.set(yscale="log", title="adjusted p-value per test (drift below α)", xlabel="window")
     p_axis.legend(fontsize=7)
-    d_axis.set(title="distance (windows above the size limit)", xlabel="window")
-    if d_axis.lines:
+    if d_series:
+        d_axis = axes[0][1]
+        for feature, values in d_series.items():
+            d_axis.plot(index, values, marker="o", label=feature)
+        d_axis.set(title="distance tests (windows over the size limit)", xlabel="window")
         d_axis.legend(fontsize=7)
+    for axis in axes[0]:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     return figure
 
 
@@ -94,10 +105,13 @@ def _accuracy_figure(windows: list[dict[str, Any]]) -> plt.Figure:
     index = [w["index"] for w in windows]
     estimated = [w["performance"]["estimated_accuracy"] for w in windows]
     realised = [w["performance"]["accuracy"] for w in windows]
-    axis.plot(index, estimated, marker="o", label="estimated (CBPE)")
+    axis.plot(index, [np.nan if v is None else v for v in estimated], marker="o",
+              label="estimated (CBPE)")  # fmt: skip
     if any(v is not None for v in realised):
-        axis.plot(index, realised, marker="s", label="realised (labelled rows)")
+        axis.plot(index, [np.nan if v is None else v for v in realised], marker="s",
+                  label="realised (labelled rows)")  # fmt: skip
     axis.set(title="accuracy per window", xlabel="window", ylim=(0, 1.02))
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.legend()
     return figure
 
@@ -112,7 +126,8 @@ def _mix_figure(report: dict[str, Any]) -> plt.Figure:
         axis.bar(index, shares, bottom=bottom, label=name)
         bottom = [b + s for b, s in zip(bottom, shares, strict=True)]
     axis.set(title="predicted class mix per window", xlabel="window", ylim=(0, 1))
-    axis.legend(fontsize=7, ncol=min(10, len(report["class_names"])), loc="upper right")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="class")
     return figure
 
 
