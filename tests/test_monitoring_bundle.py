@@ -14,7 +14,7 @@ from cycleml.errors import BundleError
 from cycleml.inference import Predictor, load_bundle
 from cycleml.monitoring.calibration import calibrate, fit_temperature
 from cycleml.monitoring.reference import load_reference_sample
-from test_monitoring_support import digits, digits_bundle
+from test_monitoring_support import bundle_before_monitoring, digits, digits_bundle
 
 
 def test_embedding_is_a_second_output_and_probabilities_stay_the_default():
@@ -37,13 +37,7 @@ def test_embedding_is_a_second_output_and_probabilities_stay_the_default():
 
 
 def test_a_bundle_from_before_monitoring_loads_and_has_no_embedding(tmp_path):
-    old = tmp_path / "old"
-    shutil.copytree(digits_bundle(), old)
-    meta = json.loads((old / "bundle.json").read_text())
-    for key in ("embedding", "calibration", "monitoring_reference"):
-        meta.pop(key)
-    (old / "bundle.json").write_text(json.dumps(meta))
-    (old / "monitoring_reference.npz").unlink()
+    old = bundle_before_monitoring(tmp_path / "old")
     bundle = load_bundle(old)
     assert load_reference_sample(bundle) is None
     predictor = Predictor(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)

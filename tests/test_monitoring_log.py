@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -17,7 +16,14 @@ import pytest
 from cycleml.db import open_database
 from cycleml.monitoring.log import PredictionLog, PredictionRecord, records_from_batch
 from cycleml.monitoring.monitor import gauge_values
-from test_monitoring_support import CLASSES, brighten, digits, digits_bundle, digits_predictor
+from test_monitoring_support import (
+    CLASSES,
+    brighten,
+    bundle_before_monitoring,
+    digits,
+    digits_bundle,
+    digits_predictor,
+)
 from test_registry_support import POSTGRES_URL_ENV, postgres_schema_url
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
@@ -218,13 +224,7 @@ def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(
     tmp_path, traffic, capsys
 ):
     url, _ = traffic
-    old = tmp_path / "old"
-    shutil.copytree(digits_bundle(), old)
-    meta = json.loads((old / "bundle.json").read_text())
-    for key in ("embedding", "calibration", "monitoring_reference"):
-        meta.pop(key)
-    (old / "bundle.json").write_text(json.dumps(meta))
-    (old / "monitoring_reference.npz").unlink()
+    old = bundle_before_monitoring(tmp_path / "old")
     out = tmp_path / "report"
     result = monitor_here(capsys, tmp_path, str(old), f"db_url={url}", f"out_dir={out}")
     assert result.returncode in (0, 1), result.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import shutil
 import tempfile
 import zlib
@@ -100,6 +101,19 @@ def digits_bundle() -> Path:
         val_inputs=images, val_labels=labels, name="digits", version="1",
     )  # fmt: skip
     return _ROOT / "digits"
+
+
+def bundle_before_monitoring(folder: Path) -> Path:
+    """A copy of the digits bundle as an older cycleml wrote it: no embedding entry,
+    calibration or reference sample (the graph keeps its extra output, which a reader
+    of ``bundle.json`` never asks for)."""
+    shutil.copytree(digits_bundle(), folder)
+    meta = json.loads((folder / "bundle.json").read_text())
+    for key in ("embedding", "calibration", "monitoring_reference"):
+        meta.pop(key)
+    (folder / "bundle.json").write_text(json.dumps(meta))
+    (folder / "monitoring_reference.npz").unlink()
+    return folder
 
 
 @functools.cache
