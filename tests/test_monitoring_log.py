@@ -218,6 +218,10 @@ def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic,
         capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "drift.correction=fdr"
     )
     assert bad.returncode == 2 and "drift.correction='fdr'" in bad.stderr
+    nowhere = tmp_path / "no-registry"
+    unknown = monitor_here(capsys, tmp_path, "digits", f"registry.root={nowhere}", f"db_url={url}")
+    assert unknown.returncode == 2 and "there is no registry at" in unknown.stderr
+    assert not nowhere.exists()  # looking a model up creates no registry
 
 
 def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(

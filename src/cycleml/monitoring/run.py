@@ -77,9 +77,16 @@ def resolve_target(
         model, version = bundle.meta.name, bundle.meta.version
         source = {"bundle": str(bundle.path)}
     else:
-        from cycleml.registry.model_registry import Registry
+        from cycleml.registry.model_registry import DB_FILE, Registry
 
-        registry = Registry(registry_db_url, registry_root)
+        root = Path(registry_root)
+        if registry_db_url is None and not (root / DB_FILE).is_file():
+            # opening a registry would create one: say what is missing instead
+            raise ConfigError(
+                f"'{ref}' is not a bundle folder, and there is no registry at '{root}' to "
+                "look it up in (set registry.root=<folder> or name a bundle folder)"
+            )
+        registry = Registry(registry_db_url, root)
         try:
             folder, record = registry.resolve(ref)
         finally:
