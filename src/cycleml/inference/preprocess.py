@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,12 +63,7 @@ class ImagePreprocessor:
     def decode_file(self, path: str | os.PathLike[str]) -> np.ndarray:
         """One image file. It is read in one call and decoded from memory, which for
         small images costs less than Pillow's many small reads from the file."""
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except OSError as err:
-            raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
-        return self(data)
+        return self(read_regular_file(path))
 
     def _from_pil(self, pil: Image.Image) -> np.ndarray:
         if pil.mode != self.mode:
@@ -93,6 +89,39 @@ class ImagePreprocessor:
             return np.ascontiguousarray(array)
         mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
         return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``. Anything else (a FIFO, a socket, a
+    device, a folder) is a :class:`DataError` without reading it: a FIFO named
+    ``*.png`` would otherwise block the reader forever."""
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is None:
+            # non-blocking: should the path become a FIFO after the check, opening it
+            # does not wait for a writer, and the second check below refuses it
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as file:
+                kind = _file_kind(os.fstat(fd).st_mode)
+                if kind is None:
+                    return file.read()
+    except (OSError, ValueError) as err:  # ValueError: a NUL character in the path
+        raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
+    raise DataError(f"not a regular file ({kind}): {os.fsdecode(path)!r}")
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
 
 
 class TextPreprocessor:
