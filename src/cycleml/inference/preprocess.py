@@ -1,8 +1,11 @@
-"""Client-side preprocessing in numpy: decode + resize images, tokenize texts.
+"""Preprocessing in numpy (no torch): decode + resize images, tokenize texts.
 
-Everything else (scaling, normalisation, layout, softmax) lives inside the ONNX
-graph, so this is all a client must reproduce. Images are converted to grey or RGB
-and resized with PIL's bilinear filter, exactly as the training data is prepared.
+This is the one image path: training data (``cycleml.data``), serving and offline
+prediction all decode and resize with :class:`ImagePreprocessor` (grey or RGB, PIL's
+bilinear filter), and training normalises and the exported graph scales pixels with
+the constants of :func:`normalisation`. Scaling, normalisation, layout and softmax of
+a bundle live inside the ONNX graph, so decoding and resizing is all a client must
+reproduce.
 """
 
 from __future__ import annotations
@@ -122,6 +125,21 @@ def _file_kind(mode: int) -> str | None:
         stat.S_ISBLK: "a block device",
     }
     return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)``, float32 per channel, such that ``pixels * scale - shift`` is
+    ``(pixels / 255 - mean) / std`` in one multiply-add."""
+    mean_a = np.asarray(list(mean), dtype=np.float32)
+    std_a = np.asarray(list(std), dtype=np.float32)
+    return (1.0 / (255.0 * std_a)).astype(np.float32), (mean_a / std_a).astype(np.float32)
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` pixels → float32 ``(N, C, H, W)`` network input."""
+    scale, shift = normalisation(mean, std)
+    array = images.astype(np.float32) * scale - shift
+    return np.ascontiguousarray(np.moveaxis(array, -1, -3))
 
 
 class TextPreprocessor:
