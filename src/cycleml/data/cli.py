@@ -63,9 +63,13 @@ def clean_app(cfg: DictConfig) -> str:
     )
     result = clean(cfg.input, cfg.output, settings, overwrite=cfg.overwrite)
     found = ", ".join(f"{check} {n}" for check, n in result.counts.items() if n) or "no issues"
+    near = ""
+    if result.hamming is not None:
+        mode = "auto" if result.hamming["mode"] == "auto" else "set"
+        near = f"; near-duplicate threshold {result.hamming['threshold']} bits ({mode})"
     print(
         f"cleaned {result.num_input} items: {result.num_kept} kept, {result.num_removed} removed "
-        f"({found}) -> {result.root} (fingerprint {result.fingerprint}); "
+        f"({found}){near} -> {result.root} (fingerprint {result.fingerprint}); "
         f"report: {result.root / REPORT_HTML}"
     )
     return result.fingerprint
@@ -99,7 +103,7 @@ def _usage() -> str:
         "",
         "examples:",
         "  cycleml data gather output=data/gathered",
-        "  cycleml data clean input=data/gathered clean.hamming=6",
+        "  cycleml data clean input=data/gathered clean.hamming=4",
         "  cycleml data diff data/gathered data/gathered-clean",
     ]
     return "\n".join(lines)
