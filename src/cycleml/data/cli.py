@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.cli import pick_command
+from cycleml.cli_args import as_overrides
 from cycleml.hydra_app import hydra_app
 
 log = logging.getLogger(__name__)
@@ -109,24 +110,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-# Hydra options followed by a value (which is not a dataset path)
-_VALUE_OPTIONS = {
-    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-    "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
-}  # fmt: skip
-
-
 def _diff_arguments(args: list[str]) -> list[str]:
     """``A B`` (plain paths) → ``old=A new=B``; overrides, options and their values pass unchanged."""
-    out, names = [], ["old", "new"]
-    for i, arg in enumerate(args):
-        follows_option = i > 0 and args[i - 1] in _VALUE_OPTIONS
-        if names and not follows_option and not arg.startswith("-") and "=" not in arg:
-            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            out.append(f"{names.pop(0)}='{quoted}'")
-        else:
-            out.append(arg)
-    return out
+    return as_overrides(args, ["old", "new"])
 
 
 def main(argv: list[str] | None = None) -> None:
