@@ -551,9 +551,15 @@ def test_disconnected_client_has_its_queued_work_cancelled(
 
     before = batch_rows()
     asyncio.run(scenario())
-    time.sleep(0.2)
-    text = httpx.get(f"{slow_server.url}/metrics").text
-    assert _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled") == 1
+    # wait for the event itself: the server counts the cancellation once it notices
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        cancelled = _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled")
+        if cancelled or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert cancelled == 1
     assert batch_rows() - before == 8 * 4  # the abandoned request never ran
 
 

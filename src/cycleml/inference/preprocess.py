@@ -1,14 +1,18 @@
-"""Client-side preprocessing in numpy: decode + resize images, tokenize texts.
+"""Preprocessing in numpy (no torch): decode + resize images, tokenize texts.
 
-Everything else (scaling, normalisation, layout, softmax) lives inside the ONNX
-graph, so this is all a client must reproduce. Images are converted to grey or RGB
-and resized with PIL's bilinear filter, exactly as the training data is prepared.
+This is the one image path: training data (``cycleml.data``), serving and offline
+prediction all decode and resize with :class:`ImagePreprocessor` (grey or RGB, PIL's
+bilinear filter), and training normalises and the exported graph scales pixels with
+the constants of :func:`normalisation`. Scaling, normalisation, layout and softmax of
+a bundle live inside the ONNX graph, so decoding and resizing is all a client must
+reproduce.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,12 +66,7 @@ class ImagePreprocessor:
     def decode_file(self, path: str | os.PathLike[str]) -> np.ndarray:
         """One image file. It is read in one call and decoded from memory, which for
         small images costs less than Pillow's many small reads from the file."""
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except OSError as err:
-            raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
-        return self(data)
+        return self(read_regular_file(path))
 
     def _from_pil(self, pil: Image.Image) -> np.ndarray:
         if pil.mode != self.mode:
@@ -93,6 +92,54 @@ class ImagePreprocessor:
             return np.ascontiguousarray(array)
         mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
         return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``. Anything else (a FIFO, a socket, a
+    device, a folder) is a :class:`DataError` without reading it: a FIFO named
+    ``*.png`` would otherwise block the reader forever."""
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is None:
+            # non-blocking: should the path become a FIFO after the check, opening it
+            # does not wait for a writer, and the second check below refuses it
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as file:
+                kind = _file_kind(os.fstat(fd).st_mode)
+                if kind is None:
+                    return file.read()
+    except (OSError, ValueError) as err:  # ValueError: a NUL character in the path
+        raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
+    raise DataError(f"not a regular file ({kind}): {os.fsdecode(path)!r}")
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)``, float32 per channel, such that ``pixels * scale - shift`` is
+    ``(pixels / 255 - mean) / std`` in one multiply-add."""
+    mean_a = np.asarray(list(mean), dtype=np.float32)
+    std_a = np.asarray(list(std), dtype=np.float32)
+    return (1.0 / (255.0 * std_a)).astype(np.float32), (mean_a / std_a).astype(np.float32)
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` pixels → float32 ``(N, C, H, W)`` network input."""
+    scale, shift = normalisation(mean, std)
+    array = images.astype(np.float32) * scale - shift
+    return np.ascontiguousarray(np.moveaxis(array, -1, -3))
 
 
 class TextPreprocessor:

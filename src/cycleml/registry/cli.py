@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.cli import pick_command, positional_overrides
+from cycleml.cli import pick_command
+from cycleml.cli_args import as_overrides
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = picked
     app, _, _, positionals = SUBCOMMANDS[command]
-    rest = positional_overrides(rest, positionals)
+    rest = as_overrides(rest, positionals)
     if command == "alias":
         try:
             rest = _alias_arguments(rest)
