@@ -26,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from cycleml.cli import COMMANDS
 from cycleml.cli_args import as_overrides
 from cycleml.configs_path import config_dir
+from cycleml.registry.cli import registry_overrides
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -71,6 +72,8 @@ def config_and_overrides(args: list[str], tmp_path: Path) -> tuple[str, list[str
         command, rest = f"data_{rest[0]}", rest[1:]
         if command == "data_diff":
             rest = as_overrides(rest, ["old", "new"])
+    elif command == "registry":
+        command, rest = "registry", registry_overrides(rest[0], rest[1:])
     else:
         command = CONFIG_OF[command]
     if command == "compare":
