@@ -107,6 +107,8 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = pad_id
+        # the network's embedding has one row per token of the vocabulary
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_id: int) -> TextPreprocessor:

@@ -88,6 +88,7 @@ class ServedModel:
         self.output_name = first.output_name
         self.class_names = list(first.class_names)
         self.kind = bundle.meta.kind
+        self.vocab_size = first.vocab_size
 
         self._labels = (name, self.version)
         self._metrics = metrics
@@ -209,6 +210,20 @@ class ServedModel:
             raise ProtocolError(
                 f"input '{self.input_name}' has {rows} rows; send between 1 and "
                 f"{self.max_batch_size} (batching.max_batch_size) per request"
+            )
+        if self.vocab_size is not None:
+            self._check_token_ids(array)
+
+    def _check_token_ids(self, array: np.ndarray) -> None:
+        """Token ids must index the vocabulary: out of range, the runtime would fail the
+        whole batch the request joins (and a negative id would silently count from the
+        end)."""
+        vocab = self.vocab_size
+        if array.size and (array.min() < 0 or array.max() >= vocab):
+            bad = array[(array < 0) | (array >= vocab)].flat[0]
+            raise ProtocolError(
+                f"input '{self.input_name}' has token id {bad}; ids must be in [0, {vocab}) "
+                "(the model's vocabulary)"
             )
 
     def submit(self, inputs: np.ndarray, deadline: float) -> WorkItem:
