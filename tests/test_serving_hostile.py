@@ -4,8 +4,11 @@ images and texts, and made-up model names must not hurt anybody else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +99,96 @@ def test_token_id_errors_name_the_input_and_the_value(text_server: RunningServer
         assert response.status_code == 400
         error = json.loads(response.content)["error"]
         assert f"input 'input_ids' has token id {bad}" in error and "[0, 10)" in error
+
+
+# -- bodies: the key first, a deadline, a shared budget ----------------------------------------
+
+
+def _raw_exchange(port: int, data: bytes, wait_s: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (or
+    ``wait_s`` passes): the bytes of whatever it answered."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(data)
+        sock.settimeout(wait_s)
+        received = b""
+        deadline = time.monotonic() + wait_s
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        return received
+
+
+def _head(path: str, length: int, *extra: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: x", f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+def guarded_server(image_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> RunningServer:
+    monkeypatch.setenv("TEST_HOSTILE_KEYS", "the-key")
+    serve = settings(
+        image_bundle,
+        auth={"enabled": True, "keys_env": "TEST_HOSTILE_KEYS"},
+        limits={
+            "max_body_bytes": 32 * 1024,
+            "max_buffered_bytes": 48 * 1024,
+            "body_timeout_s": 1.0,
+        },
+    )
+    with RunningServer(serve) as running:
+        yield running
+
+
+def test_a_keyless_body_is_refused_before_it_is_read(guarded_server: RunningServer) -> None:
+    # the body is declared but (almost) never sent: the answer cannot wait for it
+    started = time.monotonic()
+    answer = _raw_exchange(
+        guarded_server.port, _head("/v2/models/shapes/infer", 30_000) + b"{" * 100, wait_s=5.0
+    )
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert time.monotonic() - started < 0.9  # before the body deadline could have ended it
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_that_does_not_arrive_in_time_gets_408(
+    guarded_server: RunningServer, chunked: bool
+) -> None:
+    auth = "Authorization: Bearer the-key"
+    if chunked:  # uvicorn's general path
+        head = (
+            "POST /v2/models/shapes/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            f"{auth}\r\n\r\n10\r\n" + "{" * 16 + "\r\n"
+        ).encode()
+    else:  # the protocol's direct path
+        head = _head("/v2/models/shapes/infer", 20_000, auth) + b"{" * 100
+    started = time.monotonic()
+    answer = _raw_exchange(guarded_server.port, head, wait_s=10.0)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+    assert b"limits.body_timeout_s" in answer and b"connection: close" in answer.lower()
+    assert 0.9 < time.monotonic() - started < 8.0
+
+
+def test_bodies_held_across_connections_are_capped(guarded_server: RunningServer) -> None:
+    auth = "Authorization: Bearer the-key"
+    pixels = np.zeros((1, 8, 8, 3), np.uint8)
+    body, headers = binary_body(pixels)
+    full = _head(
+        "/v2/models/shapes/infer", len(body), auth, *(f"{k}: {v}" for k, v in headers.items())
+    )
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as holder:
+        # 30 KB of the 48 KB budget reserved by a body that is still arriving
+        holder.sendall(_head("/v2/models/shapes/infer", 30_000, auth) + b"{")
+        time.sleep(0.2)
+        big = _head("/v2/models/shapes/infer", 20_000, auth) + b"{" * 20_000
+        refused = _raw_exchange(guarded_server.port, big, wait_s=5.0)
+        small = _raw_exchange(guarded_server.port, full + body + b"", wait_s=0.5)
+    assert refused.startswith(b"HTTP/1.1 503"), refused[:300]
+    assert b"limits.max_buffered_bytes" in refused and b"retry-after: 1" in refused.lower()
+    assert small.startswith(b"HTTP/1.1 200"), small[:300]  # what fits is still served
+    time.sleep(0.2)  # the holder left: its reservation is given back
+    again = _raw_exchange(guarded_server.port, big, wait_s=0.5)
+    assert again.startswith(b"HTTP/1.1 400"), again[:300]  # read and parsed (not JSON)

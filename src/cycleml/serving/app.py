@@ -19,6 +19,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 import cycleml
 from cycleml.serving import routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
 from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
@@ -40,14 +41,30 @@ class ServingApp:
         self.api = api
         self.state = api.state
         self._asgi = asgi
-        self._max_body_bytes = api.state.serving.settings.limits.max_body_bytes
+        limits = api.state.serving.settings.limits
+        self._max_body_bytes = limits.max_body_bytes
+        self._auth = asgi.auth
+        self.body_budget = asgi.budget
+        self.body_timeout_s = limits.body_timeout_s
 
-    def answers_directly(self, path: str, content_length: int) -> bool:
-        """Whether the connection protocol may hand a ``POST`` to ``path`` over whole,
-        skipping the server's general request cycle: the inference routes, with a
-        declared body within the size limit (a larger one is refused before it is read,
-        on the general path)."""
-        return content_length <= self._max_body_bytes and INFER_PATH.match(path) is not None
+    def answers_directly(self, path: str, content_length: int, authorization: bytes | None) -> bool:
+        """Whether the connection protocol may read the body of a ``POST`` to ``path``
+        whole and hand the request over, skipping the server's general request cycle:
+        the inference routes, with a valid key (when keys are required) and a declared
+        body within the size limit and within the body budget. True reserves
+        ``content_length`` bytes of the budget; the protocol gives them back with
+        :meth:`body_done`. Everything else takes the general path, which refuses a
+        missing key, an oversized body or a full budget before it reads the body."""
+        return (
+            content_length <= self._max_body_bytes
+            and INFER_PATH.match(path) is not None
+            and (self._auth is None or self._auth.allows(authorization))
+            and self.body_budget.take(content_length)
+        )
+
+    def body_done(self, content_length: int) -> None:
+        """A direct request's body is no longer held."""
+        self.body_budget.give(content_length)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)
@@ -114,6 +131,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
         limits=settings.limits,
         log_requests=settings.access_log,
         on_busy=metrics.rejected.labels("", "", "server_busy").inc,
+        budget=BodyBudget(settings.limits.max_buffered_bytes),
     )
     return ServingApp(app, asgi)
 

@@ -21,6 +21,7 @@ from starlette.types import Receive
 from cycleml.errors import CycleMLError
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, InferenceFailed, WorkItem
+from cycleml.serving.body_guard import BodyBufferFull, BodyTimeout
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import ProtocolError, json_dumps
 from cycleml.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
@@ -277,6 +278,14 @@ def error_parts(err: Exception, settings: ServeSettings) -> tuple[int, str, dict
         status, message = 413, str(err)
     elif isinstance(err, UnsupportedEncoding):
         status, message = 415, str(err)
+    elif isinstance(err, BodyTimeout):
+        # the rest of the body may still be on its way: the connection cannot be reused
+        status, message = 408, str(err)
+        headers["Connection"] = "close"
+    elif isinstance(err, BodyBufferFull):
+        status, message = 503, f"{err}; retry after {settings.limits.retry_after_s} s"
+        headers["Retry-After"] = str(settings.limits.retry_after_s)
+        headers["Connection"] = "close"
     elif isinstance(err, QueueFull):
         status = settings.limits.overload_status
         message = f"{err}; retry after {settings.limits.retry_after_s} s"

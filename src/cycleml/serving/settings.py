@@ -41,6 +41,10 @@ class LimitSettings:
     overload_status: int = 429
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    # a request body must arrive within this long after its headers (408 otherwise)
+    body_timeout_s: float = 30.0
+    # request body bytes all connections of a process may hold at once (503 beyond)
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,15 @@ class ServeSettings:
         _check(
             limits.max_body_bytes >= 1024,
             f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}",
+        )
+        _check(
+            limits.max_buffered_bytes >= limits.max_body_bytes,
+            f"limits.max_buffered_bytes ({limits.max_buffered_bytes}) must be >= "
+            f"limits.max_body_bytes ({limits.max_body_bytes})",
+        )
+        _check(
+            limits.body_timeout_s > 0,
+            f"limits.body_timeout_s must be > 0, got {limits.body_timeout_s}",
         )
         _check(
             limits.max_inflight >= 1, f"limits.max_inflight must be >= 1, got {limits.max_inflight}"
