@@ -192,3 +192,42 @@ def test_bodies_held_across_connections_are_capped(guarded_server: RunningServer
     time.sleep(0.2)  # the holder left: its reservation is given back
     again = _raw_exchange(guarded_server.port, big, wait_s=0.5)
     assert again.startswith(b"HTTP/1.1 400"), again[:300]  # read and parsed (not JSON)
+
+
+# -- metric labels -------------------------------------------------------------------------------
+
+
+def test_made_up_model_names_do_not_grow_the_metrics(image_bundle: Path) -> None:
+    import httpx
+
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    with RunningServer(settings(image_bundle)) as running:
+
+        def series() -> int:
+            text = httpx.get(f"{running.url}/metrics").text
+            return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+        async def unknown_names(first: int, count: int) -> list[int]:
+            async with httpx.AsyncClient(
+                base_url=running.url, limits=httpx.Limits(max_connections=8)
+            ) as http:
+                sem = asyncio.Semaphore(8)
+
+                async def one(index: int) -> int:
+                    async with sem:
+                        path = f"/v2/models/nosuch-{index}/infer"
+                        response = await http.post(path, content=body, headers=headers)
+                        return response.status_code
+
+                return list(await asyncio.gather(*(one(i) for i in range(first, first + count))))
+
+        served = httpx.post(f"{running.url}/v2/models/shapes/infer", content=body, headers=headers)
+        assert served.status_code == 200
+        assert set(asyncio.run(unknown_names(0, 10))) == {404}
+        before = series()
+        assert set(asyncio.run(unknown_names(10, 2000))) == {404}
+        after = series()
+        text = httpx.get(f"{running.url}/metrics").text
+    assert after == before, (before, after)
+    assert 'model="_unknown"' in text and "nosuch" not in text
+    assert 'cycleml_requests_total{endpoint="v2_infer",model="shapes"' in text

@@ -116,6 +116,8 @@ class ServedModel:
         self.ready = False
         self._leases = 0
         self._lease_lock = threading.Lock()
+        # counted among the served models (metric labels) from warm-up to stop
+        self._counted = False
 
     # -- life cycle -----------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -137,6 +139,8 @@ class ServedModel:
             batcher.start()
         self.ready = True
         self._metrics.models_ready.labels(*self._labels).set(1)
+        self._metrics.model_loaded(self.name)
+        self._counted = True
         log.info(
             "model %s version %s ready: %d instance(s), max batch %d",
             self.name,
@@ -154,6 +158,9 @@ class ServedModel:
                 log.warning("instance %s did not stop within %s s", batcher.name, timeout)
         self._metrics.models_ready.labels(*self._labels).set(0)
         self._metrics.unwatch_queue(self._labels, self.queue.__len__)
+        if self._counted:
+            self._counted = False
+            self._metrics.model_stopped(self.name)
 
     def acquire(self) -> None:
         with self._lease_lock:
