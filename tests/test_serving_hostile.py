@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import socket
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cycleml.serving.loadgen import build_request, closed_loop, summarize
 from cycleml.serving.served_model import ServedModel
@@ -231,3 +235,91 @@ def test_made_up_model_names_do_not_grow_the_metrics(image_bundle: Path) -> None
     assert after == before, (before, after)
     assert 'model="_unknown"' in text and "nosuch" not in text
     assert 'cycleml_requests_total{endpoint="v2_infer",model="shapes"' in text
+
+
+# -- decoding: bounded before it starts, and taking turns ------------------------------------------
+
+
+def _png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` but holds almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def limited_server(tmp_path: Path, image_bundle: Path, text_bundle: Path) -> RunningServer:
+    copy_version(image_bundle, tmp_path / "models", "shapes", "1")
+    copy_version(text_bundle, tmp_path / "models", "topics", "1")
+    serve = settings(
+        tmp_path / "models",
+        limits={
+            "max_image_pixels": 64 * 64,
+            "max_request_pixels": 2 * 64 * 64,
+            "max_text_chars": 500,
+        },
+    )
+    with RunningServer(serve) as running:
+        yield running
+
+
+def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> None:
+    import httpx
+
+    url = f"{limited_server.url}/v1/models"
+    png = {"Content-Type": "image/png"}
+    ok = httpx.post(f"{url}/shapes:predict", content=_png(64, 64), headers=png)
+    big = httpx.post(f"{url}/shapes:predict", content=_png(65, 64), headers=png)
+    bomb = httpx.post(f"{url}/shapes:predict", content=_huge_png_header(10**5, 10**5), headers=png)
+    files = [("file", (f"{i}.png", _png(60, 60), "image/png")) for i in range(3)]
+    many = httpx.post(f"{url}/shapes:predict", files=files)
+    text_ok = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 100})
+    long_text = httpx.post(f"{url}/topics:predict", json={"instances": ["team", "goal " * 101]})
+    assert ok.status_code == 200 and text_ok.status_code == 200, (ok.text, text_ok.text)
+    for response, words in (
+        (big, "image #0 has 4160 pixels; the limit is 4096 per image (limits.max_image_pixels)"),
+        (bomb, "refused before decoding"),
+        (many, "3 images have 10800 pixels; the limit is 8192 per request"),
+        (long_text, "text #1 has 505 characters; the limit is 500 (limits.max_text_chars)"),
+    ):
+        assert response.status_code == 413, response.text
+        assert words in response.json()["error"]
+
+
+def test_one_request_of_many_large_images_does_not_hold_up_the_others(
+    image_bundle: Path,
+) -> None:
+    import httpx
+
+    with RunningServer(settings(image_bundle, runtime={"decode_threads": 1})) as running:
+        url = f"{running.url}/v1/models/shapes:predict"
+        files = [("file", (f"{i}.png", _png(2048, 2048), "image/png")) for i in range(6)]
+        small = _png(8, 8)
+
+        async def scenario() -> tuple[float, float]:
+            async with httpx.AsyncClient(timeout=60) as http:
+
+                async def timed(**kwargs: object) -> float:
+                    response = await http.post(url, **kwargs)
+                    assert response.status_code == 200, response.text
+                    return time.perf_counter()
+
+                heavy = asyncio.ensure_future(timed(files=files))
+                await asyncio.sleep(0.1)  # the heavy request is decoding
+                light_done = await timed(content=small, headers={"Content-Type": "image/png"})
+                return await heavy, light_done
+
+        heavy_done, light_done = asyncio.run(scenario())
+    assert light_done < heavy_done

@@ -22,6 +22,7 @@ from cycleml.errors import CycleMLError
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, InferenceFailed, WorkItem
 from cycleml.serving.body_guard import BodyBufferFull, BodyTimeout
+from cycleml.serving.decode_limits import DecodeLimitExceeded
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import ProtocolError, json_dumps
 from cycleml.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
@@ -57,6 +58,19 @@ class ServerState:
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """Run CPU work (JSON and image decoding) on the decode threads."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work, *args)
+
+    async def decode_by(self, deadline: float, work: Callable[..., T], *args: Any) -> T:
+        """:meth:`off_loop` for work that is only worth starting before ``deadline``
+        (``time.perf_counter()``): it may have waited behind other requests' decoding."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool, _unless_late, deadline, work, args
+        )
+
+
+def _unless_late(deadline: float, work: Callable[..., T], args: tuple) -> T:
+    if time.perf_counter() > deadline:
+        raise DeadlineExceeded()
+    return work(*args)
 
 
 def state_of(request: Request) -> ServerState:
@@ -274,7 +288,7 @@ def error_parts(err: Exception, settings: ServeSettings) -> tuple[int, str, dict
         status, message = 400, str(err)
     elif isinstance(err, ModelNotFound):
         status, message = 404, str(err)
-    elif isinstance(err, BodyTooLarge):
+    elif isinstance(err, BodyTooLarge | DecodeLimitExceeded):
         status, message = 413, str(err)
     elif isinstance(err, UnsupportedEncoding):
         status, message = 415, str(err)

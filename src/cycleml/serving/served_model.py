@@ -253,9 +253,8 @@ class ServedModel:
         self._batch_size.observe(rows)
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
-    def preprocess_images(self, images: Sequence[bytes | np.ndarray]) -> np.ndarray:
-        predictor = self.predictors[0]
-        return np.stack([predictor.preprocess_image(image) for image in images])
+    def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:
+        return self.predictors[0].preprocess_image(image)
 
     def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.predictors[0].preprocess_texts(texts)

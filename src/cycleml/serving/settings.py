@@ -45,6 +45,10 @@ class LimitSettings:
     body_timeout_s: float = 30.0
     # request body bytes all connections of a process may hold at once (503 beyond)
     max_buffered_bytes: int = 256 * 1024 * 1024
+    # decoding work per request, checked before it starts (413 beyond)
+    max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 2 * 4096 * 4096
+    max_text_chars: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,14 @@ class ServeSettings:
             limits.max_buffered_bytes >= limits.max_body_bytes,
             f"limits.max_buffered_bytes ({limits.max_buffered_bytes}) must be >= "
             f"limits.max_body_bytes ({limits.max_body_bytes})",
+        )
+        _check(
+            1 <= limits.max_image_pixels <= limits.max_request_pixels,
+            "limits.max_image_pixels must be >= 1 and <= limits.max_request_pixels",
+        )
+        _check(
+            limits.max_text_chars >= 1,
+            f"limits.max_text_chars must be >= 1, got {limits.max_text_chars}",
         )
         _check(
             limits.body_timeout_s > 0,
