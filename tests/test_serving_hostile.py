@@ -323,3 +323,133 @@ def test_one_request_of_many_large_images_does_not_hold_up_the_others(
 
         heavy_done, light_done = asyncio.run(scenario())
     assert light_done < heavy_done
+
+
+# -- the smaller ones ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_server(image_bundle: Path) -> RunningServer:
+    with RunningServer(settings(image_bundle, access_log=True)) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "words"),
+    [
+        ("multipart/form-data", b"--x\r\n\r\n", "malformed multipart body"),
+        (
+            "multipart/form-data; boundary=abc",
+            b"--xyz\r\nContent-Disposition: form-data; name=file\r\n\r\n1\r\n--xyz--\r\n",
+            "multipart",
+        ),
+        (
+            "multipart/form-data; boundary=b",
+            b"".join(
+                b'--b\r\nContent-Disposition: form-data; name="f"; filename="%d.png"\r\n'
+                b"Content-Type: image/png\r\n\r\nx\r\n" % i
+                for i in range(40)
+            )
+            + b"--b--\r\n",
+            "malformed multipart body: Too many files",
+        ),
+    ],
+)
+def test_malformed_multipart_bodies_get_400(
+    plain_server: RunningServer, content_type: str, body: bytes, words: str
+) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{plain_server.url}/v1/models/shapes:predict",
+        content=body,
+        headers={"Content-Type": content_type},
+    )
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "document", "words"),
+    [
+        ("/v1/models/shapes:predict", {"instances": [[[]]]}, "has no pixels"),
+        ("/v1/models/shapes:predict", {"instances": [[]]}, "has no pixels"),
+        (
+            "/v2/models/shapes/infer",
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "datatype": "UINT8",
+                        "shape": [1, 8, 8, 3],
+                        "data": [True] + [1] * 191,
+                    }
+                ]
+            },
+            "input 'pixels' is UINT8 but its 'data' holds true/false",
+        ),
+    ],
+)
+def test_empty_pixel_arrays_and_booleans_as_numbers_get_400(
+    plain_server: RunningServer, path: str, document: dict, words: str
+) -> None:
+    import httpx
+
+    response = httpx.post(f"{plain_server.url}{path}", json=document)
+    assert response.status_code == 400, response.text
+    assert words in response.json()["error"]
+
+
+def test_the_fast_path_honours_connection_close(plain_server: RunningServer) -> None:
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    head = _head(
+        "/v2/models/shapes/infer",
+        len(body),
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers.items()),
+    )
+    started = time.monotonic()
+    answer = _raw_exchange(plain_server.port, head + body, wait_s=5.0)
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    assert time.monotonic() - started < 2.0  # closed by the server, not by the wait
+
+
+def test_a_504_is_logged_with_its_reason(
+    plain_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import httpx
+
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    with caplog.at_level(logging.INFO, logger="cycleml.serving.access"):
+        late = httpx.post(
+            f"{plain_server.url}/v2/models/shapes/infer",
+            content=body,
+            headers={**headers, "X-Timeout-Ms": "0.001", "X-Request-Id": "late-1"},
+        )
+        for _ in range(200):
+            if "late-1" in caplog.text:
+                break
+            time.sleep(0.01)
+    assert late.status_code == 504
+    line = next(
+        json.loads(r.getMessage())
+        for r in caplog.records
+        if r.name == "cycleml.serving.access" and "late-1" in r.getMessage()
+    )
+    assert line["status"] == 504 and "timed out" in line["error"]
+
+
+def test_an_unload_holds_until_a_load(tmp_path: Path, image_bundle: Path) -> None:
+    import httpx
+
+    copy_version(image_bundle, tmp_path / "models", "shapes", "1")
+    serve = settings(tmp_path / "models", reload={"watch": True, "interval_s": 0.1})
+    with RunningServer(serve) as running:
+        unloaded = httpx.post(f"{running.url}/v2/repository/models/shapes/unload")
+        time.sleep(1.5)  # many polls of the folder watch
+        gone = httpx.get(f"{running.url}/v2/models/shapes")
+        loaded = httpx.post(f"{running.url}/v2/repository/models/shapes/load")
+        back = httpx.get(f"{running.url}/v2/models/shapes")
+    assert unloaded.status_code == 200
+    assert gone.status_code == 404, gone.text
+    assert loaded.status_code == 200 and back.status_code == 200

@@ -367,8 +367,9 @@ async def answered(
         response = await handle(info)
         status = response.status_code
     except Exception as err:
-        status, response = error_response(err, state.settings)
-        info["error"] = str(err)[:200]
+        status, message, headers = error_parts(err, state.settings)
+        response = json_response({"error": message}, status, headers)
+        info["error"] = message[:200]
     account(state, info, endpoint, status, started)
     return response
 

@@ -197,8 +197,11 @@ def _parse(body: bytes, header_length: int | None) -> InferRequest:
     binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
     offset = 0
     inputs = []
+    # a JSON document without true or false anywhere cannot hold a boolean: most bodies
+    # skip the walk over their data that looks for one
+    may_hold_booleans = b"true" in header_bytes or b"false" in header_bytes
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _parse_input(raw, index, binary, offset)
+        tensor, offset = _parse_input(raw, index, binary, offset, may_hold_booleans)
         inputs.append(tensor)
     if offset != len(binary):
         raise ProtocolError(
@@ -220,7 +223,9 @@ def _parse(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
-def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
+def _parse_input(
+    raw: Any, index: int, binary: memoryview, offset: int, may_hold_booleans: bool = True
+) -> tuple[InputTensor, int]:
     if not isinstance(raw, dict):
         raise ProtocolError(f"inputs[{index}] must be a JSON object")
     name = raw.get("name")
@@ -262,8 +267,24 @@ def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple
 
     if "data" not in raw:
         raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+    if datatype != "BOOL" and may_hold_booleans and _holds_boolean(raw["data"]):
+        # numpy would read true/false as 1/0 of any numeric type
+        raise ProtocolError(f"input '{name}' is {datatype} but its 'data' holds true/false")
     array = _array_from_json(raw["data"], name, datatype, dtype, shape_t, count)
     return InputTensor(name, datatype, shape_t, array), offset
+
+
+def _holds_boolean(data: Any) -> bool:
+    if not isinstance(data, list):
+        return False
+    pending = [data]
+    while pending:
+        for item in pending.pop():
+            if item is True or item is False:
+                return True
+            if isinstance(item, list):
+                pending.append(item)
+    return False
 
 
 def _array_from_json(

@@ -78,6 +78,8 @@ class ModelRepository:
         # the watch's view: signatures seen at the last poll, and of loads that failed
         self._pending: dict[tuple[str, str], tuple] = {}
         self._failed: dict[tuple[str, str], tuple] = {}
+        # models unloaded on request: the watch leaves them alone until a load
+        self._held_unloaded: set[str] = set()
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -152,6 +154,7 @@ class ModelRepository:
         if name not in on_disk:
             known = ", ".join(sorted(on_disk)) or "none"
             raise ModelNotFound(f"model '{name}' not found under '{self.root}' (found: {known})")
+        self._held_unloaded.discard(name)
         self._sync_model(name, on_disk[name])
         with self._lock:
             served = sorted(self._live.get(name, {}), key=version_order)
@@ -159,12 +162,16 @@ class ModelRepository:
             raise ModelUnavailable(self._failures.get(name, f"model '{name}' failed to load"))
         return served
 
-    def unload_model(self, name: str) -> None:
+    def unload_model(self, name: str, hold: bool = True) -> None:
+        """Stop serving ``name``; ``hold``: and keep the watch from loading it again
+        until :meth:`load_model` (an unload on request)."""
         with self._lock:
             if name not in self._live:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             retired = list(self._live.pop(name).values())
             self._default.pop(name, None)
+            if hold:
+                self._held_unloaded.add(name)
         for model in retired:
             self._retire(model)
 
@@ -330,6 +337,8 @@ class ModelRepository:
             log.warning("watch: cannot scan '%s': %s", self.root, err)
             return
         for name, versions in on_disk.items():
+            if name in self._held_unloaded:
+                continue
             wanted = self.wanted(name, versions)
             served = set(self.versions(name))
             changed = [
@@ -354,7 +363,7 @@ class ModelRepository:
         if not self.single_bundle:
             for name in set(self._default) - set(on_disk):
                 log.info("watch: model %s was removed from the repository", name)
-                self.unload_model(name)
+                self.unload_model(name, hold=False)
 
     def start_watching(self) -> None:
         if self._watcher is not None:

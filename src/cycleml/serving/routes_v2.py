@@ -139,7 +139,7 @@ async def infer_answer(
             model.release()
     except Exception as err:
         status, message, extra = error_parts(err, settings)
-        info["error"] = str(err)[:200]
+        info["error"] = message[:200]
         account(state, info, "v2_infer", status, started)
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
         return status, headers, json_dumps({"error": message})
