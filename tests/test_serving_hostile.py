@@ -453,3 +453,35 @@ def test_an_unload_holds_until_a_load(tmp_path: Path, image_bundle: Path) -> Non
     assert unloaded.status_code == 200
     assert gone.status_code == 404, gone.text
     assert loaded.status_code == 200 and back.status_code == 200
+
+
+# -- Triton users, as they are -----------------------------------------------------------------------
+
+
+def test_tritonclient_reads_inference_statistics(plain_server: RunningServer) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(plain_server.url.removeprefix("http://"))
+    before = client.get_inference_statistics("shapes")["model_stats"][0]
+    pixels = np.zeros((2, 8, 8, 3), np.uint8)
+    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels, binary_data=True)
+    for _ in range(3):
+        client.infer("shapes", [tensor])
+    stats = client.get_inference_statistics("shapes")["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("shapes", "1")]
+    after = stats[0]
+    success = after["inference_stats"]["success"]
+    assert success["count"] - before["inference_stats"]["success"]["count"] == 3
+    assert success["ns"] > 0 and after["inference_stats"]["compute_infer"]["ns"] > 0
+    assert after["inference_count"] - before["inference_count"] == 6  # rows
+    assert after["execution_count"] - before["execution_count"] == 3  # batches
+    assert after["last_inference"] > 0
+    assert any(b["batch_size"] == 2 for b in after["batch_stats"])
+    version = client.get_inference_statistics("shapes", "1")["model_stats"]
+    assert version[0]["version"] == "1"
+    every = client.get_inference_statistics()["model_stats"]
+    assert [s["name"] for s in every] == ["shapes"]
+    with pytest.raises(InferenceServerException, match="not served"):
+        client.get_inference_statistics("nosuch")

@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
-from cycleml.serving import routes_v1, routes_v2
+from cycleml.serving import routes_stats, routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
@@ -106,6 +106,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
         lifespan=lifespan,
     )
     app.state.serving = state
+    app.include_router(routes_stats.router)  # before /v2/models/{model_name}
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.add_api_route(
@@ -153,7 +154,7 @@ async def server_metadata(request: Request) -> Response:
         {
             "name": "cycleml",
             "version": cycleml.__version__,
-            "extensions": ["binary_tensor_data", "model_repository"],
+            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
         }
     )
 

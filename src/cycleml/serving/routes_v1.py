@@ -183,6 +183,9 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             model.check_rows(rows)
             item = await infer_rows(request.receive, model, rows, deadline)
             record_item(info, item)
+            model.stats.request_succeeded(
+                time.perf_counter() - received, item.queue_s, item.inference_s
+            )
             predictions = model.predictors[0].to_predictions(item.output, TOP_K)
             return json_response(
                 {

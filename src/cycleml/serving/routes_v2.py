@@ -116,6 +116,7 @@ async def infer_answer(
         elif name == b"x-timeout-ms":
             timeout_header = value.decode("latin-1")
     settings = state.settings
+    served = None
     try:
         body = await receive_body(receive, settings.limits.max_body_bytes, declared)
         if encoding is not None:
@@ -126,7 +127,7 @@ async def infer_answer(
         else:
             parsed = await state.off_loop(parse_json_request, body)
         deadline = started + request_timeout_s(settings, timeout_header, parsed.timeout_us)
-        model = state.repository.acquire(model_name, version)
+        model = served = state.repository.acquire(model_name, version)
         try:
             info["version"] = model.version
             rows = model.check_request(parsed)
@@ -137,9 +138,12 @@ async def infer_answer(
             )
         finally:
             model.release()
+        model.stats.request_succeeded(time.perf_counter() - started, item.queue_s, item.inference_s)
     except Exception as err:
         status, message, extra = error_parts(err, settings)
         info["error"] = message[:200]
+        if served is not None:
+            served.stats.request_failed(time.perf_counter() - started)
         account(state, info, "v2_infer", status, started)
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
         return status, headers, json_dumps({"error": message})

@@ -17,6 +17,7 @@ from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
 from cycleml.serving.settings import ServeSettings
+from cycleml.serving.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class ServedModel:
         self._labels = (name, self.version)
         self._metrics = metrics
         self.latency_model = BatchLatencyModel()
+        self.stats = ModelStatistics()
         self.queue = RequestQueue(
             batching.max_queue_size,
             ArrivalRate(),
@@ -251,6 +253,7 @@ class ServedModel:
     def _record_batch(self, items: list[WorkItem], rows: int, seconds: float) -> None:
         self._inference_time.observe(seconds)
         self._batch_size.observe(rows)
+        self.stats.batch_ran(rows, seconds)
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
     def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:
