@@ -485,3 +485,49 @@ def test_tritonclient_reads_inference_statistics(plain_server: RunningServer) ->
     assert [s["name"] for s in every] == ["shapes"]
     with pytest.raises(InferenceServerException, match="not served"):
         client.get_inference_statistics("nosuch")
+
+
+def test_unknown_routes_and_methods_answer_the_error_shape(plain_server: RunningServer) -> None:
+    import httpx
+
+    for method, path, status in (
+        ("GET", "/docs", 404),
+        ("GET", "/no/such/route", 404),
+        ("DELETE", "/v2/health/live", 405),
+    ):
+        response = httpx.request(method, f"{plain_server.url}{path}")
+        assert response.status_code == status, response.text
+        assert set(response.json()) == {"error"}, response.text
+    assert httpx.get(f"{plain_server.url}/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_serve_without_a_loadable_model_exits_with_the_reason(
+    tmp_path: Path, image_bundle: Path, broken: bool
+) -> None:
+    import subprocess
+    import sys
+
+    from test_serving_support import free_port
+
+    repository = tmp_path / "models"
+    repository.mkdir()
+    if broken:
+        version = copy_version(image_bundle, repository, "shapes", "1")
+        (version / "model.onnx").write_bytes(b"not a model")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cycleml.serving.cli",
+            f"path={repository}",
+            f"port={free_port()}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "no model could be loaded" in result.stderr and "Traceback" not in result.stderr
+    assert ("shapes: version 1" if broken else "no model bundles found") in result.stderr

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -89,6 +90,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(asyncio.to_thread(_load, state))
+        loading.add_done_callback(lambda _: _stop_if_nothing_loaded(state))
         try:
             yield
         finally:
@@ -104,7 +106,14 @@ def create_app(settings: ServeSettings) -> ServingApp:
         description="KServe v2 / Open Inference Protocol over HTTP, with a load-aware "
         "dynamic batcher per model.",
         lifespan=lifespan,
+        # no interactive pages: they load Swagger UI / ReDoc from a CDN, which a server
+        # without internet cannot reach, and no installed package ships their assets;
+        # the OpenAPI document itself is served at /openapi.json
+        docs_url=None,
+        redoc_url=None,
     )
+    # every error, also an unknown route or method, in the documented {"error": ...} shape
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.state.serving = state
     app.include_router(routes_stats.router)  # before /v2/models/{model_name}
     app.include_router(routes_v2.router)
@@ -139,6 +148,13 @@ def create_app(settings: ServeSettings) -> ServingApp:
 
 def _load(state: ServerState) -> None:
     state.repository.load_all()
+    if not state.repository.all_models():
+        reasons = [f"{e['name']}: {e['reason']}" for e in state.repository.index() if "reason" in e]
+        state.load_failure = (
+            "; ".join(reasons) or f"no model bundles found under '{state.settings.path}'"
+        )
+        log.error("no model could be loaded: %s", state.load_failure)
+        return
     # Everything loaded so far (the libraries, the sessions, the app) lives as long as
     # the server. Moved out of the collector's reach, it is not scanned again: without
     # this, each full collection walked it all and held the event loop and the batchers
@@ -147,6 +163,18 @@ def _load(state: ServerState) -> None:
     gc.freeze()
     if state.settings.reload.watch and not state.draining:
         state.repository.start_watching()
+
+
+def _stop_if_nothing_loaded(state: ServerState) -> None:
+    """A server that could load no model would stay unready for good: stop it, so that
+    ``cycleml serve`` exits with the reason instead."""
+    if state.load_failure is not None and state.on_no_model is not None:
+        state.on_no_model()
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return json_response({"error": str(exc.detail)}, exc.status_code, exc.headers)
 
 
 async def server_metadata(request: Request) -> Response:

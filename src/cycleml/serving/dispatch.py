@@ -54,6 +54,9 @@ class ServerState:
     decode_pool: ThreadPoolExecutor
     auth: ApiKeyAuth | None = None
     draining: bool = False
+    # why no model could be loaded at start-up (the server then stops: on_no_model)
+    load_failure: str | None = None
+    on_no_model: Callable[[], None] | None = None
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """Run CPU work (JSON and image decoding) on the decode threads."""
