@@ -531,3 +531,30 @@ def test_serve_without_a_loadable_model_exits_with_the_reason(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no model could be loaded" in result.stderr and "Traceback" not in result.stderr
     assert ("shapes: version 1" if broken else "no model bundles found") in result.stderr
+
+
+def test_a_request_arriving_at_shutdown_is_answered_before_closing(image_bundle: Path) -> None:
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    request = _head(
+        "/v2/models/shapes/infer", len(body), *(f"{k}: {v}" for k, v in headers.items())
+    )
+    running = RunningServer(settings(image_bundle)).__enter__()
+    try:
+        with socket.create_connection(("127.0.0.1", running.port)) as sock:
+            sock.settimeout(10)
+            sock.sendall(request + body)  # a first request: the connection is kept alive
+            first = sock.recv(65536)
+            sock.sendall(request[:20])  # the next one has begun to arrive ...
+            time.sleep(0.3)
+            running.server.should_exit = True  # ... when the server is told to stop
+            time.sleep(0.5)
+            sock.sendall(request[20:] + body)
+            answer = b""
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+    finally:
+        running.__exit__(None, None, None)
+    assert first.startswith(b"HTTP/1.1 200")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"connection: close" in answer.lower()

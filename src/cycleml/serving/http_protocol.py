@@ -182,6 +182,10 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         self._answers_directly = getattr(self.app, "answers_directly", None)
         self._body_done = getattr(self.app, "body_done", None)
         self._body_timeout_s = getattr(self.app, "body_timeout_s", None)
+        # a request has begun to arrive and its headers are not complete yet
+        self._arriving = False
+        # the server is shutting down: the request still to come is the last
+        self._last_request = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
@@ -201,6 +205,21 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
                 cycle,
             )
 
+    def on_message_begin(self) -> None:
+        self._arriving = True
+        super().on_message_begin()
+
+    def shutdown(self) -> None:
+        """At a graceful shutdown, an idle connection closes at once, but one whose next
+        request has begun to arrive is not idle: that request is read, answered with
+        ``Connection: close``, and only then is the connection closed (uvicorn would
+        close it under the client, which then sees its request reset)."""
+        cycle = self.cycle
+        if self._arriving and (cycle is None or cycle.response_complete):
+            self._last_request = True
+            return
+        super().shutdown()
+
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle
         if type(cycle) is _DirectCycle and cycle.body is not None:
@@ -209,9 +228,14 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     # -- the direct path ---------------------------------------------------------------------
     def on_headers_complete(self) -> None:
+        self._arriving = False
         if self._answers_directly is not None and self._take_directly():
+            if self._last_request:
+                self.cycle.keep_alive = False
             return
         super().on_headers_complete()
+        if self._last_request and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def _take_directly(self) -> bool:
         parser = self.parser
