@@ -558,3 +558,45 @@ def test_a_request_arriving_at_shutdown_is_answered_before_closing(image_bundle:
     assert first.startswith(b"HTTP/1.1 200")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_sends_texts_to_a_text_model(
+    text_server: RunningServer, text_bundle: Path, binary: bool
+) -> None:
+    import tritonclient.http as triton
+
+    from cycleml.inference import Predictor, load_bundle
+
+    texts = ["the team scored a goal", "vote on the law"]
+    expected = Predictor(load_bundle(text_bundle)).predict_texts(texts)
+    client = triton.InferenceServerClient(text_server.url.removeprefix("http://"))
+    inputs = client.get_model_metadata("topics")["inputs"]
+    assert {"name": "text", "datatype": "BYTES", "shape": [-1]} in inputs
+    assert inputs[0]["name"] == "input_ids"
+    tensor = triton.InferInput("text", [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t] for t in texts], dtype=object), binary_data=binary)
+    result = client.infer("topics", [tensor])
+    probabilities = result.as_numpy("probabilities")
+    np.testing.assert_allclose(
+        probabilities, np.stack([p.probabilities for p in expected]), atol=1e-6
+    )
+
+
+def test_bytes_inputs_are_checked(text_server: RunningServer, plain_server: RunningServer) -> None:
+    import httpx
+
+    def infer(url: str, model: str, tensor: dict) -> httpx.Response:
+        return httpx.post(f"{url}/v2/models/{model}/infer", json={"inputs": [tensor]})
+
+    text = {"name": "text", "datatype": "BYTES", "shape": [1]}
+    for tensor, words in (
+        ({**text, "data": [7]}, "its 'data' must hold strings"),
+        ({**text, "data": ["   "]}, "text #0 is empty"),
+        ({**text, "shape": [1, 2], "data": ["a", "b"]}, "one text per row"),
+        ({**text, "name": "words", "data": ["goal"]}, "or 'text' (BYTES)"),
+    ):
+        response = infer(text_server.url, "topics", tensor)
+        assert response.status_code == 400 and words in response.json()["error"], response.text
+    image = infer(plain_server.url, "shapes", {**text, "data": ["goal"]})
+    assert image.status_code == 400 and "takes no BYTES input" in image.json()["error"]

@@ -25,6 +25,7 @@ from cycleml.serving.dispatch import (
     state_of,
 )
 from cycleml.serving.protocol import (
+    BYTES,
     encode_response,
     json_dumps,
     parse_binary_request,
@@ -130,7 +131,12 @@ async def infer_answer(
         model = served = state.repository.acquire(model_name, version)
         try:
             info["version"] = model.version
-            rows = model.check_request(parsed)
+            if parsed.inputs[0].datatype == BYTES:  # texts, tokenized here
+                rows = await state.decode_by(
+                    deadline, model.rows_from_texts, parsed, settings.limits
+                )
+            else:
+                rows = model.check_request(parsed)
             item = await infer_rows(receive, model, rows, deadline)
             record_item(info, item)
             encoded = encode_response(

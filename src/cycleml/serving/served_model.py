@@ -14,9 +14,10 @@ import numpy as np
 from cycleml.inference import ModelBundle, Predictor
 from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
+from cycleml.serving.decode_limits import check_texts
 from cycleml.serving.metrics import ServingMetrics
-from cycleml.serving.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
-from cycleml.serving.settings import ServeSettings
+from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
+from cycleml.serving.settings import LimitSettings, ServeSettings
 from cycleml.serving.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ SERVING_SESSION_CONFIG = {
 SPIN_BETWEEN_RUNS = {
     k: v for k, v in SERVING_SESSION_CONFIG.items() if k != "session.force_spinning_stop"
 }
+
+
+# the input a text model also takes: texts, tokenized on the server with the bundle's
+# tokenizer (a BYTES tensor of shape [N] or [N, 1])
+TEXT_INPUT = "text"
 
 
 class QueueFull(Exception):
@@ -197,6 +203,50 @@ class ServedModel:
                 f"input '{self.input_name}' must be {self.input_datatype}, got {tensor.datatype}"
             )
         self.check_rows(tensor.array)
+        self._check_outputs(request)
+        return tensor.array
+
+    def rows_from_texts(self, request: InferRequest, limits: LimitSettings) -> np.ndarray:
+        """A text model's batch from a BYTES input of texts, tokenized with the bundle's
+        tokenizer (CPU work: runs on a decode thread)."""
+        tensor = request.inputs[0]
+        if self.vocab_size is None:
+            raise ProtocolError(
+                f"model '{self.name}' takes no BYTES input; its input is '{self.input_name}' "
+                f"({self.input_datatype})"
+            )
+        if len(request.inputs) != 1 or tensor.name != TEXT_INPUT:
+            names = ", ".join(t.name for t in request.inputs)
+            raise ProtocolError(
+                f"model '{self.name}' takes one input '{self.input_name}' "
+                f"({self.input_datatype}) or '{TEXT_INPUT}' (BYTES), got {names}"
+            )
+        shape = tensor.array.shape
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise ProtocolError(
+                f"input '{TEXT_INPUT}' has shape {list(shape)}; send one text per row: "
+                "[N] or [N, 1]"
+            )
+        texts = []
+        for index, value in enumerate(tensor.array.reshape(-1)):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(
+                        f"input '{TEXT_INPUT}': text #{index} is not valid UTF-8"
+                    ) from None
+            texts.append(value)
+        if not 1 <= len(texts) <= self.max_batch_size:
+            raise ProtocolError(
+                f"input '{TEXT_INPUT}' has {len(texts)} texts; send between 1 and "
+                f"{self.max_batch_size} (batching.max_batch_size) per request"
+            )
+        check_texts(texts, limits)
+        self._check_outputs(request)
+        return self.preprocess_texts(texts)
+
+    def _check_outputs(self, request: InferRequest) -> None:
         if request.outputs is not None:
             unknown = [n for n in request.outputs if n != self.output_name]
             if unknown:
@@ -204,7 +254,6 @@ class ServedModel:
                     f"model '{self.name}' has no output {unknown[0]!r}; its output is "
                     f"'{self.output_name}'"
                 )
-        return tensor.array
 
     def check_rows(self, array: np.ndarray) -> None:
         """A batch must have the model's row shape and between 1 and max_batch_size rows."""
@@ -274,7 +323,13 @@ class ServedModel:
                     "name": self.input_name,
                     "datatype": self.input_datatype,
                     "shape": list(self.input_shape),
-                }
+                },
+                # a text model takes either its token ids or the texts themselves
+                *(
+                    [{"name": TEXT_INPUT, "datatype": BYTES, "shape": [-1]}]
+                    if self.vocab_size
+                    else []
+                ),
             ],
             "outputs": [
                 {"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.class_names)]}
