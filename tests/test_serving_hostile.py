@@ -600,3 +600,73 @@ def test_bytes_inputs_are_checked(text_server: RunningServer, plain_server: Runn
         assert response.status_code == 400 and words in response.json()["error"], response.text
     image = infer(plain_server.url, "shapes", {**text, "data": ["goal"]})
     assert image.status_code == 400 and "takes no BYTES input" in image.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8x8 image bundle exported with its int8 and fp16 variants."""
+    import torch
+    from torch import nn
+
+    from cycleml.export import export_bundle
+    from cycleml.export.exporter import ExportSettings
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    rng = np.random.default_rng(0)
+    out = tmp_path_factory.mktemp("variants") / "shapes"
+    export_bundle(
+        net,
+        {
+            "kind": "image",
+            "image_size": [8, 8],
+            "channels": 3,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        },
+        ["cat", "dog", "bird"],
+        out,
+        val_inputs=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
+        val_labels=rng.integers(0, 3, 16),
+        name="shapes",
+        version="1",
+        settings=ExportSettings(quantize="int8", fp16=True, max_accuracy_drop=1.0, force=True),
+    )
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_a_precision_variant_is_served_as_configured(variant_bundle: Path, precision: str) -> None:
+    import httpx
+
+    from cycleml.inference import Predictor, load_bundle
+
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    expected = Predictor(load_bundle(variant_bundle), precision=precision).run(pixels)
+    fp32 = Predictor(load_bundle(variant_bundle)).run(pixels)
+    body, headers = binary_body(pixels)
+    with RunningServer(settings(variant_bundle, precision={"shapes": precision})) as running:
+        meta = httpx.get(f"{running.url}/v2/models/shapes").json()
+        response = httpx.post(
+            f"{running.url}/v2/models/shapes/infer", content=body, headers=headers
+        )
+    assert meta["parameters"]["precision"] == precision
+    assert meta["parameters"]["precisions"] == ["fp32", "fp16", "int8"]
+    length = int(response.headers["inference-header-content-length"])
+    served = np.frombuffer(response.content[length:], np.float32).reshape(2, -1)
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    if precision == "int8":
+        assert not np.allclose(served, fp32, atol=1e-6)  # the variant, not the fp32 model
+
+
+def test_an_unknown_precision_is_a_config_error(variant_bundle: Path) -> None:
+    from cycleml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"precision\['shapes'\] must be one of fp32, int8, fp16"):
+        settings(variant_bundle, precision={"shapes": "int4"})

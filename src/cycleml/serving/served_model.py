@@ -73,9 +73,11 @@ class ServedModel:
         self.loaded_at = time.time()
         runtime, batching = settings.runtime, settings.batching
         self.max_batch_size = batching.max_batch_size
+        self.precision = settings.precision.get(name, "fp32")
         self.predictors = [
             Predictor(
                 bundle,
+                precision=self.precision,
                 providers=list(runtime.providers) if runtime.providers else None,
                 intra_op_threads=runtime.intra_op_threads,
                 inter_op_threads=runtime.inter_op_threads,
@@ -340,5 +342,7 @@ class ServedModel:
                 "max_batch_size": self.max_batch_size,
                 "instances": len(self.batchers),
                 "run_id": self.bundle.meta.run_id,
+                "precision": self.precision,
+                "precisions": ["fp32", *sorted(self.bundle.meta.variants)],
             },
         }

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cycleml.errors import ConfigError
+from cycleml.inference.bundle import PRECISIONS
 
 VERSION_POLICIES = ("latest", "all")
 
@@ -73,6 +74,9 @@ class ServeSettings:
     workers: int = 1
     version_policy: str = "latest"
     pinned_versions: dict[str, str] = field(default_factory=dict)
+    # the precision a model is served in, by model name: fp32 (default), int8 or fp16
+    # (the variants export writes next to the model)
+    precision: dict[str, str] = field(default_factory=dict)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -92,6 +96,11 @@ class ServeSettings:
             self.version_policy in VERSION_POLICIES,
             f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'",
         )
+        for model, precision in self.precision.items():
+            _check(
+                precision in PRECISIONS,
+                f"precision['{model}'] must be one of {', '.join(PRECISIONS)}, got '{precision}'",
+            )
         rt, batching, limits = self.runtime, self.batching, self.limits
         _check(rt.instances >= 1, f"runtime.instances must be >= 1, got {rt.instances}")
         _check(
@@ -186,6 +195,7 @@ class ServeSettings:
         values["pinned_versions"] = {
             str(k): str(v) for k, v in (values.get("pinned_versions") or {}).items()
         }
+        values["precision"] = {str(k): str(v) for k, v in (values.get("precision") or {}).items()}
         if values.get("path") in (None, "", "???"):
             raise ConfigError("path is required: cycleml serve path=<bundle or repository>")
         values["path"] = str(values["path"])
