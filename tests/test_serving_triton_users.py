@@ -32,8 +32,8 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, image_bundle: Path, text_bundle: Path
 ) -> RunningServer:
     repository = tmp_path_factory.mktemp("triton-users")
-    copy_version(image_bundle, repository, "shapes", "1")
-    copy_version(text_bundle, repository, "topics", "1")
+    for bundle, model in ((image_bundle, "shapes"), (text_bundle, "topics")):
+        copy_version(bundle, repository, model, "1")
     with RunningServer(settings(repository)) as running:
         yield running
 
