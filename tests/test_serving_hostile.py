@@ -266,6 +266,7 @@ def limited_server(tmp_path: Path, image_bundle: Path, text_bundle: Path) -> Run
             "max_image_pixels": 64 * 64,
             "max_request_pixels": 2 * 64 * 64,
             "max_text_chars": 500,
+            "max_text_tokens": 50,
         },
     )
     with RunningServer(serve) as running:
@@ -280,7 +281,12 @@ def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> 
     bomb = httpx.post(f"{url}/shapes:predict", content=_huge_png_header(10**5, 10**5), headers=png)
     files = [("file", (f"{i}.png", _png(60, 60), "image/png")) for i in range(3)]
     many = httpx.post(f"{url}/shapes:predict", files=files)
-    text_ok = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 100})
+    text_ok = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 50})
+    many_tokens = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 60})
+    many_tokens_v2 = httpx.post(
+        f"{limited_server.url}/v2/models/topics/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a " * 51]}]},
+    )
     long_text = httpx.post(f"{url}/topics:predict", json={"instances": ["team", "goal " * 101]})
     assert ok.status_code == 200 and text_ok.status_code == 200, (ok.text, text_ok.text)
     for response, words in (
@@ -288,6 +294,8 @@ def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> 
         (bomb, "refused before decoding"),
         (many, "3 images have 10800 pixels; the limit is 8192 per request"),
         (long_text, "text #1 has 505 characters; the limit is 500 (limits.max_text_chars)"),
+        (many_tokens, "text #0 has 60 tokens; the limit is 50 (limits.max_text_tokens)"),
+        (many_tokens_v2, "text #0 has 51 tokens; the limit is 50 (limits.max_text_tokens)"),
     ):
         assert response.status_code == 413, response.text
         assert words in response.json()["error"]
