@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from cycleml.errors import BundleError, DataError
 
@@ -79,6 +79,8 @@ class ImagePreprocessor:
     def _from_array(self, array: np.ndarray) -> np.ndarray:
         if array.dtype != np.uint8:
             raise DataError(f"image arrays must be uint8 pixels 0..255, got {array.dtype}")
+        if array.size == 0:
+            raise DataError(f"image array of shape {array.shape} has no pixels")
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -142,6 +144,10 @@ def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
     return np.ascontiguousarray(np.moveaxis(array, -1, -3))
 
 
+class TooManyTokens(DataError):
+    """A text of more tokens than the caller allows (before truncation)."""
+
+
 class TextPreprocessor:
     """Tokenize texts to ``int64 (N, max_length)``: truncated, padded with ``pad_id``."""
 
@@ -154,6 +160,8 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = pad_id
+        # the network's embedding has one row per token of the vocabulary
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_id: int) -> TextPreprocessor:
@@ -173,7 +181,9 @@ class TextPreprocessor:
             raise BundleError(f"not a valid tokenizers JSON: {err}") from err
         return cls(tokenizer, max_length, pad_id)
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """``max_tokens``: refuse (``TooManyTokens``) a text of more tokens than this
+        before truncation, instead of cutting it to ``max_length``."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise DataError(f"text #{i} is {type(text).__name__}, expected a string")
@@ -182,4 +192,19 @@ class TextPreprocessor:
         if not texts:
             return np.zeros((0, self.max_length), dtype=np.int64)
         encodings = self.tokenizer.encode_batch(list(texts))
+        if max_tokens is not None:
+            for i, encoding in enumerate(encodings):
+                count = _token_count(encoding)
+                if count > max_tokens:
+                    raise TooManyTokens(f"text #{i} has {count} tokens; the limit is {max_tokens}")
         return np.asarray([e.ids for e in encodings], dtype=np.int64)
+
+
+def _token_count(encoding: Encoding) -> int:
+    """The text's own tokens before truncation: the kept part and what truncation moved
+    to ``overflowing``, without special tokens and padding."""
+    return sum(
+        attended and not special
+        for part in (encoding, *encoding.overflowing)
+        for attended, special in zip(part.attention_mask, part.special_tokens_mask, strict=True)
+    )
