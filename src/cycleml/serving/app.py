@@ -149,7 +149,11 @@ def create_app(settings: ServeSettings) -> ServingApp:
 def _load(state: ServerState) -> None:
     state.repository.load_all()
     if not state.repository.all_models():
-        reasons = [f"{e['name']}: {e['reason']}" for e in state.repository.index() if "reason" in e]
+        reasons = [
+            f"{e['name']}: " + (f"version {e['version']} " if "version" in e else "") + e["reason"]
+            for e in state.repository.index()
+            if "reason" in e
+        ]
         state.load_failure = (
             "; ".join(reasons) or f"no model bundles found under '{state.settings.path}'"
         )
