@@ -121,7 +121,7 @@ def test_image_files_are_read_and_decoded(image_predictor, tmp_path):
     np.testing.assert_array_equal(image_predictor.preprocess_image(tmp_path / "a.png"), images[0])
     with pytest.raises(DataError, match="cannot read image file: FileNotFoundError"):
         image_predictor.preprocess_image(tmp_path / "missing.png")
-    with pytest.raises(DataError, match="cannot read image file: IsADirectoryError"):
+    with pytest.raises(DataError, match=r"not a regular file \(a folder\)"):
         image_predictor.preprocess_image(tmp_path)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match="empty data"):
