@@ -50,7 +50,6 @@ def build_model(cfg: DictConfig, datamodule: Any, run_id: str) -> L.LightningMod
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns its final metrics (``train/…``, ``val/…``, ``test/…``)."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from cycleml.training.run import (
@@ -74,8 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
+    _set_torch_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -115,6 +113,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
             extra={"global_step": trainer.global_step, "epochs": trainer.current_epoch},
         )
     return metrics
+
+
+def _set_torch_threads(cfg: DictConfig) -> None:
+    """``torch_threads``, else a sweep trial's share (set by the sweeper), else a free-CPU count."""
+    import torch
+
+    from cycleml.sweeps.resources import THREADS_KEY
+    from cycleml.training.threads import torch_threads_for_run
+
+    if not cfg.get("torch_threads") and OmegaConf.select(cfg, THREADS_KEY):
+        return  # the sweeper's TrialThreads callback has set this trial's share
+    threads, reason = torch_threads_for_run(cfg.get("torch_threads"))
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread(s) (%s)", threads, reason)
 
 
 def _fit_and_test(
