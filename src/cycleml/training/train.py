@@ -52,11 +52,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from cycleml.training.interrupt import INTERRUPTED_EXIT, report_interrupt
+    from cycleml.training.resume_config import config_for_resume, resume_overrides
     from cycleml.training.run import (
         finish_loggers,
         flat_config,
         instantiate_callbacks,
         instantiate_loggers,
+        move_into_run,
         record_tracker_ids,
         resolve_resume,
         start_run,
@@ -67,8 +70,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = resolve_resume(
         cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
     )
-    if resume.run_dir is not None:
+    if resume.source_dir is not None:
+        # the checkpoint fits the run's own config, not whatever this command line composed
+        cfg = config_for_resume(cfg, resume.source_dir, *resume_overrides())
+    if resume.run_dir is not None and resume.run_dir.resolve() != output_dir.resolve():
         # continue in the interrupted run's folder: its checkpoints, tracker files, summary
+        move_into_run(output_dir, resume.run_dir.resolve())
         output_dir = resume.run_dir.resolve()
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
@@ -99,6 +106,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     try:
         metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path)
+    except SystemExit:
+        if not trainer.interrupted:
+            finish_loggers(loggers, exit_code=1)
+            raise
+        # Lightning stops on Ctrl-C with sys.exit(1); 130 is the shell's code for SIGINT
+        finish_loggers(loggers, exit_code=INTERRUPTED_EXIT)
+        report_interrupt(trainer, output_dir)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
