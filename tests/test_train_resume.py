@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,3 +128,108 @@ def test_summary_only_grows(tmp_path, make_cfg):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["metrics"] == {"test/acc": 0.8, "train/loss": 0.5, "val/acc": 0.95}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline ``run-<id>.wandb`` file.
+
+    The file is W&B's header (":W&B", magic, version) followed by a LevelDB-style log of
+    ``Record`` protobufs: 32 KiB blocks of chunks (crc32, length, type: full/first/middle/last).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    block, offset, pending, rows = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # a block's tail too short for a header is padding
+            offset += block - offset % block
+            continue
+        length = int.from_bytes(data[offset + 4 : offset + 6], "little")
+        kind = data[offset + 6]
+        chunk = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or ".".join(i.nested_key): json.loads(i.value_json)
+                             for i in record.history.item})  # fmt: skip
+    return rows
+
+
+def test_resume_keeps_csv_rows_and_continues_the_wandb_step(make_cfg, tmp_path):
+    pytest.importorskip("wandb")
+    run_dir = _interrupted(make_cfg, tmp_path / "run", "logger=many")
+    _resume(make_cfg, run_dir, tmp_path / "second", "logger=many")
+
+    with (run_dir / "csv" / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    val_epochs = [int(r["epoch"]) for r in rows if r.get("val/acc")]
+    assert val_epochs == [0, 1]  # epoch 0 logged before Ctrl-C, epoch 1 after the resume
+    assert any(r.get("test/acc") for r in rows)
+
+    run_id = json.loads((run_dir / "run_info.json").read_text())["wandb_id"]
+    first, second = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
+    steps = [[row["_step"] for row in _wandb_history(next(run.glob("run-*.wandb")))]
+             for run in (first, second)]  # fmt: skip
+    assert steps[0] and steps[1]
+    # the resumed launch goes on from the checkpoint's step instead of starting at 0 again
+    assert max(steps[0]) <= 4 <= min(steps[1])
+    assert steps[0] == sorted(steps[0]) and steps[1] == sorted(steps[1])
+
+
+def _cycleml(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cycleml", *args]
+
+
+@pytest.mark.slow
+def test_sigint_then_ckpt_path_last_alone_resumes_the_run(tmp_path):
+    """A real `cycleml train model=resnet18 data.channels=3 …` stopped by SIGINT, resumed by
+    `cycleml train ckpt_path=last` without repeating its command line."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    first = subprocess.Popen(
+        _cycleml(
+            "train", "model=resnet18", "data.channels=3", "data.image_size=16", "logger=csv",
+            "trainer.max_epochs=3", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "callbacks.early_stopping=null", "torch_threads=1",
+        ),
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    runs = tmp_path / "logs" / "train" / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, output[-3000:]
+    (run_dir,) = runs.iterdir()
+    assert f"resume with: cycleml train ckpt_path={run_dir}" in output
+    assert 6 <= _last_step(run_dir) < 18 and not (run_dir / "summary.json").exists()
+
+    refused = subprocess.run(
+        _cycleml("train", "ckpt_path=last", "data.image_size=32", "trainer.max_epochs=3"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (message,) = refused.stderr.strip().splitlines()
+    assert "data.image_size=32" in message and "max_epochs" not in message
+
+    resumed = subprocess.run(
+        _cycleml("train", "ckpt_path=last"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"ckpt_path=last: resuming {run_dir}" in resumed.stdout
+    assert list(runs.iterdir()) == [run_dir]  # no stub folder from the resume
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 3 * 6
+    assert summary["config"]["data"]["channels"] == 3 and summary["model"] == "resnet18"
+    with (run_dir / "csv" / "metrics.csv").open() as file:
+        val_epochs = [int(r["epoch"]) for r in csv.DictReader(file) if r.get("val/acc")]
+    assert val_epochs == [0, 1, 2]
+    log = (run_dir / "train.log").read_text()
+    assert "ckpt_path=last: resuming" in log  # the resume's log continues in the run's log

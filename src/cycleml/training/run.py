@@ -13,7 +13,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
@@ -190,7 +190,7 @@ def instantiate_loggers(cfg: DictConfig | None, run_id: str) -> list[Logger]:
 def record_tracker_ids(output_dir: Path, info: dict[str, Any], loggers: list[Logger]) -> None:
     """Write the W&B run id actually used (a sweep agent may choose it) to run_info.json."""
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger.version != info.get("wandb_id"):
+        if isinstance(logger, WandbLogger) and logger.version != info.get("wandb_id"):
             info["wandb_id"] = logger.version
             write_json(output_dir / RUN_INFO, info)
 
@@ -199,7 +199,7 @@ def finish_loggers(loggers: list[Logger], exit_code: int = 0) -> None:
     """Close tracker runs, so that the next run in this process (a sweep) gets its own."""
     for logger in loggers:
         logger.finalize("success" if exit_code == 0 else "failed")
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             import wandb
 
             if wandb.run is not None:

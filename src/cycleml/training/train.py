@@ -70,15 +70,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resume = resolve_resume(
         cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
     )
-    if resume.source_dir is not None:
-        # the checkpoint fits the run's own config, not whatever this command line composed
-        cfg = config_for_resume(cfg, resume.source_dir, *resume_overrides())
     if resume.run_dir is not None and resume.run_dir.resolve() != output_dir.resolve():
         # continue in the interrupted run's folder: its checkpoints, tracker files, summary
         move_into_run(output_dir, resume.run_dir.resolve())
         output_dir = resume.run_dir.resolve()
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
+    if resume.source_dir is not None:
+        # the checkpoint fits the run's own config, not whatever this command line composed
+        cfg = config_for_resume(cfg, resume.source_dir, *resume_overrides())
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _set_torch_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
