@@ -170,8 +170,11 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
     return callbacks
 
 
-def instantiate_loggers(cfg: DictConfig | None, run_id: str) -> list[Logger]:
-    """Every entry of the ``logger`` group; W&B runs get the run's id so resume continues them."""
+def instantiate_loggers(cfg: DictConfig | None, run_id: str, quiet: bool = False) -> list[Logger]:
+    """Every entry of the ``logger`` group; W&B runs get the run's id so resume continues them.
+
+    ``quiet`` keeps W&B from printing its banners and notices to the console.
+    """
     loggers: list[Logger] = []
     for name, node in (cfg or {}).items():
         if not (isinstance(node, DictConfig) and "_target_" in node):
@@ -179,6 +182,10 @@ def instantiate_loggers(cfg: DictConfig | None, run_id: str) -> list[Logger]:
         extra: dict[str, Any] = {}
         if "wandb" in node._target_.lower():
             extra = {"id": node.get("id") or run_id, "resume": "allow"}
+            if quiet and node.get("settings") is None:
+                import wandb
+
+                extra["settings"] = wandb.Settings(silent=True)
             Path(node.save_dir).mkdir(parents=True, exist_ok=True)
         logger = hydra.utils.instantiate(node, **extra)
         if not isinstance(logger, Logger):

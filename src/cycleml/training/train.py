@@ -52,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from cycleml.training.console import CONSOLE, configure_console
     from cycleml.training.interrupt import INTERRUPTED_EXIT, report_interrupt
     from cycleml.training.resume_config import config_for_resume, resume_overrides
     from cycleml.training.run import (
@@ -66,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     from cycleml.training.summary import write_summary
 
+    verbose = bool(cfg.get("verbose"))
+    configure_console(verbose)
     output_dir = Path(cfg.paths.output_dir)
     resume = resolve_resume(
         cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
@@ -93,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg, datamodule, info["run_id"])
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
-    loggers = instantiate_loggers(cfg.get("logger"), info["run_id"])
+    loggers = instantiate_loggers(cfg.get("logger"), info["run_id"], quiet=not verbose)
     record_tracker_ids(output_dir, info, loggers)
     if not loggers:
         # nothing to report learning rates to (logger=null, debug runs)
@@ -105,7 +108,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**flat_config(cfg), "dataset_fingerprint": datamodule.fingerprint})
 
     try:
-        metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path)
+        metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path, verbose)
     except SystemExit:
         if not trainer.interrupted:
             finish_loggers(loggers, exit_code=1)
@@ -127,6 +130,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best or None,
             extra={"global_step": trainer.global_step, "epochs": trainer.current_epoch},
         )
+        shown = [f"{k} {metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics]
+        log.info("run %s finished: %s", output_dir, ", ".join(shown) or "-", extra=CONSOLE)
     return metrics
 
 
@@ -150,6 +155,7 @@ def _fit_and_test(
     model: L.LightningModule,
     datamodule: L.LightningDataModule,
     ckpt_path: str | None,
+    verbose: bool = True,
 ) -> tuple[dict[str, float], str]:
     metrics: dict[str, float] = {}
     if cfg.get("train"):
@@ -159,7 +165,7 @@ def _fit_and_test(
     if cfg.get("test"):
         if not best:
             log.warning("no best checkpoint (checkpointing off?): testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=verbose)
         metrics.update(_floats(trainer.callback_metrics))
     return metrics, best
 
