@@ -38,12 +38,14 @@ def configure_console(verbose: bool) -> None:
             own.propagate = True
     if verbose:
         return
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(
-            handler, logging.FileHandler
-        ):
-            if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
-                handler.addFilter(ConsoleFilter())
+    consoles = [
+        h
+        for h in root.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    for handler in consoles:
+        if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFilter())
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     # a resumed run's folder has its checkpoints already: that is the point
