@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 # ``log.info(..., extra=CONSOLE)``: a line meant for the user, shown also when not verbose
@@ -38,10 +39,13 @@ def configure_console(verbose: bool) -> None:
             own.propagate = True
     if verbose:
         return
+    terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     consoles = [
         h
         for h in root.handlers
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        if isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+        and h.stream in terminal
     ]
     for handler in consoles:
         if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
