@@ -233,3 +233,36 @@ def test_sigint_then_ckpt_path_last_alone_resumes_the_run(tmp_path):
     assert val_epochs == [0, 1, 2]
     log = (run_dir / "train.log").read_text()
     assert "ckpt_path=last: resuming" in log  # the resume's log continues in the run's log
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_and_keeps_its_csv_rows(tmp_path):
+    """SIGKILL a real `cycleml train` after its first checkpoint; `ckpt_path=last` finishes it
+    and metrics.csv still holds the epochs from before the kill."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    first = subprocess.Popen(
+        _cycleml("train", "logger=csv", "trainer.max_epochs=4", "callbacks.early_stopping=null",
+                 "callbacks.progress_bar=null"),
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    runs = tmp_path / "logs" / "train" / "runs"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (run_dir,) = runs.iterdir()
+    killed_at = _last_step(run_dir)
+    assert 0 < killed_at < 4 * 20 and not (run_dir / "summary.json").exists()
+
+    resumed = subprocess.run(
+        _cycleml("train", "ckpt_path=last"),
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == 4 * 20  # 20 batches of 64 per epoch on digits
+    assert summary["metrics"]["test/acc"] > 0.9
+    with (run_dir / "csv" / "metrics.csv").open() as file:
+        val_epochs = [int(r["epoch"]) for r in csv.DictReader(file) if r.get("val/acc")]
+    assert val_epochs == [0, 1, 2, 3]

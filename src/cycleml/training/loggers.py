@@ -6,6 +6,7 @@ import csv
 from collections.abc import Mapping
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -56,6 +57,7 @@ class HistoryKeepingCSVLogger(CSVLogger):
     """
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> HistoryKeepingWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
