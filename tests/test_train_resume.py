@@ -31,6 +31,14 @@ class CtrlCInSecondEpoch(L.Callback):
             raise KeyboardInterrupt
 
 
+class SigintAtStep4(L.Callback):
+    """Sends this process a real SIGINT as the fifth batch starts."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 @pytest.fixture(autouse=True)
 def keep_sigint_handler() -> Iterator[None]:
     """Lightning ignores SIGINT once it handled one; give pytest its Ctrl-C back."""
@@ -39,11 +47,11 @@ def keep_sigint_handler() -> Iterator[None]:
     signal.signal(signal.SIGINT, handler)
 
 
-def _interrupted(make_cfg, run_dir: Path, *overrides: str) -> Path:
+def _interrupted(make_cfg, run_dir: Path, *overrides: str, by: str = "CtrlCInSecondEpoch") -> Path:
     """A run of 2 × 3 steps stopped by Ctrl-C at step 4, in ``run_dir``."""
     cfg = make_cfg("train", "trainer.max_epochs=2", *overrides)
     with open_dict(cfg):
-        cfg.callbacks.ctrl_c = {"_target_": f"{__name__}.CtrlCInSecondEpoch"}
+        cfg.callbacks.ctrl_c = {"_target_": f"{__name__}.{by}"}
         cfg.callbacks.early_stopping = None
     cfg.paths.output_dir = str(run_dir)
     with pytest.raises(SystemExit) as stopped:
@@ -67,6 +75,13 @@ def test_ctrl_c_saves_last_checkpoint_and_says_how_to_resume(make_cfg, tmp_path,
     assert _last_step(run_dir) == 4  # the step Ctrl-C stopped at, not the epoch's end (3)
     assert not (run_dir / "summary.json").exists()
     assert f"resume with: cycleml train ckpt_path={run_dir}" in caplog.text
+
+
+def test_sigint_stops_at_the_next_batch_boundary(make_cfg, tmp_path):
+    # the signal only asks to stop: the batch under way finishes, then the state is saved
+    run_dir = _interrupted(make_cfg, tmp_path / "run", by="SigintAtStep4")
+    assert _last_step(run_dir) == 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
 
 
 def test_resume_from_run_dir_continues_global_step(make_cfg, tmp_path):
@@ -186,26 +201,38 @@ def _cycleml(*args: str) -> list[str]:
     return [sys.executable, "-m", "cycleml", *args]
 
 
+def _signal_after_first_checkpoint(
+    cwd: Path, signum: signal.Signals, *overrides: str
+) -> tuple[int, str]:
+    """Start `cycleml train` in ``cwd``, send it ``signum`` once it saved last.ckpt."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    output = cwd / "first_launch.out"  # a file, so that a full pipe never blocks the run
+    with output.open("w") as out:
+        process = subprocess.Popen(
+            _cycleml("train", *overrides), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        runs = cwd / "logs" / "train" / "runs"
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
+            time.sleep(0.1)
+        process.send_signal(signum)
+        process.wait(timeout=120)
+    return process.returncode, output.read_text()
+
+
 @pytest.mark.slow
 def test_sigint_then_ckpt_path_last_alone_resumes_the_run(tmp_path):
     """A real `cycleml train model=resnet18 data.channels=3 …` stopped by SIGINT, resumed by
     `cycleml train ckpt_path=last` without repeating its command line."""
     env = {**os.environ, "WANDB_MODE": "offline"}
-    first = subprocess.Popen(
-        _cycleml(
-            "train", "model=resnet18", "data.channels=3", "data.image_size=16", "logger=csv",
-            "trainer.max_epochs=3", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "callbacks.early_stopping=null", "torch_threads=1",
-        ),
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    returncode, output = _signal_after_first_checkpoint(
+        tmp_path, signal.SIGINT,
+        "model=resnet18", "data.channels=3", "data.image_size=16", "logger=csv",
+        "trainer.max_epochs=3", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1", "callbacks.early_stopping=null", "torch_threads=1",
     )  # fmt: skip
+    assert returncode == 130, output[-3000:]
     runs = tmp_path / "logs" / "train" / "runs"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
-        time.sleep(0.1)
-    first.send_signal(signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode == 130, output[-3000:]
     (run_dir,) = runs.iterdir()
     assert f"resume with: cycleml train ckpt_path={run_dir}" in output
     assert 6 <= _last_step(run_dir) < 18 and not (run_dir / "summary.json").exists()
@@ -240,18 +267,12 @@ def test_killed_training_resumes_and_keeps_its_csv_rows(tmp_path):
     """SIGKILL a real `cycleml train` after its first checkpoint; `ckpt_path=last` finishes it
     and metrics.csv still holds the epochs from before the kill."""
     env = {**os.environ, "WANDB_MODE": "offline"}
-    first = subprocess.Popen(
-        _cycleml("train", "logger=csv", "trainer.max_epochs=4", "callbacks.early_stopping=null",
-                 "callbacks.progress_bar=null"),
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    _signal_after_first_checkpoint(
+        tmp_path, signal.SIGKILL,
+        "logger=csv", "trainer.max_epochs=4", "callbacks.early_stopping=null",
+        "callbacks.progress_bar=null",
     )  # fmt: skip
-    runs = tmp_path / "logs" / "train" / "runs"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    (run_dir,) = runs.iterdir()
+    (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     killed_at = _last_step(run_dir)
     assert 0 < killed_at < 4 * 20 and not (run_dir / "summary.json").exists()
 
