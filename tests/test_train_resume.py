@@ -287,3 +287,47 @@ def test_killed_training_resumes_and_keeps_its_csv_rows(tmp_path):
     with (run_dir / "csv" / "metrics.csv").open() as file:
         val_epochs = [int(r["epoch"]) for r in csv.DictReader(file) if r.get("val/acc")]
     assert val_epochs == [0, 1, 2, 3]
+
+
+def _saved_run(make_cfg, tmp_path: Path, *overrides: str) -> Path:
+    """A run folder whose .hydra/config.yaml holds the config composed from ``overrides``."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "saved"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(make_cfg("train", *overrides, fast=False), run_dir / ".hydra" / "config.yaml")
+    return run_dir
+
+
+def test_resume_config_is_the_runs_own_with_overrides_on_top(make_cfg, tmp_path):
+    from cycleml.training.resume_config import config_for_resume
+
+    run_dir = _saved_run(make_cfg, tmp_path, "model=resnet18", "data.channels=3")
+    given = ["ckpt_path=last", "trainer.max_epochs=7", "logger=csv", "data.batch_size=32",
+             "model=resnet18"]  # fmt: skip
+    now = make_cfg("train", *given, fast=False)
+    cfg = config_for_resume(now, run_dir, given, {"model": "resnet18", "logger": "csv"})
+    assert cfg.model.net.name == "resnet18" and cfg.data.channels == 3  # from the run
+    assert cfg.trainer.max_epochs == 7 and cfg.data.batch_size == 32  # given now
+    assert "csv" in cfg.logger and "wandb" not in cfg.logger
+    assert cfg.ckpt_path == "last" and cfg.paths == now.paths
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.image_size=32", "model=cnn", "++model.net.width=64", "data.split_seed=3",
+     "experiment=digits", "model.optimizer.lr=0.5"],
+)  # fmt: skip
+def test_resume_refuses_to_change_model_or_data_shape(make_cfg, tmp_path, override):
+    from cycleml.training.resume_config import config_for_resume
+
+    run_dir = _saved_run(make_cfg, tmp_path, "model=resnet18", "data.channels=3")
+    given = ["ckpt_path=last", "trainer.max_epochs=7", override]
+    choices = {"model": "resnet18", "experiment": None}
+    if override.startswith(("model=", "experiment=")):
+        group, choice = override.split("=")
+        choices[group] = choice
+    now = make_cfg("train", *given, fast=False)
+    with pytest.raises(ConfigError, match="cannot change") as refused:
+        config_for_resume(now, run_dir, given, choices)
+    assert override in str(refused.value) and "max_epochs" not in str(refused.value)
