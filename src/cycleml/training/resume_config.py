@@ -98,7 +98,7 @@ def config_for_resume(
         saved.paths = cfg.paths
         saved.ckpt_path = cfg.get("ckpt_path")
     log.info(
-        "config of %s%s",
+        "resuming with the config in %s%s",
         saved_path,
         f", with {' '.join(applied)}" if applied else "",
         extra=CONSOLE,
