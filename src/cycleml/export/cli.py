@@ -17,6 +17,11 @@ _PLACEMENT = ("name", "version", "out_dir", "bundles_dir")
 
 @hydra_app("export")
 def main(cfg: DictConfig) -> str:
+    from cycleml.training.evaluate import resolve_checkpoint
+
+    # a wrong path or a baseline run is named before torch and ONNX are imported
+    ckpt = resolve_checkpoint(cfg.ckpt_path)
+
     from cycleml.export.checkpoint import export_checkpoint
     from cycleml.export.exporter import ExportSettings
 
@@ -28,7 +33,7 @@ def main(cfg: DictConfig) -> str:
         raise ConfigError(f"unknown export option: {err}") from err
     version = placement["version"]
     bundle = export_checkpoint(
-        cfg.ckpt_path,
+        ckpt,
         out_dir=placement["out_dir"],
         bundles_dir=placement["bundles_dir"] or "bundles",
         name=placement["name"],

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
+from cycleml.training.summary import BASELINE_FILE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,12 +28,26 @@ def resolve_checkpoint(ckpt_path: str) -> Path:
         for name in ("best.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
+        if (path / BASELINE_FILE).is_file():
+            raise ConfigError(_baseline_message(path))
         raise ConfigError(
             f"run folder '{path}' has no checkpoints/best.ckpt or checkpoints/last.ckpt"
         )
     if not path.is_file():
         raise ConfigError(f"ckpt_path='{path}' does not exist (a .ckpt file or a run folder)")
+    if path.suffix == ".joblib":
+        raise ConfigError(_baseline_message(path))
     return path
+
+
+def _baseline_message(path: Path) -> str:
+    return (
+        f"'{path}' is a scikit-learn baseline run (model=logreg or linear_svm): baselines "
+        "are not exported to ONNX nor evaluated here. They are reference scores for the "
+        "deep models, and their scikit-learn preprocessing (TF-IDF, pixel scaling) is not "
+        "the bundle's (raw pixels or the run's tokenizer in the graph); their val and test "
+        "metrics are in the run's summary.json (cycleml compare lists them)"
+    )
 
 
 def per_class_report(

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
+from cycleml.redaction import redact_values
 from cycleml.training.summary import RUN_INFO, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -143,5 +144,5 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(redact_values(OmegaConf.to_container(cfg, resolve=True)), "")
     return flat
