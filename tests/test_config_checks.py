@@ -160,9 +160,7 @@ def test_missing_required_value_is_named(tmp_path):
 
 
 def test_a_sweep_value_is_checked_before_the_first_job(tmp_path):
-    result, _ = cycleml(
-        "train", "-m", "model.optimizer.lr=1e-3,-1", "debug=fdr", "logger=null", cwd=tmp_path
-    )
+    result, _ = cycleml("train", "-m", "model.optimizer.lr=1e-3,-1", "debug=fdr", cwd=tmp_path)
     assert "model.optimizer.lr=-1: expected a number > 0" in one_line_error(result)
     assert not list(tmp_path.glob("logs/*/multiruns/*/*/summary.json")), "a job ran"
 

@@ -213,7 +213,6 @@ MODEL = _under(
         "baseline": boolean(),
         "optimizer.lr": positive(),
         "optimizer.weight_decay": number(0),
-        "optimizer.momentum": number(0),
         "scheduler.max_lr": positive(),
         "scheduler.pct_start": number(0, 1, low_open=True, high_open=True),
         "scheduler_interval": choice("step", "epoch"),
