@@ -103,3 +103,20 @@ def test_bundle_folder_follows_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert stat.S_IMODE((out / "bundle.json").stat().st_mode) == 0o644
+
+
+def test_multirun_files_and_failure_output_are_redacted(tmp_path):
+    # the job fails (no such bundle) after Hydra wrote the sweep's multirun.yaml
+    result = run_predict(tmp_path, "-m", "bundle=b", "input=i", f"db_url={URL}")
+    assert result.returncode != 0
+    assert PASSWORD not in result.stdout + result.stderr
+    sweeps = list((tmp_path / "logs" / "predict" / "multiruns").iterdir())
+    written = files_under(sweeps[0])
+    assert "***@127.0.0.1" in written[sweeps[0] / "multirun.yaml"]
+    assert "***@127.0.0.1" in written[sweeps[0] / "0" / ".hydra" / "overrides.yaml"]
+    assert [str(p) for p, text in written.items() if PASSWORD in text] == []
+
+
+def test_escaped_overrides_are_redacted():
+    escaped = r"db_url=postgresql+psycopg\://someone\:Pa55-w0rd/x@127.0.0.1\:1/nodb"
+    assert redact(escaped) == r"db_url=postgresql+psycopg\://someone\:***@127.0.0.1\:1/nodb"

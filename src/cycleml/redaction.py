@@ -17,8 +17,9 @@ from typing import Any, TextIO
 
 HIDDEN = "***"
 
-# scheme://user:password@ — the password runs to the last '@' before the host
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s@]+(?=@)")
+# scheme://user:password@ — the password runs to the last '@' before the host; Hydra
+# writes a multirun's overrides with ':' escaped (scheme\://user\:password@)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s:/@\\]*\\?:)[^\s@]+(?=@)")
 # ...?password=secret&... (libpq and SQLAlchemy query parameters)
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&](?:password|passwd|pwd)=)[^&\s'\"]+")
 
