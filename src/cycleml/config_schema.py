@@ -192,7 +192,7 @@ DATA = _under(
         "val_fraction": fraction(),
         "test_fraction": fraction(),
         "split_seed": integer(),
-        "augment_seed": integer(),
+        "augment_seed": optional(integer()),
         "format": optional(choice("csv", "tsv", "jsonl", "parquet")),
         "text_column": text(),
         "label_column": text(),
@@ -260,7 +260,7 @@ TRAIN = {
     **DATA,
     **MODEL,
     **CALLBACKS,
-    "seed": integer(),
+    "seed": optional(integer()),
     "train": boolean(),
     "test": boolean(),
     "ckpt_path": optional(text()),
@@ -274,7 +274,7 @@ EVAL = {
     "ckpt_path": CHECKPOINT,
     "split": choice("test", "val"),
     "num_errors": integer(0),
-    "seed": integer(),
+    "seed": optional(integer()),
 }
 EXPORT = {
     "ckpt_path": CHECKPOINT,

@@ -10,7 +10,6 @@ that a password given on the command line never reaches the disk.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -23,17 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from cycleml.accelerators import check_gpus
 from cycleml.config_schema import check_config, check_sweep_values
-from cycleml.errors import CycleMLError
+from cycleml.errors import ConfigError, CycleMLError
+from cycleml.hydra_app import exit_with_user_error
 from cycleml.redaction import redact, redact_logging, redact_values
 from cycleml.umask import as_if_created
-
-log = logging.getLogger(__name__)
 
 
 def check_launcher(cfg: DictConfig) -> None:
     """A :class:`ConfigError` when the multirun launcher cannot work on this machine."""
-    from cycleml.errors import ConfigError
-
     target = str(OmegaConf.select(cfg, "hydra.launcher._target_") or "")
     if "submitit" in target and target.endswith("SlurmLauncher"):
         if importlib.util.find_spec("submitit") is None:
@@ -61,8 +57,6 @@ class UserChecks(Callback):
 
     @staticmethod
     def _check(config: DictConfig, config_name: str, multirun: bool) -> None:
-        from cycleml.hydra_app import exit_with_user_error
-
         try:
             check_config(config, config_name)
             check_gpus(config.get("trainer"))
