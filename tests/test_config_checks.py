@@ -185,7 +185,7 @@ def test_cuda_accelerator_and_device_count(monkeypatch):
     check_gpus({"accelerator": "gpu", "devices": 0})
 
 
-@pytest.mark.skipif(visible_cuda_devices() == 0, reason="needs a CUDA GPU")
+@pytest.mark.skipif(not visible_cuda_devices(), reason="needs a CUDA GPU")
 def test_visible_gpus_pass_and_too_many_are_named(monkeypatch):
     import torch
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -20,27 +21,34 @@ from cycleml.errors import ConfigError
 _NVML_LIBRARY = "libnvidia-ml.so.1"
 
 
-def _nvml_device_count() -> int:
+def _nvml_device_count() -> int | None:
+    """GPUs the driver reports; 0 without a driver, None when that cannot be told."""
     try:
         nvml = ctypes.CDLL(_NVML_LIBRARY)
     except OSError:
-        return 0  # no NVIDIA driver
+        # no driver library: no GPU, unless GPU device nodes say otherwise (a container
+        # or WSL without NVML); then Lightning is left to judge
+        devices = [*Path("/dev").glob("nvidia[0-9]*"), Path("/dev/dxg")]
+        return None if any(p.exists() for p in devices) else 0
     if nvml.nvmlInit_v2() != 0:
-        return 0
+        return None
     try:
         count = ctypes.c_uint(0)
         if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
-            return 0
+            return None
         return int(count.value)
     finally:
         nvml.nvmlShutdown()
 
 
-def visible_cuda_devices() -> int:
-    """How many CUDA GPUs this process can use (0 without an NVIDIA driver)."""
-    found = _nvml_device_count()
+def visible_cuda_devices() -> int | None:
+    """How many CUDA GPUs this process can use: 0 without an NVIDIA driver or with all
+    hidden by ``CUDA_VISIBLE_DEVICES``; None when the driver cannot be asked."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
+    if visible is not None and not visible.strip():
+        return 0
+    found = _nvml_device_count()
+    if visible is None or found is None:
         return found
     usable = 0
     # CUDA takes entries up to the first invalid one; UUIDs (GPU-…, MIG-…) are taken as valid
@@ -87,6 +95,8 @@ def check_gpus(trainer: Any) -> None:
     if asked == 0:
         return
     found = visible_cuda_devices()
+    if found is None:
+        return  # the driver cannot be asked here: Lightning will tell
     if found == 0:
         raise ConfigError(
             f"trainer.accelerator={accelerator} needs a CUDA GPU, and this machine shows none "
