@@ -120,3 +120,21 @@ def test_multirun_files_and_failure_output_are_redacted(tmp_path):
 def test_escaped_overrides_are_redacted():
     escaped = r"db_url=postgresql+psycopg\://someone\:Pa55-w0rd/x@127.0.0.1\:1/nodb"
     assert redact(escaped) == r"db_url=postgresql+psycopg\://someone\:***@127.0.0.1\:1/nodb"
+
+
+def test_train_run_folder_holds_no_password(tmp_path):
+    # a URL in the training config reaches summary.json and the trackers' config
+    result = subprocess.run(
+        [sys.executable, "-m", "cycleml", "train", "debug=fdr", f"+notes.db={URL}"],
+        cwd=tmp_path,
+        env={**os.environ, "CYCLEML_ROOT": str(tmp_path), "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert PASSWORD not in result.stdout + result.stderr
+    (run,) = (tmp_path / "logs" / "debug" / "runs").iterdir()
+    written = files_under(run)
+    assert "someone:***@" in written[run / "summary.json"]
+    assert [str(p) for p, text in written.items() if PASSWORD in text] == []
