@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from cycleml.errors import ConfigError
 from cycleml.models.checkpoint_file import read_checkpoint
+from test_config_checks import cycleml
 
 
 class RunsACommand:
@@ -42,14 +41,7 @@ def test_crafted_checkpoint_is_refused_in_process(crafted):
 @pytest.mark.parametrize("command", ["export", "eval"])
 def test_crafted_checkpoint_is_refused_by_the_command(command, crafted, tmp_path):
     path, marker = crafted
-    result = subprocess.run(
-        [sys.executable, "-m", "cycleml", command, f"ckpt_path={path}"],
-        cwd=tmp_path,
-        env={**os.environ, "CYCLEML_ROOT": str(tmp_path), "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result, _ = cycleml(command, f"ckpt_path={path}", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

@@ -6,12 +6,12 @@ import logging
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cycleml.redaction import RedactSecrets, redact, redact_values
+from test_config_checks import cycleml
 from test_serving_support import export_image_bundle
 
 PASSWORD = "Pa55-w0rd/x"
@@ -43,14 +43,8 @@ def test_log_records_are_redacted(caplog):
 
 
 def run_predict(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cycleml", "predict", *args],
-        cwd=tmp_path,
-        env={**os.environ, "CYCLEML_ROOT": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result, _ = cycleml("predict", *args, cwd=tmp_path)
+    return result
 
 
 def files_under(folder: Path) -> dict[Path, str]:
@@ -124,14 +118,7 @@ def test_escaped_overrides_are_redacted():
 
 def test_train_run_folder_holds_no_password(tmp_path):
     # a URL in the training config reaches summary.json and the trackers' config
-    result = subprocess.run(
-        [sys.executable, "-m", "cycleml", "train", "debug=fdr", f"+notes.db={URL}"],
-        cwd=tmp_path,
-        env={**os.environ, "CYCLEML_ROOT": str(tmp_path), "WANDB_MODE": "offline"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result, _ = cycleml("train", "debug=fdr", f"+notes.db={URL}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert PASSWORD not in result.stdout + result.stderr
     (run,) = (tmp_path / "logs" / "debug" / "runs").iterdir()
