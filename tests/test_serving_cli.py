@@ -77,13 +77,25 @@ def test_missing_path_and_missing_keys(make_cfg, tmp_path: Path) -> None:
         create_app(ServeSettings.from_dict(monkey_env))
 
 
-def test_cli_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["path={tmp}/missing"], "does not exist"),
+        (
+            ["path={tmp}", "registry.db_url=postgresql+psycopg://nobody@127.0.0.1:1/none"],
+            "registry database: cannot connect",
+        ),
+    ],
+)
+def test_cli_reports_a_config_error_in_one_line(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "cycleml.serving.cli",
-            f"path={tmp_path / 'missing'}",
+            *(o.format(tmp=tmp_path) for o in overrides),
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         capture_output=True,
@@ -91,7 +103,8 @@ def test_cli_reports_a_config_error_in_one_line(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 2
-    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def _repository(tmp_path: Path, v1: Path, v2: Path) -> Path:

@@ -4,7 +4,9 @@ schema fuzz of the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from cycleml.serving.loadgen import Result, build_request, closed_loop, open_loop, summarize
+from test_serving_broken_versions import copy_broken_version
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
@@ -157,17 +160,24 @@ def _image_requests(port: int, count: int = 8) -> list[bytes]:
     return requests
 
 
-def test_hot_reload_under_load_fails_no_request(
-    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
-) -> None:
-    repository = tmp_path / "models"
-    copy_version(image_bundle, repository, "shapes", "1")
+@contextlib.contextmanager
+def watched_server(repository: Path) -> Iterator[tuple[int, str]]:
+    """``cycleml serve`` on ``repository`` with a fast folder watch: (port, url)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with server_process(
         repository, port, "reload.watch=true", "reload.interval_s=0.2", "access_log=false"
     ):
         wait_ready(url)
+        yield port, url
+
+
+def test_hot_reload_under_load_fails_no_request(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    repository = tmp_path / "models"
+    copy_version(image_bundle, repository, "shapes", "1")
+    with watched_server(repository) as (port, url):
 
         async def scenario() -> tuple[list[Result], list[str]]:
             load = asyncio.ensure_future(
@@ -202,6 +212,45 @@ def test_hot_reload_under_load_fails_no_request(
     assert len(results) > 100
     length = int(final.headers["inference-header-content-length"])
     assert b'"model_version":"3"' in final.content[:length]
+
+
+def test_broken_version_copied_in_under_load_fails_no_request(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    repository = tmp_path / "models"
+    copy_version(image_bundle, repository, "shapes", "1")
+    with watched_server(repository) as (port, url):
+
+        async def scenario() -> tuple[list[Result], list[dict]]:
+            load = asyncio.ensure_future(
+                closed_loop("127.0.0.1", port, _image_requests(port), 8, 4.0)
+            )
+            index: list[dict] = []
+            async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                await asyncio.sleep(0.5)
+                copy_broken_version(
+                    image_bundle_v2, repository, "shapes", "2", "truncated model.onnx"
+                )
+                for _ in range(100):  # the watch tries it and reports the failure
+                    index = (await http.post("/v2/repository/index")).json()
+                    if any(e["state"] == "UNAVAILABLE" for e in index):
+                        break
+                    await asyncio.sleep(0.05)
+            return await load, index
+
+        results, index = asyncio.run(scenario())
+        pixels = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        body, headers = binary_body(pixels)
+        final = httpx.post(f"{url}/v2/models/shapes/infer", content=body, headers=headers)
+        ready = httpx.get(f"{url}/v2/models/shapes/ready")
+
+    statuses = {r.status for r in results}
+    assert statuses == {200}, summarize(results)
+    assert len(results) > 100
+    length = int(final.headers["inference-header-content-length"])
+    assert b'"model_version":"1"' in final.content[:length]
+    assert {(e["version"], e["state"]) for e in index} == {("1", "READY"), ("2", "UNAVAILABLE")}
+    assert ready.status_code == 200 and "version 2 failed to load" in ready.json()["reason"]
 
 
 @pytest.fixture(scope="module")

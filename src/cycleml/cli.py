@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cycleml.batch.cli", "offline batch prediction into a database"),
     "serve": ("cycleml.serving.cli", "serve model bundles over HTTP (KServe v2)"),
     "data": ("cycleml.data.cli", "data gather | clean | diff"),
+    "registry": (
+        "cycleml.registry.cli",
+        "model registry: register | list | show | alias | promote | compare | archive",
+    ),
 }
 
 
@@ -39,6 +43,7 @@ def _usage() -> str:
         "  cycleml predict bundle=bundles/digits/1 input=photos/ db_url=sqlite:///predictions.db",
         "  cycleml serve path=bundles",
         "  cycleml data gather && cycleml data clean",
+        "  cycleml registry register bundle=bundles/digits/1 && cycleml registry list",
     ]
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.cli import pick_command
+from cycleml.cli_args import as_overrides
 from cycleml.hydra_app import hydra_app
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,13 @@ def clean_app(cfg: DictConfig) -> str:
     )
     result = clean(cfg.input, cfg.output, settings, overwrite=cfg.overwrite)
     found = ", ".join(f"{check} {n}" for check, n in result.counts.items() if n) or "no issues"
+    near = ""
+    if result.hamming is not None:
+        mode = "auto" if result.hamming["mode"] == "auto" else "set"
+        near = f"; near-duplicate threshold {result.hamming['threshold']} bits ({mode})"
     print(
         f"cleaned {result.num_input} items: {result.num_kept} kept, {result.num_removed} removed "
-        f"({found}) -> {result.root} (fingerprint {result.fingerprint}); "
+        f"({found}){near} -> {result.root} (fingerprint {result.fingerprint}); "
         f"report: {result.root / REPORT_HTML}"
     )
     return result.fingerprint
@@ -99,30 +104,15 @@ def _usage() -> str:
         "",
         "examples:",
         "  cycleml data gather output=data/gathered",
-        "  cycleml data clean input=data/gathered clean.hamming=6",
+        "  cycleml data clean input=data/gathered clean.hamming=4",
         "  cycleml data diff data/gathered data/gathered-clean",
     ]
     return "\n".join(lines)
 
 
-# Hydra options followed by a value (which is not a dataset path)
-_VALUE_OPTIONS = {
-    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-    "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
-}  # fmt: skip
-
-
 def _diff_arguments(args: list[str]) -> list[str]:
     """``A B`` (plain paths) → ``old=A new=B``; overrides, options and their values pass unchanged."""
-    out, names = [], ["old", "new"]
-    for i, arg in enumerate(args):
-        follows_option = i > 0 and args[i - 1] in _VALUE_OPTIONS
-        if names and not follows_option and not arg.startswith("-") and "=" not in arg:
-            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            out.append(f"{names.pop(0)}='{quoted}'")
-        else:
-            out.append(arg)
-    return out
+    return as_overrides(args, ["old", "new"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
+
+if TYPE_CHECKING:
+    from cycleml.inference.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +26,40 @@ def main(cfg: DictConfig) -> str:
     # a wrong path or a baseline run is named before torch and ONNX are imported
     ckpt = resolve_checkpoint(cfg.ckpt_path)
 
-    from cycleml.export.checkpoint import export_checkpoint
-    from cycleml.export.exporter import ExportSettings
+    from cycleml.registry.cli import open_registry
+    from cycleml.registry.text import registered_line
 
     options: dict[str, Any] = OmegaConf.to_container(cfg.export, resolve=True)  # type: ignore[assignment]
     placement = {key: options.pop(key, None) for key in _PLACEMENT}
+    # the registry is opened first, so that a bad root or database fails before the export
+    registry = open_registry(cfg.registry) if options.pop("register", False) else None
+    try:
+        bundle = _export(ckpt, placement, options)
+        if registry is None:
+            return str(bundle.path)
+        registered, created = registry.register(
+            bundle.path,
+            description=cfg.registry.description or "",
+            tags=OmegaConf.to_container(cfg.registry.tags, resolve=True),  # type: ignore[arg-type]
+        )
+    finally:
+        if registry is not None:
+            registry.close()
+    print(registered_line(registered, created))
+    return registered.ref
+
+
+def _export(ckpt_path: Path, placement: dict[str, Any], options: dict[str, Any]) -> ModelBundle:
+    from cycleml.export.checkpoint import export_checkpoint
+    from cycleml.export.exporter import ExportSettings
+
     try:
         settings = ExportSettings(**options)
     except TypeError as err:
         raise ConfigError(f"unknown export option: {err}") from err
     version = placement["version"]
     bundle = export_checkpoint(
-        ckpt,
+        ckpt_path,
         out_dir=placement["out_dir"],
         bundles_dir=placement["bundles_dir"] or "bundles",
         name=placement["name"],
@@ -53,7 +79,7 @@ def main(cfg: DictConfig) -> str:
             for p, v in bundle.meta.variants.items()
         ),
     )
-    return str(bundle.path)
+    return bundle
 
 
 if __name__ == "__main__":

@@ -4,6 +4,17 @@ Loading happens off the event loop. A new version is loaded and warmed up before
 is swapped into the routing table; the version it replaces stops taking requests at
 that moment, finishes the ones it holds, and only then shuts its instances down, so a
 reload never fails a request in flight.
+
+A version that fails to load never replaces one that works: the model keeps serving
+what it served, the failure is reported (log, ``cycleml_model_load_failures_total``, the
+model's readiness and the repository index), and the watch tries that version again only
+once its files change.
+
+A registry root is followed by alias: the versions aliases point to are served, and
+``model@alias`` routes to the version its alias points to. When an alias moves, the new
+version is loaded and warmed up first, then the alias switches to it in one step;
+requests already holding the old version finish on it, and a version no alias points
+to any more is retired once they are done.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from typing import Any
 from cycleml.errors import CycleMLError
 from cycleml.inference import load_bundle
 from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.registry_follow import FollowedModel, RegistryFollower
 from cycleml.serving.served_model import ServedModel
 from cycleml.serving.settings import ServeSettings
 
@@ -36,6 +48,14 @@ class ModelUnavailable(RuntimeError):
     """The model exists but is not ready: still loading, or its load failed (HTTP 503)."""
 
 
+class LoadFailed(CycleMLError):
+    """An explicit load found a version that does not load; what was served stays."""
+
+
+class BadModelRef(ValueError):
+    """A request names both an alias and a version (HTTP 400)."""
+
+
 @dataclass(frozen=True)
 class VersionOnDisk:
     model: str
@@ -43,6 +63,14 @@ class VersionOnDisk:
     path: Path
     # changes whenever bundle.json or the model file is rewritten
     signature: tuple
+
+
+@dataclass(frozen=True)
+class LoadFailure:
+    """Why a version did not load, and the files it was tried with."""
+
+    signature: tuple
+    message: str
 
 
 def version_order(version: str) -> tuple:
@@ -73,11 +101,22 @@ class ModelRepository:
         self._live: dict[str, dict[str, ServedModel]] = {}
         self._default: dict[str, str] = {}
         self._signatures: dict[tuple[str, str], tuple] = {}
+        # model-level problems (a pin that matches no folder, an unreadable repository)
         self._failures: dict[str, str] = {}
         self._loading: set[str] = set()
-        # the watch's view: signatures seen at the last poll, and of loads that failed
+        # the watch's view: signatures seen at the last poll; versions whose load failed
         self._pending: dict[tuple[str, str], tuple] = {}
-        self._failed: dict[tuple[str, str], tuple] = {}
+        self._failed: dict[tuple[str, str], LoadFailure] = {}
+        # a registry root: what its aliases point to, and each model's routed aliases
+        self.follower = (
+            RegistryFollower(self.root, settings.registry.db_url)
+            if settings.follows_registry
+            else None
+        )
+        self._followed: dict[str, FollowedModel] = {}
+        self._routes: dict[str, dict[str, str]] = {}
+        # models unloaded on request: the watch leaves them alone until a load
+        self._held_unloaded: set[str] = set()
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -116,7 +155,8 @@ class ModelRepository:
         ]
 
     def wanted(self, name: str, versions: list[VersionOnDisk]) -> list[VersionOnDisk]:
-        """The versions of a model to serve, by pin or by version policy."""
+        """The versions of a model to serve, by pin, by the registry's aliases, or by
+        version policy."""
         pinned = self.settings.pinned_versions.get(name)
         if pinned is not None:
             chosen = [v for v in versions if v.version == pinned]
@@ -126,6 +166,10 @@ class ModelRepository:
                     f"{', '.join(v.version for v in versions)}"
                 )
             return chosen
+        if self.follower is not None:
+            followed = self._followed.get(name)
+            chosen_versions = followed.versions if followed is not None else set()
+            return [v for v in versions if v.version in chosen_versions]
         if self.settings.version_policy == "all":
             return list(versions)
         return versions[-1:]
@@ -133,6 +177,8 @@ class ModelRepository:
     # -- loading ---------------------------------------------------------------------------
     def load_all(self) -> None:
         """Load every model found (at start-up)."""
+        if self.follower is not None and not self._read_registry():
+            self._failures["*"] = f"cannot read the model registry at '{self.root}'"
         try:
             on_disk = self.scan()
         except CycleMLError as err:
@@ -147,66 +193,182 @@ class ModelRepository:
         self.loaded_once = True
 
     def load_model(self, name: str) -> list[str]:
-        """(Re)load one model from disk now; returns the versions it serves afterwards."""
+        """(Re)load one model from disk now, trying again versions that failed before;
+        returns the versions it serves afterwards. ``LoadFailed`` when a wanted version
+        does not load (what was served before stays served)."""
         on_disk = self.scan()
         if name not in on_disk:
             known = ", ".join(sorted(on_disk)) or "none"
             raise ModelNotFound(f"model '{name}' not found under '{self.root}' (found: {known})")
-        self._sync_model(name, on_disk[name])
+        self._held_unloaded.discard(name)
+        failed = self._sync_model(name, on_disk[name], retry_failed=True)
         with self._lock:
             served = sorted(self._live.get(name, {}), key=version_order)
+        if failed:
+            still = f"still serving version(s) {', '.join(served)}" if served else "not served"
+            raise LoadFailed(f"model '{name}' {'; '.join(failed)}; {still}")
         if not served:
-            raise ModelUnavailable(self._failures.get(name, f"model '{name}' failed to load"))
+            raise ModelUnavailable(self.failure_reason(name) or f"model '{name}' failed to load")
         return served
 
-    def unload_model(self, name: str) -> None:
+    def unload_model(self, name: str, hold: bool = True) -> None:
+        """Stop serving ``name``; ``hold``: and keep the watch from loading it again
+        until :meth:`load_model` (an unload on request)."""
         with self._lock:
             if name not in self._live:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             retired = list(self._live.pop(name).values())
             self._default.pop(name, None)
+            if hold:
+                self._held_unloaded.add(name)
         for model in retired:
             self._retire(model)
 
-    def _sync_model(self, name: str, versions: list[VersionOnDisk]) -> None:
-        """Make the served versions of ``name`` match what is wanted on disk."""
+    def _sync_model(
+        self, name: str, versions: list[VersionOnDisk], retry_failed: bool = False
+    ) -> list[str]:
+        """Make the served versions of ``name`` match what is wanted on disk; returns the
+        failures of the versions it could not load (empty: all wanted are served).
+
+        Versions that failed to load with the same files are not tried again unless
+        ``retry_failed``; when no wanted version loads, the versions served so far stay.
+        """
         with self._reload_lock:
             wanted = self.wanted(name, versions)
+            self._forget_failures(name, wanted)
             with self._lock:
                 current = dict(self._live.get(name, {}))
             fresh: dict[str, ServedModel] = {}
+            failed: list[str] = []
             self._loading.add(name)
             try:
                 for found in wanted:
                     key = (name, found.version)
                     if found.version in current and self._signatures.get(key) == found.signature:
                         continue
+                    failure = self._failed.get(key)
+                    if failure is not None and failure.signature == found.signature:
+                        if retry_failed:
+                            del self._failed[key]
+                        else:
+                            failed.append(f"version {found.version}: {failure.message}")
+                            continue
                     model = self._load_version(found)
-                    if model is not None:
+                    if model is None:
+                        failed.append(f"version {found.version}: {self._failed[key].message}")
+                    else:
                         fresh[found.version] = model
                         self._signatures[key] = found.signature
+                if failed and not fresh and not current:
+                    fresh.update(self._newest_that_loads(name, versions, wanted))
             finally:
                 self._loading.discard(name)
-            keep = {v.version for v in wanted}
+            keep = {v.version for v in wanted} | set(fresh)
             with self._lock:
                 table = {v: m for v, m in current.items() if v in keep and v not in fresh}
                 table.update(fresh)
+                if not table and failed:
+                    # nothing wanted loads: a broken version never retires a working one
+                    table = current
+                routes = self._route_aliases(name, table, current)
                 retired = [m for v, m in current.items() if v not in table or table[v] is not m]
                 if table:
                     self._live[name] = table
-                    self._default[name] = max(table, key=version_order)
+                    self._routes[name] = routes
+                    followed = self._followed.get(name)
+                    default_alias = followed.default_alias if followed is not None else None
+                    self._default[name] = (
+                        routes[default_alias]
+                        if default_alias in routes
+                        else max(table, key=version_order)
+                    )
                 else:
                     self._live.pop(name, None)
+                    self._routes.pop(name, None)
                     self._default.pop(name, None)
             for model in retired:
                 self._retire(model)
-            if fresh:
+            if fresh or retired:
                 log.info(
-                    "model %s now serves version(s) %s (default %s)",
+                    "model %s now serves version(s) %s (default %s%s)",
                     name,
-                    ", ".join(sorted(table, key=version_order)),
+                    ", ".join(sorted(table, key=version_order)) or "none",
                     self._default.get(name),
+                    "".join(f", {a} -> {v}" for a, v in sorted(routes.items())),
                 )
+            return failed
+
+    def _route_aliases(
+        self, name: str, table: dict[str, ServedModel], current: dict[str, ServedModel]
+    ) -> dict[str, str]:
+        """Each alias of ``name`` routed to the version it points to when that version is
+        in ``table``; otherwise (its load failed, or its folder is missing) to the version
+        it was routed to so far, which then stays in ``table``. Called under the lock."""
+        followed = self._followed.get(name)
+        if followed is None:
+            return {}
+        before = self._routes.get(name, {})
+        routes = {}
+        for alias, version in followed.aliases.items():
+            if version in table:
+                routes[alias] = version
+            elif before.get(alias) in current:
+                routes[alias] = before[alias]
+                table[before[alias]] = current[before[alias]]
+                log.warning(
+                    "model %s: alias %s points to version %s, which is not served; it "
+                    "stays on version %s",
+                    name,
+                    alias,
+                    version,
+                    before[alias],
+                )
+        return routes
+
+    def _newest_that_loads(
+        self, name: str, versions: list[VersionOnDisk], wanted: list[VersionOnDisk]
+    ) -> dict[str, ServedModel]:
+        """With ``version_policy=latest`` and nothing served yet (start-up), the newest
+        older version that loads stands in for a newest one that does not."""
+        if (
+            self.settings.version_policy != "latest"
+            or name in self.settings.pinned_versions
+            or self.follower is not None
+        ):
+            return {}
+        skip = {v.version for v in wanted}
+        for found in reversed(versions):
+            key = (name, found.version)
+            failure = self._failed.get(key)
+            if found.version in skip or (failure and failure.signature == found.signature):
+                continue
+            model = self._load_version(found)
+            if model is not None:
+                self._signatures[key] = found.signature
+                log.warning(
+                    "model %s serves version %s until its newer version loads",
+                    name,
+                    found.version,
+                )
+                return {found.version: model}
+        return {}
+
+    def _forget_failures(self, name: str, wanted: list[VersionOnDisk]) -> None:
+        """Drop the load failures of versions no longer wanted (gone, or superseded)."""
+        versions = {v.version for v in wanted}
+        for key in [k for k in self._failed if k[0] == name and k[1] not in versions]:
+            del self._failed[key]
+
+    def failure_reason(self, name: str) -> str | None:
+        """Why (part of) a model is not served as wanted: failed versions, a missing pin."""
+        reasons = [
+            f"version {version} failed to load: {failure.message}"
+            for (model, version), failure in sorted(self._failed.items())
+            if model == name
+        ]
+        if name in self._failures:
+            reasons.append(self._failures[name])
+        return "; ".join(reasons) or None
 
     def _load_version(self, found: VersionOnDisk) -> ServedModel | None:
         started = time.perf_counter()
@@ -218,8 +380,8 @@ class ModelRepository:
             )
             model.warm_up()
         except Exception as err:  # a broken bundle must not take the server down
-            self._failures[found.model] = f"version {found.version}: {err}"
-            self._failed[key] = found.signature
+            self._failed[key] = LoadFailure(found.signature, str(err))
+            self.metrics.load_failures.labels(found.model, found.version).inc()
             log.error(
                 "cannot load model %s version %s from %s: %s",
                 found.model,
@@ -228,7 +390,6 @@ class ModelRepository:
                 err,
             )
             return None
-        self._failures.pop(found.model, None)
         self._failed.pop(key, None)
         log.info(
             "loaded model %s version %s in %.2f s",
@@ -255,12 +416,26 @@ class ModelRepository:
     # -- routing ---------------------------------------------------------------------------
     def acquire(self, name: str, version: str | None = None) -> ServedModel:
         """The served model for a request, held (a reload waits for it) until the caller
-        calls its ``release()``; :meth:`lease` does both around a ``with`` block."""
+        calls its ``release()``; :meth:`lease` does both around a ``with`` block.
+
+        ``name`` may be ``model@alias``: the alias is resolved here, under the same lock
+        as the lease, so the model returned is the one that computes the answer."""
+        name, at, alias = name.partition("@")
         with self._lock:
             versions = self._live.get(name)
             if versions is None:
                 raise self._missing(name)
-            chosen = self._default[name] if version in (None, "") else version
+            if at:
+                if version not in (None, ""):
+                    raise BadModelRef(
+                        f"'{name}@{alias}' names an alias; ask for it or for a version "
+                        f"(/versions/{version}), not both"
+                    )
+                chosen = self._routes.get(name, {}).get(alias)
+                if chosen is None:
+                    raise self._unknown_alias(name, alias)
+            else:
+                chosen = self._default[name] if version in (None, "") else version
             model = versions.get(chosen)
             if model is None:
                 raise ModelNotFound(
@@ -288,31 +463,67 @@ class ModelRepository:
         with self._lock:
             return sorted(self._live.get(name, {}), key=version_order)
 
+    def aliases(self, name: str) -> dict[str, str]:
+        """``alias -> version`` as requests to ``name@alias`` are routed now."""
+        with self._lock:
+            return dict(sorted(self._routes.get(name, {}).items()))
+
+    def _unknown_alias(self, name: str, alias: str) -> Exception:
+        followed = self._followed.get(name)
+        pointed = followed.aliases.get(alias) if followed is not None else None
+        if pointed is not None:
+            reason = self.failure_reason(name) or "not loaded yet"
+            return ModelUnavailable(
+                f"alias '{alias}' of model '{name}' points to version {pointed}, which is "
+                f"not served: {reason}"
+            )
+        known = ", ".join(sorted(self._routes.get(name, {}))) or "none"
+        return ModelNotFound(f"model '{name}' has no alias '{alias}' (aliases: {known})")
+
     def _missing(self, name: str) -> Exception:
         if name in self._loading:
             return ModelUnavailable(f"model '{name}' is loading")
-        if name in self._failures:
-            return ModelUnavailable(f"model '{name}' failed to load: {self._failures[name]}")
+        reason = self.failure_reason(name)
+        if reason is not None:
+            return ModelUnavailable(f"model '{name}' is not served: {reason}")
         known = ", ".join(sorted(self._live)) or "none"
         return ModelNotFound(f"model '{name}' is not served (served models: {known})")
 
     @property
     def ready(self) -> bool:
         with self._lock:
-            return self.loaded_once and bool(self._live) and not self._loading
+            # a model that loads a new version while serving an older one stays ready
+            loading_only = any(name not in self._live for name in self._loading)
+            return self.loaded_once and bool(self._live) and not loading_only
 
     def index(self) -> list[dict[str, Any]]:
-        """The repository index: every model and version, with its state."""
+        """The repository index: every model and version, with its state; a version that
+        failed to load is UNAVAILABLE with the reason, next to the versions still served."""
         entries = []
         with self._lock:
             live = {name: dict(v) for name, v in self._live.items()}
-        for name, versions in sorted(live.items()):
-            for version in sorted(versions, key=version_order):
-                entries.append({"name": name, "version": version, "state": "READY"})
+            routes = {name: dict(r) for name, r in self._routes.items()}
+        for name, versions in live.items():
+            for version in versions:
+                entry: dict[str, Any] = {"name": name, "version": version, "state": "READY"}
+                aliases = sorted(a for a, v in routes.get(name, {}).items() if v == version)
+                if aliases:
+                    entry["aliases"] = aliases
+                entries.append(entry)
+        for (name, version), failure in list(self._failed.items()):
+            if version not in live.get(name, {}):
+                entries.append(
+                    {
+                        "name": name,
+                        "version": version,
+                        "state": "UNAVAILABLE",
+                        "reason": f"failed to load: {failure.message}",
+                    }
+                )
         for name, reason in sorted(self._failures.items()):
             if name != "*" and name not in live:
                 entries.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
-        return entries
+        return sorted(entries, key=lambda e: (e["name"], version_order(e.get("version", ""))))
 
     def all_models(self) -> list[ServedModel]:
         with self._lock:
@@ -323,25 +534,31 @@ class ModelRepository:
         """One watch step: load versions that appeared or changed and have stayed the same
         since the previous poll (so a half-copied folder is not loaded), and drop models
         whose folders are gone. A version that failed to load is retried once its files
-        change."""
+        change; until then the model serves what it served before."""
         try:
             on_disk = self.scan()
         except Exception as err:
             log.warning("watch: cannot scan '%s': %s", self.root, err)
             return
         for name, versions in on_disk.items():
+            if name in self._held_unloaded:
+                continue
             wanted = self.wanted(name, versions)
+            self._forget_failures(name, wanted)
             served = set(self.versions(name))
-            changed = [
+            loadable = [
                 v
                 for v in wanted
-                if (
-                    v.version not in served
-                    or self._signatures.get((name, v.version)) != v.signature
-                )
-                and self._failed.get((name, v.version)) != v.signature
+                if getattr(self._failed.get((name, v.version)), "signature", None) != v.signature
             ]
-            stale = served - {v.version for v in wanted}
+            changed = [
+                v
+                for v in loadable
+                if v.version not in served or self._signatures.get((name, v.version)) != v.signature
+            ]
+            # versions no longer wanted, unless they stand in for wanted ones that failed
+            stale = served - {v.version for v in loadable} if loadable else set()
+            stale -= set(self.aliases(name).values())
             if not changed and not stale:
                 continue
             unsettled = [v for v in changed if self._pending.get((name, v.version)) != v.signature]
@@ -354,16 +571,56 @@ class ModelRepository:
         if not self.single_bundle:
             for name in set(self._default) - set(on_disk):
                 log.info("watch: model %s was removed from the repository", name)
-                self.unload_model(name)
+                self.unload_model(name, hold=False)
+            for key in [k for k in self._failed if k[0] not in on_disk]:
+                del self._failed[key]
+
+    def follow_registry(self) -> None:
+        """One step of following a registry: read its aliases and versions, and sync
+        each model whose view changed (new versions are loaded before aliases move)."""
+        before = self._followed
+        if not self._read_registry():
+            return
+        for name in sorted(set(before) | set(self._followed)):
+            if before.get(name) != self._followed.get(name):
+                log.info("registry: model %s now wants %s", name, self._followed.get(name))
+                self._sync_model(name, self._versions_on_disk(name))
+
+    def _read_registry(self) -> bool:
+        assert self.follower is not None
+        try:
+            self._followed = self.follower.read()
+        except Exception as err:  # a database hiccup must not stop the server
+            log.warning("registry: cannot read '%s': %s", self.root, err)
+            return False
+        return True
+
+    def _versions_on_disk(self, name: str) -> list[VersionOnDisk]:
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            return []
+        return sorted(self._versions_in(model_dir), key=lambda v: version_order(v.version))
 
     def start_watching(self) -> None:
+        """Poll the folder (``reload.watch``) and follow the registry, in one thread."""
         if self._watcher is not None:
             return
-        interval = self.settings.reload.interval_s
+        watch_folder = self.settings.reload.watch
+        if self.follower is None and not watch_folder:
+            return
+        folder_every = self.settings.reload.interval_s
+        interval = folder_every
+        if self.follower is not None:
+            interval = min(interval, self.settings.registry.poll_interval_s)
 
         def watch() -> None:
+            next_folder_poll = time.monotonic() + folder_every
             while not self._stop.wait(interval):
-                self.poll()
+                if self.follower is not None:
+                    self.follow_registry()
+                if watch_folder and time.monotonic() >= next_folder_poll:
+                    next_folder_poll = time.monotonic() + folder_every
+                    self.poll()
 
         self._watcher = threading.Thread(target=watch, name="repository-watch", daemon=True)
         self._watcher.start()
@@ -379,3 +636,5 @@ class ModelRepository:
             self._default.clear()
         for model in models:
             model.stop(timeout=self.settings.limits.drain_timeout_s)
+        if self.follower is not None:
+            self.follower.close()

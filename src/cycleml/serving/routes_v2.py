@@ -25,12 +25,13 @@ from cycleml.serving.dispatch import (
     state_of,
 )
 from cycleml.serving.protocol import (
+    BYTES,
     encode_response,
     json_dumps,
     parse_binary_request,
     parse_json_request,
 )
-from cycleml.serving.repository import ModelNotFound, ModelUnavailable
+from cycleml.serving.repository import LoadFailed, ModelNotFound, ModelUnavailable
 
 router = APIRouter()
 
@@ -84,6 +85,8 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
 Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 _JSON = (b"content-type", b"application/json")
+# every inference answer names the model version that computed it
+MODEL_VERSION_HEADER = b"x-model-version"
 _BINARY = (b"content-type", b"application/octet-stream")
 
 
@@ -116,6 +119,7 @@ async def infer_answer(
         elif name == b"x-timeout-ms":
             timeout_header = value.decode("latin-1")
     settings = state.settings
+    served = None
     try:
         body = await receive_body(receive, settings.limits.max_body_bytes, declared)
         if encoding is not None:
@@ -126,10 +130,17 @@ async def infer_answer(
         else:
             parsed = await state.off_loop(parse_json_request, body)
         deadline = started + request_timeout_s(settings, timeout_header, parsed.timeout_us)
-        model = state.repository.acquire(model_name, version)
+        model = served = state.repository.acquire(model_name, version)
         try:
+            # the model that computes the answer names it (an alias may move meanwhile)
+            info["model"] = model.name
             info["version"] = model.version
-            rows = model.check_request(parsed)
+            if parsed.inputs[0].datatype == BYTES:  # texts, tokenized here
+                rows = await state.decode_by(
+                    deadline, model.rows_from_texts, parsed, settings.limits
+                )
+            else:
+                rows = model.check_request(parsed)
             item = await infer_rows(receive, model, rows, deadline)
             record_item(info, item)
             encoded = encode_response(
@@ -137,18 +148,28 @@ async def infer_answer(
             )
         finally:
             model.release()
+        model.stats.request_succeeded(time.perf_counter() - started, item.queue_s, item.inference_s)
     except Exception as err:
         status, message, extra = error_parts(err, settings)
-        info["error"] = str(err)[:200]
+        info["error"] = message[:200]
+        if served is not None:
+            served.stats.request_failed(time.perf_counter() - started)
         account(state, info, "v2_infer", status, started)
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
+        if "version" in info:
+            headers.append((MODEL_VERSION_HEADER, info["version"].encode()))
         return status, headers, json_dumps({"error": message})
     account(state, info, "v2_infer", 200, started)
+    version_header = (MODEL_VERSION_HEADER, model.version.encode())
     if encoded.header_length is None:
-        return 200, [_JSON], encoded.body
+        return 200, [_JSON, version_header], encoded.body
     return (
         200,
-        [_BINARY, (b"inference-header-content-length", str(encoded.header_length).encode())],
+        [
+            _BINARY,
+            (b"inference-header-content-length", str(encoded.header_length).encode()),
+            version_header,
+        ],
         encoded.body,
     )
 
@@ -180,7 +201,7 @@ async def infer_response(request: Request, model_name: str, version: str | None)
     tags=["inference"],
     openapi_extra=_INFER_BODY,
     responses=_INFER_RESPONSES,
-    summary="Run inference (latest version)",
+    summary="Run inference (the default version, or model@alias)",
 )
 async def infer(request: Request, model_name: str) -> Response:
     return await infer_response(request, model_name, None)
@@ -223,7 +244,12 @@ def _metadata(request: Request, model_name: str, version: str | None) -> Respons
     model, failure = _lookup(request, model_name, version)
     if failure is not None:
         return failure
-    return json_response(model.metadata(state_of(request).repository.versions(model_name)))
+    repository = state_of(request).repository
+    meta = model.metadata(repository.versions(model.name))
+    # which version this name resolves to, and where each alias of the model points
+    meta["version"] = model.version
+    meta["aliases"] = repository.aliases(model.name)
+    return json_response(meta)
 
 
 @router.get("/v2/models/{model_name}/ready", tags=["health"], summary="Model readiness")
@@ -244,10 +270,14 @@ def _ready(request: Request, model_name: str, version: str | None) -> Response:
     model, failure = _lookup(request, model_name, version)
     if failure is not None:
         return failure
-    ready = model.ready and not state_of(request).draining
-    return json_response(
-        {"name": model.name, "version": model.version, "ready": ready}, 200 if ready else 503
-    )
+    state = state_of(request)
+    ready = model.ready and not state.draining
+    answer = {"name": model.name, "version": model.version, "ready": ready}
+    # a newer version that failed to load: the model still serves, but says why not that one
+    reason = state.repository.failure_reason(model.name)
+    if reason is not None:
+        answer["reason"] = reason
+    return json_response(answer, 200 if ready else 503)
 
 
 @router.get(
@@ -299,6 +329,7 @@ async def repository_index(request: Request) -> Response:
     tags=["repository"],
     summary="Load or reload a model from the repository folder",
     responses={
+        400: {"description": "a version failed to load (the versions served before stay)"},
         404: {"description": "no such model on disk"},
         503: {"description": "the model failed to load"},
     },
@@ -307,7 +338,7 @@ async def repository_load(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:
         versions = await asyncio.to_thread(state.repository.load_model, model_name)
-    except (ModelNotFound, ModelUnavailable) as err:
+    except (ModelNotFound, ModelUnavailable, LoadFailed) as err:
         return error_response(err, state.settings)[1]
     return json_response({"name": model_name, "versions": versions})
 

@@ -1,0 +1,113 @@
+"""`cycleml registry …` end to end in subprocesses: what a user types and sees."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_errors_cli import cycleml
+from test_export_support import cached_bundle
+from test_registry_support import variant_of
+
+
+def ok(*args: str, cwd: Path) -> str:
+    result = cycleml(*args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def error(*args: str, cwd: Path) -> str:
+    """The one line a failing command prints on stderr (exit status 2)."""
+    result = cycleml(*args, cwd=cwd)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("cycleml registry")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_register_list_alias_promote_compare_archive(tmp_path):
+    first = cached_bundle("image")
+    second = variant_of(first, tmp_path / "second", "retrained")
+    out = ok("registry", "register", f"bundle={first}", "name=digits", "description=first run",
+             "+tags.team=vision", cwd=tmp_path)  # fmt: skip
+    assert f"registered digits/1 at {tmp_path / 'registry' / 'digits' / '1'}" in out
+    assert "already holds these bytes" in ok(
+        "registry", "register", str(first), "name=digits", cwd=tmp_path
+    )
+    ok("registry", "register", str(second), "name=digits", "parent=digits/1", cwd=tmp_path)
+    models = ok("registry", "list", cwd=tmp_path).splitlines()
+    assert models[0].split() == ["model", "versions", "archived", "latest", "aliases"]
+    assert models[2].split() == ["digits", "2", "0", "2"]
+
+    assert "digits@champion: nowhere (unset) -> version 1" in ok(
+        "registry", "alias", "digits", "champion=1", "reason=first release", cwd=tmp_path
+    )
+    ok("registry", "alias", "digits", "challenger=2", cwd=tmp_path)
+    listed = json.loads(ok("registry", "list", "digits", "format=json", cwd=tmp_path))
+    assert [(v["version"], v["aliases"]) for v in listed] == [
+        (1, ["champion"]),
+        (2, ["challenger"]),
+    ]
+    assert listed[0]["tags"] == {"team": "vision"} and listed[0]["description"] == "first run"
+    assert listed[1]["lineage"]["parent"] == "digits/1"
+
+    # a stale expectation is refused with one line, and nothing moves
+    line = error(
+        "registry", "promote", "digits", "challenger", "champion", "expect=2", cwd=tmp_path
+    )
+    assert "digits@champion points to version 1, not version 2" in line
+    assert "digits@champion: version 1 -> version 2" in ok(
+        "registry", "promote", "digits", "challenger", "champion", "expect=1", "reason=wins",
+        cwd=tmp_path,
+    )  # fmt: skip
+    shown = ok("registry", "show", "digits@champion", cwd=tmp_path)
+    assert "digits/2" in shown and "challenger, champion" in shown
+    assert "champion: 1 -> 2  by " in shown and "(wins)" in shown
+    as_json = json.loads(ok("registry", "show", "digits", "format=json", cwd=tmp_path))
+    assert as_json["version"] == 2 and as_json["aliases"] == ["challenger", "champion"]
+
+    compared = ok("registry", "compare", "digits", "1", "champion", cwd=tmp_path)
+    assert compared.startswith("digits 1 vs 2: same data")
+    assert any(row.split()[:3] == ["val/acc", "1.0000", "1.0000"] for row in compared.splitlines())
+
+    line = error("registry", "archive", "digits", "2", cwd=tmp_path)
+    assert "digits/2 is not archived: digits@challenger, digits@champion" in line
+    ok("registry", "alias", "digits", "champion=1", cwd=tmp_path)
+    assert "digits@challenger: version 2 -> nowhere (unset)" in ok(
+        "registry", "alias", "digits", "challenger=null", cwd=tmp_path
+    )
+    assert "digits/2 is archived" in ok(
+        "registry", "archive", "digits", "2", "reason=replaced", cwd=tmp_path
+    )
+    assert [v["version"] for v in json.loads(
+        ok("registry", "list", "digits", "format=json", cwd=tmp_path))] == [1]  # fmt: skip
+    everything = json.loads(
+        ok("registry", "list", "digits", "all=true", "format=json", cwd=tmp_path)
+    )
+    assert [(v["version"], v["status"]) for v in everything] == [(1, "ready"), (2, "archived")]
+    # the root holds model folders only (what `cycleml serve path=registry` reads)
+    assert sorted(p.name for p in (tmp_path / "registry").iterdir() if not p.name.startswith(
+        "registry.db")) == ["digits"]  # fmt: skip
+
+
+def test_errors_are_one_line(tmp_path):
+    assert "registry show needs ref" in error("registry", "show", cwd=tmp_path)
+    assert "no model 'digits' in the registry" in error(
+        "registry", "show", "digits@champion", cwd=tmp_path
+    )
+    assert "model reference 'digits/x'" in error("registry", "show", "digits/x", cwd=tmp_path)
+    assert "alias 'bad name' is not allowed" in error(
+        "registry", "alias", "digits", "bad name=1", cwd=tmp_path
+    )
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    assert f"bundle '{broken}' fails validation" in error(
+        "registry", "register", str(broken), cwd=tmp_path
+    )
+    (tmp_path / "file").write_text("")
+    assert "cannot be created" in error(
+        "registry", "list", f"root={tmp_path / 'file' / 'registry'}", cwd=tmp_path
+    )
+    result = cycleml("registry", "nope", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown command 'nope'" in result.stderr
+    assert "promote <name> <source alias> <target alias>" in ok("registry", "--help", cwd=tmp_path)
