@@ -23,6 +23,8 @@ COMMANDS = [
     ["data", "gather"],
     ["data", "clean"],
     ["data", "diff"],
+    ["registry", "list"],
+    ["registry", "register"],
 ]
 
 # runs `cycleml <args>` in this process, then reports which heavy modules it imported
