@@ -48,6 +48,7 @@ from cycleml.inference.bundle import (
     load_bundle,
 )
 from cycleml.inference.reference import reference_statistics
+from cycleml.umask import as_if_created
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def export_bundle(
     module = _inference_module(kind, net, data_spec).cpu().eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    as_if_created(staging, directory=True)  # mkdtemp's 0700 would make the bundle private
     try:
         meta = _build(
             module, kind, input_spec, preprocess, class_names, staging,

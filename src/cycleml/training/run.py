@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
+from cycleml.redaction import redact_values
 from cycleml.training.console import CONSOLE
 from cycleml.training.summary import RUN_INFO, SUMMARY, read_json, write_json
 
@@ -224,5 +225,5 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(redact_values(OmegaConf.to_container(cfg, resolve=True)), "")
     return flat

@@ -14,10 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.redaction import redact_values
+
 log = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"
 SUMMARY = "summary.json"
+# a scikit-learn baseline run's fitted pipeline (it has no Lightning checkpoint)
+BASELINE_FILE = "checkpoints/baseline.joblib"
 TRACKED_PACKAGES = (
     "cycleml",
     "torch",
@@ -119,7 +123,7 @@ def write_summary(
         "packages": package_versions(),
         "best_checkpoint": best_ckpt,
         "metrics": {k: float(v) for k, v in sorted({**earlier, **metrics}.items())},
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": redact_values(OmegaConf.to_container(cfg, resolve=True)),
     }
     summary.update(extra or {})
     path = write_json(output_dir / SUMMARY, summary)
