@@ -104,7 +104,8 @@ def test_health_metadata_and_readiness(client: httpx.Client) -> None:
     }
     docs = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in docs["paths"]
-    assert client.get("/docs").status_code == 200
+    # no interactive page: it would need Swagger UI from a CDN
+    assert client.get("/docs").status_code == 404
 
 
 @pytest.mark.parametrize("binary", [False, True])

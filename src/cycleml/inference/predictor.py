@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cycleml.errors import BundleError
 from cycleml.inference.bundle import ImagePreprocess, ModelBundle, TextPreprocess, load_bundle
@@ -126,9 +127,12 @@ class Predictor:
             )
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        (probabilities,) = self.session.run(
-            [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
-        )
+        try:
+            (probabilities,) = self.session.run(
+                [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
+            )
+        except InvalidArgument as err:  # the values, not the model: e.g. ids out of range
+            raise ValueError(f"the runtime refused the input: {err}") from None
         return np.asarray(probabilities, dtype=np.float32)
 
     # -- preprocessing ------------------------------------------------------------------
@@ -137,6 +141,11 @@ class Predictor:
         if self._image is None:
             raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not image")
         return self._image(data)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids a text model accepts: ``0 <= id < vocab_size`` (None: an image model)."""
+        return None if self._text is None else self._text.vocab_size
 
     def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text."""

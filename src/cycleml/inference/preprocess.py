@@ -80,6 +80,8 @@ class ImagePreprocessor:
     def _from_array(self, array: np.ndarray) -> np.ndarray:
         if array.dtype != np.uint8:
             raise DataError(f"image arrays must be uint8 pixels 0..255, got {array.dtype}")
+        if array.size == 0:
+            raise DataError(f"image array of shape {array.shape} has no pixels")
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -107,6 +109,8 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = pad_id
+        # the network's embedding has one row per token of the vocabulary
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_id: int) -> TextPreprocessor:

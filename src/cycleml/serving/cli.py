@@ -17,9 +17,12 @@ from types import FrameType
 import uvicorn
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.errors import CycleMLError
 from cycleml.hydra_app import hydra_app
 from cycleml.serving.app import ServingApp, create_app
 from cycleml.serving.http_protocol import CoalescingHttpToolsProtocol
+from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.repository import ModelRepository
 from cycleml.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -75,13 +78,23 @@ def serve(settings: ServeSettings) -> None:
     """Run the server until SIGTERM/SIGINT."""
     if settings.workers == 1:
         app = create_app(settings)
+        state = app.state.serving
         server = DrainingServer(
             uvicorn.Config(app, **uvicorn_options(settings)),
-            on_stop=lambda: setattr(app.state.serving, "draining", True),
+            on_stop=lambda: setattr(state, "draining", True),
         )
+        state.on_no_model = lambda: setattr(server, "should_exit", True)
         log.info("serving %s on http://%s:%d", settings.path, settings.host, settings.port)
         server.run()
+        if state.load_failure is not None:
+            raise CycleMLError(
+                f"no model could be loaded from '{settings.path}': {state.load_failure}"
+            )
         return
+    # several processes: a repository without a bundle would leave every worker unready
+    # (a bundle that fails to load is reported by each worker's readiness and index)
+    if not ModelRepository(settings, ServingMetrics()).scan():
+        raise CycleMLError(f"no model bundles found under '{settings.path}'")
     # several processes: each worker builds its own app from the settings in the
     # environment, and Prometheus values are shared through a directory
     os.environ[SETTINGS_ENV] = json.dumps(settings.to_dict())
