@@ -14,6 +14,7 @@ import time
 import zlib
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,8 +93,6 @@ def test_a_batch_the_runtime_refuses_is_rerun_one_by_one(
 
 
 def test_token_id_errors_name_the_input_and_the_value(text_server: RunningServer) -> None:
-    import httpx
-
     for bad in (10**9, -3):
         ids = np.array([[2, 3, bad, 4, 0, 0]], dtype=np.int64)
         body, headers = binary_body(ids, name="input_ids", datatype="INT64")
@@ -202,8 +201,6 @@ def test_bodies_held_across_connections_are_capped(guarded_server: RunningServer
 
 
 def test_made_up_model_names_do_not_grow_the_metrics(image_bundle: Path) -> None:
-    import httpx
-
     body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
     with RunningServer(settings(image_bundle)) as running:
 
@@ -269,6 +266,7 @@ def limited_server(tmp_path: Path, image_bundle: Path, text_bundle: Path) -> Run
             "max_image_pixels": 64 * 64,
             "max_request_pixels": 2 * 64 * 64,
             "max_text_chars": 500,
+            "max_text_tokens": 50,
         },
     )
     with RunningServer(serve) as running:
@@ -276,8 +274,6 @@ def limited_server(tmp_path: Path, image_bundle: Path, text_bundle: Path) -> Run
 
 
 def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> None:
-    import httpx
-
     url = f"{limited_server.url}/v1/models"
     png = {"Content-Type": "image/png"}
     ok = httpx.post(f"{url}/shapes:predict", content=_png(64, 64), headers=png)
@@ -285,7 +281,12 @@ def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> 
     bomb = httpx.post(f"{url}/shapes:predict", content=_huge_png_header(10**5, 10**5), headers=png)
     files = [("file", (f"{i}.png", _png(60, 60), "image/png")) for i in range(3)]
     many = httpx.post(f"{url}/shapes:predict", files=files)
-    text_ok = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 100})
+    text_ok = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 50})
+    many_tokens = httpx.post(f"{url}/topics:predict", json={"text": "goal " * 60})
+    many_tokens_v2 = httpx.post(
+        f"{limited_server.url}/v2/models/topics/infer",
+        json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a " * 51]}]},
+    )
     long_text = httpx.post(f"{url}/topics:predict", json={"instances": ["team", "goal " * 101]})
     assert ok.status_code == 200 and text_ok.status_code == 200, (ok.text, text_ok.text)
     for response, words in (
@@ -293,6 +294,8 @@ def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> 
         (bomb, "refused before decoding"),
         (many, "3 images have 10800 pixels; the limit is 8192 per request"),
         (long_text, "text #1 has 505 characters; the limit is 500 (limits.max_text_chars)"),
+        (many_tokens, "text #0 has 60 tokens; the limit is 50 (limits.max_text_tokens)"),
+        (many_tokens_v2, "text #0 has 51 tokens; the limit is 50 (limits.max_text_tokens)"),
     ):
         assert response.status_code == 413, response.text
         assert words in response.json()["error"]
@@ -301,8 +304,6 @@ def test_decoding_is_bounded_before_it_starts(limited_server: RunningServer) -> 
 def test_one_request_of_many_large_images_does_not_hold_up_the_others(
     image_bundle: Path,
 ) -> None:
-    import httpx
-
     with RunningServer(settings(image_bundle, runtime={"decode_threads": 1})) as running:
         url = f"{running.url}/v1/models/shapes:predict"
         files = [("file", (f"{i}.png", _png(2048, 2048), "image/png")) for i in range(6)]
@@ -358,8 +359,6 @@ def plain_server(image_bundle: Path) -> RunningServer:
 def test_malformed_multipart_bodies_get_400(
     plain_server: RunningServer, content_type: str, body: bytes, words: str
 ) -> None:
-    import httpx
-
     response = httpx.post(
         f"{plain_server.url}/v1/models/shapes:predict",
         content=body,
@@ -393,8 +392,6 @@ def test_malformed_multipart_bodies_get_400(
 def test_empty_pixel_arrays_and_booleans_as_numbers_get_400(
     plain_server: RunningServer, path: str, document: dict, words: str
 ) -> None:
-    import httpx
-
     response = httpx.post(f"{plain_server.url}{path}", json=document)
     assert response.status_code == 400, response.text
     assert words in response.json()["error"]
@@ -417,8 +414,6 @@ def test_the_fast_path_honours_connection_close(plain_server: RunningServer) -> 
 def test_a_504_is_logged_with_its_reason(
     plain_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import httpx
-
     body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
     with caplog.at_level(logging.INFO, logger="cycleml.serving.access"):
         late = httpx.post(
@@ -440,8 +435,6 @@ def test_a_504_is_logged_with_its_reason(
 
 
 def test_an_unload_holds_until_a_load(tmp_path: Path, image_bundle: Path) -> None:
-    import httpx
-
     copy_version(image_bundle, tmp_path / "models", "shapes", "1")
     serve = settings(tmp_path / "models", reload={"watch": True, "interval_s": 0.1})
     with RunningServer(serve) as running:
@@ -453,84 +446,6 @@ def test_an_unload_holds_until_a_load(tmp_path: Path, image_bundle: Path) -> Non
     assert unloaded.status_code == 200
     assert gone.status_code == 404, gone.text
     assert loaded.status_code == 200 and back.status_code == 200
-
-
-# -- Triton users, as they are -----------------------------------------------------------------------
-
-
-def test_tritonclient_reads_inference_statistics(plain_server: RunningServer) -> None:
-    import tritonclient.http as triton
-    from tritonclient.utils import InferenceServerException
-
-    client = triton.InferenceServerClient(plain_server.url.removeprefix("http://"))
-    before = client.get_inference_statistics("shapes")["model_stats"][0]
-    pixels = np.zeros((2, 8, 8, 3), np.uint8)
-    tensor = triton.InferInput("pixels", list(pixels.shape), "UINT8")
-    tensor.set_data_from_numpy(pixels, binary_data=True)
-    for _ in range(3):
-        client.infer("shapes", [tensor])
-    stats = client.get_inference_statistics("shapes")["model_stats"]
-    assert [(s["name"], s["version"]) for s in stats] == [("shapes", "1")]
-    after = stats[0]
-    success = after["inference_stats"]["success"]
-    assert success["count"] - before["inference_stats"]["success"]["count"] == 3
-    assert success["ns"] > 0 and after["inference_stats"]["compute_infer"]["ns"] > 0
-    assert after["inference_count"] - before["inference_count"] == 6  # rows
-    assert after["execution_count"] - before["execution_count"] == 3  # batches
-    assert after["last_inference"] > 0
-    assert any(b["batch_size"] == 2 for b in after["batch_stats"])
-    version = client.get_inference_statistics("shapes", "1")["model_stats"]
-    assert version[0]["version"] == "1"
-    every = client.get_inference_statistics()["model_stats"]
-    assert [s["name"] for s in every] == ["shapes"]
-    with pytest.raises(InferenceServerException, match="not served"):
-        client.get_inference_statistics("nosuch")
-
-
-def test_unknown_routes_and_methods_answer_the_error_shape(plain_server: RunningServer) -> None:
-    import httpx
-
-    for method, path, status in (
-        ("GET", "/docs", 404),
-        ("GET", "/no/such/route", 404),
-        ("DELETE", "/v2/health/live", 405),
-    ):
-        response = httpx.request(method, f"{plain_server.url}{path}")
-        assert response.status_code == status, response.text
-        assert set(response.json()) == {"error"}, response.text
-    assert httpx.get(f"{plain_server.url}/openapi.json").status_code == 200
-
-
-@pytest.mark.parametrize("broken", [False, True])
-def test_serve_without_a_loadable_model_exits_with_the_reason(
-    tmp_path: Path, image_bundle: Path, broken: bool
-) -> None:
-    import subprocess
-    import sys
-
-    from test_serving_support import free_port
-
-    repository = tmp_path / "models"
-    repository.mkdir()
-    if broken:
-        version = copy_version(image_bundle, repository, "shapes", "1")
-        (version / "model.onnx").write_bytes(b"not a model")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cycleml.serving.cli",
-            f"path={repository}",
-            f"port={free_port()}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "no model could be loaded" in result.stderr and "Traceback" not in result.stderr
-    assert ("shapes: version 1" if broken else "no model bundles found") in result.stderr
 
 
 def test_a_request_arriving_at_shutdown_is_answered_before_closing(image_bundle: Path) -> None:
@@ -558,115 +473,3 @@ def test_a_request_arriving_at_shutdown_is_answered_before_closing(image_bundle:
     assert first.startswith(b"HTTP/1.1 200")
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b"connection: close" in answer.lower()
-
-
-@pytest.mark.parametrize("binary", [False, True])
-def test_tritonclient_sends_texts_to_a_text_model(
-    text_server: RunningServer, text_bundle: Path, binary: bool
-) -> None:
-    import tritonclient.http as triton
-
-    from cycleml.inference import Predictor, load_bundle
-
-    texts = ["the team scored a goal", "vote on the law"]
-    expected = Predictor(load_bundle(text_bundle)).predict_texts(texts)
-    client = triton.InferenceServerClient(text_server.url.removeprefix("http://"))
-    inputs = client.get_model_metadata("topics")["inputs"]
-    assert {"name": "text", "datatype": "BYTES", "shape": [-1]} in inputs
-    assert inputs[0]["name"] == "input_ids"
-    tensor = triton.InferInput("text", [2, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[t] for t in texts], dtype=object), binary_data=binary)
-    result = client.infer("topics", [tensor])
-    probabilities = result.as_numpy("probabilities")
-    np.testing.assert_allclose(
-        probabilities, np.stack([p.probabilities for p in expected]), atol=1e-6
-    )
-
-
-def test_bytes_inputs_are_checked(text_server: RunningServer, plain_server: RunningServer) -> None:
-    import httpx
-
-    def infer(url: str, model: str, tensor: dict) -> httpx.Response:
-        return httpx.post(f"{url}/v2/models/{model}/infer", json={"inputs": [tensor]})
-
-    text = {"name": "text", "datatype": "BYTES", "shape": [1]}
-    for tensor, words in (
-        ({**text, "data": [7]}, "its 'data' must hold strings"),
-        ({**text, "data": ["   "]}, "text #0 is empty"),
-        ({**text, "shape": [1, 2], "data": ["a", "b"]}, "one text per row"),
-        ({**text, "name": "words", "data": ["goal"]}, "or 'text' (BYTES)"),
-    ):
-        response = infer(text_server.url, "topics", tensor)
-        assert response.status_code == 400 and words in response.json()["error"], response.text
-    image = infer(plain_server.url, "shapes", {**text, "data": ["goal"]})
-    assert image.status_code == 400 and "takes no BYTES input" in image.json()["error"]
-
-
-@pytest.fixture(scope="module")
-def variant_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An 8x8 image bundle exported with its int8 and fp16 variants."""
-    import torch
-    from torch import nn
-
-    from cycleml.export import export_bundle
-    from cycleml.export.exporter import ExportSettings
-
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 3),
-    ).eval()
-    rng = np.random.default_rng(0)
-    out = tmp_path_factory.mktemp("variants") / "shapes"
-    export_bundle(
-        net,
-        {
-            "kind": "image",
-            "image_size": [8, 8],
-            "channels": 3,
-            "mean": [0.5] * 3,
-            "std": [0.25] * 3,
-        },
-        ["cat", "dog", "bird"],
-        out,
-        val_inputs=rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8),
-        val_labels=rng.integers(0, 3, 16),
-        name="shapes",
-        version="1",
-        settings=ExportSettings(quantize="int8", fp16=True, max_accuracy_drop=1.0, force=True),
-    )
-    return out
-
-
-@pytest.mark.parametrize("precision", ["int8", "fp16"])
-def test_a_precision_variant_is_served_as_configured(variant_bundle: Path, precision: str) -> None:
-    import httpx
-
-    from cycleml.inference import Predictor, load_bundle
-
-    pixels = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    expected = Predictor(load_bundle(variant_bundle), precision=precision).run(pixels)
-    fp32 = Predictor(load_bundle(variant_bundle)).run(pixels)
-    body, headers = binary_body(pixels)
-    with RunningServer(settings(variant_bundle, precision={"shapes": precision})) as running:
-        meta = httpx.get(f"{running.url}/v2/models/shapes").json()
-        response = httpx.post(
-            f"{running.url}/v2/models/shapes/infer", content=body, headers=headers
-        )
-    assert meta["parameters"]["precision"] == precision
-    assert meta["parameters"]["precisions"] == ["fp32", "fp16", "int8"]
-    length = int(response.headers["inference-header-content-length"])
-    served = np.frombuffer(response.content[length:], np.float32).reshape(2, -1)
-    np.testing.assert_allclose(served, expected, atol=1e-6)
-    if precision == "int8":
-        assert not np.allclose(served, fp32, atol=1e-6)  # the variant, not the fp32 model
-
-
-def test_an_unknown_precision_is_a_config_error(variant_bundle: Path) -> None:
-    from cycleml.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=r"precision\['shapes'\] must be one of fp32, int8, fp16"):
-        settings(variant_bundle, precision={"shapes": "int4"})

@@ -147,11 +147,12 @@ class Predictor:
         """Token ids a text model accepts: ``0 <= id < vocab_size`` (None: an image model)."""
         return None if self._text is None else self._text.vocab_size
 
-    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text."""
+    def preprocess_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text and, with
+        ``max_tokens``, ``TooManyTokens`` for a text longer than that before truncation."""
         if self._text is None:
             raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not text")
-        return self._text(texts)
+        return self._text(texts, max_tokens)
 
     # -- predictions --------------------------------------------------------------------
     def predict(self, batch: np.ndarray, top_k: int = 5) -> list[Prediction]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from cycleml.errors import BundleError, DataError
 
@@ -97,6 +97,10 @@ class ImagePreprocessor:
         return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))
 
 
+class TooManyTokens(DataError):
+    """A text of more tokens than the caller allows (before truncation)."""
+
+
 class TextPreprocessor:
     """Tokenize texts to ``int64 (N, max_length)``: truncated, padded with ``pad_id``."""
 
@@ -130,7 +134,9 @@ class TextPreprocessor:
             raise BundleError(f"not a valid tokenizers JSON: {err}") from err
         return cls(tokenizer, max_length, pad_id)
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """``max_tokens``: refuse (``TooManyTokens``) a text of more tokens than this
+        before truncation, instead of cutting it to ``max_length``."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise DataError(f"text #{i} is {type(text).__name__}, expected a string")
@@ -139,4 +145,19 @@ class TextPreprocessor:
         if not texts:
             return np.zeros((0, self.max_length), dtype=np.int64)
         encodings = self.tokenizer.encode_batch(list(texts))
+        if max_tokens is not None:
+            for i, encoding in enumerate(encodings):
+                count = _token_count(encoding)
+                if count > max_tokens:
+                    raise TooManyTokens(f"text #{i} has {count} tokens; the limit is {max_tokens}")
         return np.asarray([e.ids for e in encodings], dtype=np.int64)
+
+
+def _token_count(encoding: Encoding) -> int:
+    """The text's own tokens before truncation: the kept part and what truncation moved
+    to ``overflowing``, without special tokens and padding."""
+    return sum(
+        attended and not special
+        for part in (encoding, *encoding.overflowing)
+        for attended, special in zip(part.attention_mask, part.special_tokens_mask, strict=True)
+    )

@@ -5,11 +5,12 @@ without decoding the pixels) and characters per text."""
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from cycleml.inference.preprocess import TooManyTokens
 from cycleml.serving.settings import LimitSettings
 
 
@@ -61,3 +62,16 @@ def check_texts(texts: Sequence[object], limits: LimitSettings) -> None:
                 f"text #{index} has {len(text)} characters; the limit is "
                 f"{limits.max_text_chars} (limits.max_text_chars)"
             )
+
+
+def tokenize_within_limits(
+    texts: list[str], tokenize: Callable[[list[str], int | None], np.ndarray], limits: LimitSettings
+) -> np.ndarray:
+    """Token ids of ``texts`` by ``tokenize`` (a model's ``preprocess_texts``), refusing a
+    text over ``limits.max_text_chars`` before tokenizing and, when set, one over
+    ``limits.max_text_tokens``."""
+    check_texts(texts, limits)
+    try:
+        return tokenize(texts, limits.max_text_tokens)
+    except TooManyTokens as err:
+        raise DecodeLimitExceeded(f"{err} (limits.max_text_tokens)") from None

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
-from cycleml.serving.decode_limits import check_images, check_texts
+from cycleml.serving.decode_limits import check_images, tokenize_within_limits
 from cycleml.serving.dispatch import (
     answered,
     infer_rows,
@@ -125,8 +125,9 @@ async def _rows(request: Request, body: bytes, model: ServedModel, deadline: flo
     if content_type == "application/json":
         instances = await state.decode_by(deadline, _json_instances, body, model)
         if model.kind == "text":
-            check_texts(instances, limits)
-            return await state.decode_by(deadline, model.preprocess_texts, instances)
+            return await state.decode_by(
+                deadline, tokenize_within_limits, instances, model.preprocess_texts, limits
+            )
         images = instances
     elif model.kind != "image":
         raise ProtocolError(

@@ -14,7 +14,7 @@ import numpy as np
 from cycleml.inference import ModelBundle, Predictor
 from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
-from cycleml.serving.decode_limits import check_texts
+from cycleml.serving.decode_limits import tokenize_within_limits
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
 from cycleml.serving.settings import LimitSettings, ServeSettings
@@ -244,9 +244,8 @@ class ServedModel:
                 f"input '{TEXT_INPUT}' has {len(texts)} texts; send between 1 and "
                 f"{self.max_batch_size} (batching.max_batch_size) per request"
             )
-        check_texts(texts, limits)
         self._check_outputs(request)
-        return self.preprocess_texts(texts)
+        return tokenize_within_limits(texts, self.preprocess_texts, limits)
 
     def _check_outputs(self, request: InferRequest) -> None:
         if request.outputs is not None:
@@ -310,8 +309,8 @@ class ServedModel:
     def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:
         return self.predictors[0].preprocess_image(image)
 
-    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.predictors[0].preprocess_texts(texts)
+    def preprocess_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        return self.predictors[0].preprocess_texts(texts, max_tokens)
 
     # -- description ---------------------------------------------------------------------
     def metadata(self, versions: Sequence[str]) -> dict[str, Any]:

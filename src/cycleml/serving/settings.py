@@ -54,6 +54,8 @@ class LimitSettings:
     max_image_pixels: int = 4096 * 4096
     max_request_pixels: int = 2 * 4096 * 4096
     max_text_chars: int = 100_000
+    # None: a text of more tokens than the bundle's max_length is cut to it, as in training
+    max_text_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,10 @@ class ServeSettings:
         _check(
             1 <= limits.max_image_pixels <= limits.max_request_pixels,
             "limits.max_image_pixels must be >= 1 and <= limits.max_request_pixels",
+        )
+        _check(
+            limits.max_text_tokens is None or limits.max_text_tokens >= 1,
+            f"limits.max_text_tokens must be >= 1 or null, got {limits.max_text_tokens}",
         )
         _check(
             limits.max_text_chars >= 1,
