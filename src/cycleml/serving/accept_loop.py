@@ -5,7 +5,7 @@ readable (since libuv 1.45; the rest wait for the next turn of the event loop). 
 serves every connection whose data has arrived, so under load a turn is long: with
 1,024 connections busy with inference on two cores the loop turned 10-40 times a
 second, the kernel's accept queue held 150-800 connections, draining at that rate, and
-a new connection's health check waited 16-20 s in the queue. A liveness probe would
+a new connection's health check waited 10-20 s in the queue. A liveness probe would
 kill a healthy server. asyncio's own loop accepts up to the backlog in one turn.
 
 :class:`GreedyAcceptLoop` is uvloop's loop whose servers on a listening socket do the
