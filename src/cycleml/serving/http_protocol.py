@@ -28,15 +28,117 @@ from __future__ import annotations
 
 import asyncio
 import http
+import importlib
+import inspect
 import logging
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cycleml.serving.protocol import json_dumps
 
 log = logging.getLogger(__name__)
+
+# What the protocol below takes from uvicorn's private httptools protocol, written for
+# uvicorn 0.54 (pyproject.toml pins that range). ``missing_uvicorn_internals`` checks it
+# at start-up, so that a uvicorn that changed them is served by its own protocol instead.
+UVICORN_MODULE = "uvicorn.protocols.http.httptools_impl"
+# methods the protocol overrides or calls, with their parameters
+UVICORN_METHODS = {
+    "__init__": ("self", "config", "server_state", "app_state", "_loop"),
+    "connection_made": ("self", "transport"),
+    "connection_lost": ("self", "exc"),
+    "data_received": ("self", "data"),
+    "on_message_begin": ("self",),
+    "on_headers_complete": ("self",),
+    "on_body": ("self", "body"),
+    "on_message_complete": ("self",),
+    "on_response_complete": ("self",),
+    "shutdown": ("self",),
+}
+# attributes of a new connection's protocol the protocol reads or replaces
+UVICORN_ATTRIBUTES = (
+    "app",
+    "cycle",
+    "expect_100_continue",
+    "headers",
+    "loop",
+    "parser",
+    "root_path",
+    "scope",
+    "server_state",
+    "tasks",
+    "transport",
+)
+# what uvicorn's connection code does with a request cycle: _DirectCycle stands in for it
+UVICORN_CYCLE_ATTRIBUTES = ("disconnected", "keep_alive", "message_event", "response_complete")
+
+try:
+    HttpToolsProtocol = importlib.import_module(UVICORN_MODULE).HttpToolsProtocol
+except (ImportError, AttributeError):  # missing_uvicorn_internals reports it
+    HttpToolsProtocol = asyncio.Protocol
+
+
+def missing_uvicorn_internals() -> list[str]:
+    """The uvicorn internals the protocol relies on that the installed uvicorn lacks or
+    has changed (names, parameters); empty when it has them all."""
+    try:
+        module = importlib.import_module(UVICORN_MODULE)
+        base = module.HttpToolsProtocol
+        cycle = module.RequestResponseCycle
+    except (ImportError, AttributeError) as err:
+        return [f"{UVICORN_MODULE}: {err}"]
+    missing = []
+    for name, wanted in UVICORN_METHODS.items():
+        method = getattr(base, name, None)
+        try:
+            found = tuple(inspect.signature(method).parameters) if method else None
+        except (TypeError, ValueError):
+            found = None
+        if found != wanted:
+            missing.append(f"HttpToolsProtocol.{name}({', '.join(wanted)})")
+    try:
+        import uvicorn
+        from uvicorn.server import ServerState
+
+        async def no_app(scope: Any, receive: Any, send: Any) -> None:
+            return None
+
+        loop = asyncio.new_event_loop()
+        try:
+            config = uvicorn.Config(no_app, log_config=None)
+            connection = base(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+        finally:
+            loop.close()
+    except Exception as err:
+        return [*missing, f"HttpToolsProtocol(config, server_state, app_state, _loop): {err}"]
+    missing += [f"HttpToolsProtocol.{a}" for a in UVICORN_ATTRIBUTES if not hasattr(connection, a)]
+    if not hasattr(connection.server_state, "default_headers"):
+        missing.append("ServerState.default_headers")
+    assigned = set(cycle.__init__.__code__.co_names)
+    missing += [f"RequestResponseCycle.{a}" for a in UVICORN_CYCLE_ATTRIBUTES if a not in assigned]
+    return missing
+
+
+def connection_protocol(choice: str) -> type[asyncio.Protocol] | str:
+    """The connection protocol uvicorn is to run (its ``http`` option) for the
+    ``http_protocol`` setting: this module's protocol for ``cycleml``, unless the
+    installed uvicorn lacks what it relies on (then uvicorn's own, with a warning), and
+    uvicorn's httptools protocol for ``uvicorn``."""
+    if choice == "uvicorn":
+        return "httptools"
+    missing = missing_uvicorn_internals()
+    if missing:
+        import uvicorn
+
+        log.warning(
+            "uvicorn %s lacks or has changed what cycleml's HTTP protocol relies on (%s); "
+            "serving with uvicorn's own httptools protocol, as http_protocol=uvicorn does",
+            uvicorn.__version__,
+            "; ".join(missing),
+        )
+        return "httptools"
+    return CoalescingHttpToolsProtocol
 
 
 class CoalescingTransport:

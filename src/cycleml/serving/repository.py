@@ -107,6 +107,8 @@ class ModelRepository:
         # the watch's view: signatures seen at the last poll; versions whose load failed
         self._pending: dict[tuple[str, str], tuple] = {}
         self._failed: dict[tuple[str, str], LoadFailure] = {}
+        # models unloaded on request: the watch leaves them alone until a load
+        self._held_unloaded: set[str] = set()
         # a registry root: what its aliases point to, and each model's routed aliases
         self.follower = (
             RegistryFollower(self.root, settings.registry.db_url)
@@ -115,8 +117,6 @@ class ModelRepository:
         )
         self._followed: dict[str, FollowedModel] = {}
         self._routes: dict[str, dict[str, str]] = {}
-        # models unloaded on request: the watch leaves them alone until a load
-        self._held_unloaded: set[str] = set()
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -582,7 +582,7 @@ class ModelRepository:
         if not self._read_registry():
             return
         for name in sorted(set(before) | set(self._followed)):
-            if before.get(name) != self._followed.get(name):
+            if before.get(name) != self._followed.get(name) and name not in self._held_unloaded:
                 log.info("registry: model %s now wants %s", name, self._followed.get(name))
                 self._sync_model(name, self._versions_on_disk(name))
 

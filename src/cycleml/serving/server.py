@@ -17,8 +17,9 @@ from types import FrameType
 import uvicorn
 
 from cycleml.errors import CycleMLError
+from cycleml.serving.accept_loop import raise_open_file_limit
 from cycleml.serving.app import ServingApp, create_app
-from cycleml.serving.http_protocol import CoalescingHttpToolsProtocol
+from cycleml.serving.http_protocol import connection_protocol
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.repository import ModelRepository
 from cycleml.serving.settings import ServeSettings
@@ -58,22 +59,25 @@ def uvicorn_options(settings: ServeSettings) -> dict:
         "timeout_keep_alive": 30,
         # proxy headers are read inside the app, for the routes that use them (app.py)
         "proxy_headers": False,
-        "http": CoalescingHttpToolsProtocol,
+        "http": connection_protocol(settings.http_protocol),
+        # uvloop, accepting every waiting connection in one turn (accept_loop.py); it
+        # applies to servers started on an open socket, as serve() starts them
+        "loop": "cycleml.serving.accept_loop:new_event_loop",
     }
 
 
 def serve(settings: ServeSettings) -> None:
     """Run the server until SIGTERM/SIGINT."""
+    raise_open_file_limit()
     if settings.workers == 1:
         app = create_app(settings)
         state = app.state.serving
-        server = DrainingServer(
-            uvicorn.Config(app, **uvicorn_options(settings)),
-            on_stop=lambda: setattr(state, "draining", True),
-        )
+        config = uvicorn.Config(app, **uvicorn_options(settings))
+        server = DrainingServer(config, on_stop=lambda: setattr(state, "draining", True))
         state.on_no_model = lambda: setattr(server, "should_exit", True)
         log.info("serving %s on http://%s:%d", settings.path, settings.host, settings.port)
-        server.run()
+        # on an open socket, as uvicorn runs its worker processes too (see "loop" above)
+        server.run(sockets=[config.bind_socket()])
         if state.load_failure is not None:
             raise CycleMLError(
                 f"no model could be loaded from '{settings.path}': {state.load_failure}"
