@@ -3,6 +3,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
 
     .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
+    .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -14,6 +15,9 @@ For each model it prints:
   of the turns' throughput ratios (the "x the naive server" figure);
 * an open-loop Poisson sweep against `cycleml serve`, latency measured from the
   intended send time;
+* the HTTP protocol row: `cycleml serve` with its own protocol layer and with uvicorn's
+  httptools protocol (`http_protocol=uvicorn`), at the best concurrency, in turns that
+  alternate which goes first, and the median ratio of their throughputs;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -375,6 +379,42 @@ def compare_head_to_head(
     return float(np.median(ratios))
 
 
+def compare_protocols(
+    ports: dict[str, int],
+    model: str,
+    pixels: list[np.ndarray],
+    concurrency: int,
+    seconds: float,
+    turns: int,
+) -> float:
+    """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) and with
+    uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
+    path answers inference in both), binary tensors at one concurrency, in close turns
+    that alternate which goes first; the median of the turns' throughput ratios (own /
+    uvicorn's). The layer stays only while this shows a clear gain (docs/serving.md)."""
+    requests = {
+        name: [binary_request(port, model, p) for p in pixels] for name, port in ports.items()
+    }
+    print(f"  HTTP protocol, own vs uvicorn's, concurrency {concurrency}, {turns} turns:")
+    ratios = []
+    for turn in range(turns):
+        order = ("cycleml", "uvicorn") if turn % 2 == 0 else ("uvicorn", "cycleml")
+        rows = {
+            name: measure_closed(ports[name], requests[name], concurrency, seconds, False)
+            for name in order
+        }
+        ratios.append(rows["cycleml"]["rps"] / max(rows["uvicorn"]["rps"], 1e-9))
+        print(
+            f"    turn {turn + 1}: own {rows['cycleml']['rps']:.0f} req/s "
+            f"(p50 {rows['cycleml']['p50_ms']:.2f} ms), uvicorn's {rows['uvicorn']['rps']:.0f} "
+            f"req/s (p50 {rows['uvicorn']['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
+            flush=True,
+        )
+    ratio = float(np.median(ratios))
+    print(f"  own HTTP protocol = {ratio:.2f}x uvicorn's (median of {turns} turns)", flush=True)
+    return ratio
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -390,6 +430,29 @@ def show(label: str, row: dict[str, float]) -> None:
 
 
 # -- one model -------------------------------------------------------------------------------
+def protocol_row(
+    bundle: Path,
+    workdir: Path,
+    seconds: float,
+    serve_overrides: list[str],
+    concurrency: int,
+    turns: int,
+) -> float:
+    """Two `cycleml serve` processes, one per HTTP protocol, measured in turns."""
+    meta = load_bundle(bundle).meta
+    pixels = samples(tuple(meta.input.shape[1:]))
+    ports = {"cycleml": free_port(), "uvicorn": free_port()}
+    commands = {
+        name: serve_command(bundle, port, workdir, [*serve_overrides, f"http_protocol={name}"])
+        for name, port in ports.items()
+    }
+    with (
+        running(commands["cycleml"], ports["cycleml"], workdir),
+        running(commands["uvicorn"], ports["uvicorn"], workdir),
+    ):
+        return compare_protocols(ports, meta.name, pixels, concurrency, seconds, turns)
+
+
 def bench_model(
     name: str,
     bundle: Path,
@@ -449,6 +512,15 @@ def bench_model(
             row = measure_open(port, requests, fraction * saturation, seconds)
             show(f"{row['rate']:.0f} req/s offered", row)
 
+    protocol_ratio = protocol_row(
+        bundle,
+        workdir,
+        seconds,
+        serve_overrides,
+        max(served, key=lambda c: served[c]["rps"]),
+        2 * rounds - 1,
+    )
+
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
     again, _ = in_process(bundle, (int(best.rsplit(" ", 1)[1]),), seconds / 2)
@@ -466,6 +538,7 @@ def bench_model(
         "serve_vs_naive": head_to_head,
         "serve_vs_naive_sweep": saturation / naive_best,
         "p50_c1_minus_one_call_ms": served[1]["p50_ms"] - one_call_ms,
+        "protocol_vs_uvicorn": protocol_ratio,
     }
     print(
         f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
@@ -505,8 +578,18 @@ def main() -> None:
         help="overrides for cycleml serve (default: its shipped config, "
         "batches up to the in-process best size, no access log)",
     )
+    parser.add_argument(
+        "--protocols-only",
+        action="store_true",
+        help="only the HTTP protocol row: cycleml serve with its own protocol layer and "
+        "with uvicorn's, in turns at --concurrency clients",
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="clients of --protocols-only")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
+    )
     args = parser.parse_args()
-    seconds = 1.5 if args.quick else 4.0
+    seconds = args.seconds or (1.5 if args.quick else 4.0)
     print(f"machine: {os.cpu_count()} cores; {seconds} s per measurement", flush=True)
     exporters = {"resnet18": export_resnet18, "digits": export_digits_cnn}
     with tempfile.TemporaryDirectory(prefix="cycleml-bench-") as tmp:
@@ -514,6 +597,18 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
+            if args.protocols_only:
+                print(f"\n== {name}: load average {_load()} ==", flush=True)
+                ratio = protocol_row(
+                    bundle,
+                    workdir,
+                    seconds,
+                    args.serve.split(),
+                    args.concurrency,
+                    2 * args.rounds - 1,
+                )
+                results[name] = {"protocol_vs_uvicorn": ratio}
+                continue
             results[name] = bench_model(
                 name, bundle, workdir, seconds, args.serve.split(), args.rounds
             )

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cycleml.data.clean import CleanSettings, clean, normalise_text
 from cycleml.data.gather import gather
-from cycleml.data.image_facts import near_links, perceptual_hash
+from cycleml.data.image_facts import calibrate_hamming, near_links, perceptual_hash
 from cycleml.data.manifest import read_dataset
 from cycleml.errors import ConfigError
 
@@ -341,3 +341,80 @@ def test_bad_settings_and_outputs_are_rejected(tmp_path: Path) -> None:
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="not a dataset directory"):
         clean(tmp_path / "d", tmp_path / "mine", CleanSettings(progress=False), overwrite=True)
+
+
+def _digits_with_near_copies(root: Path, copies: int) -> set[frozenset[str]]:
+    """The 1,797 digits as 8×8 PNGs in class folders, plus ``copies`` near-identical
+    copies (a few grey levels brighter); returns the planted pairs' item ids."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(root / str(label) / f"{i:04d}.png")
+    planted = set()
+    for i in range(0, copies * 97, 97):
+        label = digits.target[i]
+        brighter = np.clip(pixels[i].astype(int) + 3, 0, 255).astype(np.uint8)
+        Image.fromarray(brighter, "L").save(root / str(label) / f"near{i:04d}.png")
+        planted.add(frozenset({f"d:{label}/{i:04d}.png", f"d:{label}/near{i:04d}.png"}))
+    return planted
+
+
+def test_digits_are_not_taken_for_near_duplicates(tmp_path: Path) -> None:
+    """Unrelated 8×8 digits look alike to a 64-bit pHash: the calibrated threshold
+    flags at most 1 % of them, and still finds near-identical copies."""
+    planted = _digits_with_near_copies(tmp_path / "raw", copies=10)
+    sources = {"d": {"kind": "image_folder", "path": str(tmp_path / "raw")}}
+    gather(sources, tmp_path / "gathered", workers=1, progress=False)
+    result = clean(
+        tmp_path / "gathered", tmp_path / "cleaned", CleanSettings(workers=1, progress=False)
+    )
+    flagged = _flagged(tmp_path / "cleaned").get("near_duplicate", set())
+    found = sum(len(pair & flagged) == 1 for pair in planted)
+    unplanted = flagged - set().union(*planted)
+    assert found >= 9 and len(unplanted) <= 0.01 * 1797, (found, len(unplanted))
+    assert result.hamming is not None and result.hamming["mode"] == "auto"
+    threshold = result.hamming["threshold"]
+    assert 0 <= threshold < 6
+    report = json.loads((tmp_path / "cleaned" / "report.json").read_text())
+    assert report["near_duplicate_threshold"]["threshold"] == threshold
+    page = (tmp_path / "cleaned" / "report.html").read_text()
+    assert f"Near-duplicate images: at most {threshold} bits (auto:" in page
+
+
+def test_calibration_keeps_the_full_threshold_for_unrelated_pictures() -> None:
+    rng = np.random.default_rng(4)
+    pictures = rng.integers(0, 2**63, 3000, dtype=np.int64).tolist()
+    assert calibrate_hamming(pictures).threshold == 6
+    assert calibrate_hamming(pictures, max_bits=4).threshold == 4
+    # hashes that share most bits (a dataset of look-alikes) get a lower threshold
+    alike = [h & 0xFFFF for h in pictures]
+    assert calibrate_hamming(alike).threshold < 6
+
+
+def test_report_shows_every_flagged_pair_with_its_distance(tmp_path: Path) -> None:
+    """A set threshold is used as is; the report pages through every finding."""
+    _digits_with_near_copies(tmp_path / "raw", copies=0)
+    sources = {"d": {"kind": "image_folder", "path": str(tmp_path / "raw")}}
+    gather(sources, tmp_path / "gathered", workers=1, progress=False)
+    settings = CleanSettings(hamming=6, workers=1, progress=False)
+    result = clean(tmp_path / "gathered", tmp_path / "cleaned", settings)
+    assert result.hamming == {"threshold": 6, "mode": "configured"}
+    flagged = result.counts["near_duplicate"]
+    assert flagged > 100  # these look-alike digits are what the calibration avoids
+    output = tmp_path / "cleaned"
+    pages = [output / "report.html"] + sorted(
+        (output / "report_pages").glob("near_duplicate-*.html"),
+        key=lambda p: int(p.stem.split("-")[1]),
+    )
+    assert len(pages) == -(-flagged // 50)
+    rows = [
+        line for page in pages for line in page.read_text().splitlines()
+        if "hash bits differ" in line
+    ]  # fmt: skip
+    assert len(rows) == flagged
+    distances = [int(row.split("near-same content: ")[1].split(" of 64")[0]) for row in rows]
+    assert all(0 <= d <= 6 for d in distances)
+    assert 'href="report_pages/near_duplicate-2.html"' in pages[0].read_text()

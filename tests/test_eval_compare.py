@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cycleml.training.compare import main as compare_main
+from cycleml.errors import ConfigError, DataError
+from cycleml.training.compare import run_compare
 from cycleml.training.evaluate import evaluate, worst_errors
 from cycleml.training.train import train
 
@@ -77,22 +78,50 @@ def test_compare_sorts_and_writes_csv(tmp_path, capsys):
     _summary(tmp_path / "a", "run-a", 0.91)
     _summary(tmp_path / "b", "run-b", 0.97)
     _summary(tmp_path / "nested" / "c", "run-c", 0.95)
-    compare_main([str(tmp_path)])
+    run_compare(tmp_path)
     printed = capsys.readouterr().out
     assert printed.index("run-b") < printed.index("run-c") < printed.index("run-a")
     rows = list(csv.DictReader((tmp_path / "leaderboard.csv").open()))
     assert [r["run_id"] for r in rows] == ["run-b", "run-c", "run-a"]
     assert "train/loss_step" not in rows[0]
-    compare_main(
-        [str(tmp_path), "--sort", "val/acc", "--ascending", "--out", str(tmp_path / "x.csv")]
-    )
+    run_compare(tmp_path, sort="val/acc", ascending=True, out=tmp_path / "x.csv")
     rows = list(csv.DictReader((tmp_path / "x.csv").open()))
     assert [r["run_id"] for r in rows] == ["run-a", "run-c", "run-b"]
 
 
 def test_compare_explains_empty_folder_and_unknown_metric(tmp_path):
-    with pytest.raises(SystemExit, match="no runs"):
-        compare_main([str(tmp_path)])
+    with pytest.raises(DataError, match="no runs"):
+        run_compare(tmp_path)
     _summary(tmp_path / "a", "run-a", 0.9)
-    with pytest.raises(SystemExit, match="cannot sort by 'test/nope'"):
-        compare_main([str(tmp_path), "--sort", "test/nope"])
+    with pytest.raises(ConfigError, match="cannot sort by 'test/nope'"):
+        run_compare(tmp_path, sort="test/nope")
+
+
+def test_compare_is_a_hydra_app_that_keeps_its_plain_form(tmp_path):
+    """`cycleml compare logs/train --sort … --metrics …` and `folder=… sort=…` are the
+    same run; `--cfg job` shows the config; a user error is one line, exit 2."""
+    import subprocess
+    import sys
+
+    _summary(tmp_path / "logs" / "a", "run-a", 0.91)
+    _summary(tmp_path / "logs" / "b", "run-b", 0.97)
+
+    def cycleml(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "cycleml.cli", "compare", *args]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    plain = cycleml("logs", "--sort", "val/acc", "--ascending", "--metrics", "val/acc,test/acc")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "logs" / "leaderboard.csv").open()))
+    assert [r["run_id"] for r in rows] == ["run-a", "run-b"]
+    assert [c for c in rows[0] if "/" in c] == ["val/acc", "test/acc"]
+    hydra_form = cycleml("folder=logs", "sort=test/acc", "out=board.csv")
+    assert hydra_form.returncode == 0, hydra_form.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "board.csv").open()))
+    assert [r["run_id"] for r in rows] == ["run-b", "run-a"]
+    assert list((tmp_path / "logs" / "compare" / "runs").iterdir())  # a Hydra run folder
+    shown = cycleml("logs", "--cfg", "job")
+    assert shown.returncode == 0 and "folder: logs" in shown.stdout
+    bad = cycleml("logs", "--sort", "test/nope")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "cycleml compare: error: cannot sort by 'test/nope'" in bad.stderr

@@ -19,6 +19,7 @@ from cycleml.batch.runner import PredictSettings, predict_to_database
 from cycleml.errors import BundleError, ConfigError
 from cycleml.export import ExportSettings, checkpoint
 from cycleml.export.checkpoint import export_checkpoint, next_version
+from cycleml.export.naming import bundle_name
 from cycleml.inference import Predictor, load_bundle
 from cycleml.training.train import train
 from test_predict_support import DATABASES, database_url, stored
@@ -168,3 +169,34 @@ def test_export_cli(image_run, tmp_path):
 def test_missing_checkpoint_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.ckpt"):
         export_checkpoint(tmp_path / "nope.ckpt", bundles_dir=tmp_path)
+
+
+class _Placed(Exception):
+    """Stops an export once its target is known."""
+
+
+def test_bundle_names_come_from_the_data(image_run, text_run, tmp_path, monkeypatch):
+    """A text run on reviews.csv makes bundles/reviews/1 (not a name made from the data
+    module's class); a run on data=digits makes bundles/digits/1."""
+    targets: list[Path] = []
+
+    def placed(target: Path, overwrite: bool) -> None:
+        targets.append(target)
+        raise _Placed
+
+    monkeypatch.setattr(checkpoint, "check_target", placed)
+    for run in (text_run[0], image_run):
+        with pytest.raises(_Placed):
+            export_checkpoint(run, bundles_dir=tmp_path / "bundles")
+    assert targets == [
+        tmp_path / "bundles" / "reviews" / "1",
+        tmp_path / "bundles" / "digits" / "1",
+    ]
+    # what `cycleml train` records of a run names path-less data by its config
+    hydra_dir = tmp_path / "run" / ".hydra"
+    hydra_dir.mkdir(parents=True)
+    (hydra_dir / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      data: my_digits\n"
+    )
+    assert bundle_name({"_target_": "x.DigitsDataModule"}, tmp_path / "run") == "my_digits"
+    assert bundle_name({"path": "/data/my reviews (v2).parquet"}) == "my-reviews-v2"

@@ -121,7 +121,7 @@ def test_image_files_are_read_and_decoded(image_predictor, tmp_path):
     np.testing.assert_array_equal(image_predictor.preprocess_image(tmp_path / "a.png"), images[0])
     with pytest.raises(DataError, match="cannot read image file: FileNotFoundError"):
         image_predictor.preprocess_image(tmp_path / "missing.png")
-    with pytest.raises(DataError, match="cannot read image file: IsADirectoryError"):
+    with pytest.raises(DataError, match=r"not a regular file \(a folder\)"):
         image_predictor.preprocess_image(tmp_path)
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(DataError, match="empty data"):
@@ -249,3 +249,22 @@ def test_session_config_entries_reach_onnx_runtime():
     options = sleeping.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     np.testing.assert_array_equal(sleeping.run(images), spinning.run(images))
+
+
+def test_token_limit_counts_the_text_before_truncation_without_special_tokens() -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from cycleml.inference.preprocess import TextPreprocessor, TooManyTokens
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4, "b": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    text = TextPreprocessor(tokenizer, max_length=6, pad_id=0)
+    eleven = "a b a b a b a b a b a"
+    assert text([eleven]).tolist() == [[2, 4, 5, 4, 5, 3]]  # cut to max_length
+    assert text([eleven, "a b"], max_tokens=11).shape == (2, 6)
+    with pytest.raises(TooManyTokens, match="text #0 has 11 tokens; the limit is 10"):
+        text([eleven], max_tokens=10)

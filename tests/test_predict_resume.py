@@ -71,7 +71,7 @@ def test_sigkill_midway_then_rerun_gives_one_row_per_input(tmp_path, database):
     url = database_url(database, tmp_path, ["tiny-text"])
     command = [
         sys.executable, "-m", "cycleml.cli", "predict", f"bundle={cached_bundle('text')}",
-        f"input={path}", f"db_url={url}", "key_field=id", "batch_size=4", "prefetch=1",
+        f"input={path}", f"db_url='{url}'", "key_field=id", "batch_size=4", "prefetch=1",
         "progress=false", "runtime.intra_op_threads=1", f"hydra.run.dir={tmp_path / 'run'}",
     ]  # fmt: skip
     kill_midway(command, url, "tiny-text", 200)

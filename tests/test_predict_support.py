@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, delete, select
+from sqlalchemy import create_engine, delete, select, text
+from sqlalchemy.engine import make_url
 
 from cycleml.batch.store import TABLES, prediction_errors, predictions
 from cycleml.db import open_database
@@ -30,17 +31,31 @@ DATABASES = [
 ]
 
 
+# the predict tests' own PostgreSQL schema: the test database is shared
+POSTGRES_SCHEMA = "cycleml_predict_tests"
+
+
+def postgres_schema_url(schema: str) -> str:
+    """The test PostgreSQL with ``schema`` (created if missing) first on the search path."""
+    assert POSTGRES_URL
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    engine.dispose()
+    return str(make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"}))
+
+
 def database_url(kind: str, tmp_path: Path, model_names: list[str]) -> str:
     """A fresh SQLite file, or the test PostgreSQL with this test's models' rows removed."""
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'predictions.db'}"
-    assert POSTGRES_URL
-    engine = open_database(POSTGRES_URL, create=TABLES)
+    url = postgres_schema_url(POSTGRES_SCHEMA)
+    engine = open_database(url, create=TABLES)
     with engine.begin() as conn:
         for table in TABLES:
             conn.execute(delete(table).where(table.c.model_name.in_(model_names)))
     engine.dispose()
-    return POSTGRES_URL
+    return url
 
 
 def stored(url: str, model_name: str) -> tuple[dict[str, dict], dict[str, str]]:

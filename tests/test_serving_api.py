@@ -104,7 +104,8 @@ def test_health_metadata_and_readiness(client: httpx.Client) -> None:
     }
     docs = client.get("/openapi.json").json()
     assert "/v2/models/{model_name}/infer" in docs["paths"]
-    assert client.get("/docs").status_code == 200
+    # no interactive page: it would need Swagger UI from a CDN
+    assert client.get("/docs").status_code == 404
 
 
 @pytest.mark.parametrize("binary", [False, True])
@@ -551,9 +552,15 @@ def test_disconnected_client_has_its_queued_work_cancelled(
 
     before = batch_rows()
     asyncio.run(scenario())
-    time.sleep(0.2)
-    text = httpx.get(f"{slow_server.url}/metrics").text
-    assert _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled") == 1
+    # wait for the event itself: the server counts the cancellation once it notices
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"{slow_server.url}/metrics").text
+        cancelled = _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled")
+        if cancelled or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert cancelled == 1
     assert batch_rows() - before == 8 * 4  # the abandoned request never ran
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import resource
 import signal
+import socket
+import time
 from collections.abc import Iterator
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import httpx
@@ -15,7 +21,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from cycleml.serving.loadgen import Result, build_request, closed_loop, open_loop, summarize
+from cycleml.serving.loadgen import Result, build_request, closed_loop, open_loop, run, summarize
 from test_serving_broken_versions import copy_broken_version
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
@@ -251,6 +257,85 @@ def test_broken_version_copied_in_under_load_fails_no_request(
     assert b'"model_version":"1"' in final.content[:length]
     assert {(e["version"], e["state"]) for e in index} == {("1", "READY"), ("2", "UNAVAILABLE")}
     assert ready.status_code == 200 and "version 2 failed to load" in ready.json()["reason"]
+
+
+@contextlib.contextmanager
+def open_file_limit(soft: int) -> Iterator[None]:
+    """This process's soft limit on open files set to ``soft`` (within the hard limit)."""
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < soft:
+        pytest.skip(f"the hard limit on open files ({hard}) is below {soft}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before, hard))
+
+
+def _health_on_new_connection(port: int, timeout_s: float) -> tuple[float, bytes]:
+    """Seconds from connecting to the end of the answer's head, and its status line."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return time.perf_counter() - started, answer.split(b"\r\n", 1)[0]
+
+
+def _busy_connections(
+    port: int, connections: int, seconds: float, started: Event, summary: Queue
+) -> None:
+    """A load process: ``connections`` clients sending inference requests back to back."""
+    requests = _image_requests(port)
+    started.set()
+    results = run(closed_loop("127.0.0.1", port, requests, connections, seconds, 30.0))
+    summary.put({**summarize(results), "ended_at": time.time()})
+
+
+@pytest.mark.slow
+def test_a_new_connection_is_answered_at_once_beside_1024_busy_ones(image_bundle: Path) -> None:
+    """1,024 connections busy with inference (most of them refused, as the server holds
+    at most limits.max_inflight requests, and at once sending again): a health check
+    on a new connection still answers within 1 s (before: 10 s, or a reset). The load runs in a process of its own
+    (a client sharing this one would be too slow to keep the server busy); the server
+    starts with the usual soft limit of 1,024 open files, as a plain shell gives it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    connections, load_s, probes = 1024, 10.0, 6
+    spawn = multiprocessing.get_context("spawn")
+    started, summaries = spawn.Event(), spawn.Queue()
+    with open_file_limit(1024), server_process(image_bundle, port, "access_log=false"):
+        wait_ready(url)
+        with open_file_limit(connections + 512):  # inherited by the load process
+            load = spawn.Process(
+                target=_busy_connections, args=(port, connections, load_s, started, summaries)
+            )
+            load.start()
+        try:
+            assert started.wait(timeout=60)
+            time.sleep(1.5)  # the clients connect and send their first requests
+            answers = []
+            for _ in range(probes):
+                answers.append(_health_on_new_connection(port, timeout_s=30.0))
+                time.sleep(0.5)
+            probed_until = time.time()
+            summary = summaries.get(timeout=60)
+        finally:
+            load.join(timeout=30)
+            if load.is_alive():
+                load.kill()
+    assert {status for _, status in answers} == {b"HTTP/1.1 200 OK"}, answers
+    latencies = sorted(round(seconds, 3) for seconds, _ in answers)
+    # within 1 s; a shared two-core machine's slower spells may double a single answer
+    assert latencies[len(latencies) // 2] < 1.0 and latencies[-1] < 2.0, (latencies, summary)
+    # the load kept every connection busy, and outlasted the probes
+    assert summary["errors"] == 0 and summary["ok"] > 0, summary
+    assert summary["requests"] > 4 * connections, summary
+    assert probed_until < summary["ended_at"], summary
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from cycleml.serving.app import create_app
-from cycleml.serving.cli import uvicorn_options
+from cycleml.serving.server import uvicorn_options
 from cycleml.serving.settings import ServeSettings
 
 IMAGE_SIZE = 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -13,11 +14,20 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from uvicorn.protocols.http import httptools_impl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from cycleml.errors import ConfigError
 from cycleml.serving import dispatch
 from cycleml.serving.batch_policy import ArrivalRate
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
-from cycleml.serving.http_protocol import CoalescingTransport
+from cycleml.serving.fast_path import InferenceFastPath
+from cycleml.serving.http_protocol import (
+    CoalescingHttpToolsProtocol,
+    CoalescingTransport,
+    connection_protocol,
+    missing_uvicorn_internals,
+)
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
@@ -296,3 +306,97 @@ def test_application_failure_on_the_direct_path_answers_500_and_closes(
         assert sock.recv(1) == b""  # closed
     monkeypatch.undo()
     assert httpx.get(f"{shapes_server.url}/v2/health/ready").status_code == 200
+
+
+# -- which connection protocol ---------------------------------------------------------------
+
+
+def _served_protocols(running: RunningServer) -> set[type]:
+    """The protocol classes of the server's open connections, after one inference on a
+    kept-alive connection (answered on the application's fast path)."""
+    body, headers = binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+    with httpx.Client(base_url=running.url, timeout=10) as client:
+        response = client.post("/v2/models/shapes/infer", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        return {type(connection) for connection in list(running.server.server_state.connections)}
+
+
+def _counting_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    answered: list[str] = []
+    original = InferenceFastPath.answer
+
+    async def answer(self: InferenceFastPath, scope: Any, receive: Any, route: Any) -> Any:
+        answered.append(scope["path"])
+        return await original(self, scope, receive, route)
+
+    monkeypatch.setattr(InferenceFastPath, "answer", answer)
+    return answered
+
+
+def test_http_protocol_uvicorn_serves_with_uvicorns_protocol_and_the_fast_path(
+    image_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answered = _counting_fast_path(monkeypatch)
+    with RunningServer(settings(image_bundle, http_protocol="uvicorn")) as running:
+        assert _served_protocols(running) == {HttpToolsProtocol}
+    assert answered == ["/v2/models/shapes/infer"]
+    with RunningServer(settings(image_bundle)) as running:
+        assert _served_protocols(running) == {CoalescingHttpToolsProtocol}
+
+
+def test_an_unknown_http_protocol_is_refused(image_bundle: Path) -> None:
+    with pytest.raises(ConfigError, match="http_protocol must be one of cycleml, uvicorn"):
+        settings(image_bundle, http_protocol="h11")
+
+
+def _changed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if a new uvicorn passed its parser to on_headers_complete (it still works)."""
+    original = HttpToolsProtocol.on_headers_complete
+
+    def on_headers_complete(self: HttpToolsProtocol, parser: Any = None) -> None:
+        original(self)
+
+    monkeypatch.setattr(HttpToolsProtocol, "on_headers_complete", on_headers_complete)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_changed_signature, "HttpToolsProtocol.on_headers_complete(self)"),
+        (
+            lambda mp: mp.delattr(HttpToolsProtocol, "on_response_complete"),
+            "HttpToolsProtocol.on_response_complete(self)",
+        ),
+        (
+            lambda mp: mp.delattr(httptools_impl, "RequestResponseCycle"),
+            "RequestResponseCycle",
+        ),
+    ],
+    ids=["changed signature", "missing method", "missing class"],
+)
+def test_a_uvicorn_without_the_internals_falls_back_to_its_own_protocol(
+    change: Any, named: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert missing_uvicorn_internals() == []  # the installed uvicorn is the one written for
+    assert connection_protocol("cycleml") is CoalescingHttpToolsProtocol
+    change(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="cycleml.serving.http_protocol"):
+        assert connection_protocol("cycleml") == "httptools"
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert named in warning.getMessage()
+    assert "serving with uvicorn's own httptools protocol" in warning.getMessage()
+
+
+def test_a_server_on_a_changed_uvicorn_serves_with_uvicorns_protocol(
+    image_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _changed_signature(monkeypatch)
+    answered = _counting_fast_path(monkeypatch)
+    with (
+        caplog.at_level(logging.WARNING, logger="cycleml.serving.http_protocol"),
+        RunningServer(settings(image_bundle)) as running,
+    ):
+        assert _served_protocols(running) == {HttpToolsProtocol}
+    assert answered == ["/v2/models/shapes/infer"]
+    warnings = [r for r in caplog.records if r.name == "cycleml.serving.http_protocol"]
+    assert len(warnings) == 1 and "on_headers_complete" in warnings[0].getMessage()

@@ -145,7 +145,7 @@ def test_cycleml_compare_shows_a_sweep_and_writes_its_plot(sweep, capsys) -> Non
     compare = pytest.importorskip("cycleml.training.compare")
     folder, _, study = sweep
     write_results(folder, study, "val/acc")
-    compare.main([str(folder)])
+    compare.run_compare(folder)
     out = capsys.readouterr().out
     assert "val/acc" in out and "pruned" in out and "wb1" in out
     assert (folder / "sweep.png").is_file()

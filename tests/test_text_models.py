@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -192,7 +194,7 @@ def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tm
     )  # fmt: skip
     assert cfg.data.tokenizer.path == str(folder)
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
+    assert abs(metrics["test/loss"] - math.log(2)) < 0.25, metrics  # two classes, barely trained
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     hparams = torch.load(summary["best_checkpoint"], weights_only=False)["hyper_parameters"]
     saved = json.loads(hparams["data_spec"]["tokenizer_json"])

@@ -1,14 +1,13 @@
-"""Image training end to end: every model on every image source, summary, resume, tracking."""
+"""Image training end to end: every model on every image source, summary, tracking."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from omegaconf import open_dict
 
 from cycleml.training.train import train
 
@@ -27,14 +26,18 @@ def test_fast_dev_run_each_model_and_source(make_cfg, demo_images, model, extra,
         overrides.append(f"data.path={demo_images}")
     cfg = make_cfg("train", *overrides, fast=False)
     metrics = train(cfg)
-    assert 0.0 <= metrics["test/acc"] <= 1.0
-    assert metrics["train/loss"] > 0
+    # one step of an untrained network over the data's classes: its test loss is that of
+    # a uniform guess, ln(classes) (a wrong class count, NaN or mislabelled batch is not)
+    uniform = math.log(10 if data == "digits" else 4)
+    assert abs(metrics["test/loss"] - uniform) < 0.25, metrics
+    assert abs(metrics["train/loss"] - uniform) < 0.75, metrics
 
 
 def test_timm_backbone_fast_dev_run(make_cfg):
     pytest.importorskip("timm", reason="timm is optional (pip install timm)")
     cfg = make_cfg("train", "model=timm", "model.net.name=resnet10t", "debug=fdr", fast=False)
-    assert "test/acc" in train(cfg)
+    metrics = train(cfg)
+    assert abs(metrics["test/loss"] - math.log(10)) < 0.25, metrics  # a uniform guess
 
 
 @pytest.mark.parametrize(
@@ -75,70 +78,6 @@ def test_fingerprint_depends_on_data_not_order(make_cfg):
     assert first.fingerprint != resized.fingerprint
 
 
-class StopAfterFirstEpoch(L.Callback):
-    """Ends fit after one epoch, as an interruption would (checkpoints already written)."""
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.should_stop = True
-
-
-def _interrupted_run(make_cfg, *overrides: str):
-    cfg = make_cfg("train", "trainer.max_epochs=2", "test=false", *overrides)
-    with open_dict(cfg):
-        cfg.callbacks.stop = {"_target_": f"{__name__}.StopAfterFirstEpoch"}
-        cfg.callbacks.early_stopping = None
-    return cfg
-
-
-def _last_step(run_dir: Path) -> int:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
-
-
-def test_resume_from_run_dir_continues_global_step(make_cfg, tmp_path):
-    run_dir = tmp_path / "run"
-    train(_interrupted_run(make_cfg))
-    assert _last_step(run_dir) == 3
-    first_id = json.loads((run_dir / "run_info.json").read_text())["run_id"]
-
-    cfg = make_cfg("train", "trainer.max_epochs=2", f"ckpt_path={run_dir}")
-    cfg.paths.output_dir = str(tmp_path / "second")  # a new Hydra run folder
-    train(cfg)
-    # continued in the interrupted run's folder, from its step, with its id
-    assert _last_step(run_dir) == 6
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == 6
-    assert summary["run_id"] == first_id
-
-
-def test_resume_last_picks_newest_run(make_cfg, tmp_path):
-    cfg = _interrupted_run(make_cfg)
-    cfg.paths.output_dir = str(tmp_path / "logs" / "train" / "runs" / "a")
-    train(cfg)
-    cfg = make_cfg("train", "trainer.max_epochs=2", "test=false", "ckpt_path=last")
-    cfg.paths.output_dir = str(tmp_path / "logs" / "train" / "runs" / "b")
-    train(cfg)
-    assert _last_step(tmp_path / "logs" / "train" / "runs" / "a") == 6
-    assert not (tmp_path / "logs" / "train" / "runs" / "b" / "checkpoints").exists()
-
-
-def test_wandb_offline_run_and_resume_keep_the_same_id(make_cfg, tmp_path):
-    pytest.importorskip("wandb")
-    run_dir = tmp_path / "run"
-    train(_interrupted_run(make_cfg, "logger=wandb"))
-    run_id = json.loads((run_dir / "run_info.json").read_text())["wandb_id"]
-    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert offline, list((run_dir / "wandb").iterdir())
-    assert list(offline[0].glob("run-*.wandb"))
-    cfg = make_cfg("train", "logger=wandb", "trainer.max_epochs=2", f"ckpt_path={run_dir}")
-    train(cfg)
-    # one offline run folder per launch, both with the run's id (W&B adds "-1" to the
-    # second folder's name when both launches started within the same second)
-    runs = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))
-    assert len(runs) == 2, runs
-    assert all(list(run.glob(f"run-{run_id}.wandb")) for run in runs)
-    assert json.loads((run_dir / "summary.json").read_text())["wandb_id"] == run_id
-
-
 def test_csv_and_many_loggers_write_metrics(make_cfg, tmp_path):
     train(make_cfg("train", "logger=many", "test=false"))
     metrics_csv = (tmp_path / "run" / "csv" / "metrics.csv").read_text()
@@ -173,53 +112,6 @@ def test_splits_are_disjoint_stratified_and_reproducible(make_cfg):
     other = build_datamodule(make_cfg("train", "data.split_seed=1"))
     assert set(other.split_ids("test")) != ids["test"]
     assert set(build_datamodule(make_cfg("train")).split_ids("test")) == ids["test"]
-
-
-@pytest.mark.slow
-def test_killed_training_resumes_with_ckpt_path_last(tmp_path):
-    """SIGKILL a real `cycleml train` after its first checkpoint; `ckpt_path=last` finishes it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    args = [
-        sys.executable,
-        "-m",
-        "cycleml",
-        "train",
-        "logger=csv",
-        "trainer.max_epochs=4",
-        "callbacks.early_stopping=null",
-        "callbacks.progress_bar=null",
-    ]
-    first = subprocess.Popen(
-        args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    runs = tmp_path / "logs" / "train" / "runs"
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.ckpt")):
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    (run_dir,) = [p.parent.parent for p in runs.glob("*/checkpoints/last.ckpt")]
-    killed_at = _last_step(run_dir)
-    assert 0 < killed_at < 4 * 20 and not (run_dir / "summary.json").exists()
-
-    resumed = subprocess.run(
-        [*args, "ckpt_path=last"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == 4 * 20  # 20 batches of 64 per epoch on digits
-    assert summary["metrics"]["test/acc"] > 0.9
 
 
 @pytest.mark.slow

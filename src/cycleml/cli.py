@@ -69,27 +69,6 @@ def pick_command(
     return args[0], args[1:]
 
 
-# Hydra options followed by a value (which is not a positional argument)
-HYDRA_VALUE_OPTIONS = {
-    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-    "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
-}  # fmt: skip
-
-
-def positional_overrides(args: list[str], names: list[str]) -> list[str]:
-    """Plain arguments become overrides of ``names`` in order (``A B`` → ``old='A'
-    new='B'``); overrides, options and their values pass unchanged."""
-    out, names = [], list(names)
-    for i, arg in enumerate(args):
-        follows_option = i > 0 and args[i - 1] in HYDRA_VALUE_OPTIONS
-        if names and not follows_option and not arg.startswith("-") and "=" not in arg:
-            quoted = arg.replace("\\", "\\\\").replace("'", "\\'")
-            out.append(f"{names.pop(0)}='{quoted}'")
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     picked = pick_command(
         list(sys.argv[1:] if argv is None else argv), COMMANDS, _usage(), "cycleml"

@@ -6,15 +6,18 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cycleml.config_schema import check_config
 from cycleml.configs_path import config_dir
 from cycleml.errors import CycleMLError
+from cycleml.override_hints import check_overrides
+from cycleml.redaction import redact, redacted_output
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,22 @@ def user_error(error: BaseException) -> CycleMLError | None:
     return None
 
 
+def exit_with_user_error(config_name: str, err: CycleMLError, logged: bool = True) -> NoReturn:
+    """Report a user error in one line (passwords redacted) and exit with status 2;
+    ``logged`` also writes it to the job's log."""
+    message = redact(str(err))
+    if logged:
+        log.error("%s", message)
+    print(f"cycleml {config_name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
 
-    A :class:`CycleMLError` in a single run is printed as one line naming the problem
+    A misspelled group or option on the command line is named before Hydra starts.
+    The composed config is checked (``config_schema``) before the task runs. A
+    :class:`CycleMLError` in a single run is printed as one line naming the problem
     and exits with status 2; in a multirun it propagates so that the sweeper can
     record the job as failed and go on.
     """
@@ -42,18 +57,28 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
         @functools.wraps(task)
         def run(cfg: DictConfig) -> Any:
             try:
+                # also here, not only in the UserChecks callback: a multirun job's own
+                # sweep values are composed after that callback ran
+                check_config(cfg, config_name)
                 return task(cfg)
             except Exception as raised:
                 err = user_error(raised)
                 multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
                 if err is None or multirun:
                     raise
-                log.error("%s", err)
-                print(f"cycleml {config_name}: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+                exit_with_user_error(config_name, err)
 
-        return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
-            run
-        )
+        app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(run)
+
+        @functools.wraps(task)
+        def main(*args: Any, **kwargs: Any) -> Any:
+            with redacted_output():
+                try:
+                    check_overrides(config_name, sys.argv[1:])
+                except CycleMLError as err:
+                    exit_with_user_error(config_name, err, logged=False)
+                return app(*args, **kwargs)
+
+        return main
 
     return decorate

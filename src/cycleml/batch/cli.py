@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.batch.runner import PredictSettings, PredictSummary, predict_to_database
 from cycleml.hydra_app import hydra_app
+
+if TYPE_CHECKING:
+    from cycleml.batch.runner import PredictSummary
+
+# ONNX Runtime and the database layer are imported when the run starts, so that
+# `--help` and config errors answer at once
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +25,8 @@ SUMMARY_FILE = "predict_summary.json"
 
 @hydra_app("predict")
 def main(cfg: DictConfig) -> PredictSummary:
+    from cycleml.batch.runner import PredictSettings, predict_to_database
+
     runtime = cfg.get("runtime") or {}
     providers = runtime.get("providers")
     settings = PredictSettings(

@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from cycleml.batch.decode import ImageDecoder
 from cycleml.batch.sources import InputItem, InputSource, Shard
-from cycleml.batch.store import DUPLICATE_REASON, TABLES, PredictionStore
+from cycleml.batch.store import (
+    DUPLICATE_REASON,
+    TABLES,
+    Failure,
+    PredictionStore,
+    check_table_layout,
+)
 from cycleml.db import open_database, safe_url
 from cycleml.errors import ConfigError
 from cycleml.inference import ImagePreprocess, ModelBundle, Predictor, load_bundle
@@ -92,7 +98,7 @@ class PredictSummary:
 class _Prepared:
     keys: list[str]
     inputs: np.ndarray
-    failures: list[tuple[str, str]]
+    failures: list[Failure]
     skipped: int
 
 
@@ -100,7 +106,7 @@ class _Prepared:
 class _Scored:
     keys: list[str]
     probabilities: np.ndarray
-    failures: list[tuple[str, str]]
+    failures: list[Failure]
     skipped: int
 
 
@@ -151,7 +157,13 @@ def _predict(
     decoder: ImageDecoder | None,
 ) -> PredictSummary:
     meta = bundle.meta
+    # tables of an older layout are left alone by the create, then refused
     engine = open_database(db_url, create=TABLES)
+    try:
+        check_table_layout(engine)
+    except ConfigError:
+        engine.dispose()
+        raise
     predictor = Predictor(
         bundle,
         providers=settings.providers,
@@ -161,7 +173,9 @@ def _predict(
         session_config={} if settings.spin_wait else {SPINNING: "0"},
     )
     job_id = uuid.uuid4().hex
-    store = PredictionStore(engine, meta.name, meta.version, meta.run_id, job_id, meta.class_names)
+    store = PredictionStore(
+        engine, meta.name, meta.version, meta.run_id, job_id, meta.class_names, settings.precision
+    )
     summary = PredictSummary(
         model_name=meta.name,
         model_version=meta.version,
@@ -181,9 +195,10 @@ def _predict(
         engine.dispose()
     summary.ignored_files = source.ignored
     log.info(
-        "done: %d rows written, %d skipped (already predicted by %s %s), %d failed "
+        "done: %d rows written, %d skipped (already predicted by %s %s %s), %d failed "
         "(table batch_prediction_errors)%s in %.1f s, %.1f rows/s",
-        summary.written, summary.skipped, meta.name, meta.version, summary.failed,
+        summary.written, summary.skipped, meta.name, meta.version, settings.precision,
+        summary.failed,
         f", {summary.ignored_files} non-image files ignored" if summary.ignored_files else "",
         summary.seconds, summary.rows_per_s,
     )  # fmt: skip
@@ -301,24 +316,24 @@ def _prepare(
     """Skip keys an earlier run predicted, record unreadable inputs and keys this run
     has already predicted (duplicates in the input), decode the rest."""
     done = store.predicted_keys([item.key for item in chunk])
-    failures: list[tuple[str, str]] = []
+    failures: list[Failure] = []
     valid: list[InputItem] = []
     skipped = 0
     for item in chunk:
         job = done.get(item.key)
         if job == store.job_id:
-            failures.append((item.key, DUPLICATE_REASON))
+            failures.append(Failure(item.key, DUPLICATE_REASON))
         elif job is not None:
             skipped += 1
         elif item.error is not None:
-            failures.append((item.key, item.error))
+            failures.append(Failure(item.key, item.error, item.original_key))
         else:
             valid.append(item)
     values = [item.value for item in valid]
     if decoder is not None:
         inputs, positions, bad = decoder(values)  # type: ignore[arg-type]
         keys = [valid[i].key for i in positions]
-        failures += [(valid[i].key, reason) for i, reason in bad]
+        failures += [Failure(valid[i].key, reason) for i, reason in bad]
     else:
         keys = [item.key for item in valid]
         inputs = predictor.preprocess_texts(values)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cycleml.batch.keys import key_bytes, storable_key
 from cycleml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,23 @@ _CHUNK_ROWS = 4096
 @dataclass(frozen=True)
 class InputItem:
     """One input: its key (stable across runs) and its value (the text, or the image
-    file's path); or the reason it cannot be read (it then goes to the errors table)."""
+    file's path); or the reason it cannot be read (it then goes to the errors table).
+    ``original_key`` holds the exact key's bytes when ``key`` is an escaped form of it
+    (see :mod:`cycleml.batch.keys`)."""
 
     key: str
     value: str | None
     error: str | None = None
+    original_key: bytes | None = None
+
+    @classmethod
+    def make(cls, key: str, value: str | None, error: str | None = None) -> InputItem:
+        """An item whose key the database can store: a key that needs escaping makes
+        the item an error, whatever its value."""
+        stored = storable_key(key)
+        if stored.problem is not None:
+            return cls(stored.text, None, stored.problem, stored.original)
+        return cls(key, value, error)
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Shard:
         return cls(index, count)
 
     def owns(self, key: str) -> bool:
-        return self.count == 1 or zlib.crc32(key.encode("utf-8")) % self.count == self.index
+        return self.count == 1 or zlib.crc32(key_bytes(key)) % self.count == self.index
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -142,7 +155,8 @@ class InputSource:
             elif entry.is_dir():
                 log.debug("link to a folder, not followed: %s", entry.path)
             elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
-                yield InputItem(prefix + entry.name, entry.path)
+                # whether it is a regular file is checked when it is read
+                yield InputItem.make(prefix + entry.name, entry.path)
             else:
                 self.ignored += 1
                 log.debug("not an image file, ignored: %s", entry.path)
@@ -167,13 +181,17 @@ class InputSource:
             key = str(raw_key)
         value = row.get(self.value_field)
         if value is None or (isinstance(value, float) and value != value):  # None / NaN
-            return InputItem(key, None, f"missing {self.kind} column '{self.value_field}'")
+            return InputItem.make(key, None, f"missing {self.kind} column '{self.value_field}'")
         value = str(value)
         if not value.strip():
-            return InputItem(key, None, f"empty {'text' if self.kind == 'text' else 'image path'}")
+            what = "text" if self.kind == "text" else "image path"
+            return InputItem.make(key, None, f"empty {what}")
         if self.kind == "image":
-            return InputItem(key, str(self.path.parent / value))  # absolute paths stay as they are
-        return InputItem(key, value)
+            if "\x00" in value:
+                return InputItem.make(key, None, "image path contains a NUL character")
+            # absolute paths stay as they are
+            return InputItem.make(key, str(self.path.parent / value))
+        return InputItem.make(key, value)
 
     def _columns(self, available: list[str]) -> list[str]:
         wanted = [self.value_field] + ([self.key_field] if self.key_field else [])

@@ -10,8 +10,9 @@ Checks (each has a policy: ``drop``, ``keep`` or ``quarantine``):
 ``unreadable_image``    a file that is missing, not an image, or truncated
 ``too_small``           an image narrower than ``min_width`` or lower than ``min_height``
 ``exact_duplicate``     the same content hash and label as an earlier item of its split
-``near_duplicate``      an image within ``hamming`` bits (64-bit pHash), or a text equal
-                        after normalisation, of an earlier item with its label and split
+``near_duplicate``      an image within ``hamming`` bits (64-bit pHash; ``auto``: calibrated
+                        on the dataset's own random pairs), or a text equal after
+                        normalisation, of an earlier item with its label and split
 ``conflicting_label``   the same (or near-same) content carrying different labels
 ``leakage``             the same (or near-same) content in more than one split; the copy
                         in the later split (train < val < test) is flagged
@@ -38,7 +39,13 @@ from typing import Any
 
 import pandas as pd
 
-from cycleml.data.image_facts import ImageFacts, inspect_images, near_links
+from cycleml.data.image_facts import (
+    MAX_AUTO_HAMMING,
+    ImageFacts,
+    calibrate_hamming,
+    inspect_images,
+    near_links,
+)
 from cycleml.data.manifest import (
     DATASET_FILE,
     FILES_DIR,
@@ -51,7 +58,7 @@ from cycleml.data.manifest import (
     write_dataset,
 )
 from cycleml.data.parallel import map_in_chunks
-from cycleml.data.report import REPORT_HTML, REPORT_JSON, write_report
+from cycleml.data.report import REPORT_HTML, REPORT_JSON, REPORT_PAGES_DIR, write_report
 from cycleml.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -91,7 +98,8 @@ class CleanSettings:
     policies: Mapping[str, str] = field(default_factory=dict)
     min_width: int = 8
     min_height: int = 8
-    hamming: int = 6
+    # bits of the 64-bit pHash, or "auto" (see image_facts.calibrate_hamming)
+    hamming: int | str = "auto"
     schema: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     files: str = "hardlink"
     workers: int | None = None
@@ -105,8 +113,14 @@ class CleanSettings:
         for check, policy in self.policies.items():
             if policy not in POLICIES:
                 raise ConfigError(f"checks.{check}={policy!r}; use one of {list(POLICIES)}")
-        if not 0 <= self.hamming < 64:
-            raise ConfigError(f"hamming={self.hamming}; use 0..63 bits of the 64-bit pHash")
+        if self.hamming != "auto" and (
+            isinstance(self.hamming, bool)
+            or not isinstance(self.hamming, int)
+            or not 0 <= self.hamming < 64
+        ):
+            raise ConfigError(
+                f"hamming={self.hamming!r}; use auto or 0..63 bits of the 64-bit pHash"
+            )
         if self.files not in ("copy", "hardlink"):
             raise ConfigError(f"files={self.files!r}; use copy or hardlink")
         for column, spec in self.schema.items():
@@ -146,6 +160,14 @@ class CleanResult:
     num_kept: int
     num_removed: int
     counts: dict[str, int]  # items flagged per check
+    # the near-duplicate threshold of an image dataset and how it was chosen
+    hamming: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Findings:
+    issues: list[Issue]
+    hamming: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- checks
@@ -319,15 +341,26 @@ def duplicate_issues(
         elif exact:
             issues.append(Issue(row, "exact_duplicate", "same content", ids[exact[0]]))
         else:
-            issues.append(Issue(row, "near_duplicate", "near-same content", ids[earlier[0]]))
+            other = earlier[0]
+            issues.append(
+                Issue(row, "near_duplicate", _near_detail(near_keys, row, other), ids[other])
+            )
     return issues
+
+
+def _near_detail(near_keys: Mapping[int, Hashable], row: int, other: int) -> str:
+    """How near: the bits two perceptual hashes differ in (texts are equal once normalised)."""
+    a, b = near_keys.get(row), near_keys.get(other)
+    if isinstance(a, int) and isinstance(b, int):
+        return f"near-same content: {(a ^ b).bit_count()} of 64 hash bits differ"
+    return "near-same content: the same text once normalised"
 
 
 # --------------------------------------------------------------------------- run
 
 
-def find_issues(dataset: Dataset, settings: CleanSettings) -> list[Issue]:
-    """Every finding about ``dataset``."""
+def find_issues(dataset: Dataset, settings: CleanSettings) -> Findings:
+    """Every finding about ``dataset``, and the near-duplicate threshold used on images."""
     issues = validity_issues(dataset, settings)
     facts = None
     if dataset.kind == "image" and len(dataset.manifest):
@@ -337,16 +370,32 @@ def find_issues(dataset: Dataset, settings: CleanSettings) -> list[Issue]:
     removed = {i.row for i in issues if settings.policy(i.check) != "keep"}
     rows = [r for r in range(len(dataset.manifest)) if r not in removed]
     preference: dict[int, float] = {}
+    hamming: dict[str, Any] | None = None
     if facts is not None:
         near_keys: dict[int, Hashable] = {r: facts[r].phash for r in rows if facts[r].error is None}
-        links = near_links(near_keys.values(), settings.hamming)
+        hamming = _hamming_threshold(dataset, near_keys, settings)
+        links = near_links(near_keys.values(), hamming["threshold"])
         preference = {r: float(facts[r].width * facts[r].height) for r in near_keys}
     else:
         texts = dataset.manifest["text"].tolist()
         near_keys = {r: normalise_text(str(texts[r] or "")) for r in rows}
         links = {}
     issues += duplicate_issues(dataset, rows, near_keys, links, preference)
-    return issues
+    return Findings(issues, hamming)
+
+
+def _hamming_threshold(
+    dataset: Dataset, near_keys: Mapping[int, Hashable], settings: CleanSettings
+) -> dict[str, Any]:
+    """The near-duplicate threshold: as configured, or calibrated on one hash per
+    distinct content (exact copies would pose as close random pairs)."""
+    if settings.hamming != "auto":
+        return {"threshold": int(settings.hamming), "mode": "configured"}
+    content = dataset.manifest["content_hash"].tolist()
+    by_content = {content[row]: key for row, key in near_keys.items()}
+    calibration = calibrate_hamming(by_content.values(), MAX_AUTO_HAMMING)  # type: ignore[arg-type]
+    log.info("near-duplicate threshold: %s", calibration.describe())
+    return {**calibration.to_dict(), "summary": calibration.describe()}
 
 
 def clean(
@@ -364,9 +413,10 @@ def clean(
     if output.resolve() == dataset.root:
         raise ConfigError(f"output {output} is the input; clean writes a new dataset directory")
     written = (MANIFEST_FILE, DATASET_FILE, FILES_DIR, QUARANTINE_FILE, QUARANTINE_DIR,
-               ISSUES_FILE, REPORT_JSON, REPORT_HTML)  # fmt: skip
+               ISSUES_FILE, REPORT_JSON, REPORT_HTML, REPORT_PAGES_DIR)  # fmt: skip
     prepare_output(output, overwrite, written)
-    issues = find_issues(dataset, settings)
+    findings = find_issues(dataset, settings)
+    issues = findings.issues
     frame = dataset.manifest
     by_row: dict[int, list[Issue]] = defaultdict(list)
     for issue in issues:
@@ -427,6 +477,7 @@ def clean(
         num_removed=len(removed),
         fingerprint=fingerprint,
         examples=settings.examples,
+        hamming=findings.hamming,
     )
     log.info(
         "cleaned %s: %d items in, %d kept, %d removed (%s)",
@@ -436,7 +487,9 @@ def clean(
         len(removed),
         ", ".join(f"{c}={n}" for c, n in counts.items() if n) or "no issues",
     )
-    return CleanResult(output, fingerprint, len(frame), len(kept), len(removed), counts)
+    return CleanResult(
+        output, fingerprint, len(frame), len(kept), len(removed), counts, findings.hamming
+    )
 
 
 def _describe(issue: Issue) -> str:

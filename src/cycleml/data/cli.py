@@ -16,7 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.cli import pick_command, positional_overrides
+from cycleml.cli import pick_command
+from cycleml.cli_args import as_overrides
 from cycleml.hydra_app import hydra_app
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,13 @@ def clean_app(cfg: DictConfig) -> str:
     )
     result = clean(cfg.input, cfg.output, settings, overwrite=cfg.overwrite)
     found = ", ".join(f"{check} {n}" for check, n in result.counts.items() if n) or "no issues"
+    near = ""
+    if result.hamming is not None:
+        mode = "auto" if result.hamming["mode"] == "auto" else "set"
+        near = f"; near-duplicate threshold {result.hamming['threshold']} bits ({mode})"
     print(
         f"cleaned {result.num_input} items: {result.num_kept} kept, {result.num_removed} removed "
-        f"({found}) -> {result.root} (fingerprint {result.fingerprint}); "
+        f"({found}){near} -> {result.root} (fingerprint {result.fingerprint}); "
         f"report: {result.root / REPORT_HTML}"
     )
     return result.fingerprint
@@ -99,7 +104,7 @@ def _usage() -> str:
         "",
         "examples:",
         "  cycleml data gather output=data/gathered",
-        "  cycleml data clean input=data/gathered clean.hamming=6",
+        "  cycleml data clean input=data/gathered clean.hamming=4",
         "  cycleml data diff data/gathered data/gathered-clean",
     ]
     return "\n".join(lines)
@@ -107,7 +112,7 @@ def _usage() -> str:
 
 def _diff_arguments(args: list[str]) -> list[str]:
     """``A B`` (plain paths) → ``old=A new=B``; overrides, options and their values pass unchanged."""
-    return positional_overrides(args, ["old", "new"])
+    return as_overrides(args, ["old", "new"])
 
 
 def main(argv: list[str] | None = None) -> None:

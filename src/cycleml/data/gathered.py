@@ -18,9 +18,8 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from cycleml.data.images import ImageDataModule, resize_uint8
+from cycleml.data.images import ImageDataModule
 from cycleml.data.manifest import MANIFEST_FILE, SPLIT_COLUMN, Dataset, read_dataset
 from cycleml.data.splits import SPLITS, split_indices
 from cycleml.data.text import TextTableDataModule
@@ -95,13 +94,7 @@ class GatheredImageDataModule(ImageDataModule):
         self.decode_workers = max(1, decode_workers)
 
     def _decode(self, relative: str) -> np.ndarray | str:
-        try:
-            with Image.open(self.dataset.file_path(relative)) as pil:
-                pil.load()
-                array = np.asarray(pil.convert("L" if self.channels == 1 else "RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            return f"{type(err).__name__}: {err}"
-        return resize_uint8(array, self.image_size, self.channels)
+        return self._decode_file(self.dataset.file_path(relative))
 
     def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         frame = self.dataset.manifest

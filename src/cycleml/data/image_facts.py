@@ -8,6 +8,7 @@ runs :func:`inspect_images` in worker processes over chunks of paths.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -102,3 +103,78 @@ def near_links(hashes: Iterable[int], threshold: int) -> dict[int, set[int]]:
                 links[int(values[a])].add(int(values[b]))
                 links[int(values[b])].add(int(values[a]))
     return dict(links)
+
+
+# the most bits auto calibration allows (natural pictures: near copies differ in a few
+# bits, different pictures in about half of the 64)
+MAX_AUTO_HAMMING = 6
+# the chance neighbours auto calibration allows per item: unrelated pictures flagged
+# as near-duplicates of each other in at most about 1 % of the items
+CHANCE_NEIGHBOURS = 0.01
+_CALIBRATION_PAIRS = 2_000_000
+_UPPER_QUANTILE, _LOWER_QUANTILE = 1e-2, 1e-3
+
+
+@dataclass(frozen=True)
+class HammingCalibration:
+    """How the near-duplicate threshold was chosen from the dataset's own hashes.
+
+    ``pairs`` random pairs of distinct images (all pairs of a small dataset) give the
+    distance reached by 1 % and 0.1 % of them; the tail below is extrapolated as one
+    decade of pairs per ``bits_per_decade`` bits (a straight line in log scale, which
+    overestimates the chance pairs of a binomial-like tail, so errs towards fewer
+    flags) down to the rate at which an item expects ``CHANCE_NEIGHBOURS`` chance
+    neighbours among the others. Real duplicates are too few to move these quantiles.
+    """
+
+    threshold: int
+    images: int
+    pairs: int
+    distance_1pct: float
+    distance_01pct: float
+    bits_per_decade: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.threshold} bits (auto: random pairs of {self.images} images are "
+            f"{self.distance_1pct:g} bits apart at the 1st percentile, {self.distance_01pct:g} "
+            f"at the 0.1th; at most {CHANCE_NEIGHBOURS:.0%} of items may match by chance)"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "mode": "auto",
+            "images": self.images,
+            "random_pairs": self.pairs,
+            "distance_1pct": self.distance_1pct,
+            "distance_01pct": self.distance_01pct,
+            "bits_per_decade": self.bits_per_decade,
+            "chance_neighbours_per_item": CHANCE_NEIGHBOURS,
+            "max_bits": MAX_AUTO_HAMMING,
+        }
+
+
+def calibrate_hamming(
+    hashes: Iterable[int], max_bits: int = MAX_AUTO_HAMMING, seed: int = 0
+) -> HammingCalibration:
+    """The near-duplicate threshold for these (distinct images') hashes; see
+    :class:`HammingCalibration`. Fewer than 2 images: ``max_bits``."""
+    values = np.fromiter(hashes, dtype=np.uint64)
+    n = len(values)
+    if n < 2:
+        return HammingCalibration(max_bits, n, 0, 64.0, 64.0, 0.0)
+    if n * (n - 1) // 2 <= _CALIBRATION_PAIRS:
+        first, second = np.triu_indices(n, k=1)
+    else:
+        rng = np.random.default_rng(seed)
+        first = rng.integers(0, n, _CALIBRATION_PAIRS)
+        second = (first + rng.integers(1, n, _CALIBRATION_PAIRS)) % n  # never the same
+    distances = np.bitwise_count(values[first] ^ values[second])
+    upper = float(np.quantile(distances, _UPPER_QUANTILE))
+    lower = float(np.quantile(distances, _LOWER_QUANTILE))
+    per_decade = max(upper - lower, 1.0)
+    target = CHANCE_NEIGHBOURS / (n - 1)
+    decades = max(0.0, math.log10(_LOWER_QUANTILE / target))
+    threshold = int(min(max_bits, max(0.0, math.floor(lower - decades * per_decade))))
+    return HammingCalibration(threshold, n, len(distances), upper, lower, per_decade)

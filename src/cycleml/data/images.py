@@ -1,7 +1,10 @@
 """Image classification data: the bundled digits and image folders.
 
-Images are decoded and resized once into a uint8 array (N, H, W, C); training
-applies an albumentations pipeline per sample, evaluation only normalises. The
+Images are decoded and resized once into a uint8 array (N, H, W, C) by the same
+:class:`~cycleml.inference.preprocess.ImagePreprocessor` that serving and offline
+prediction use, and normalised with the same constants as the exported graph, so
+training and serving cannot drift apart; training applies an albumentations pipeline
+per sample, evaluation only normalises. The
 pipeline is re-seeded from (seed, epoch, index) for every sample, so augmentation
 is reproducible whatever the number of loader workers.
 """
@@ -18,12 +21,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from cycleml.data.splits import SPLITS, split_indices
 from cycleml.data.versioning import content_hash, dataset_fingerprint
 from cycleml.errors import ConfigError, DataError
+from cycleml.inference.preprocess import ImagePreprocessor, normalise
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,7 @@ class AugmentedImages(Dataset):
     ) -> None:
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        channels = images.shape[-1]
-        self.scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32))).reshape(1, 1, channels)
-        self.shift = (
-            np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
-        ).reshape(1, 1, channels)
+        self.mean, self.std = list(mean), list(std)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -56,8 +55,7 @@ class AugmentedImages(Dataset):
         self._cache = None if transform is not None else self._normalise(images)
 
     def _normalise(self, images: np.ndarray) -> torch.Tensor:
-        array = images.astype(np.float32) * self.scale - self.shift
-        return torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, -3)))
+        return torch.from_numpy(normalise(images, self.mean, self.std))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -267,20 +265,17 @@ class ImageDataModule(L.LightningDataModule, ABC):
         if self.images is None:
             self.setup()
 
+    @property
+    def preprocessor(self) -> ImagePreprocessor:
+        """Decodes and resizes images to this data's size and channels (the serving path)."""
+        return ImagePreprocessor(self.image_size, self.channels)
 
-def resize_uint8(image: np.ndarray, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Resize one uint8 image (H, W) or (H, W, C) to ``size`` with ``channels`` channels."""
-    mode = "L" if image.ndim == 2 or image.shape[-1] == 1 else "RGB"
-    pil = Image.fromarray(image.squeeze(-1) if image.ndim == 3 and mode == "L" else image, mode)
-    return _pil_to_array(pil, size, channels)
-
-
-def _pil_to_array(pil: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
-    pil = pil.convert("L" if channels == 1 else "RGB")
-    if pil.size != (size[1], size[0]):
-        pil = pil.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    array = np.asarray(pil, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    def _decode_file(self, path: str | Path) -> np.ndarray | str:
+        """One image file at this data's size, or why it cannot be read."""
+        try:
+            return self.preprocessor.decode_file(path)
+        except DataError as err:
+            return str(err)
 
 
 class DigitsDataModule(ImageDataModule):
@@ -294,7 +289,8 @@ class DigitsDataModule(ImageDataModule):
 
         digits = load_digits()
         raw = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-        images = np.stack([resize_uint8(img, self.image_size, self.channels) for img in raw])
+        preprocessor = self.preprocessor
+        images = np.stack([preprocessor(img) for img in raw])
         ids = [f"digits/{i}" for i in range(len(raw))]
         return images, digits.target.astype(np.int64), [str(n) for n in digits.target_names], ids
 
@@ -341,18 +337,10 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return [d.name for d in class_dirs], files
 
-    def _decode(self, path: Path) -> np.ndarray | str:
-        try:
-            with Image.open(path) as pil:
-                pil.load()
-                return _pil_to_array(pil, self.image_size, self.channels)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            return f"{type(err).__name__}: {err}"
-
     def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         class_names, files = self._scan()
         with ThreadPoolExecutor(self.decode_workers) as pool:
-            decoded = list(pool.map(self._decode, (p for p, _ in files)))
+            decoded = list(pool.map(self._decode_file, (p for p, _ in files)))
         images, labels, ids = [], [], []
         self.unreadable = []
         for (path, label), result in zip(files, decoded, strict=True):

@@ -12,6 +12,7 @@ import numpy as np
 
 from cycleml.errors import ConfigError
 from cycleml.export.exporter import ExportSettings, check_target, export_bundle
+from cycleml.export.naming import bundle_name
 from cycleml.inference.bundle import ModelBundle
 from cycleml.inference.preprocess import TextPreprocessor
 
@@ -44,7 +45,7 @@ def export_checkpoint(
     data_config = spec.get("data_config")
     if not data_config or not class_names:
         raise ConfigError(f"checkpoint '{ckpt}' lacks data_spec.data_config or class_names")
-    name = name or _data_name(data_config)
+    name = name or bundle_name(data_config, _run_dir(ckpt))
     version = version or next_version(Path(bundles_dir) / name)
     target = Path(out_dir) if out_dir else Path(bundles_dir) / name / version
     check_target(target, settings.overwrite)  # before the validation data is rebuilt
@@ -94,20 +95,16 @@ def next_version(model_dir: Path) -> str:
     return str(max(numbers, default=0) + 1)
 
 
+def _run_dir(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
 def _run_summary(ckpt: Path) -> dict[str, Any]:
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    path = run_dir / "summary.json"
+    path = _run_dir(ckpt) / "summary.json"
     if not path.is_file():
         log.info("no summary.json next to %s; the bundle records no training metrics", ckpt)
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _data_name(data_config: Any) -> str:
-    """``cycleml.data.images.DigitsDataModule`` → ``digits``."""
-    target = str(data_config.get("_target_", "model")).rsplit(".", 1)[-1]
-    stem = target.removesuffix("DataModule") or "model"
-    return "".join(f"-{c.lower()}" if c.isupper() else c for c in stem).lstrip("-")
 
 
 def _is_number(value: Any) -> bool:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
-from cycleml.inference.bundle import ModelBundle
+
+if TYPE_CHECKING:
+    from cycleml.inference.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +21,11 @@ _PLACEMENT = ("name", "version", "out_dir", "bundles_dir")
 
 @hydra_app("export")
 def main(cfg: DictConfig) -> str:
+    from cycleml.training.evaluate import resolve_checkpoint
+
+    # a wrong path or a baseline run is named before torch and ONNX are imported
+    ckpt = resolve_checkpoint(cfg.ckpt_path)
+
     from cycleml.registry.cli import open_registry
     from cycleml.registry.text import registered_line
 
@@ -26,7 +34,7 @@ def main(cfg: DictConfig) -> str:
     # the registry is opened first, so that a bad root or database fails before the export
     registry = open_registry(cfg.registry) if options.pop("register", False) else None
     try:
-        bundle = _export(cfg.ckpt_path, placement, options)
+        bundle = _export(ckpt, placement, options)
         if registry is None:
             return str(bundle.path)
         registered, created = registry.register(
@@ -41,7 +49,7 @@ def main(cfg: DictConfig) -> str:
     return registered.ref
 
 
-def _export(ckpt_path: str, placement: dict[str, Any], options: dict[str, Any]) -> ModelBundle:
+def _export(ckpt_path: Path, placement: dict[str, Any], options: dict[str, Any]) -> ModelBundle:
     from cycleml.export.checkpoint import export_checkpoint
     from cycleml.export.exporter import ExportSettings
 

@@ -19,6 +19,8 @@ import torch
 from sklearn.decomposition import PCA
 from torch import nn
 
+from cycleml.inference.preprocess import normalisation
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_OUTPUT = "embedding"
@@ -30,10 +32,9 @@ class PixelScaling(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", mean_t / std_t)
+        scale, shift = normalisation(mean, std)  # the constants training normalises with
+        self.register_buffer("scale", torch.from_numpy(scale).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.from_numpy(shift).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift

@@ -66,6 +66,7 @@ from cycleml.monitoring.reference import (
     build_reference_sample,
     save_reference_sample,
 )
+from cycleml.umask import as_if_created
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def export_bundle(
     module = _inference_module(kind, net, data_spec, val_inputs, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    as_if_created(staging, directory=True)  # mkdtemp's 0700 would make the bundle private
     try:
         meta = _build(
             module, kind, input_spec, preprocess, class_names, staging,

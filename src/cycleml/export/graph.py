@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cycleml.inference.preprocess import normalisation
+
 
 class ImageInferenceNet(nn.Module):
     """``uint8 NHWC`` pixels → ``(pixels / 255 - mean) / std`` in NCHW → net → softmax."""
@@ -19,11 +21,10 @@ class ImageInferenceNet(nn.Module):
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.net = net
-        mean_t = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
-        std_t = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
-        # one multiply-add: x * (1 / (255 std)) - mean / std
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", mean_t / std_t)
+        # the constants training normalises with: one multiply-add
+        scale, shift = normalisation(mean, std)
+        self.register_buffer("scale", torch.from_numpy(scale).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.from_numpy(shift).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32) * self.scale - self.shift

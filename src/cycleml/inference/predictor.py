@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from cycleml.errors import BundleError
 from cycleml.inference.bundle import ImagePreprocess, ModelBundle, TextPreprocess, load_bundle
@@ -123,9 +124,7 @@ class Predictor:
         self._check_batch(batch)
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        (probabilities,) = self.session.run(
-            [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
-        )
+        (probabilities,) = self._session_run([self.output_name], batch)
         return np.asarray(probabilities, dtype=np.float32)
 
     def run_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -140,10 +139,14 @@ class Predictor:
                 np.zeros((0, len(self.class_names)), dtype=np.float32),
                 np.zeros((0, dim), dtype=np.float32),
             )
-        probabilities, embedding = self.session.run(
-            [self.output_name, self.embedding_name], {self.input_name: np.ascontiguousarray(batch)}
-        )
+        probabilities, embedding = self._session_run([self.output_name, self.embedding_name], batch)
         return np.asarray(probabilities, np.float32), np.asarray(embedding, np.float32)
+
+    def _session_run(self, outputs: list[str], batch: np.ndarray) -> list[np.ndarray]:
+        try:
+            return self.session.run(outputs, {self.input_name: np.ascontiguousarray(batch)})
+        except InvalidArgument as err:  # the values, not the model: e.g. ids out of range
+            raise ValueError(f"the runtime refused the input: {err}") from None
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if not isinstance(batch, np.ndarray):
@@ -165,11 +168,17 @@ class Predictor:
             raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not image")
         return self._image(data)
 
-    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text."""
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids a text model accepts: ``0 <= id < vocab_size`` (None: an image model)."""
+        return None if self._text is None else self._text.vocab_size
+
+    def preprocess_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """Token ids ``int64 (N, max_length)``; ``DataError`` for an empty text and, with
+        ``max_tokens``, ``TooManyTokens`` for a text longer than that before truncation."""
         if self._text is None:
             raise ValueError(f"bundle {self.bundle.meta.name!r} is a {self.kind} model, not text")
-        return self._text(texts)
+        return self._text(texts, max_tokens)
 
     # -- predictions --------------------------------------------------------------------
     def predict(self, batch: np.ndarray, top_k: int = 5) -> list[Prediction]:

@@ -1,20 +1,24 @@
-"""Client-side preprocessing in numpy: decode + resize images, tokenize texts.
+"""Preprocessing in numpy (no torch): decode + resize images, tokenize texts.
 
-Everything else (scaling, normalisation, layout, softmax) lives inside the ONNX
-graph, so this is all a client must reproduce. Images are converted to grey or RGB
-and resized with PIL's bilinear filter, exactly as the training data is prepared.
+This is the one image path: training data (``cycleml.data``), serving and offline
+prediction all decode and resize with :class:`ImagePreprocessor` (grey or RGB, PIL's
+bilinear filter), and training normalises and the exported graph scales pixels with
+the constants of :func:`normalisation`. Scaling, normalisation, layout and softmax of
+a bundle live inside the ONNX graph, so decoding and resizing is all a client must
+reproduce.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from cycleml.errors import BundleError, DataError
 
@@ -62,12 +66,7 @@ class ImagePreprocessor:
     def decode_file(self, path: str | os.PathLike[str]) -> np.ndarray:
         """One image file. It is read in one call and decoded from memory, which for
         small images costs less than Pillow's many small reads from the file."""
-        try:
-            with open(path, "rb") as file:
-                data = file.read()
-        except OSError as err:
-            raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
-        return self(data)
+        return self(read_regular_file(path))
 
     def _from_pil(self, pil: Image.Image) -> np.ndarray:
         if pil.mode != self.mode:
@@ -80,6 +79,8 @@ class ImagePreprocessor:
     def _from_array(self, array: np.ndarray) -> np.ndarray:
         if array.dtype != np.uint8:
             raise DataError(f"image arrays must be uint8 pixels 0..255, got {array.dtype}")
+        if array.size == 0:
+            raise DataError(f"image array of shape {array.shape} has no pixels")
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -95,6 +96,58 @@ class ImagePreprocessor:
         return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))
 
 
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path``. Anything else (a FIFO, a socket, a
+    device, a folder) is a :class:`DataError` without reading it: a FIFO named
+    ``*.png`` would otherwise block the reader forever."""
+    try:
+        kind = _file_kind(os.stat(path).st_mode)
+        if kind is None:
+            # non-blocking: should the path become a FIFO after the check, opening it
+            # does not wait for a writer, and the second check below refuses it
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with open(fd, "rb") as file:
+                kind = _file_kind(os.fstat(fd).st_mode)
+                if kind is None:
+                    return file.read()
+    except (OSError, ValueError) as err:  # ValueError: a NUL character in the path
+        raise DataError(f"cannot read image file: {type(err).__name__}: {err}") from err
+    raise DataError(f"not a regular file ({kind}): {os.fsdecode(path)!r}")
+
+
+def _file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {
+        stat.S_ISDIR: "a folder",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, shift)``, float32 per channel, such that ``pixels * scale - shift`` is
+    ``(pixels / 255 - mean) / std`` in one multiply-add."""
+    mean_a = np.asarray(list(mean), dtype=np.float32)
+    std_a = np.asarray(list(std), dtype=np.float32)
+    return (1.0 / (255.0 * std_a)).astype(np.float32), (mean_a / std_a).astype(np.float32)
+
+
+def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 ``(N, H, W, C)`` pixels → float32 ``(N, C, H, W)`` network input."""
+    scale, shift = normalisation(mean, std)
+    array = images.astype(np.float32) * scale - shift
+    return np.ascontiguousarray(np.moveaxis(array, -1, -3))
+
+
+class TooManyTokens(DataError):
+    """A text of more tokens than the caller allows (before truncation)."""
+
+
 class TextPreprocessor:
     """Tokenize texts to ``int64 (N, max_length)``: truncated, padded with ``pad_id``."""
 
@@ -107,6 +160,8 @@ class TextPreprocessor:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = pad_id
+        # the network's embedding has one row per token of the vocabulary
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
     @classmethod
     def from_file(cls, path: str | Path, max_length: int, pad_id: int) -> TextPreprocessor:
@@ -126,7 +181,9 @@ class TextPreprocessor:
             raise BundleError(f"not a valid tokenizers JSON: {err}") from err
         return cls(tokenizer, max_length, pad_id)
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        """``max_tokens``: refuse (``TooManyTokens``) a text of more tokens than this
+        before truncation, instead of cutting it to ``max_length``."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise DataError(f"text #{i} is {type(text).__name__}, expected a string")
@@ -135,4 +192,19 @@ class TextPreprocessor:
         if not texts:
             return np.zeros((0, self.max_length), dtype=np.int64)
         encodings = self.tokenizer.encode_batch(list(texts))
+        if max_tokens is not None:
+            for i, encoding in enumerate(encodings):
+                count = _token_count(encoding)
+                if count > max_tokens:
+                    raise TooManyTokens(f"text #{i} has {count} tokens; the limit is {max_tokens}")
         return np.asarray([e.ids for e in encodings], dtype=np.int64)
+
+
+def _token_count(encoding: Encoding) -> int:
+    """The text's own tokens before truncation: the kept part and what truncation moved
+    to ``overflowing``, without special tokens and padding."""
+    return sum(
+        attended and not special
+        for part in (encoding, *encoding.overflowing)
+        for attended, special in zip(part.attention_mask, part.special_tokens_mask, strict=True)
+    )

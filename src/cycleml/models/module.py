@@ -22,6 +22,7 @@ from torchmetrics.classification import (
 )
 
 from cycleml.errors import ConfigError
+from cycleml.models.checkpoint_file import read_checkpoint
 
 STAGES = ("train", "val", "test")
 
@@ -181,7 +182,7 @@ class ClassifierModule(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"checkpoint '{path}' does not exist")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = read_checkpoint(path, map_location)
         hparams = checkpoint.get("hyper_parameters", {})
         model_config = hparams.get("model_config")
         if not model_config:

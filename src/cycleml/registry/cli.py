@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.cli import pick_command, positional_overrides
+from cycleml.cli import pick_command
+from cycleml.cli_args import as_overrides
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
@@ -270,6 +271,13 @@ def _alias_arguments(args: list[str]) -> list[str]:
     return out
 
 
+def registry_overrides(command: str, args: list[str]) -> list[str]:
+    """The Hydra overrides of ``cycleml registry <command> <args>``: plain arguments
+    named by the sub-command's positionals, ``alias``'s ``champion=3`` form resolved."""
+    rest = as_overrides(args, SUBCOMMANDS[command][3])
+    return _alias_arguments(rest) if command == "alias" else rest
+
+
 def main(argv: list[str] | None = None) -> None:
     picked = pick_command(
         list(sys.argv[1:] if argv is None else argv), SUBCOMMANDS, _usage(), "cycleml registry"
@@ -277,16 +285,13 @@ def main(argv: list[str] | None = None) -> None:
     if picked is None:
         return
     command, rest = picked
-    app, _, _, positionals = SUBCOMMANDS[command]
-    rest = positional_overrides(rest, positionals)
-    if command == "alias":
-        try:
-            rest = _alias_arguments(rest)
-        except RegistryError as err:
-            print(f"cycleml registry: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    try:
+        rest = registry_overrides(command, rest)
+    except RegistryError as err:
+        print(f"cycleml registry: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     sys.argv = [f"cycleml registry {command}", *rest]
-    app()
+    SUBCOMMANDS[command][0]()
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
-from cycleml.serving import routes_v1, routes_v2
+from cycleml.serving import routes_stats, routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
 from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
@@ -40,14 +42,30 @@ class ServingApp:
         self.api = api
         self.state = api.state
         self._asgi = asgi
-        self._max_body_bytes = api.state.serving.settings.limits.max_body_bytes
+        limits = api.state.serving.settings.limits
+        self._max_body_bytes = limits.max_body_bytes
+        self._auth = asgi.auth
+        self.body_budget = asgi.budget
+        self.body_timeout_s = limits.body_timeout_s
 
-    def answers_directly(self, path: str, content_length: int) -> bool:
-        """Whether the connection protocol may hand a ``POST`` to ``path`` over whole,
-        skipping the server's general request cycle: the inference routes, with a
-        declared body within the size limit (a larger one is refused before it is read,
-        on the general path)."""
-        return content_length <= self._max_body_bytes and INFER_PATH.match(path) is not None
+    def answers_directly(self, path: str, content_length: int, authorization: bytes | None) -> bool:
+        """Whether the connection protocol may read the body of a ``POST`` to ``path``
+        whole and hand the request over, skipping the server's general request cycle:
+        the inference routes, with a valid key (when keys are required) and a declared
+        body within the size limit and within the body budget. True reserves
+        ``content_length`` bytes of the budget; the protocol gives them back with
+        :meth:`body_done`. Everything else takes the general path, which refuses a
+        missing key, an oversized body or a full budget before it reads the body."""
+        return (
+            content_length <= self._max_body_bytes
+            and INFER_PATH.match(path) is not None
+            and (self._auth is None or self._auth.allows(authorization))
+            and self.body_budget.take(content_length)
+        )
+
+    def body_done(self, content_length: int) -> None:
+        """A direct request's body is no longer held."""
+        self.body_budget.give(content_length)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)
@@ -72,6 +90,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(asyncio.to_thread(_load, state))
+        loading.add_done_callback(lambda _: _stop_if_nothing_loaded(state))
         try:
             yield
         finally:
@@ -87,8 +106,16 @@ def create_app(settings: ServeSettings) -> ServingApp:
         description="KServe v2 / Open Inference Protocol over HTTP, with a load-aware "
         "dynamic batcher per model.",
         lifespan=lifespan,
+        # no interactive pages: they load Swagger UI / ReDoc from a CDN, which a server
+        # without internet cannot reach, and no installed package ships their assets;
+        # the OpenAPI document itself is served at /openapi.json
+        docs_url=None,
+        redoc_url=None,
     )
+    # every error, also an unknown route or method, in the documented {"error": ...} shape
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.state.serving = state
+    app.include_router(routes_stats.router)  # before /v2/models/{model_name}
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.add_api_route(
@@ -114,12 +141,24 @@ def create_app(settings: ServeSettings) -> ServingApp:
         limits=settings.limits,
         log_requests=settings.access_log,
         on_busy=metrics.rejected.labels("", "", "server_busy").inc,
+        budget=BodyBudget(settings.limits.max_buffered_bytes),
     )
     return ServingApp(app, asgi)
 
 
 def _load(state: ServerState) -> None:
     state.repository.load_all()
+    if not state.repository.all_models():
+        reasons = [
+            f"{e['name']}: " + (f"version {e['version']} " if "version" in e else "") + e["reason"]
+            for e in state.repository.index()
+            if "reason" in e
+        ]
+        state.load_failure = (
+            "; ".join(reasons) or f"no model bundles found under '{state.settings.path}'"
+        )
+        log.error("no model could be loaded: %s", state.load_failure)
+        return
     # Everything loaded so far (the libraries, the sessions, the app) lives as long as
     # the server. Moved out of the collector's reach, it is not scanned again: without
     # this, each full collection walked it all and held the event loop and the batchers
@@ -130,12 +169,24 @@ def _load(state: ServerState) -> None:
         state.repository.start_watching()
 
 
+def _stop_if_nothing_loaded(state: ServerState) -> None:
+    """A server that could load no model would stay unready for good: stop it, so that
+    ``cycleml serve`` exits with the reason instead."""
+    if state.load_failure is not None and state.on_no_model is not None:
+        state.on_no_model()
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return json_response({"error": str(exc.detail)}, exc.status_code, exc.headers)
+
+
 async def server_metadata(request: Request) -> Response:
     return json_response(
         {
             "name": "cycleml",
             "version": cycleml.__version__,
-            "extensions": ["binary_tensor_data", "model_repository"],
+            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
         }
     )
 

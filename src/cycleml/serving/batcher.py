@@ -40,6 +40,11 @@ class InferenceFailed(Exception):
     """The runtime raised while running the batch that held this request."""
 
 
+class InputRejected(ValueError):
+    """The runtime refused this request's own values (HTTP 400), e.g. an index out of
+    range that checks before batching could not see."""
+
+
 @dataclass(eq=False)
 class WorkItem:
     """One request's rows on their way through the queue and a batch."""
@@ -279,13 +284,23 @@ class DynamicBatcher:
                 raise InferenceFailed(
                     f"model returned {outputs.shape[0]} rows for a batch of {rows}"
                 )
-        except Exception as err:  # the runtime failed: every request of the batch hears why
-            log.exception("instance %s: batch of %d rows failed", self.name, rows)
-            failure = err if isinstance(err, InferenceFailed) else InferenceFailed(str(err))
-            end = time.perf_counter()
-            for item in items:
-                item.error = failure
-                item.finished_at = end
+        except Exception as err:
+            if len(items) > 1:
+                # one request's values can fail a whole batch: run each alone so that
+                # only the guilty one hears of it, never its neighbours
+                log.warning(
+                    "instance %s: batch of %d rows failed (%s); running its %d requests one by one",
+                    self.name,
+                    rows,
+                    err,
+                    len(items),
+                )
+                for item in items:
+                    self._run_alone(item)
+                settle_from_thread(items)
+                return
+            items[0].error = _failure(err, self.name, rows)
+            items[0].finished_at = time.perf_counter()
             settle_from_thread(items)
             return
         end = time.perf_counter()
@@ -299,3 +314,30 @@ class DynamicBatcher:
         settle_from_thread(items)
         if self._on_batch is not None:
             self._on_batch(items, rows, end - start)
+
+    def _run_alone(self, item: WorkItem) -> None:
+        """Run one request of a failed batch on its own (no batch statistics kept)."""
+        item.started_at = time.perf_counter()
+        item.batch_rows = item.rows
+        try:
+            output = self._run(item.inputs)
+            if output.shape[0] != item.rows:
+                raise InferenceFailed(
+                    f"model returned {output.shape[0]} rows for a batch of {item.rows}"
+                )
+            item.output = output
+        except Exception as err:
+            item.error = _failure(err, self.name, item.rows)
+        item.finished_at = time.perf_counter()
+
+
+def _failure(err: Exception, instance: str, rows: int) -> Exception:
+    """What a request hears when the runtime raised on it: its own bad values (a
+    ``ValueError`` from the predictor) are the client's to fix, anything else is the
+    server's and is logged in full."""
+    if isinstance(err, InferenceFailed | InputRejected):
+        return err
+    if isinstance(err, ValueError):
+        return InputRejected(str(err))
+    log.error("instance %s: batch of %d rows failed", instance, rows, exc_info=err)
+    return InferenceFailed(str(err))

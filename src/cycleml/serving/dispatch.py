@@ -21,6 +21,8 @@ from starlette.types import Receive
 from cycleml.errors import CycleMLError
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, InferenceFailed, WorkItem
+from cycleml.serving.body_guard import BodyBufferFull, BodyTimeout
+from cycleml.serving.decode_limits import DecodeLimitExceeded
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import ProtocolError, json_dumps
 from cycleml.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
@@ -52,10 +54,26 @@ class ServerState:
     decode_pool: ThreadPoolExecutor
     auth: ApiKeyAuth | None = None
     draining: bool = False
+    # why no model could be loaded at start-up (the server then stops: on_no_model)
+    load_failure: str | None = None
+    on_no_model: Callable[[], None] | None = None
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """Run CPU work (JSON and image decoding) on the decode threads."""
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work, *args)
+
+    async def decode_by(self, deadline: float, work: Callable[..., T], *args: Any) -> T:
+        """:meth:`off_loop` for work that is only worth starting before ``deadline``
+        (``time.perf_counter()``): it may have waited behind other requests' decoding."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.decode_pool, _unless_late, deadline, work, args
+        )
+
+
+def _unless_late(deadline: float, work: Callable[..., T], args: tuple) -> T:
+    if time.perf_counter() > deadline:
+        raise DeadlineExceeded()
+    return work(*args)
 
 
 def state_of(request: Request) -> ServerState:
@@ -273,10 +291,18 @@ def error_parts(err: Exception, settings: ServeSettings) -> tuple[int, str, dict
         status, message = 400, str(err)
     elif isinstance(err, ModelNotFound):
         status, message = 404, str(err)
-    elif isinstance(err, BodyTooLarge):
+    elif isinstance(err, BodyTooLarge | DecodeLimitExceeded):
         status, message = 413, str(err)
     elif isinstance(err, UnsupportedEncoding):
         status, message = 415, str(err)
+    elif isinstance(err, BodyTimeout):
+        # the rest of the body may still be on its way: the connection cannot be reused
+        status, message = 408, str(err)
+        headers["Connection"] = "close"
+    elif isinstance(err, BodyBufferFull):
+        status, message = 503, f"{err}; retry after {settings.limits.retry_after_s} s"
+        headers["Retry-After"] = str(settings.limits.retry_after_s)
+        headers["Connection"] = "close"
     elif isinstance(err, QueueFull):
         status = settings.limits.overload_status
         message = f"{err}; retry after {settings.limits.retry_after_s} s"
@@ -344,8 +370,9 @@ async def answered(
         response = await handle(info)
         status = response.status_code
     except Exception as err:
-        status, response = error_response(err, state.settings)
-        info["error"] = str(err)[:200]
+        status, message, headers = error_parts(err, state.settings)
+        response = json_response({"error": message}, status, headers)
+        info["error"] = message[:200]
     account(state, info, endpoint, status, started)
     return response
 

@@ -44,6 +44,10 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
+# the model label of requests for a model the server does not serve: names come from the
+# URL, and a label value per made-up name would grow the series without bound
+UNKNOWN_MODEL = "_unknown"
+
 
 class ServingMetrics:
     """The server's counters, histograms and gauges, in a registry of their own."""
@@ -118,6 +122,19 @@ class ServingMetrics:
         self._children: dict[tuple[str, str, str, int], tuple] = {}
         # (model, version) -> the length of the queue cycleml_queue_depth reports
         self._queues: dict[tuple[str, str], Callable[[], int]] = {}
+        # model name -> its loaded versions (instances of ServedModel not yet stopped)
+        self._served: dict[str, int] = {}
+
+    def model_loaded(self, name: str) -> None:
+        """A version of ``name`` is loaded: its requests are counted under its name."""
+        self._served[name] = self._served.get(name, 0) + 1
+
+    def model_stopped(self, name: str) -> None:
+        left = self._served.get(name, 0) - 1
+        if left > 0:
+            self._served[name] = left
+        else:
+            self._served.pop(name, None)
 
     def queue_depth_writer(self, labels: tuple[str, str]) -> Callable[[int], None] | None:
         """What a queue calls with its depth on every change: only with several server
@@ -153,7 +170,10 @@ class ServingMetrics:
     ) -> None:
         """Count one inference request. The labelled children are looked up once per label
         set and kept: ``labels()`` costs more than the update itself, and this runs for
-        every request."""
+        every request. A request that reached no served model (no version) for a name
+        the server does not serve counts under ``UNKNOWN_MODEL``."""
+        if not version and model not in self._served:
+            model = UNKNOWN_MODEL
         key = (model, version, endpoint, status)
         children = self._children.get(key)
         if children is None:

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cycleml.serving.auth import ApiKeyAuth
+from cycleml.serving.body_guard import BodyBudget, GuardedReceive
 from cycleml.serving.fast_path import InferenceFastPath
 from cycleml.serving.protocol import json_dumps
 from cycleml.serving.routes_v2 import send_answer
@@ -40,7 +41,11 @@ class RequestContextMiddleware:
     event loop instead of being refused at once.
 
     Inference requests (``fast_path``) are answered here directly; every other request
-    goes on to ``app``. The ``Authorization`` header is never logged; a proxy's
+    goes on to ``app``. A request whose body the connection protocol did not already
+    read whole (within the body budget, see ``ServingApp.answers_directly``) reads it
+    through a :class:`GuardedReceive`: within ``limits.body_timeout_s`` and within the
+    bytes ``budget`` leaves. The key and the declared size are checked on the headers,
+    before any of the body is read. The ``Authorization`` header is never logged; a proxy's
     ``X-Forwarded-For`` is logged as ``forwarded_for`` next to the connection's address.
     """
 
@@ -52,8 +57,10 @@ class RequestContextMiddleware:
         limits: LimitSettings,
         log_requests: bool,
         on_busy: Callable[[], None],
+        budget: BodyBudget,
     ) -> None:
         self.app = app
+        self.budget = budget
         self.fast_path = fast_path
         self.auth = auth
         self.limits = limits
@@ -81,6 +88,7 @@ class RequestContextMiddleware:
                 content_length = value
             elif name == b"x-forwarded-for":
                 forwarded_for = value
+        declared = int(content_length) if content_length and content_length.isdigit() else 0
         # a client's id is echoed in a response header: printable ASCII only
         if not request_id or not (request_id.isascii() and request_id.isprintable()):
             request_id = f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
@@ -106,20 +114,28 @@ class RequestContextMiddleware:
                 send_with_id,
                 401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                [(b"www-authenticate", b"Bearer")],
+                # the body it may be sending is never read: the connection ends here
+                [(b"www-authenticate", b"Bearer"), (b"connection", b"close")],
             )
-        elif (
-            content_length is not None
-            and content_length.isdigit()
-            and (int(content_length) > self.limits.max_body_bytes)
-        ):
+        elif declared > self.limits.max_body_bytes:
             info["error"] = "body too large"
             await _refuse(
                 send_with_id,
                 413,
-                f"request body of {int(content_length)} bytes "
+                f"request body of {declared} bytes "
                 f"exceeds the limit of {self.limits.max_body_bytes}",
-                [],
+                [(b"connection", b"close")],
+            )
+        elif declared and "cycleml.direct" not in scope and not self.budget.fits(declared):
+            info["error"] = "body buffer full"
+            await _refuse(
+                send_with_id,
+                503,
+                f"{self.budget.refusal(declared)}; retry after {self.limits.retry_after_s} s",
+                [
+                    (b"retry-after", str(self.limits.retry_after_s).encode()),
+                    (b"connection", b"close"),
+                ],
             )
         elif path in self.unlimited_paths:
             await self.app(scope, receive, send_with_id)
@@ -135,6 +151,9 @@ class RequestContextMiddleware:
             )
         else:
             self.inflight += 1
+            guarded = None
+            if "cycleml.direct" not in scope:  # the body is still to be read
+                receive = guarded = GuardedReceive(receive, self.budget, self.limits.body_timeout_s)
             try:
                 route = None if self.fast_path is None else self.fast_path.match(scope)
                 if route is None:
@@ -146,6 +165,8 @@ class RequestContextMiddleware:
                     await send_answer(send, (status, headers, body))
             finally:
                 self.inflight -= 1
+                if guarded is not None:
+                    guarded.release()
         if self.log_requests:
             info["method"] = scope["method"]
             info["path"] = path

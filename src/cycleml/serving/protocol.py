@@ -59,6 +59,10 @@ DATATYPES: dict[str, np.dtype] = {
 
 _DATATYPE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DATATYPES.items()}
 
+# strings (texts a text model tokenizes itself): JSON strings, or in the binary extension
+# each element as a 4-byte little-endian length and its bytes, as tritonclient sends them
+BYTES = "BYTES"
+
 
 def datatype_of(dtype: np.dtype) -> str:
     """The KServe v2 datatype name of a numpy dtype."""
@@ -129,8 +133,9 @@ def parse_binary_request(body: bytes, header_length: str) -> InferRequest:
     if known is not None:
         return known.request(body, length)
     request = _parse(body, header_length=length)
-    # a header that carries a request id is usually sent once: not worth keeping
-    if request.id is None and all(t.binary for t in request.inputs):
+    # a header that carries a request id is usually sent once: not worth keeping (nor
+    # one of strings, whose layout lies in the tensor bytes)
+    if request.id is None and all(t.binary and t.datatype != BYTES for t in request.inputs):
         if len(_binary_headers) >= BINARY_HEADER_CACHE:
             _binary_headers.clear()
         _binary_headers[header] = _BinaryHeader(request)
@@ -197,8 +202,13 @@ def _parse(body: bytes, header_length: int | None) -> InferRequest:
     binary = memoryview(body)[header_length:] if header_length is not None else memoryview(b"")
     offset = 0
     inputs = []
+    # a JSON document without true or false anywhere cannot hold a boolean: most bodies
+    # skip the walk over their data that looks for one
+    may_hold_booleans = _mentions(header_bytes, b"u", b"true", 2) or _mentions(
+        header_bytes, b"l", b"false", 2
+    )
     for index, raw in enumerate(raw_inputs):
-        tensor, offset = _parse_input(raw, index, binary, offset)
+        tensor, offset = _parse_input(raw, index, binary, offset, may_hold_booleans)
         inputs.append(tensor)
     if offset != len(binary):
         raise ProtocolError(
@@ -220,16 +230,19 @@ def _parse(body: bytes, header_length: int | None) -> InferRequest:
     )
 
 
-def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple[InputTensor, int]:
+def _parse_input(
+    raw: Any, index: int, binary: memoryview, offset: int, may_hold_booleans: bool = True
+) -> tuple[InputTensor, int]:
     if not isinstance(raw, dict):
         raise ProtocolError(f"inputs[{index}] must be a JSON object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
         raise ProtocolError(f"inputs[{index}] needs a 'name'")
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
+    if datatype not in DATATYPES and datatype != BYTES:
         raise ProtocolError(
-            f"input '{name}' has datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
+            f"input '{name}' has datatype {datatype!r}; expected one of "
+            f"{sorted([*DATATYPES, BYTES])}"
         )
     shape = raw.get("shape")
     if not isinstance(shape, list) or not all(
@@ -238,9 +251,11 @@ def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple
         raise ProtocolError(f"input '{name}' needs a 'shape' list of non-negative integers")
     shape_t = tuple(shape)
     count = math.prod(shape_t)
-    dtype = DATATYPES[datatype]
     params = raw.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if datatype == BYTES:
+        return _parse_strings(raw, name, shape_t, count, size, binary, offset)
+    dtype = DATATYPES[datatype]
 
     if size is not None:
         if not isinstance(size, int) or size < 0:
@@ -262,8 +277,97 @@ def _parse_input(raw: Any, index: int, binary: memoryview, offset: int) -> tuple
 
     if "data" not in raw:
         raise ProtocolError(f"input '{name}' has neither 'data' nor binary_data_size")
+    if datatype != "BOOL" and may_hold_booleans and _holds_boolean(raw["data"]):
+        # numpy would read true/false as 1/0 of any numeric type
+        raise ProtocolError(f"input '{name}' is {datatype} but its 'data' holds true/false")
     array = _array_from_json(raw["data"], name, datatype, dtype, shape_t, count)
     return InputTensor(name, datatype, shape_t, array), offset
+
+
+def _mentions(document: bytes, letter: bytes, word: bytes, at: int) -> bool:
+    """Whether ``word`` (whose ``at``-th character is ``letter``) occurs in ``document``.
+    Searching for one character runs at memory speed, while ``word in document`` scans
+    a body of digits about fifty times slower (24 µs for a 14 KB JSON tensor), and the
+    letter is rare in a JSON tensor: only a few keys hold it."""
+    index = document.find(letter)
+    while index != -1:
+        if document[index - at : index - at + len(word)] == word:
+            return True
+        index = document.find(letter, index + 1)
+    return False
+
+
+def _holds_boolean(data: Any) -> bool:
+    if not isinstance(data, list):
+        return False
+    pending = [data]
+    while pending:
+        for item in pending.pop():
+            if item is True or item is False:
+                return True
+            if isinstance(item, list):
+                pending.append(item)
+    return False
+
+
+def _parse_strings(
+    raw: dict[str, Any],
+    name: str,
+    shape: tuple[int, ...],
+    count: int,
+    size: Any,
+    binary: memoryview,
+    offset: int,
+) -> tuple[InputTensor, int]:
+    """A BYTES input: an object array of ``str`` (JSON) or ``bytes`` (binary)."""
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise ProtocolError(
+                f"input '{name}': binary_data_size must be a non-negative integer within the body"
+            )
+        if "data" in raw:
+            raise ProtocolError(f"input '{name}' has both 'data' and binary_data_size")
+        block = binary[offset : offset + size]
+        items: list[Any] = []
+        position = 0
+        while position < size:
+            if position + 4 > size:
+                raise ProtocolError(f"input '{name}': a BYTES element's length is cut off")
+            length = int.from_bytes(block[position : position + 4], "little")
+            position += 4
+            if position + length > size:
+                raise ProtocolError(f"input '{name}': a BYTES element runs past its tensor")
+            items.append(bytes(block[position : position + length]))
+            position += length
+        offset += size
+        binary_input = True
+    else:
+        data = raw.get("data")
+        if not isinstance(data, list):
+            raise ProtocolError(f"input '{name}' needs 'data' (a list of strings)")
+        items = []
+        levels = [iter(data)]
+        while levels:  # flat or nested, in row-major order
+            for item in levels[-1]:
+                if isinstance(item, list):
+                    levels.append(iter(item))
+                    break
+                if not isinstance(item, str):
+                    raise ProtocolError(
+                        f"input '{name}' is BYTES: its 'data' must hold strings, "
+                        f"got {type(item).__name__}"
+                    )
+                items.append(item)
+            else:
+                levels.pop()
+        binary_input = False
+    if len(items) != count:
+        raise ProtocolError(
+            f"input '{name}' has {len(items)} elements but shape {list(shape)} needs {count}"
+        )
+    array = np.empty(count, dtype=object)
+    array[:] = items
+    return InputTensor(name, BYTES, shape, array.reshape(shape), binary=binary_input), offset
 
 
 def _array_from_json(

@@ -107,6 +107,8 @@ class ModelRepository:
         # the watch's view: signatures seen at the last poll; versions whose load failed
         self._pending: dict[tuple[str, str], tuple] = {}
         self._failed: dict[tuple[str, str], LoadFailure] = {}
+        # models unloaded on request: the watch leaves them alone until a load
+        self._held_unloaded: set[str] = set()
         # a registry root: what its aliases point to, and each model's routed aliases
         self.follower = (
             RegistryFollower(self.root, settings.registry.db_url)
@@ -198,6 +200,7 @@ class ModelRepository:
         if name not in on_disk:
             known = ", ".join(sorted(on_disk)) or "none"
             raise ModelNotFound(f"model '{name}' not found under '{self.root}' (found: {known})")
+        self._held_unloaded.discard(name)
         failed = self._sync_model(name, on_disk[name], retry_failed=True)
         with self._lock:
             served = sorted(self._live.get(name, {}), key=version_order)
@@ -208,12 +211,16 @@ class ModelRepository:
             raise ModelUnavailable(self.failure_reason(name) or f"model '{name}' failed to load")
         return served
 
-    def unload_model(self, name: str) -> None:
+    def unload_model(self, name: str, hold: bool = True) -> None:
+        """Stop serving ``name``; ``hold``: and keep the watch from loading it again
+        until :meth:`load_model` (an unload on request)."""
         with self._lock:
             if name not in self._live:
                 raise ModelNotFound(f"model '{name}' is not loaded")
             retired = list(self._live.pop(name).values())
             self._default.pop(name, None)
+            if hold:
+                self._held_unloaded.add(name)
         for model in retired:
             self._retire(model)
 
@@ -534,6 +541,8 @@ class ModelRepository:
             log.warning("watch: cannot scan '%s': %s", self.root, err)
             return
         for name, versions in on_disk.items():
+            if name in self._held_unloaded:
+                continue
             wanted = self.wanted(name, versions)
             self._forget_failures(name, wanted)
             served = set(self.versions(name))
@@ -562,7 +571,7 @@ class ModelRepository:
         if not self.single_bundle:
             for name in set(self._default) - set(on_disk):
                 log.info("watch: model %s was removed from the repository", name)
-                self.unload_model(name)
+                self.unload_model(name, hold=False)
             for key in [k for k in self._failed if k[0] not in on_disk]:
                 del self._failed[key]
 
@@ -573,7 +582,7 @@ class ModelRepository:
         if not self._read_registry():
             return
         for name in sorted(set(before) | set(self._followed)):
-            if before.get(name) != self._followed.get(name):
+            if before.get(name) != self._followed.get(name) and name not in self._held_unloaded:
                 log.info("registry: model %s now wants %s", name, self._followed.get(name))
                 self._sync_model(name, self._versions_on_disk(name))
 

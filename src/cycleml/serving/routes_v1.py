@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.responses import Response
 
+from cycleml.serving.decode_limits import check_images, tokenize_within_limits
 from cycleml.serving.dispatch import (
     answered,
     infer_rows,
@@ -60,8 +63,9 @@ _PREDICT_BODY = {
 }
 
 
-def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
-    """Rows for the model from a JSON body (runs on a decode thread)."""
+def _json_instances(body: bytes, model: ServedModel) -> list[str] | list[bytes | np.ndarray]:
+    """The texts (text model) or encoded images and pixel arrays (image model) of a
+    JSON body, not yet tokenized or decoded (runs on a decode thread)."""
     try:
         document = json_loads(body)
     except ValueError as err:
@@ -84,8 +88,7 @@ def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
             f"{len(instances)} instances exceed the maximum of {model.max_batch_size} per request"
         )
     if model.kind == "text":
-        texts = [i.get("text") if isinstance(i, dict) else i for i in instances]
-        return model.preprocess_texts(texts)
+        return [i.get("text") if isinstance(i, dict) else i for i in instances]
     images: list[bytes | np.ndarray] = []
     for index, instance in enumerate(instances):
         if isinstance(instance, dict) and isinstance(instance.get("b64"), str):
@@ -104,38 +107,65 @@ def _json_instances(body: bytes, model: ServedModel) -> np.ndarray:
             raise ProtocolError(
                 f'instances[{index}] must be a pixel array or {{"b64": "<encoded image>"}}'
             )
-    return model.preprocess_images(images)
+    return images
 
 
-async def _rows(request: Request, body: bytes, model: ServedModel) -> np.ndarray:
+async def _rows(request: Request, body: bytes, model: ServedModel, deadline: float) -> np.ndarray:
+    """The request's rows for the model. The decoding work is bounded before it starts
+    (``limits.max_*``), and each image is decoded as a job of its own on the decode
+    threads, each started only before the request's deadline. Jobs run in the order they
+    are submitted, so a request's next image queues behind what other requests
+    submitted meanwhile: a request of many large images takes turns with the others
+    instead of holding the decode threads until it is done. (Measured: a 4096×4096 PNG
+    takes about 0.4 s to decode and resize, so one job never holds a thread for long.)"""
     state = state_of(request)
+    limits = state.settings.limits
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    images: list[bytes | np.ndarray]
     if content_type == "application/json":
-        return await state.off_loop(_json_instances, body, model)
-    if model.kind != "image":
+        instances = await state.decode_by(deadline, _json_instances, body, model)
+        if model.kind == "text":
+            return await state.decode_by(
+                deadline, tokenize_within_limits, instances, model.preprocess_texts, limits
+            )
+        images = instances
+    elif model.kind != "image":
         raise ProtocolError(
             f"model '{model.name}' is a text model; send JSON "
             '{"text": "..."} or {"instances": ["...", ...]}'
         )
-    if content_type == "multipart/form-data":
-        files = await _form_files(request, body)
-        if not files:
+    elif content_type == "multipart/form-data":
+        images = await _form_files(request, body, model.max_batch_size)
+        if not images:
             raise ProtocolError("multipart body has no file parts")
-        if len(files) > model.max_batch_size:
+        if len(images) > model.max_batch_size:
             raise ProtocolError(
-                f"{len(files)} files exceed the maximum of {model.max_batch_size} per request"
+                f"{len(images)} files exceed the maximum of {model.max_batch_size} per request"
             )
-        return await state.off_loop(model.preprocess_images, files)
-    if not body:
+    elif not body:
         raise ProtocolError("empty body: send an image file, multipart form or JSON")
-    return await state.off_loop(model.preprocess_images, [body])
+    else:
+        images = [body]
+    await state.decode_by(deadline, check_images, images, limits)
+    return np.stack([await state.decode_by(deadline, model.preprocess_image, i) for i in images])
 
 
-async def _form_files(request: Request, body: bytes) -> list[bytes]:
+async def _form_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, replay).form()
+    try:
+        # one more than allowed, so that too many files get the message that says so
+        form = await Request(request.scope, replay).form(
+            max_files=max_files + 1, max_fields=max_files + 1
+        )
+    except HTTPException as err:  # what the form parser found wrong with the body
+        raise ProtocolError(f"malformed multipart body: {err.detail}") from None
+    except (MultiPartException, KeyError, ValueError) as err:
+        reason = getattr(err, "message", None) or (
+            "no boundary in Content-Type" if isinstance(err, KeyError) else str(err)
+        )
+        raise ProtocolError(f"malformed multipart body: {reason}") from None
     try:
         return [await v.read() for _, v in form.multi_items() if isinstance(v, UploadFile)]
     finally:
@@ -152,10 +182,13 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
         with state.repository.lease(model_name, version) as model:
             info["model"] = model.name
             info["version"] = model.version
-            rows = await _rows(request, body, model)
+            rows = await _rows(request, body, model, deadline)
             model.check_rows(rows)
             item = await infer_rows(request.receive, model, rows, deadline)
             record_item(info, item)
+            model.stats.request_succeeded(
+                time.perf_counter() - received, item.queue_s, item.inference_s
+            )
             predictions = model.predictors[0].to_predictions(item.output, TOP_K)
             return json_response(
                 {

@@ -25,6 +25,7 @@ from cycleml.serving.dispatch import (
     state_of,
 )
 from cycleml.serving.protocol import (
+    BYTES,
     encode_response,
     json_dumps,
     parse_binary_request,
@@ -118,6 +119,7 @@ async def infer_answer(
         elif name == b"x-timeout-ms":
             timeout_header = value.decode("latin-1")
     settings = state.settings
+    served = None
     try:
         body = await receive_body(receive, settings.limits.max_body_bytes, declared)
         if encoding is not None:
@@ -128,12 +130,17 @@ async def infer_answer(
         else:
             parsed = await state.off_loop(parse_json_request, body)
         deadline = started + request_timeout_s(settings, timeout_header, parsed.timeout_us)
-        model = state.repository.acquire(model_name, version)
+        model = served = state.repository.acquire(model_name, version)
         try:
             # the model that computes the answer names it (an alias may move meanwhile)
             info["model"] = model.name
             info["version"] = model.version
-            rows = model.check_request(parsed)
+            if parsed.inputs[0].datatype == BYTES:  # texts, tokenized here
+                rows = await state.decode_by(
+                    deadline, model.rows_from_texts, parsed, settings.limits
+                )
+            else:
+                rows = model.check_request(parsed)
             item = await infer_rows(receive, model, rows, deadline)
             record_item(info, item)
             encoded = encode_response(
@@ -141,9 +148,12 @@ async def infer_answer(
             )
         finally:
             model.release()
+        model.stats.request_succeeded(time.perf_counter() - started, item.queue_s, item.inference_s)
     except Exception as err:
         status, message, extra = error_parts(err, settings)
-        info["error"] = str(err)[:200]
+        info["error"] = message[:200]
+        if served is not None:
+            served.stats.request_failed(time.perf_counter() - started)
         account(state, info, "v2_infer", status, started)
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
         if "version" in info:

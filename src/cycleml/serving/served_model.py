@@ -14,9 +14,11 @@ import numpy as np
 from cycleml.inference import ModelBundle, Predictor
 from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
+from cycleml.serving.decode_limits import tokenize_within_limits
 from cycleml.serving.metrics import ServingMetrics
-from cycleml.serving.protocol import DATATYPES, InferRequest, ProtocolError, datatype_of
-from cycleml.serving.settings import ServeSettings
+from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
+from cycleml.serving.settings import LimitSettings, ServeSettings
+from cycleml.serving.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ SPIN_BETWEEN_RUNS = {
 }
 
 
+# the input a text model also takes: texts, tokenized on the server with the bundle's
+# tokenizer (a BYTES tensor of shape [N] or [N, 1])
+TEXT_INPUT = "text"
+
+
 class QueueFull(Exception):
     """The model's queue holds ``max_queue_size`` requests already."""
 
@@ -66,9 +73,11 @@ class ServedModel:
         self.loaded_at = time.time()
         runtime, batching = settings.runtime, settings.batching
         self.max_batch_size = batching.max_batch_size
+        self.precision = settings.precision.get(name, "fp32")
         self.predictors = [
             Predictor(
                 bundle,
+                precision=self.precision,
                 providers=list(runtime.providers) if runtime.providers else None,
                 intra_op_threads=runtime.intra_op_threads,
                 inter_op_threads=runtime.inter_op_threads,
@@ -88,10 +97,12 @@ class ServedModel:
         self.output_name = first.output_name
         self.class_names = list(first.class_names)
         self.kind = bundle.meta.kind
+        self.vocab_size = first.vocab_size
 
         self._labels = (name, self.version)
         self._metrics = metrics
         self.latency_model = BatchLatencyModel()
+        self.stats = ModelStatistics()
         self.queue = RequestQueue(
             batching.max_queue_size,
             ArrivalRate(),
@@ -115,6 +126,8 @@ class ServedModel:
         self.ready = False
         self._leases = 0
         self._lease_lock = threading.Lock()
+        # counted among the served models (metric labels) from warm-up to stop
+        self._counted = False
 
     # -- life cycle -----------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -136,6 +149,8 @@ class ServedModel:
             batcher.start()
         self.ready = True
         self._metrics.models_ready.labels(*self._labels).set(1)
+        self._metrics.model_loaded(self.name)
+        self._counted = True
         log.info(
             "model %s version %s ready: %d instance(s), max batch %d",
             self.name,
@@ -153,6 +168,9 @@ class ServedModel:
                 log.warning("instance %s did not stop within %s s", batcher.name, timeout)
         self._metrics.models_ready.labels(*self._labels).set(0)
         self._metrics.unwatch_queue(self._labels, self.queue.__len__)
+        if self._counted:
+            self._counted = False
+            self._metrics.model_stopped(self.name)
 
     def acquire(self) -> None:
         with self._lease_lock:
@@ -187,6 +205,49 @@ class ServedModel:
                 f"input '{self.input_name}' must be {self.input_datatype}, got {tensor.datatype}"
             )
         self.check_rows(tensor.array)
+        self._check_outputs(request)
+        return tensor.array
+
+    def rows_from_texts(self, request: InferRequest, limits: LimitSettings) -> np.ndarray:
+        """A text model's batch from a BYTES input of texts, tokenized with the bundle's
+        tokenizer (CPU work: runs on a decode thread)."""
+        tensor = request.inputs[0]
+        if self.vocab_size is None:
+            raise ProtocolError(
+                f"model '{self.name}' takes no BYTES input; its input is '{self.input_name}' "
+                f"({self.input_datatype})"
+            )
+        if len(request.inputs) != 1 or tensor.name != TEXT_INPUT:
+            names = ", ".join(t.name for t in request.inputs)
+            raise ProtocolError(
+                f"model '{self.name}' takes one input '{self.input_name}' "
+                f"({self.input_datatype}) or '{TEXT_INPUT}' (BYTES), got {names}"
+            )
+        shape = tensor.array.shape
+        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
+            raise ProtocolError(
+                f"input '{TEXT_INPUT}' has shape {list(shape)}; send one text per row: "
+                "[N] or [N, 1]"
+            )
+        texts = []
+        for index, value in enumerate(tensor.array.reshape(-1)):
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolError(
+                        f"input '{TEXT_INPUT}': text #{index} is not valid UTF-8"
+                    ) from None
+            texts.append(value)
+        if not 1 <= len(texts) <= self.max_batch_size:
+            raise ProtocolError(
+                f"input '{TEXT_INPUT}' has {len(texts)} texts; send between 1 and "
+                f"{self.max_batch_size} (batching.max_batch_size) per request"
+            )
+        self._check_outputs(request)
+        return tokenize_within_limits(texts, self.preprocess_texts, limits)
+
+    def _check_outputs(self, request: InferRequest) -> None:
         if request.outputs is not None:
             unknown = [n for n in request.outputs if n != self.output_name]
             if unknown:
@@ -194,7 +255,6 @@ class ServedModel:
                     f"model '{self.name}' has no output {unknown[0]!r}; its output is "
                     f"'{self.output_name}'"
                 )
-        return tensor.array
 
     def check_rows(self, array: np.ndarray) -> None:
         """A batch must have the model's row shape and between 1 and max_batch_size rows."""
@@ -209,6 +269,20 @@ class ServedModel:
             raise ProtocolError(
                 f"input '{self.input_name}' has {rows} rows; send between 1 and "
                 f"{self.max_batch_size} (batching.max_batch_size) per request"
+            )
+        if self.vocab_size is not None:
+            self._check_token_ids(array)
+
+    def _check_token_ids(self, array: np.ndarray) -> None:
+        """Token ids must index the vocabulary: out of range, the runtime would fail the
+        whole batch the request joins (and a negative id would silently count from the
+        end)."""
+        vocab = self.vocab_size
+        if array.size and (array.min() < 0 or array.max() >= vocab):
+            bad = array[(array < 0) | (array >= vocab)].flat[0]
+            raise ProtocolError(
+                f"input '{self.input_name}' has token id {bad}; ids must be in [0, {vocab}) "
+                "(the model's vocabulary)"
             )
 
     def submit(self, inputs: np.ndarray, deadline: float) -> WorkItem:
@@ -229,14 +303,14 @@ class ServedModel:
     def _record_batch(self, items: list[WorkItem], rows: int, seconds: float) -> None:
         self._inference_time.observe(seconds)
         self._batch_size.observe(rows)
+        self.stats.batch_ran(rows, seconds)
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
-    def preprocess_images(self, images: Sequence[bytes | np.ndarray]) -> np.ndarray:
-        predictor = self.predictors[0]
-        return np.stack([predictor.preprocess_image(image) for image in images])
+    def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:
+        return self.predictors[0].preprocess_image(image)
 
-    def preprocess_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.predictors[0].preprocess_texts(texts)
+    def preprocess_texts(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
+        return self.predictors[0].preprocess_texts(texts, max_tokens)
 
     # -- description ---------------------------------------------------------------------
     def metadata(self, versions: Sequence[str]) -> dict[str, Any]:
@@ -250,7 +324,13 @@ class ServedModel:
                     "name": self.input_name,
                     "datatype": self.input_datatype,
                     "shape": list(self.input_shape),
-                }
+                },
+                # a text model takes either its token ids or the texts themselves
+                *(
+                    [{"name": TEXT_INPUT, "datatype": BYTES, "shape": [-1]}]
+                    if self.vocab_size
+                    else []
+                ),
             ],
             "outputs": [
                 {"name": self.output_name, "datatype": "FP32", "shape": [-1, len(self.class_names)]}
@@ -261,5 +341,7 @@ class ServedModel:
                 "max_batch_size": self.max_batch_size,
                 "instances": len(self.batchers),
                 "run_id": self.bundle.meta.run_id,
+                "precision": self.precision,
+                "precisions": ["fp32", *sorted(self.bundle.meta.variants)],
             },
         }

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from cycleml.errors import ConfigError
+from cycleml.inference.bundle import PRECISIONS
 
 VERSION_POLICIES = ("latest", "all")
+# the server's own HTTP protocol layer (serving/http_protocol.py), or uvicorn's as it is
+HTTP_PROTOCOLS = ("cycleml", "uvicorn")
 # the SQLite file of a model registry root (cycleml.registry.DB_FILE)
 REGISTRY_DB = "registry.db"
 
@@ -43,6 +46,16 @@ class LimitSettings:
     overload_status: int = 429
     retry_after_s: int = 1
     drain_timeout_s: float = 30.0
+    # a request body must arrive within this long after its headers (408 otherwise)
+    body_timeout_s: float = 30.0
+    # request body bytes all connections of a process may hold at once (503 beyond)
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    # decoding work per request, checked before it starts (413 beyond)
+    max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 2 * 4096 * 4096
+    max_text_chars: int = 100_000
+    # None: a text of more tokens than the bundle's max_length is cut to it, as in training
+    max_text_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,9 @@ class ServeSettings:
     workers: int = 1
     version_policy: str = "latest"
     pinned_versions: dict[str, str] = field(default_factory=dict)
+    # the precision a model is served in, by model name: fp32 (default), int8 or fp16
+    # (the variants export writes next to the model)
+    precision: dict[str, str] = field(default_factory=dict)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
@@ -83,6 +99,7 @@ class ServeSettings:
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     access_log: bool = True
+    http_protocol: str = "cycleml"
 
     def __post_init__(self) -> None:
         _check(
@@ -96,6 +113,15 @@ class ServeSettings:
             self.version_policy in VERSION_POLICIES,
             f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'",
         )
+        _check(
+            self.http_protocol in HTTP_PROTOCOLS,
+            f"http_protocol must be one of {', '.join(HTTP_PROTOCOLS)}, got '{self.http_protocol}'",
+        )
+        for model, precision in self.precision.items():
+            _check(
+                precision in PRECISIONS,
+                f"precision['{model}'] must be one of {', '.join(PRECISIONS)}, got '{precision}'",
+            )
         rt, batching, limits = self.runtime, self.batching, self.limits
         _check(rt.instances >= 1, f"runtime.instances must be >= 1, got {rt.instances}")
         _check(
@@ -126,6 +152,27 @@ class ServeSettings:
         _check(
             limits.max_body_bytes >= 1024,
             f"limits.max_body_bytes must be >= 1024, got {limits.max_body_bytes}",
+        )
+        _check(
+            limits.max_buffered_bytes >= limits.max_body_bytes,
+            f"limits.max_buffered_bytes ({limits.max_buffered_bytes}) must be >= "
+            f"limits.max_body_bytes ({limits.max_body_bytes})",
+        )
+        _check(
+            1 <= limits.max_image_pixels <= limits.max_request_pixels,
+            "limits.max_image_pixels must be >= 1 and <= limits.max_request_pixels",
+        )
+        _check(
+            limits.max_text_tokens is None or limits.max_text_tokens >= 1,
+            f"limits.max_text_tokens must be >= 1 or null, got {limits.max_text_tokens}",
+        )
+        _check(
+            limits.max_text_chars >= 1,
+            f"limits.max_text_chars must be >= 1, got {limits.max_text_chars}",
+        )
+        _check(
+            limits.body_timeout_s > 0,
+            f"limits.body_timeout_s must be > 0, got {limits.body_timeout_s}",
         )
         _check(
             limits.max_inflight >= 1, f"limits.max_inflight must be >= 1, got {limits.max_inflight}"
@@ -183,6 +230,7 @@ class ServeSettings:
         values["pinned_versions"] = {
             str(k): str(v) for k, v in (values.get("pinned_versions") or {}).items()
         }
+        values["precision"] = {str(k): str(v) for k, v in (values.get("precision") or {}).items()}
         if values.get("path") in (None, "", "???"):
             raise ConfigError("path is required: cycleml serve path=<bundle or repository>")
         values["path"] = str(values["path"])

@@ -24,11 +24,9 @@ from cycleml.errors import ConfigError, CycleMLError
 from cycleml.models.baselines import SklearnBaseline
 from cycleml.models.module import classification_metrics
 from cycleml.training.run import flat_config, instantiate_loggers
-from cycleml.training.summary import RUN_INFO, read_json, write_summary
+from cycleml.training.summary import BASELINE_FILE, RUN_INFO, read_json, write_summary
 
 log = logging.getLogger(__name__)
-
-BASELINE_FILE = "checkpoints/baseline.joblib"
 
 
 def split_inputs(datamodule: Any, split: str) -> tuple[list[str] | np.ndarray, np.ndarray]:

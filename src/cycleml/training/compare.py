@@ -1,14 +1,23 @@
-"""`cycleml compare <folder>`: a leaderboard of the runs (or sweep trials) under a folder."""
+"""`cycleml compare <folder>`: a leaderboard of the runs (or sweep trials) under a folder.
+
+A Hydra app on ``configs/compare.yaml`` like every command (``folder=… sort=…``,
+``--cfg job``, ``--help``); the plain form ``cycleml compare logs/train --sort val/f1
+--metrics test/acc,val/f1 --ascending --out x.csv`` is translated into those overrides.
+"""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig
+
+from cycleml.cli_args import as_overrides
+from cycleml.errors import ConfigError, DataError
+from cycleml.hydra_app import hydra_app
 from cycleml.training.summary import SUMMARY, read_json
 
 log = logging.getLogger(__name__)
@@ -43,9 +52,7 @@ def metric_columns(rows: list[dict[str, Any]], wanted: list[str] | None) -> list
     if wanted:
         missing = [m for m in wanted if m not in present]
         if missing:
-            raise SystemExit(
-                f"cycleml compare: unknown metric(s) {missing}; available: {sorted(present)}"
-            )
+            raise ConfigError(f"unknown metric(s) {missing}; available: {sorted(present)}")
         return wanted
     stages = ("test/", "val/")
     return sorted(
@@ -104,36 +111,63 @@ def _sweep_table(folder: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="cycleml compare",
-        description="Leaderboard of the runs (summary.json) or the sweep under a folder.",
-    )
-    parser.add_argument(
-        "folder", type=Path, help="a log folder, e.g. logs/train, or a sweep folder"
-    )
-    parser.add_argument("--sort", help="metric to sort by (default: test/acc, else val/acc)")
-    parser.add_argument("--ascending", action="store_true", help="smallest first (for losses)")
-    parser.add_argument("--metrics", help="comma-separated metric columns (default: all val/test)")
-    parser.add_argument("--out", type=Path, help="CSV path (default: <folder>/leaderboard.csv)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    if not args.folder.is_dir():
-        raise SystemExit(f"cycleml compare: '{args.folder}' is not a folder")
-    if args.out is None and _sweep_table(args.folder):
-        return
-    rows = collect_runs(args.folder)
+def run_compare(
+    folder: Path,
+    sort: str | None = None,
+    ascending: bool = False,
+    metrics: list[str] | None = None,
+    out: Path | None = None,
+) -> Path:
+    """Print the leaderboard of the runs (or the sweep) under ``folder`` and write it
+    as CSV (default ``<folder>/leaderboard.csv``); returns the CSV's path."""
+    if not folder.is_dir():
+        raise DataError(f"'{folder}' is not a folder")
+    if out is None and _sweep_table(folder):
+        return folder / "leaderboard.csv"
+    rows = collect_runs(folder)
     if not rows:
-        raise SystemExit(f"cycleml compare: no runs ({SUMMARY}) under '{args.folder}'")
-    metrics = metric_columns(rows, args.metrics.split(",") if args.metrics else None)
-    if args.sort and args.sort not in metrics:
-        raise SystemExit(f"cycleml compare: cannot sort by '{args.sort}'; columns: {metrics}")
-    key = sort_rows(rows, args.sort, args.ascending)
-    columns = [*ID_COLUMNS[:3], *metrics, "fingerprint", "run_dir"]
-    print(format_table(rows, [*ID_COLUMNS[:3], *metrics, "fingerprint"]))
-    out = args.out or args.folder / "leaderboard.csv"
+        raise DataError(f"no runs ({SUMMARY}) under '{folder}'")
+    columns_shown = metric_columns(rows, metrics)
+    if sort and sort not in columns_shown:
+        raise ConfigError(f"cannot sort by '{sort}'; columns: {columns_shown}")
+    key = sort_rows(rows, sort, ascending)
+    columns = [*ID_COLUMNS[:3], *columns_shown, "fingerprint", "run_dir"]
+    print(format_table(rows, [*ID_COLUMNS[:3], *columns_shown, "fingerprint"]))
+    out = out or folder / "leaderboard.csv"
     write_csv(rows, columns, out)
     print(f"\n{len(rows)} run(s), sorted by {key or 'folder'}; written to {out}")
+    return out
+
+
+def _metric_list(value: Any) -> list[str] | None:
+    """``metrics``: a list, or one comma-separated string (``--metrics a,b``)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, ListConfig)):
+        return [str(v) for v in value]
+    return [m for m in str(value).split(",") if m]
+
+
+@hydra_app("compare")
+def compare_app(cfg: DictConfig) -> Path:
+    return run_compare(
+        Path(str(cfg.folder)),
+        sort=None if cfg.sort is None else str(cfg.sort),
+        ascending=bool(cfg.ascending),
+        metrics=_metric_list(cfg.metrics),
+        out=None if cfg.out is None else Path(str(cfg.out)),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``cycleml compare``: plain arguments become overrides, then the Hydra app runs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    overrides = as_overrides(
+        args, ["folder"], {"--sort": "sort", "--metrics": "metrics", "--out": "out"},
+        {"--ascending": "ascending"},
+    )  # fmt: skip
+    sys.argv = ["cycleml compare", *overrides]
+    compare_app()
 
 
 if __name__ == "__main__":

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import hydra
-import lightning as L
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
-from cycleml.models.module import ClassifierModule
-from cycleml.training.plots import save_confusion_matrix, save_image_grid
-from cycleml.training.run import finish_loggers, instantiate_loggers
-from cycleml.training.summary import write_json
+from cycleml.training.summary import BASELINE_FILE
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# torch, Lightning and matplotlib are imported when the evaluation starts, so that
+# `--help`, config errors and a wrong ckpt_path answer at once
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +28,26 @@ def resolve_checkpoint(ckpt_path: str) -> Path:
         for name in ("best.ckpt", "last.ckpt"):
             if (path / "checkpoints" / name).is_file():
                 return path / "checkpoints" / name
+        if (path / BASELINE_FILE).is_file():
+            raise ConfigError(_baseline_message(path))
         raise ConfigError(
             f"run folder '{path}' has no checkpoints/best.ckpt or checkpoints/last.ckpt"
         )
     if not path.is_file():
         raise ConfigError(f"ckpt_path='{path}' does not exist (a .ckpt file or a run folder)")
+    if path.suffix == ".joblib":
+        raise ConfigError(_baseline_message(path))
     return path
+
+
+def _baseline_message(path: Path) -> str:
+    return (
+        f"'{path}' is a scikit-learn baseline run (model=logreg or linear_svm): baselines "
+        "are not exported to ONNX nor evaluated here. They are reference scores for the "
+        "deep models, and their scikit-learn preprocessing (TF-IDF, pixel scaling) is not "
+        "the bundle's (raw pixels or the run's tokenizer in the graph); their val and test "
+        "metrics are in the run's summary.json (cycleml compare lists them)"
+    )
 
 
 def per_class_report(
@@ -63,6 +76,8 @@ def worst_errors(
     y_true: np.ndarray, probabilities: np.ndarray, limit: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of misclassified items, most confident mistakes first; with predictions."""
+    import numpy as np
+
     y_pred = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     wrong = np.flatnonzero(y_pred != y_true)
@@ -72,6 +87,16 @@ def worst_errors(
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt = resolve_checkpoint(cfg.ckpt_path)
+
+    import hydra
+    import lightning as L
+    import torch
+
+    from cycleml.models.module import ClassifierModule
+    from cycleml.training.plots import save_confusion_matrix, save_image_grid
+    from cycleml.training.run import finish_loggers, instantiate_loggers
+    from cycleml.training.summary import write_json
+
     module = ClassifierModule.from_checkpoint(ckpt)
     spec: dict[str, Any] = dict(module.hparams.data_spec or {})
     class_names: list[str] = list(module.hparams.class_names)

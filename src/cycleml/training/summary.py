@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import subprocess
 import time
 from importlib import metadata
@@ -12,10 +14,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.redaction import redact_values
+
 log = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"
 SUMMARY = "summary.json"
+# a scikit-learn baseline run's fitted pipeline (it has no Lightning checkpoint)
+BASELINE_FILE = "checkpoints/baseline.joblib"
 TRACKED_PACKAGES = (
     "cycleml",
     "torch",
@@ -72,10 +78,20 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write ``data`` atomically: a reader sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    # a temporary name of its own, so that two writers never share one; created by open()
+    # so that its mode follows the user's umask
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x") as file:
+            file.write(json.dumps(data, indent=2, default=str) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -87,9 +103,13 @@ def write_summary(
     best_ckpt: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``<output_dir>/summary.json``: config, data version, code version, results."""
+    """Write ``<output_dir>/summary.json``: config, data version, code version, results.
+
+    An existing summary only grows: its metrics are kept unless measured again.
+    """
     output_dir = Path(output_dir)
     info = read_json(output_dir / RUN_INFO)
+    earlier = read_json(output_dir / SUMMARY).get("metrics") or {}
     summary = {
         "run_id": info.get("run_id", output_dir.name),
         "wandb_id": info.get("wandb_id"),
@@ -102,8 +122,8 @@ def write_summary(
         "git_commit": git_commit(cfg.get("paths", {}).get("root_dir")),
         "packages": package_versions(),
         "best_checkpoint": best_ckpt,
-        "metrics": {k: float(v) for k, v in sorted(metrics.items())},
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": {k: float(v) for k, v in sorted({**earlier, **metrics}.items())},
+        "config": redact_values(OmegaConf.to_container(cfg, resolve=True)),
     }
     summary.update(extra or {})
     path = write_json(output_dir / SUMMARY, summary)

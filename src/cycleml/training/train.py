@@ -50,32 +50,40 @@ def build_model(cfg: DictConfig, datamodule: Any, run_id: str) -> L.LightningMod
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job; returns its final metrics (``train/…``, ``val/…``, ``test/…``)."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from cycleml.training.console import CONSOLE, configure_console
+    from cycleml.training.interrupt import INTERRUPTED_EXIT, report_interrupt
+    from cycleml.training.resume_config import config_for_resume, resume_overrides
     from cycleml.training.run import (
         finish_loggers,
         flat_config,
         instantiate_callbacks,
         instantiate_loggers,
+        move_into_run,
         record_tracker_ids,
         resolve_resume,
         start_run,
     )
     from cycleml.training.summary import write_summary
 
+    verbose = bool(cfg.get("verbose"))
+    configure_console(verbose)
     output_dir = Path(cfg.paths.output_dir)
     resume = resolve_resume(
         cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs", output_dir
     )
-    if resume.run_dir is not None:
+    if resume.run_dir is not None and resume.run_dir.resolve() != output_dir.resolve():
         # continue in the interrupted run's folder: its checkpoints, tracker files, summary
+        move_into_run(output_dir, resume.run_dir.resolve())
         output_dir = resume.run_dir.resolve()
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
+    if resume.source_dir is not None:
+        # the checkpoint fits the run's own config, not whatever this command line composed
+        cfg = config_for_resume(cfg, resume.source_dir, *resume_overrides())
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("torch_threads"):
-        torch.set_num_threads(int(cfg.torch_threads))
+    _set_torch_threads(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -88,7 +96,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg, datamodule, info["run_id"])
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
-    loggers = instantiate_loggers(cfg.get("logger"), info["run_id"])
+    loggers = instantiate_loggers(cfg.get("logger"), info["run_id"], quiet=not verbose)
     record_tracker_ids(output_dir, info, loggers)
     if not loggers:
         # nothing to report learning rates to (logger=null, debug runs)
@@ -100,7 +108,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams({**flat_config(cfg), "dataset_fingerprint": datamodule.fingerprint})
 
     try:
-        metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path)
+        metrics, best = _fit_and_test(cfg, trainer, model, datamodule, resume.ckpt_path, verbose)
+    except SystemExit:
+        if not trainer.interrupted:
+            finish_loggers(loggers, exit_code=1)
+            raise
+        # Lightning stops on Ctrl-C with sys.exit(1); 130 is the shell's code for SIGINT
+        finish_loggers(loggers, exit_code=INTERRUPTED_EXIT)
+        report_interrupt(trainer, output_dir)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except BaseException:
         finish_loggers(loggers, exit_code=1)
         raise
@@ -114,7 +130,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best or None,
             extra={"global_step": trainer.global_step, "epochs": trainer.current_epoch},
         )
+        shown = [f"{k} {metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics]
+        log.info("run %s finished: %s", output_dir, ", ".join(shown) or "-", extra=CONSOLE)
     return metrics
+
+
+def _set_torch_threads(cfg: DictConfig) -> None:
+    """``torch_threads``, else a sweep trial's share (set by the sweeper), else a free-CPU count."""
+    import torch
+
+    from cycleml.sweeps.resources import THREADS_KEY
+    from cycleml.training.threads import torch_threads_for_run
+
+    if not cfg.get("torch_threads") and OmegaConf.select(cfg, THREADS_KEY):
+        return  # the sweeper's TrialThreads callback has set this trial's share
+    threads, reason = torch_threads_for_run(cfg.get("torch_threads"))
+    torch.set_num_threads(threads)
+    log.info("torch uses %d CPU thread(s) (%s)", threads, reason)
 
 
 def _fit_and_test(
@@ -123,6 +155,7 @@ def _fit_and_test(
     model: L.LightningModule,
     datamodule: L.LightningDataModule,
     ckpt_path: str | None,
+    verbose: bool = True,
 ) -> tuple[dict[str, float], str]:
     metrics: dict[str, float] = {}
     if cfg.get("train"):
@@ -132,7 +165,7 @@ def _fit_and_test(
     if cfg.get("test"):
         if not best:
             log.warning("no best checkpoint (checkpointing off?): testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=verbose)
         metrics.update(_floats(trainer.callback_metrics))
     return metrics, best
 

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from cycleml.errors import ConfigError, CycleMLError
+from cycleml.redaction import redact, redact_values
 from cycleml.sweeps.overrides import override
 from cycleml.sweeps.resources import THREADS_KEY, cpu_threads_per_trial, split_devices
 from cycleml.sweeps.results import leaderboard, write_results, write_sweep_info
@@ -123,7 +124,10 @@ class OptunaSweep:
         study = open_study(
             self.study_name, storage, self.direction, self._sampler(existing), self._pruner()
         )
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # the sweep's config with any password in it redacted
+        (sweep_dir / "multirun.yaml").write_text(
+            redact(OmegaConf.to_yaml(self.config)), encoding="utf-8"
+        )
         write_sweep_info(sweep_dir, self._info(url, arguments, space))
         requeue_interrupted(study, storage)
 
@@ -276,8 +280,8 @@ class OptunaSweep:
             "n_jobs": self.n_jobs,
             "sampler": _target_name(self.sampler_cfg) or "optuna.samplers.TPESampler",
             "pruner": _target_name(self.pruner_cfg) or "optuna.pruners.NopPruner",
-            "arguments": list(arguments),
-            "fixed_overrides": list(space.fixed),
+            "arguments": redact_values(list(arguments)),
+            "fixed_overrides": redact_values(list(space.fixed)),
             "search_space": {
                 name: _describe_distribution(dist) for name, dist in space.distributions.items()
             },

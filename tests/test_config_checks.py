@@ -1,0 +1,228 @@
+"""Wrong config values, misspelled groups and impossible setups: one line, at once."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from cycleml.accelerators import check_gpus, visible_cuda_devices
+from cycleml.config_schema import SCHEMAS, check_config
+from cycleml.configs_path import config_dir
+from cycleml.errors import ConfigError
+from cycleml.override_hints import check_overrides
+
+CONFIGS = Path(config_dir())
+# an error must come within 3 s of the command; CPU time is what the command itself
+# costs (about 0.5 s measured), the bound leaves room for a loaded test machine
+ERROR_CPU_BOUND_S = 3.0
+
+
+def cycleml(*args: str, cwd: Path, env: dict[str, str] | None = None):
+    """``cycleml <args>`` in a subprocess; returns (result, CPU seconds it used)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = usage.ru_utime + usage.ru_stime
+    result = subprocess.run(
+        [sys.executable, "-m", "cycleml", *args],
+        cwd=cwd,
+        env={**os.environ, "CYCLEML_ROOT": str(cwd), "WANDB_MODE": "offline", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, usage.ru_utime + usage.ru_stime - before
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "expected"),
+    [
+        ("train", "trainer.max_epochs=abc", "trainer.max_epochs='abc': expected an integer >= -1"),
+        ("train", "data.batch_size=sixty", "data.batch_size='sixty': expected an integer >= 1"),
+        ("train", "model.optimizer.lr=-1", "model.optimizer.lr=-1: expected a number > 0"),
+        ("eval", "trainer.max_epochs=abc", "trainer.max_epochs='abc': expected an integer"),
+        ("export", "export.opset=high", "export.opset='high': expected an integer >= 17"),
+        ("predict", "batch_size=0", "batch_size=0: expected an integer >= 1"),
+        ("serve", "port=http", "port='http': expected an integer in [0, 65535]"),
+    ],
+)
+def test_wrong_value_is_one_line_naming_key_value_and_expectation(
+    command, override, expected, tmp_path
+):
+    required = {
+        "eval": ["ckpt_path=x.ckpt"],
+        "export": ["ckpt_path=x.ckpt"],
+        "predict": ["bundle=b", "input=i"],
+        "serve": ["path=p"],
+    }.get(command, [])
+    result, cpu = cycleml(command, *required, override, cwd=tmp_path)
+    line = one_line_error(result)
+    assert line == f"cycleml {command}: error: {expected}" or expected in line
+    assert cpu < ERROR_CPU_BOUND_S, f"{cpu:.2f} s CPU"
+    assert not (tmp_path / "logs").exists(), "a run folder was created for a config error"
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [("modle=cnn", "did you mean model=cnn?"), ("model=cnnn", "did you mean model=cnn?")],
+)
+def test_misspelled_group_or_option_suggests_the_nearest(override, suggestion, tmp_path):
+    result, cpu = cycleml("train", override, cwd=tmp_path)
+    assert suggestion in one_line_error(result)
+    assert cpu < ERROR_CPU_BOUND_S
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "predict", "serve", "data_gather"])
+def test_misspelled_group_in_other_commands(command):
+    with pytest.raises(ConfigError, match="did you mean paths.root_dir=x"):
+        check_overrides(command, ["pahts.root_dir=x"])
+
+
+def test_misspelled_option_in_eval():
+    with pytest.raises(ConfigError, match="did you mean trainer=cpu"):
+        check_overrides("eval", ["trainer=cpuu"])
+
+
+def test_valid_overrides_pass_the_hints():
+    check_overrides(
+        "train",
+        [
+            "model=resnet18",
+            "logger=null",
+            "model=cnn,resnet18",
+            "+extra.key=1",
+            "hydra/launcher=parallel",
+            "experiment=digits",
+            "seed=3",
+            "model.optimizer.lr=0.1",
+        ],
+    )
+
+
+def _primary_options() -> list[tuple[str, list[str]]]:
+    """Every shipped group option, composed with the primary config that uses it."""
+    cases: list[tuple[str, list[str]]] = []
+    for group in ("model", "data", "trainer", "augment", "callbacks", "logger", "debug"):
+        for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+            cases.append(("train", [f"{group}={option}"]))
+    for option in sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml")):
+        cases.append(("train", [f"experiment={option}"]))
+    cases.append(("train", ["hparams_search=optuna"]))
+    for option in sorted(p.stem for p in (CONFIGS / "trainer").glob("*.yaml")):
+        cases.append(("eval", ["ckpt_path=x.ckpt", f"trainer={option}"]))
+    cases += [
+        ("export", ["ckpt_path=x.ckpt"]),
+        ("predict", ["bundle=b", "input=i"]),
+        ("serve", ["path=p"]),
+        ("data_gather", []),
+        ("data_clean", []),
+        ("data_diff", ["old=a", "new=b"]),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(("name", "overrides"), _primary_options(), ids=str)
+def test_every_shipped_config_passes_the_schema(name, overrides):
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name=name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    check_config(cfg, name)
+
+
+def test_every_schema_key_exists_in_some_shipped_config():
+    """A key in the table that no config has would never be checked (a typo in the table)."""
+    text = "\n".join(p.read_text() for p in CONFIGS.rglob("*.yaml"))
+    for table in SCHEMAS.values():
+        for key in table:
+            assert f"{key.rsplit('.', 1)[-1]}:" in text, key
+
+
+def test_missing_required_value_is_named(tmp_path):
+    result, _ = cycleml("eval", cwd=tmp_path)
+    assert "ckpt_path is required: a .ckpt file or a training run folder" in one_line_error(result)
+
+
+def test_a_sweep_value_is_checked_before_the_first_job(tmp_path):
+    result, _ = cycleml("train", "-m", "model.optimizer.lr=1e-3,-1", "debug=fdr", cwd=tmp_path)
+    assert "model.optimizer.lr=-1: expected a number > 0" in one_line_error(result)
+    assert not list(tmp_path.glob("logs/*/multiruns/*/*/summary.json")), "a job ran"
+
+
+# ---- impossible setups -------------------------------------------------------------
+
+
+def test_gpu_trainer_without_a_gpu_says_so_at_once(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides every GPU, so this holds on GPU machines too
+    result, cpu = cycleml("train", "trainer=gpu", cwd=tmp_path, env={"CUDA_VISIBLE_DEVICES": ""})
+    line = one_line_error(result)
+    assert "trainer.accelerator=gpu needs a CUDA GPU" in line and "trainer=cpu" in line
+    assert cpu < ERROR_CPU_BOUND_S
+
+
+def test_cuda_accelerator_and_device_count(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_cuda_devices() == 0
+    with pytest.raises(ConfigError, match="accelerator=cuda needs a CUDA GPU"):
+        check_gpus({"accelerator": "cuda", "devices": 1})
+    check_gpus({"accelerator": "cpu", "devices": 4})
+    check_gpus({"accelerator": "gpu", "devices": 0})
+
+
+@pytest.mark.skipif(not visible_cuda_devices(), reason="needs a CUDA GPU")
+def test_visible_gpus_pass_and_too_many_are_named(monkeypatch):
+    import torch
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_cuda_devices() == torch.cuda.device_count()
+    check_gpus({"accelerator": "gpu", "devices": 1})
+    with pytest.raises(ConfigError, match="asks for 999 GPUs"):
+        check_gpus({"accelerator": "gpu", "devices": 999})
+
+
+def test_slurm_launcher_without_slurm_says_so(tmp_path):
+    # a PATH without sbatch, whatever this machine has
+    env = {"PATH": str(Path(sys.executable).parent)}
+    result, cpu = cycleml(
+        "train", "-m", "hydra/launcher=slurm", "model.optimizer.lr=1e-3,1e-2", cwd=tmp_path, env=env
+    )
+    line = one_line_error(result)
+    assert "hydra/launcher=slurm submits the trials with sbatch" in line
+    assert "hydra/launcher=parallel" in line
+    assert cpu < ERROR_CPU_BOUND_S
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_missing_checkpoint_is_named_at_once(command, tmp_path):
+    result, cpu = cycleml(command, f"ckpt_path={tmp_path}/no_such.ckpt", cwd=tmp_path)
+    assert "no_such.ckpt' does not exist" in one_line_error(result)
+    assert cpu < ERROR_CPU_BOUND_S
+
+
+@pytest.mark.parametrize("command", ["export", "eval"])
+def test_baseline_run_is_not_exported_and_says_why(command, tmp_path):
+    run = tmp_path / "logs" / "train" / "runs" / "r1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "baseline.joblib").write_bytes(b"fitted pipeline")
+    result, cpu = cycleml(command, f"ckpt_path={run}", cwd=tmp_path)
+    line = one_line_error(result)
+    assert "scikit-learn baseline run" in line and "not exported to ONNX" in line
+    assert "summary.json" in line
+    assert cpu < ERROR_CPU_BOUND_S
