@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.cli import positional_overrides
+from cycleml.cli_args import as_overrides
 from cycleml.data.tables import read_columns
 from cycleml.errors import ConfigError, DataError
 from cycleml.hydra_app import hydra_app
@@ -122,7 +122,7 @@ def main() -> None:
     args = sys.argv[1:]
     if args and args[0] in COMMANDS:
         args = [f"command={args[0]}", *args[1:]]
-    args = positional_overrides(args, ["ref"])
+    args = as_overrides(args, ["ref"])
     sys.argv = ["cycleml monitor", *args]
     app()
 
