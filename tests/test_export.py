@@ -18,6 +18,7 @@ from cycleml.inference import load_bundle
 from test_export_support import (
     IMAGE_CLASSES,
     TinyImageNet,
+    build_text_bundle,
     cached_bundle,
     encode,
     image_spec,
@@ -200,3 +201,11 @@ def test_bad_arguments_are_named(tmp_path):
                       val_inputs=images, val_labels=labels, settings=ExportSettings(opset=13))  # fmt: skip
     with pytest.raises(ConfigError, match="export.quantize='int4'"):
         ExportSettings(quantize="int4")
+
+
+def test_a_text_model_exports_without_the_embedding_output(tmp_path):
+    bundle = build_text_bundle(tmp_path / "text", embedding=False)
+    assert not bundle.meta.embedding
+    assert [o.name for o in ort.InferenceSession(str(bundle.model_path)).get_outputs()] == [
+        "probabilities"
+    ]

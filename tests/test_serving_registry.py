@@ -174,6 +174,9 @@ def test_unknown_alias_model_or_version_is_named(client: httpx.Client) -> None:
     assert v1.status_code == 404 and "no alias 'staging'" in v1.json()["error"]
     both = client.post("/v2/models/shapes@champion/versions/2/infer", content=body, headers=headers)
     assert both.status_code == 400 and "not both" in both.json()["error"]
+    for route in ("", "/ready", "/stats"):  # metadata, readiness and statistics alike
+        both = client.get(f"/v2/models/shapes@champion/versions/2{route}")
+        assert both.status_code == 400 and "not both" in both.json()["error"], route
     unserved = client.post("/v2/models/shapes/versions/3/infer", content=body, headers=headers)
     assert unserved.status_code == 404 and "no version '3'" in unserved.json()["error"]
     missing = client.post("/v2/models/nope@champion/infer", content=body, headers=headers)

@@ -358,8 +358,9 @@ def _inference_module(
     check = val_inputs[: settings.parity_samples]
     split = split_network(kind, net, data_spec, check) if settings.embedding else None
     if split is None:
-        plain = ImageInferenceNet(net, data_spec["mean"], data_spec["std"])
-        return (plain if kind == "image" else TextInferenceNet(net)).eval()
+        if kind == "image":
+            return ImageInferenceNet(net, data_spec["mean"], data_spec["std"]).eval()
+        return TextInferenceNet(net).eval()
     projection = fit_projection(
         split.features(val_inputs, settings.batch_size), settings.embedding_dim
     )

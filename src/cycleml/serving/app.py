@@ -154,8 +154,11 @@ def _load(state: ServerState) -> None:
             for e in state.repository.index()
             if "reason" in e
         ]
+        # a repository-wide problem (an unreadable registry or folder) comes first
+        wide = state.repository.failure_reason("*")
+        parts = ([wide] if wide else []) + reasons
         state.load_failure = (
-            "; ".join(reasons) or f"no model bundles found under '{state.settings.path}'"
+            "; ".join(parts) or f"no model bundles found under '{state.settings.path}'"
         )
         log.error("no model could be loaded: %s", state.load_failure)
         return

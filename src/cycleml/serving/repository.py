@@ -356,14 +356,14 @@ class ModelRepository:
     def _forget_failures(self, name: str, wanted: list[VersionOnDisk]) -> None:
         """Drop the load failures of versions no longer wanted (gone, or superseded)."""
         versions = {v.version for v in wanted}
-        for key in [k for k in self._failed if k[0] == name and k[1] not in versions]:
+        for key in [k for k in list(self._failed) if k[0] == name and k[1] not in versions]:
             del self._failed[key]
 
     def failure_reason(self, name: str) -> str | None:
         """Why (part of) a model is not served as wanted: failed versions, a missing pin."""
         reasons = [
             f"version {version} failed to load: {failure.message}"
-            for (model, version), failure in sorted(self._failed.items())
+            for (model, version), failure in sorted(list(self._failed.items()))
             if model == name
         ]
         if name in self._failures:
@@ -493,7 +493,7 @@ class ModelRepository:
     def ready(self) -> bool:
         with self._lock:
             # a model that loads a new version while serving an older one stays ready
-            loading_only = any(name not in self._live for name in self._loading)
+            loading_only = any(name not in self._live for name in tuple(self._loading))
             return self.loaded_once and bool(self._live) and not loading_only
 
     def index(self) -> list[dict[str, Any]]:
@@ -572,7 +572,7 @@ class ModelRepository:
             for name in set(self._default) - set(on_disk):
                 log.info("watch: model %s was removed from the repository", name)
                 self.unload_model(name, hold=False)
-            for key in [k for k in self._failed if k[0] not in on_disk]:
+            for key in [k for k in list(self._failed) if k[0] not in on_disk]:
                 del self._failed[key]
 
     def follow_registry(self) -> None:
@@ -616,11 +616,16 @@ class ModelRepository:
         def watch() -> None:
             next_folder_poll = time.monotonic() + folder_every
             while not self._stop.wait(interval):
-                if self.follower is not None:
-                    self.follow_registry()
-                if watch_folder and time.monotonic() >= next_folder_poll:
-                    next_folder_poll = time.monotonic() + folder_every
-                    self.poll()
+                # one bad step (a file removed mid-scan, a database hiccup) must not end
+                # the watch: the next step tries again
+                try:
+                    if self.follower is not None:
+                        self.follow_registry()
+                    if watch_folder and time.monotonic() >= next_folder_poll:
+                        next_folder_poll = time.monotonic() + folder_every
+                        self.poll()
+                except Exception:
+                    log.exception("watch: a step failed; trying again in %.1f s", interval)
 
         self._watcher = threading.Thread(target=watch, name="repository-watch", daemon=True)
         self._watcher.start()

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from cycleml.serving.dispatch import error_response, json_response, state_of
-from cycleml.serving.repository import ModelNotFound, ModelUnavailable
+from cycleml.serving.repository import BadModelRef, ModelNotFound, ModelUnavailable
 from cycleml.serving.served_model import ServedModel
 
 router = APIRouter()
@@ -53,11 +53,11 @@ def _lookup_answer(request: Request, model_name: str, version: str | None) -> Re
     state = state_of(request)
     repository = state.repository
     try:
-        if version is None:
-            versions = repository.versions(model_name) or [None]
-            models = [repository.get(model_name, v) for v in versions]
-        else:
+        # every served version of a bare name, from one snapshot of the routing table
+        # (a version retired by an alias move between two look-ups is no error)
+        models = [m for m in repository.all_models() if m.name == model_name and not version]
+        if not models:
             models = [repository.get(model_name, version)]
-    except (ModelNotFound, ModelUnavailable) as err:
+    except (ModelNotFound, ModelUnavailable, BadModelRef) as err:
         return error_response(err, state.settings)[1]
     return _answer(request, models)

@@ -31,7 +31,7 @@ from cycleml.serving.protocol import (
     parse_binary_request,
     parse_json_request,
 )
-from cycleml.serving.repository import LoadFailed, ModelNotFound, ModelUnavailable
+from cycleml.serving.repository import BadModelRef, LoadFailed, ModelNotFound, ModelUnavailable
 
 router = APIRouter()
 
@@ -222,7 +222,7 @@ def _lookup(request: Request, model_name: str, version: str | None) -> Any:
     state = state_of(request)
     try:
         return state.repository.get(model_name, version), None
-    except (ModelNotFound, ModelUnavailable) as err:
+    except (ModelNotFound, ModelUnavailable, BadModelRef) as err:
         return None, error_response(err, state.settings)[1]
 
 
