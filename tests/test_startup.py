@@ -25,6 +25,7 @@ COMMANDS = [
     ["data", "diff"],
     ["registry", "list"],
     ["registry", "register"],
+    ["monitor"],
 ]
 
 # runs `cycleml <args>` in this process, then reports which heavy modules it imported

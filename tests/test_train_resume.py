@@ -331,3 +331,13 @@ def test_resume_refuses_to_change_model_or_data_shape(make_cfg, tmp_path, overri
     with pytest.raises(ConfigError, match="cannot change") as refused:
         config_for_resume(now, run_dir, given, choices)
     assert override in str(refused.value) and "max_epochs" not in str(refused.value)
+
+
+def test_resume_may_change_how_data_is_loaded(make_cfg, tmp_path):
+    from cycleml.training.resume_config import config_for_resume
+
+    run_dir = _saved_run(make_cfg, tmp_path)
+    given = ["ckpt_path=last", "data.num_workers=0", "data.eval_batch_size=64"]
+    now = make_cfg("train", *given, fast=False)
+    cfg = config_for_resume(now, run_dir, given, {})
+    assert cfg.data.eval_batch_size == 64 and cfg.data.num_workers == 0

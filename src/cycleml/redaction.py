@@ -17,7 +17,8 @@ from typing import Any, TextIO
 
 HIDDEN = "***"
 
-# scheme://user:password@ — the password runs to the last '@' before the host; Hydra
+# scheme://user:password@ — the password runs to the first '@' (one inside a password is
+# written %40, as SQLAlchemy reads it); Hydra
 # writes a multirun's overrides with ':' escaped (scheme\://user\:password@)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s:/@\\]*\\?:)[^\s@]+(?=@)")
 # ...?password=secret&... (libpq and SQLAlchemy query parameters)

@@ -10,23 +10,26 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.cli_args import as_overrides
-from cycleml.data.tables import read_columns
 from cycleml.errors import ConfigError, DataError
 from cycleml.hydra_app import hydra_app
-from cycleml.monitoring.drift import DriftSettings
-from cycleml.monitoring.log import PredictionLog
-from cycleml.monitoring.report import write_report
-from cycleml.monitoring.run import WindowSettings, monitor, resolve_target
+
+if TYPE_CHECKING:
+    from cycleml.monitoring.drift import DriftSettings
+    from cycleml.monitoring.run import WindowSettings
 
 COMMANDS = ("report", "labels")
 DRIFT_EXIT = 1
 
 
 def _settings(cfg: DictConfig) -> tuple[WindowSettings, DriftSettings]:
+    from cycleml.monitoring.drift import DriftSettings
+    from cycleml.monitoring.run import WindowSettings
+
     try:
         window = WindowSettings(**OmegaConf.to_container(cfg.window, resolve=True))
         drift = DriftSettings(**OmegaConf.to_container(cfg.drift, resolve=True))
@@ -36,6 +39,11 @@ def _settings(cfg: DictConfig) -> tuple[WindowSettings, DriftSettings]:
 
 
 def run_report(cfg: DictConfig) -> int:
+    # the statistics and plotting stack loads when a report starts, not for --help
+    from cycleml.monitoring.log import PredictionLog
+    from cycleml.monitoring.report import write_report
+    from cycleml.monitoring.run import monitor, resolve_target
+
     window, drift = _settings(cfg)
     target = resolve_target(
         cfg.ref, cfg.registry.root, cfg.registry.db_url, cfg.log_model, cfg.log_version
@@ -75,6 +83,9 @@ def _print_summary(report: dict, html_path: Path) -> None:
 
 
 def run_labels(cfg: DictConfig) -> int:
+    from cycleml.data.tables import read_columns
+    from cycleml.monitoring.log import PredictionLog
+
     if not cfg.input:
         raise ConfigError("monitor labels needs input=<table with request_id and label columns>")
     columns = read_columns(

@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 SAVED_CONFIG = ".hydra/config.yaml"
 SAVED_HYDRA = ".hydra/hydra.yaml"
 # data keys that change how batches are loaded, not what they hold
-DATA_LOADING_KEYS = {"batch_size", "num_workers", "pin_memory", "persistent_workers"}
+DATA_LOADING_KEYS = {
+    "batch_size", "eval_batch_size", "num_workers", "decode_workers", "pin_memory",
+    "persistent_workers",
+}  # fmt: skip
 _ABSENT = object()
 
 
@@ -35,7 +38,7 @@ def changes_checkpoint_shape(key: str) -> bool:
     parts = key.split(".")
     if parts[0] == "model":
         return True
-    return parts[0] == "data" and not (len(parts) == 2 and parts[1] in DATA_LOADING_KEYS)
+    return parts[0] == "data" and parts[-1] not in DATA_LOADING_KEYS
 
 
 def config_for_resume(

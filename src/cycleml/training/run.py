@@ -114,7 +114,7 @@ def move_into_run(stub: Path, run_dir: Path) -> None:
         if not isinstance(handler, logging.FileHandler):
             continue
         old = Path(handler.baseFilename)
-        if old.parent != stub.resolve():
+        if old.resolve().parent != stub.resolve():
             continue
         new_path = run_dir / old.name
         handler.flush()
