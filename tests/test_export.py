@@ -39,7 +39,7 @@ def test_image_graph_takes_raw_pixels_and_does_the_preprocessing():
     (graph_input,) = model.graph.input
     assert graph_input.name == "pixels"
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert [o.name for o in model.graph.output] == ["probabilities"]
+    assert [o.name for o in model.graph.output] == ["probabilities", "embedding"]
 
     # the graph's answer on raw uint8 NHWC equals the network on (x/255 - mean)/std NCHW
     net = train_image_net()
@@ -114,6 +114,9 @@ def test_export_fails_with_the_numbers_when_onnx_disagrees(tmp_path):
         export_bundle(
             DivergesWhenExported(TinyImageNet().eval()), image_spec(), IMAGE_CLASSES, target,
             val_inputs=images, val_labels=labels,
+            # the divergence is added after the head, where the embedding graph cuts the
+            # network: check the probabilities-only graph
+            settings=ExportSettings(embedding=False),
         )  # fmt: skip
     assert "argmax agreement" in str(err.value) and "required 100%" in str(err.value)
     # nothing is left behind: no bundle, no staging folder

@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cycleml.batch.cli", "offline batch prediction into a database"),
     "serve": ("cycleml.serving.cli", "serve model bundles over HTTP (KServe v2)"),
     "data": ("cycleml.data.cli", "data gather | clean | diff"),
+    "monitor": (
+        "cycleml.monitoring.cli",
+        "drift and accuracy report of the prediction log | labels: attach true labels",
+    ),
     "registry": (
         "cycleml.registry.cli",
         "model registry: register | list | show | alias | promote | compare | archive",
@@ -44,6 +48,7 @@ def _usage() -> str:
         "  cycleml serve path=bundles",
         "  cycleml data gather && cycleml data clean",
         "  cycleml registry register bundle=bundles/digits/1 && cycleml registry list",
+        "  cycleml monitor digits@champion window.size=500",
     ]
     return "\n".join(lines)
 

@@ -24,6 +24,16 @@ from torch import nn
 
 import cycleml
 from cycleml.errors import BundleError, ConfigError
+from cycleml.export.embedding import (
+    EMBEDDING_OUTPUT,
+    MAX_EMBEDDING_DIM,
+    MonitoredInferenceNet,
+    embedding_parity,
+    fit_projection,
+    monitored_module,
+    split_network,
+    torch_outputs,
+)
 from cycleml.export.graph import ImageInferenceNet, TextInferenceNet
 from cycleml.export.onnx_export import OUTPUT_NAME, export_onnx
 from cycleml.export.precision import convert_fp16, quantize_int8, resolve_int8_method
@@ -31,6 +41,7 @@ from cycleml.export.verify import (
     ExportVerificationError,
     accuracy,
     compare_probabilities,
+    onnx_output,
     onnx_probabilities,
     torch_probabilities,
 )
@@ -48,6 +59,13 @@ from cycleml.inference.bundle import (
     load_bundle,
 )
 from cycleml.inference.reference import reference_statistics
+from cycleml.monitoring.calibration import fit_temperature
+from cycleml.monitoring.reference import (
+    MAX_REFERENCE_ROWS,
+    REFERENCE_FILE,
+    build_reference_sample,
+    save_reference_sample,
+)
 from cycleml.umask import as_if_created
 
 log = logging.getLogger(__name__)
@@ -73,14 +91,23 @@ class ExportSettings:
     force: bool = False
     overwrite: bool = False
     batch_size: int = 256
+    # monitoring: a second graph output ``embedding`` (penultimate features → PCA) of at
+    # most embedding_dim dims, and a reference sample of this many validation rows
+    embedding: bool = True
+    embedding_dim: int = MAX_EMBEDDING_DIM
+    reference_rows: int = MAX_REFERENCE_ROWS
 
     def __post_init__(self) -> None:
         if self.quantize not in (None, "int8"):
             raise ConfigError(f"export.quantize={self.quantize!r}: expected null or int8")
-        if min(self.tolerance, self.parity_samples, self.calibration_samples, self.batch_size) <= 0:
+        positive = (
+            self.tolerance, self.parity_samples, self.calibration_samples, self.batch_size,
+            self.embedding_dim, self.reference_rows,
+        )  # fmt: skip
+        if min(positive) <= 0:
             raise ConfigError(
-                "export.tolerance, parity_samples, calibration_samples and batch_size must be "
-                "positive"
+                "export.tolerance, parity_samples, calibration_samples, batch_size, "
+                "embedding_dim and reference_rows must be positive"
             )
 
 
@@ -115,7 +142,7 @@ def export_bundle(
     input_spec, preprocess = _input_spec(kind, data_spec)
     _check_validation_data(val_inputs, val_labels, input_spec, len(class_names))
 
-    module = _inference_module(kind, net, data_spec).cpu().eval()
+    module = _inference_module(kind, net, data_spec, val_inputs, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     as_if_created(staging, directory=True)  # mkdtemp's 0700 would make the bundle private
@@ -148,7 +175,7 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _build(
-    module: nn.Module,
+    module: nn.Module | MonitoredInferenceNet,
     kind: str,
     input_spec: TensorSpec,
     preprocess: ImagePreprocess | TextPreprocess,
@@ -167,17 +194,23 @@ def _build(
 ) -> BundleMeta:
     model_path = folder / MODEL_FILE
     example = torch.from_numpy(np.ascontiguousarray(val_inputs[: min(2, len(val_inputs))]))
-    export_onnx(module, example, model_path, input_spec.name, settings.opset)
+    monitored = isinstance(module, MonitoredInferenceNet)
+    extra = (EMBEDDING_OUTPUT,) if monitored else ()
+    export_onnx(module, example, model_path, input_spec.name, settings.opset, extra)
 
     # ONNX Runtime on the whole validation split: parity on the first parity_samples,
     # accuracy and reference statistics on all of it
     probabilities = onnx_probabilities(model_path, input_spec.name, val_inputs, settings.batch_size)
     sample = val_inputs[: settings.parity_samples]
-    parity = compare_probabilities(
-        torch_probabilities(module, sample, settings.batch_size),
-        probabilities[: len(sample)],
-        settings.tolerance,
-    )
+    embeddings = None
+    if monitored:
+        torch_probs, torch_embeddings = torch_outputs(module, sample, settings.batch_size)
+        embeddings = onnx_output(
+            model_path, input_spec.name, val_inputs, EMBEDDING_OUTPUT, settings.batch_size
+        )
+    else:
+        torch_probs = torch_probabilities(module, sample, settings.batch_size)
+    parity = compare_probabilities(torch_probs, probabilities[: len(sample)], settings.tolerance)
     log.info(
         "parity on %d samples: max |diff| %.2e (tolerance %.0e), argmax agreement %.2f%%",
         parity.samples, parity.max_abs_diff, parity.tolerance, 100 * parity.argmax_agreement,
@@ -190,12 +223,43 @@ def _build(
             "(required 100%)"
         )
 
+    verification: dict[str, Any] = {
+        "onnx_checker": "full",
+        "parity": parity.to_dict(),
+        "val_samples": int(len(val_inputs)),
+    }
+    embedding_meta: dict[str, Any] = {}
+    if embeddings is not None:
+        emb_parity = embedding_parity(
+            torch_embeddings, embeddings[: len(sample)], settings.tolerance
+        )
+        verification["embedding_parity"] = emb_parity
+        if not emb_parity["passed"]:
+            raise ExportVerificationError(
+                f"ONNX Runtime disagrees with PyTorch on the embedding of {len(sample)} "
+                f"validation samples: max |diff| {emb_parity['max_abs_diff']:.3g} (allowed "
+                f"{settings.tolerance:.0e} x scale {emb_parity['scale']:.3g})"
+            )
+        projection = module.components.shape
+        embedding_meta = {
+            "output": EMBEDDING_OUTPUT,
+            "dim": int(projection[1]),
+            "source_dim": int(projection[0]),
+            "source": "penultimate features (input of the final linear layer)",
+            "projection": "pca",
+            "explained_variance": float(getattr(module, "explained_variance", 0.0)),
+        }
+    pad_id = preprocess.pad_id if isinstance(preprocess, TextPreprocess) else 0
+    reference_sample = build_reference_sample(
+        kind, val_inputs, probabilities, val_labels, embeddings, pad_id, settings.reference_rows
+    )
+    save_reference_sample(reference_sample, folder / REFERENCE_FILE)
+
     fp32_accuracy = accuracy(probabilities, val_labels)
     variants = _variants(
         kind, model_path, input_spec.name, fp32_accuracy, val_inputs, val_labels, settings
     )
 
-    pad_id = preprocess.pad_id if isinstance(preprocess, TextPreprocess) else 0
     if isinstance(preprocess, TextPreprocess):
         (folder / TOKENIZER_FILE).write_text(str(data_spec["tokenizer_json"]), encoding="utf-8")
     all_metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
@@ -217,11 +281,7 @@ def _build(
         fingerprint=data_spec.get("fingerprint"),
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         metrics=all_metrics,
-        verification={
-            "onnx_checker": "full",
-            "parity": parity.to_dict(),
-            "val_samples": int(len(val_inputs)),
-        },
+        verification=verification,
         variants=variants,
         reference=reference_statistics(kind, val_inputs, probabilities, val_labels, pad_id),
         source={
@@ -231,6 +291,9 @@ def _build(
             "onnx_version": onnx.__version__,
             "cycleml_version": cycleml.__version__,
         },
+        embedding=embedding_meta,
+        calibration=fit_temperature(probabilities, val_labels),
+        monitoring_reference=REFERENCE_FILE,
     )
 
 
@@ -282,10 +345,31 @@ def _variants(
     return variants
 
 
-def _inference_module(kind: str, net: nn.Module, data_spec: Mapping[str, Any]) -> nn.Module:
-    if kind == "image":
-        return ImageInferenceNet(net, data_spec["mean"], data_spec["std"])
-    return TextInferenceNet(net)
+def _inference_module(
+    kind: str,
+    net: nn.Module,
+    data_spec: Mapping[str, Any],
+    val_inputs: np.ndarray,
+    settings: ExportSettings,
+) -> nn.Module | MonitoredInferenceNet:
+    """The graph to export: with the ``embedding`` output when the network splits
+    before its head (PCA fitted on the validation split), else probabilities only."""
+    net = net.cpu().eval()
+    check = val_inputs[: settings.parity_samples]
+    split = split_network(kind, net, data_spec, check) if settings.embedding else None
+    if split is None:
+        plain = ImageInferenceNet(net, data_spec["mean"], data_spec["std"])
+        return (plain if kind == "image" else TextInferenceNet(net)).eval()
+    projection = fit_projection(
+        split.features(val_inputs, settings.batch_size), settings.embedding_dim
+    )
+    module = monitored_module(split, projection)
+    module.explained_variance = float(projection.explained_variance_ratio_.sum())
+    log.info(
+        "embedding: %d penultimate features -> %d PCA dims (%.1f%% of the variance)",
+        projection.n_features_in_, projection.n_components_, 100 * module.explained_variance,
+    )  # fmt: skip
+    return module
 
 
 def _input_spec(

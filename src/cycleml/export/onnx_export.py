@@ -26,9 +26,11 @@ def export_onnx(
     path: Path,
     input_name: str,
     opset: int = 18,
+    extra_outputs: tuple[str, ...] = (),
 ) -> None:
-    """Write ``module`` to ``path`` with one input ``input_name`` and one output
-    ``probabilities``, both with a dynamic batch axis.
+    """Write ``module`` to ``path`` with one input ``input_name`` and the output
+    ``probabilities`` (then ``extra_outputs``, in the module's order), all with a
+    dynamic batch axis.
 
     Uses the ``torch.export``-based exporter (``dynamo=True``): the TorchScript one
     is deprecated in PyTorch and gives no cleaner graph for these networks.
@@ -43,7 +45,7 @@ def export_onnx(
             module,
             (example,),
             input_names=[input_name],
-            output_names=[OUTPUT_NAME],
+            output_names=[OUTPUT_NAME, *(_TEMP_PREFIX + name for name in extra_outputs)],
             dynamic_shapes=({0: batch},),
             opset_version=opset,
             dynamo=True,
@@ -53,7 +55,31 @@ def export_onnx(
     if program is None:
         raise BundleError("torch.onnx.export returned no program")
     program.save(str(path))
+    if extra_outputs:
+        _name_outputs(path, extra_outputs)
     check_graph(path)
+
+
+_TEMP_PREFIX = "cycleml_output_"
+
+
+def _name_outputs(path: Path, names: tuple[str, ...]) -> None:
+    """Give the extra outputs their names. The exporter names intermediate values after
+    their ops (an ``nn.Embedding`` makes a value ``embedding``), so the outputs are
+    exported under temporary names and renamed here, moving any intermediate value
+    that holds a wanted name out of the way first."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    renames = {name: f"{name}_value" for name in names}
+    renames.update({_TEMP_PREFIX + name: name for name in names})
+    for node in graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for value in [*graph.value_info, *graph.output]:
+        value.name = renames.get(value.name, value.name)
+    for initializer in graph.initializer:
+        initializer.name = renames.get(initializer.name, initializer.name)
+    onnx.save(model, str(path))
 
 
 @contextmanager

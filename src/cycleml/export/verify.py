@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cycleml.errors import BundleError
+from cycleml.export.onnx_export import OUTPUT_NAME
 
 
 class ExportVerificationError(BundleError):
@@ -55,11 +56,18 @@ def onnx_probabilities(
     model_path: Path, input_name: str, inputs: np.ndarray, batch_size: int = 256
 ) -> np.ndarray:
     """Run an ONNX file with ONNX Runtime (CPU) on ``inputs`` in batches."""
+    return onnx_output(model_path, input_name, inputs, OUTPUT_NAME, batch_size)
+
+
+def onnx_output(
+    model_path: Path, input_name: str, inputs: np.ndarray, output: str, batch_size: int = 256
+) -> np.ndarray:
+    """One named output of an ONNX file run with ONNX Runtime (CPU) on ``inputs``."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     outputs = [
-        session.run(None, {input_name: np.ascontiguousarray(inputs[s : s + batch_size])})[0]
+        session.run([output], {input_name: np.ascontiguousarray(inputs[s : s + batch_size])})[0]
         for s in range(0, len(inputs), batch_size)
     ]
     return np.concatenate(outputs).astype(np.float32)

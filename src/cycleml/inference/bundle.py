@@ -89,6 +89,21 @@ class BundleMeta:
     variants: dict[str, Variant] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    # monitoring (absent in older bundles): the graph's second output ``embedding``
+    # ({"output", "dim", "source_dim", "projection", "explained_variance"}), the
+    # temperature scaling of the probabilities, and the .npz reference sample
+    embedding: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    monitoring_reference: str | None = None
+
+    @property
+    def embedding_spec(self) -> TensorSpec | None:
+        """The ``embedding`` output's spec, or None for a bundle without one."""
+        if not self.embedding:
+            return None
+        return TensorSpec(
+            str(self.embedding["output"]), "float32", [-1, int(self.embedding["dim"])]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +153,9 @@ class BundleMeta:
                 variants=variants,
                 reference=_get(data, "reference", dict, where, {}),
                 source=_get(data, "source", dict, where, {}),
+                embedding=_get(data, "embedding", dict, where, {}),
+                calibration=_get(data, "calibration", dict, where, {}),
+                monitoring_reference=_get(data, "monitoring_reference", str, where, None),
             )
         except TypeError as err:  # unknown or missing keys in a nested object
             raise BundleError(f"{where}: malformed entry: {err}") from err
@@ -203,6 +221,17 @@ class BundleMeta:
                 "max_length and pad_id"
             )
         files = {"model_file": self.model_file}
+        if self.monitoring_reference is not None:
+            files["monitoring_reference"] = self.monitoring_reference
+        if self.embedding and not (
+            isinstance(self.embedding.get("output"), str) and _integers([self.embedding.get("dim")])
+        ):
+            problems.append("embedding needs an output name and an integer dim")
+        temperature = self.calibration.get("temperature", 1.0)
+        if not (_numbers([temperature]) and temperature > 0):
+            problems.append(
+                f"calibration temperature must be a positive number, got {temperature!r}"
+            )
         files.update({f"variants.{p}.file": v.file for p, v in self.variants.items()})
         for key, file in files.items():
             if not _file_name(file):
@@ -271,6 +300,10 @@ def load_bundle(path: str | Path) -> ModelBundle:
         )
     for precision in ("fp32", *meta.variants):
         check_model_file(bundle.variant_path(precision), meta, precision)
+    if meta.monitoring_reference and not (root / meta.monitoring_reference).is_file():
+        raise BundleError(
+            f"bundle '{root}' is missing its monitoring reference {meta.monitoring_reference}"
+        )
     return bundle
 
 
@@ -289,6 +322,8 @@ def check_model_file(model_path: Path, meta: BundleMeta, precision: str = "fp32"
         )
     _check_tensor(model_path, "input", header.inputs, meta.input)
     _check_tensor(model_path, "output", header.outputs, meta.output)
+    if meta.embedding_spec is not None:
+        _check_tensor(model_path, "output", header.outputs, meta.embedding_spec)
 
 
 def _check_tensor(model_path: Path, role: str, found: tuple, spec: TensorSpec) -> None:

@@ -86,6 +86,9 @@ class Predictor:
         self.input_dtype = np.dtype(meta.input.dtype)
         self.input_shape = tuple(meta.input.shape)
         self.output_name = meta.output.name
+        spec = meta.embedding_spec
+        # None for bundles exported without an embedding output (monitoring skips it)
+        self.embedding_name = spec.name if spec and spec.name in {o.name for o in outputs} else None
         self.class_names = list(meta.class_names)
         self.kind = meta.kind
         pre = meta.preprocess
@@ -113,7 +116,40 @@ class Predictor:
 
     # -- tensors ------------------------------------------------------------------------
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities ``float32 (N, num_classes)`` for a batch in the model's input format."""
+        """Probabilities ``float32 (N, num_classes)`` for a batch in the model's input format.
+
+        Asks ONNX Runtime for the ``probabilities`` output by name: a bundle's
+        ``embedding`` output is returned only by :meth:`run_with_embedding`.
+        """
+        self._check_batch(batch)
+        if batch.shape[0] == 0:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        try:
+            (probabilities,) = self.session.run(
+                [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
+            )
+        except InvalidArgument as err:  # the values, not the model: e.g. ids out of range
+            raise ValueError(f"the runtime refused the input: {err}") from None
+        return np.asarray(probabilities, dtype=np.float32)
+
+    def run_with_embedding(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the ``embedding`` output ``float32 (N, dim)`` in one run;
+        the embedding is None when the bundle has no such output (older bundles)."""
+        if self.embedding_name is None:
+            return self.run(batch), None
+        self._check_batch(batch)
+        if batch.shape[0] == 0:
+            dim = int(self.bundle.meta.embedding["dim"])
+            return (
+                np.zeros((0, len(self.class_names)), dtype=np.float32),
+                np.zeros((0, dim), dtype=np.float32),
+            )
+        probabilities, embedding = self.session.run(
+            [self.output_name, self.embedding_name], {self.input_name: np.ascontiguousarray(batch)}
+        )
+        return np.asarray(probabilities, np.float32), np.asarray(embedding, np.float32)
+
+    def _check_batch(self, batch: np.ndarray) -> None:
         if not isinstance(batch, np.ndarray):
             raise ValueError(f"input must be a numpy array, got {type(batch).__name__}")
         if batch.dtype != self.input_dtype:
@@ -125,15 +161,6 @@ class Predictor:
             raise ValueError(
                 f"input {self.input_name!r} must have shape {expected}, got {batch.shape}"
             )
-        if batch.shape[0] == 0:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        try:
-            (probabilities,) = self.session.run(
-                [self.output_name], {self.input_name: np.ascontiguousarray(batch)}
-            )
-        except InvalidArgument as err:  # the values, not the model: e.g. ids out of range
-            raise ValueError(f"the runtime refused the input: {err}") from None
-        return np.asarray(probabilities, dtype=np.float32)
 
     # -- preprocessing ------------------------------------------------------------------
     def preprocess_image(self, data: ImageInput) -> np.ndarray:

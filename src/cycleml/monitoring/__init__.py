@@ -1,0 +1,1 @@
+"""Monitoring of deployed models: the prediction log, drift tests, label-free accuracy."""

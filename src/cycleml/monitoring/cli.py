@@ -1,0 +1,131 @@
+"""`cycleml monitor [labels] [hydra overrides]`: drift and accuracy reports of the
+prediction log, and the attaching of true labels.
+
+Exit status of a report: 0 when the latest window shows no drift, 1 when it drifts
+(so cron or a retraining pipeline can act on it), 2 for an error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cycleml.cli import positional_overrides
+from cycleml.data.tables import read_columns
+from cycleml.errors import ConfigError, DataError
+from cycleml.hydra_app import hydra_app
+from cycleml.monitoring.drift import DriftSettings
+from cycleml.monitoring.log import PredictionLog
+from cycleml.monitoring.report import write_report
+from cycleml.monitoring.run import WindowSettings, monitor, resolve_target
+
+COMMANDS = ("report", "labels")
+DRIFT_EXIT = 1
+
+
+def _settings(cfg: DictConfig) -> tuple[WindowSettings, DriftSettings]:
+    try:
+        window = WindowSettings(**OmegaConf.to_container(cfg.window, resolve=True))
+        drift = DriftSettings(**OmegaConf.to_container(cfg.drift, resolve=True))
+    except TypeError as err:
+        raise ConfigError(f"monitor settings: {err}") from err
+    return window, drift
+
+
+def run_report(cfg: DictConfig) -> int:
+    window, drift = _settings(cfg)
+    target = resolve_target(
+        cfg.ref, cfg.registry.root, cfg.registry.db_url, cfg.log_model, cfg.log_version
+    )
+    prediction_log = PredictionLog(cfg.db_url)
+    try:
+        report = monitor(target, prediction_log, window, drift)
+    finally:
+        prediction_log.close()
+    json_path, html_path = write_report(report, Path(cfg.out_dir))
+    if cfg.format == "json":
+        print(json.dumps({k: report[k] for k in ("model", "version", "drift", "gauges", "notes")}
+                         | {"report": str(json_path), "html": str(html_path)}, indent=2))  # fmt: skip
+    else:
+        _print_summary(report, html_path)
+    return DRIFT_EXIT if report["drift"] else 0
+
+
+def _print_summary(report: dict, html_path: Path) -> None:
+    print(f"{report['model']} {report['version']}: {report['rows']} logged predictions, "
+          f"{len(report['windows'])} windows ({report['window_rule']})")  # fmt: skip
+    for note in report["notes"]:
+        print(f"note: {note}")
+    for w in report["windows"]:
+        perf = w["performance"]
+        estimated = perf["estimated_accuracy"]
+        line = (f"  window {w['index']}: {w['rows']} rows, "
+                f"{'DRIFT (' + ', '.join(w['drifted']) + ')' if w['drift'] else 'no drift'}")  # fmt: skip
+        if estimated is not None:
+            line += f", estimated accuracy {estimated:.3f}"
+        if perf["accuracy"] is not None:
+            line += f", realised {perf['accuracy']:.3f} on {perf['labelled']} labels"
+        print(line)
+        for feature, reason in w["skipped"].items():
+            print(f"    skipped {feature}: {reason}")
+    print(f"report: {html_path}")
+
+
+def run_labels(cfg: DictConfig) -> int:
+    if not cfg.input:
+        raise ConfigError("monitor labels needs input=<table with request_id and label columns>")
+    columns = read_columns(
+        Path(cfg.input), ["request_id", "label"], cfg.input_format, "input_format"
+    )
+    pairs, missing = [], 0
+    for request_id, label in zip(columns["request_id"], columns["label"], strict=True):
+        if request_id in (None, "") or label in (None, ""):
+            missing += 1
+            continue
+        pairs.append((str(request_id), str(label)))
+    if not pairs:
+        raise DataError(f"{cfg.input}: no row has both a request_id and a label")
+    prediction_log = PredictionLog(cfg.db_url)
+    try:
+        result = prediction_log.attach_labels(pairs)
+    finally:
+        prediction_log.close()
+    summary = {**result.to_dict(), "rows_without_id_or_label": missing}
+    if cfg.format == "json":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"attached {result.attached} labels from {cfg.input}")
+        if result.unknown:
+            examples = ", ".join(result.unknown_examples)
+            print(f"{result.unknown} request ids match no logged prediction (e.g. {examples})",
+                  file=sys.stderr)  # fmt: skip
+        if missing:
+            print(f"{missing} rows lack a request_id or a label", file=sys.stderr)
+    return 0
+
+
+@hydra_app("monitor")
+def app(cfg: DictConfig) -> None:
+    if cfg.command not in COMMANDS:
+        raise ConfigError(f"command={cfg.command!r}: expected one of {', '.join(COMMANDS)}")
+    if cfg.format not in ("text", "json"):
+        raise ConfigError(f"format={cfg.format!r}: expected text or json")
+    status = run_labels(cfg) if cfg.command == "labels" else run_report(cfg)
+    if status:
+        raise SystemExit(status)  # drift: the one outcome that is neither success nor error
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] in COMMANDS:
+        args = [f"command={args[0]}", *args[1:]]
+    args = positional_overrides(args, ["ref"])
+    sys.argv = ["cycleml monitor", *args]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The prediction log (SQLite and PostgreSQL), labels, and `cycleml monitor` end to end."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cycleml.db import open_database
+from cycleml.monitoring.log import PredictionLog, PredictionRecord, records_from_batch
+from cycleml.monitoring.monitor import gauge_values
+from test_monitoring_support import (
+    CLASSES,
+    brighten,
+    bundle_before_monitoring,
+    digits,
+    digits_bundle,
+    digits_predictor,
+)
+from test_registry_support import POSTGRES_URL_ENV, postgres_schema_url
+
+T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'log.db'}"
+        return
+    base = os.environ.get(POSTGRES_URL_ENV)
+    if not base:
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_ENV}")
+    yield from postgres_schema_url(base)
+
+
+def synthetic_records(n: int, prefix: str, start: dt.datetime = T0) -> list[PredictionRecord]:
+    rng = np.random.default_rng(len(prefix) + n)
+    images = rng.integers(0, 255, size=(n, 8, 8, 1)).astype(np.uint8)
+    probabilities = rng.dirichlet(np.ones(10), size=n).astype(np.float32)
+    records = records_from_batch(
+        model="digits", version="1", kind="image", class_names=CLASSES,
+        request_ids=[f"{prefix}{i}" for i in range(n)], inputs=images,
+        probabilities=probabilities, embeddings=rng.normal(size=(n, 4)).astype(np.float32),
+    )  # fmt: skip
+    return [
+        PredictionRecord(**{**r.__dict__, "logged_at": start + dt.timedelta(seconds=i)})
+        for i, r in enumerate(records)
+    ]
+
+
+def test_write_read_round_trip_and_idempotent_retries(db_url):
+    log = PredictionLog(db_url)
+    records = synthetic_records(50, "a-")
+    assert log.write(records) == 50
+    assert log.write(records[:10]) == 0  # a retried batch adds nothing
+    rows = log.read("digits", "1")
+    assert len(rows) == 50 and rows.request_ids[0] == "a-0"
+    np.testing.assert_array_equal(rows.probabilities[7], records[7].probabilities)
+    np.testing.assert_array_equal(rows.embedding[7], records[7].embedding)
+    assert rows.features["brightness"][7] == pytest.approx(records[7].features["brightness"])
+    assert rows.predicted_label[7] == CLASSES[int(records[7].probabilities.argmax())]
+    assert rows.logged_at[0] == T0
+    newest = log.read("digits", "1", last=5)
+    assert newest.request_ids == [f"a-{i}" for i in range(45, 50)]
+    middle = log.read("digits", "1", start=T0 + dt.timedelta(seconds=10),
+                      end=T0 + dt.timedelta(seconds=20))  # fmt: skip
+    assert middle.request_ids == [f"a-{i}" for i in range(10, 20)]
+    assert log.versions("digits") == {"1": 50} and log.versions("other") == {}
+    log.close()
+
+
+def test_writes_from_several_threads(db_url):
+    log = PredictionLog(db_url)
+    batches = [synthetic_records(40, f"t{k}-") for k in range(4)]
+    threads = [threading.Thread(target=log.write, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert log.versions("digits") == {"1": 160}
+    log.close()
+
+
+def test_labels_attach_by_request_id_and_unknown_ids_are_reported(db_url):
+    log = PredictionLog(db_url)
+    log.write(synthetic_records(20, "l-"))
+    report = log.attach_labels([("l-1", "3"), ("l-2", "4"), ("nope-1", "5"), ("nope-2", "1")])
+    assert (report.received, report.attached, report.unknown) == (4, 2, 2)
+    assert report.unknown_examples == ["nope-1", "nope-2"]
+    log.attach_labels([("l-2", "7")])  # a later label replaces the earlier one
+    labels = log.read("digits", "1").labels
+    assert labels[1] == "3" and labels[2] == "7" and labels[0] is None
+    log.close()
+
+
+# -- cycleml monitor ---------------------------------------------------------------------
+def cycleml(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`cycleml monitor …` in a subprocess: what a user (or cron) types and sees."""
+    return subprocess.run(
+        [sys.executable, "-m", "cycleml", "monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def monitor_here(capsys, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The same command in this process (no interpreter start-up), as a CompletedProcess."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cycleml.cli import main
+
+    GlobalHydra.instance().clear()
+    saved = list(sys.argv)
+    try:
+        main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def log_digits(url: str, images: np.ndarray, prefix: str, start: dt.datetime) -> None:
+    predictor = digits_predictor()
+    probabilities, embeddings = predictor.run_with_embedding(images)
+    records = records_from_batch(
+        model="digits", version="1", kind="image", class_names=CLASSES,
+        request_ids=[f"{prefix}{i}" for i in range(len(images))], inputs=images,
+        probabilities=probabilities, embeddings=embeddings, logged_at=start,
+    )  # fmt: skip
+    PredictionLog(url).write(records)
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """A log of 500 validation-like scans at T0, then 500 brightened ones an hour later."""
+    folder = tmp_path_factory.mktemp("traffic")
+    url = f"sqlite:///{folder / 'monitoring.db'}"
+    images, labels = digits().val
+    rng = np.random.default_rng(11)
+    calm, shifted = rng.choice(len(images), 500), rng.choice(len(images), 500)
+    log_digits(url, images[calm], "calm-", T0)
+    log_digits(url, brighten(images[shifted]), "bright-", T0 + dt.timedelta(hours=1))
+    return url, labels[shifted]
+
+
+def test_monitor_reports_drift_in_the_latest_window_with_exit_status_1(tmp_path, traffic):
+    url, shifted_labels = traffic
+    labels = tmp_path / "labels.csv"
+    lines = [f"bright-{i},{label}" for i, label in enumerate(shifted_labels[:300])]
+    labels.write_text("request_id,label\n" + "\n".join([*lines, "ghost-1,3"]) + "\n")
+    attached = cycleml(tmp_path, "labels", f"input={labels}", f"db_url={url}")
+    assert attached.returncode == 0, attached.stderr
+    assert "attached 300 labels" in attached.stdout
+    assert "1 request ids match no logged prediction (e.g. ghost-1)" in attached.stderr
+
+    out = tmp_path / "report"
+    result = cycleml(tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}")
+    assert result.returncode == 1, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    first, latest = report["windows"]
+    assert not first["drift"] and latest["drift"] and "brightness" in latest["drifted"]
+    assert latest["performance"]["labelled"] == 300
+    assert (
+        abs(latest["performance"]["accuracy"] - latest["performance"]["estimated_accuracy"]) < 0.1
+    )
+    tests = {t["feature"]: t["test"] for t in latest["tests"]}
+    assert tests == {"brightness": "ks", "contrast": "ks", "confidence": "ks",
+                     "predicted_class": "chi2", "embedding": "mmd"}  # fmt: skip
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "DRIFT" in html
+    gauges = gauge_values(report)
+    assert gauges["cycleml_drift_detected"] == 1.0
+    assert gauges["cycleml_drift_p_value_brightness"] <= 0.05
+    assert 0 < gauges["cycleml_estimated_accuracy"] <= 1
+    assert report["gauges"] == gauges
+
+
+def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path, traffic, capsys):
+    url, _ = traffic
+    out = tmp_path / "report"
+    result = monitor_here(
+        capsys, tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
+        "window.by=time", "window.duration=30min", f"window.start='{T0.isoformat()}'",
+        f"window.end='{(T0 + dt.timedelta(hours=2)).isoformat()}'", "format=json",
+    )  # fmt: skip
+    # the exit status follows the latest window: empty, so no drift
+    assert result.returncode == 0, result.stderr
+    windows = json.loads((out / "report.json").read_text())["windows"]
+    assert [w["rows"] for w in windows] == [500, 0, 500, 0]
+    assert [w["drift"] for w in windows] == [False, False, True, False]
+    assert windows[1]["skipped"]["brightness"] == "empty window: no logged predictions"
+    assert windows[1]["performance"]["estimated_accuracy"] is None
+
+    small = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}", f"out_dir={out}",
+                    "window.size=20", "window.last=1")  # fmt: skip
+    assert small.returncode == 0, small.stderr
+    assert "skipped embedding: window has 20 rows, the mmd test needs 30" in small.stdout
+
+
+def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic, capsys):
+    url, _ = traffic
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "log_version=9")
+    assert result.returncode == 2
+    assert "no logged predictions for model 'digits' version '9'" in result.stderr
+    assert "logged versions of 'digits': 1 (1000)" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = monitor_here(
+        capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "drift.correction=fdr"
+    )
+    assert bad.returncode == 2 and "drift.correction='fdr'" in bad.stderr
+
+
+def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(
+    tmp_path, traffic, capsys
+):
+    url, _ = traffic
+    old = bundle_before_monitoring(tmp_path / "old")
+    out = tmp_path / "report"
+    result = monitor_here(capsys, tmp_path, str(old), f"db_url={url}", f"out_dir={out}")
+    assert result.returncode in (0, 1), result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert any("no monitoring reference sample" in note for note in report["notes"])
+    assert any("no calibration" in note for note in report["notes"])
+    assert [t["feature"] for t in report["windows"][0]["tests"]] == ["predicted_class"]
+
+
+def test_log_tables_open_on_an_existing_engine(tmp_path):
+    engine = open_database(f"sqlite:///{tmp_path / 'shared.db'}")
+    log = PredictionLog(engine)
+    assert log.write(synthetic_records(3, "e-")) == 3
+    engine.dispose()
+
+
+def test_a_registry_reference_reads_the_registered_version(tmp_path, traffic, capsys):
+    from cycleml.registry.model_registry import Registry
+
+    url, _ = traffic
+    registry = Registry(None, tmp_path / "registry")
+    registry.register(digits_bundle())
+    registry.close()
+    out = tmp_path / "report"
+    result = monitor_here(
+        capsys, tmp_path, "digits/1", f"registry.root={tmp_path / 'registry'}",
+        f"db_url={url}", f"out_dir={out}",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["model"], report["version"]) == ("digits", "1")
+    assert report["source"]["registry"] == "digits/1"
+    missing = monitor_here(capsys, tmp_path, "digits/7", f"registry.root={tmp_path / 'registry'}",
+                           f"db_url={url}")  # fmt: skip
+    assert missing.returncode == 2 and "digits" in missing.stderr and "7" in missing.stderr
