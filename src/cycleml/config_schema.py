@@ -342,6 +342,10 @@ SERVE = {
     "auth.enabled": boolean(),
     "reload.watch": boolean(),
     "reload.interval_s": positive(),
+    "monitoring.enabled": boolean(),
+    "monitoring.db_url": optional(text("an SQLAlchemy URL")),
+    "monitoring.sample_rate": number(0, 1),
+    "monitoring.buffer_rows": integer(1),
     "access_log": boolean(),
 }
 DATA_COMMANDS = {

@@ -25,6 +25,7 @@ from cycleml.serving.dispatch import ServerState, json_response, state_of
 from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
+from cycleml.serving.prediction_logger import PredictionLogger
 from cycleml.serving.repository import ModelRepository
 from cycleml.serving.settings import ServeSettings, read_api_keys
 
@@ -77,10 +78,20 @@ def create_app(settings: ServeSettings) -> ServingApp:
     metrics = ServingMetrics()
     keys = read_api_keys(settings.auth) if settings.auth.enabled else []
     auth = ApiKeyAuth(keys, settings.auth.public_paths) if settings.auth.enabled else None
+    prediction_logger = (
+        PredictionLogger(
+            str(settings.monitoring.db_url),
+            settings.monitoring.sample_rate,
+            settings.monitoring.buffer_rows,
+            on_dropped=metrics.prediction_log_dropped.inc,
+        )
+        if settings.monitoring.enabled
+        else None
+    )
     state = ServerState(
         settings=settings,
         metrics=metrics,
-        repository=ModelRepository(settings, metrics),
+        repository=ModelRepository(settings, metrics, prediction_logger),
         decode_pool=ThreadPoolExecutor(
             settings.runtime.decode_threads, thread_name_prefix="decode"
         ),
@@ -97,6 +108,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
             state.draining = True
             await loading
             await asyncio.to_thread(state.repository.close)
+            if prediction_logger is not None:
+                await asyncio.to_thread(prediction_logger.close)
             state.decode_pool.shutdown(wait=True)
             log.info("server stopped")
 

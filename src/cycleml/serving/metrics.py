@@ -118,6 +118,12 @@ class ServingMetrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        self.prediction_log_dropped = Counter(
+            "cycleml_prediction_log_dropped_total",
+            "Prediction log records dropped: the writer's buffer was full, or the "
+            "database refused or could not be reached.",
+            registry=self.registry,
+        )
         # (model, version, endpoint, status) -> the children request_done updates
         self._children: dict[tuple[str, str, str, int], tuple] = {}
         # (model, version) -> the length of the queue cycleml_queue_depth reports

@@ -1,0 +1,162 @@
+"""The server's side of the prediction log: sampling, a bounded buffer, a writer thread.
+
+A batcher thread hands each finished batch's sampled rows to :meth:`PredictionLogger.offer`,
+which only appends to a bounded buffer (no database work, never blocks). One background
+thread takes what waits, computes the records' features and writes them in one
+transaction through :class:`cycleml.monitoring.log.PredictionLog`. A full buffer, a slow
+database or an unreachable one costs log records, never requests: what could not be
+written is counted (``cycleml_prediction_log_dropped_total``) and logged, at most once
+per ``WARN_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cycleml.db import safe_url
+from cycleml.monitoring.log import PredictionLog, records_from_batch
+
+log = logging.getLogger(__name__)
+
+# at most one warning about dropped records per this many seconds
+WARN_EVERY_S = 10.0
+# after a failed write (or a failed connect), the next write waits this long; records
+# arriving meanwhile stay buffered up to the buffer's bound
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class LoggedBatch:
+    """The sampled rows of one served batch, as the batcher thread hands them over."""
+
+    model: str
+    version: str
+    kind: str
+    class_names: Sequence[str]
+    pad_id: int
+    request_ids: list[str]
+    inputs: np.ndarray
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+    logged_at: dt.datetime
+
+    @property
+    def rows(self) -> int:
+        return len(self.request_ids)
+
+
+class PredictionLogger:
+    """Samples requests and writes their predictions off the serving threads."""
+
+    def __init__(
+        self,
+        db_url: str,
+        sample_rate: float,
+        buffer_rows: int,
+        on_dropped: Callable[[int], None],
+        open_log: Callable[[str], PredictionLog] = PredictionLog,
+    ) -> None:
+        self.db_url = db_url
+        self.sample_rate = sample_rate
+        self.buffer_rows = buffer_rows
+        self._on_dropped = on_dropped
+        self._open_log = open_log
+        self._log: PredictionLog | None = None
+        self._pending: deque[LoggedBatch] = deque()
+        self._pending_rows = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._dropped_since_warning = 0
+        self._last_warning = 0.0
+        self.written = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def sampled(self) -> bool:
+        """Whether to log the next request (``sample_rate`` of them, at random)."""
+        return self.sample_rate >= 1.0 or random.random() < self.sample_rate
+
+    def offer(self, batch: LoggedBatch) -> None:
+        """Buffer ``batch`` for the writer; when the buffer is full, count it dropped."""
+        with self._cond:
+            accepted = not self._closed and self._pending_rows + batch.rows <= self.buffer_rows
+            if accepted:
+                self._pending.append(batch)
+                self._pending_rows += batch.rows
+                self._cond.notify()
+        if not accepted:
+            self._drop(batch.rows, "the buffer is full")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is buffered (within ``timeout``), then stop the writer."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._log is not None:
+            self._log.close()
+
+    # -- the writer thread -------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batches = list(self._pending)
+                self._pending.clear()
+                self._pending_rows = 0
+            rows = sum(batch.rows for batch in batches)
+            try:
+                self._write(batches)
+            except Exception as err:
+                self._drop(rows, f"writing to {safe_url(self.db_url)} failed: {err}")
+                if not self._closed:
+                    time.sleep(RETRY_AFTER_S)
+            else:
+                self.written += rows
+
+    def _write(self, batches: list[LoggedBatch]) -> None:
+        if self._log is None:
+            self._log = self._open_log(self.db_url)
+        records = [
+            record
+            for batch in batches
+            for record in records_from_batch(
+                model=batch.model,
+                version=batch.version,
+                kind=batch.kind,
+                class_names=batch.class_names,
+                request_ids=batch.request_ids,
+                inputs=batch.inputs,
+                probabilities=batch.probabilities,
+                embeddings=batch.embeddings,
+                pad_id=batch.pad_id,
+                logged_at=batch.logged_at,
+            )
+        ]
+        self._log.write(records)
+
+    def _drop(self, rows: int, why: str) -> None:
+        self._on_dropped(rows)
+        now = time.monotonic()
+        with self._cond:
+            self.dropped += rows
+            self._dropped_since_warning += rows
+            due = now - self._last_warning >= WARN_EVERY_S
+            if due:
+                count, self._dropped_since_warning = self._dropped_since_warning, 0
+                self._last_warning = now
+        if due:
+            log.warning("prediction log: %d record(s) dropped (%s)", count, why)

@@ -1,0 +1,172 @@
+"""The prediction log of `cycleml serve`: rows that match the answers, and a database
+that fails while the server runs (requests answered, dropped records counted)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from cycleml.errors import ConfigError
+from cycleml.inference import load_bundle
+from cycleml.monitoring.log import PredictionLog
+from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
+from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
+    IMAGE_CLASSES,
+    IMAGE_SIZE,
+    RunningServer,
+    free_port,
+    image_bundle_fixture,
+    settings,
+    v2_body,
+)
+
+DROPPED = re.compile(r"^cycleml_prediction_log_dropped_total (\S+)$", re.M)
+
+
+def _pixels(rng: np.random.Generator, rows: int = 1) -> np.ndarray:
+    return rng.integers(0, 256, (rows, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def _dropped(url: str) -> float:
+    found = DROPPED.search(httpx.get(f"{url}/metrics").text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_logged_rows_match_the_answers(image_bundle: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
+    rng = np.random.default_rng(0)
+    answers: dict[str, tuple[str, list[float]]] = {}
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        for i in range(12):
+            rid = f"log-test-{i}"
+            reply = client.post(
+                "/v2/models/shapes/infer",
+                json=v2_body(_pixels(rng)),
+                headers={"X-Request-Id": rid},
+            )
+            assert reply.status_code == 200
+            out = reply.json()["outputs"][0]
+            answers[rid] = (reply.json()["model_version"], out["data"])
+        # a request of two rows logs one record per row
+        two = client.post(
+            "/v2/models/shapes/infer",
+            json=v2_body(_pixels(rng, 2)),
+            headers={"X-Request-Id": "log-test-pair"},
+        )
+        assert two.status_code == 200
+        pair = np.asarray(two.json()["outputs"][0]["data"]).reshape(2, -1)
+        assert _dropped(server.url) == 0
+    # the server's shutdown writes what was buffered
+    logged = PredictionLog(db_url).read("shapes", "1")
+    by_id = {rid: i for i, rid in enumerate(logged.request_ids)}
+    assert set(by_id) == {*answers, "log-test-pair/0", "log-test-pair/1"}
+    for rid, (version, probabilities) in answers.items():
+        row = by_id[rid]
+        assert version == "1"
+        assert logged.predicted_class[row] == int(np.argmax(probabilities))
+        assert logged.predicted_label[row] == IMAGE_CLASSES[int(np.argmax(probabilities))]
+        np.testing.assert_allclose(logged.probabilities[row], probabilities, rtol=1e-6)
+    for i in range(2):
+        assert logged.predicted_class[by_id[f"log-test-pair/{i}"]] == int(pair[i].argmax())
+    assert set(logged.features) == {"brightness", "contrast", "confidence"}
+    # the bundle's embedding output is asked for and logged with each prediction
+    dim = load_bundle(image_bundle).meta.embedding["dim"]
+    assert logged.embedding is not None
+    assert logged.embedding.shape == (len(logged), dim)
+
+
+def test_unreachable_database_fails_no_request(image_bundle: Path) -> None:
+    # nothing listens on this port: every connect is refused
+    db_url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
+    serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
+    rng = np.random.default_rng(1)
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        statuses = [
+            client.post("/v2/models/shapes/infer", json=v2_body(_pixels(rng))).status_code
+            for _ in range(20)
+        ]
+        assert statuses == [200] * 20
+        deadline = time.monotonic() + 30
+        while _dropped(server.url) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _dropped(server.url) == 20
+
+
+def test_sample_rate_zero_logs_nothing(image_bundle: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    serve = settings(
+        image_bundle, monitoring={"enabled": True, "db_url": db_url, "sample_rate": 0.0}
+    )
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(5):
+            reply = client.post(
+                "/v2/models/shapes/infer", json=v2_body(_pixels(np.random.default_rng(2)))
+            )
+            assert reply.status_code == 200
+    assert len(PredictionLog(db_url).read("shapes", "1")) == 0
+
+
+def _batch(rid: str) -> LoggedBatch:
+    from cycleml.db import utc_now
+
+    return LoggedBatch(
+        model="m",
+        version="1",
+        kind="image",
+        class_names=["a", "b"],
+        pad_id=0,
+        request_ids=[rid],
+        inputs=np.zeros((1, 2, 2, 3), np.uint8),
+        probabilities=np.array([[0.3, 0.7]], np.float32),
+        embeddings=None,
+        logged_at=utc_now(),
+    )
+
+
+def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
+    """While the writer hangs on the database, offers return at once; beyond the
+    buffer's bound they are counted as dropped, and the rest is written afterwards."""
+    release = threading.Event()
+    dropped: list[int] = []
+
+    def slow_open(url: str) -> PredictionLog:
+        release.wait(30)
+        return PredictionLog(url)
+
+    logger = PredictionLogger(
+        f"sqlite:///{tmp_path / 'log.db'}", 1.0, 3, dropped.append, open_log=slow_open
+    )
+    logger.offer(_batch("first"))  # the writer takes it and hangs in slow_open
+    deadline = time.monotonic() + 10
+    while logger._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    for i in range(5):
+        logger.offer(_batch(f"r{i}"))
+    assert time.perf_counter() - started < 0.5
+    assert sum(dropped) == 2  # three fit in the buffer
+    release.set()
+    logger.close()
+    assert logger.written == 4
+    rows = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}").read("m", "1")
+    assert sorted(rows.request_ids) == ["first", "r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "message"),
+    [
+        ({"enabled": True, "db_url": None}, "monitoring.enabled needs monitoring.db_url"),
+        ({"sample_rate": 1.5}, "monitoring.sample_rate must be in 0..1"),
+        ({"buffer_rows": 0}, "monitoring.buffer_rows must be >= 1"),
+    ],
+)
+def test_bad_monitoring_settings(image_bundle: Path, monitoring: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings(image_bundle, monitoring=monitoring)
