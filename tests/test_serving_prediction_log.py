@@ -170,3 +170,64 @@ def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
 def test_bad_monitoring_settings(image_bundle: Path, monitoring: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         settings(image_bundle, monitoring=monitoring)
+
+
+def _wait_logged(db_url: str, rows: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(PredictionLog(db_url).read("shapes", "1")) < rows:
+        assert time.monotonic() < deadline, f"fewer than {rows} predictions logged in 30 s"
+        time.sleep(0.05)
+
+
+def test_feedback_attaches_labels_and_names_unknown_ids(image_bundle: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
+    rng = np.random.default_rng(3)
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        for rid in ("fb-1", "fb-2", "fb-3"):
+            reply = client.post(
+                "/v2/models/shapes/infer", json=v2_body(_pixels(rng)), headers={"X-Request-Id": rid}
+            )
+            assert reply.status_code == 200
+        _wait_logged(db_url, 3)
+        listed = client.post(
+            "/v1/feedback",
+            json=[
+                {"request_id": "fb-1", "label": "cat"},
+                {"request_id": "fb-2", "label": "dog"},
+                {"request_id": "never-served", "label": "cat"},
+            ],
+        )
+        assert listed.status_code == 200
+        assert listed.json() == {
+            "received": 3,
+            "attached": 2,
+            "unknown": 1,
+            "unknown_request_ids": ["never-served"],
+        }
+        single = client.post("/v1/feedback", json={"request_id": "fb-3", "label": "bird"})
+        assert single.json()["attached"] == 1
+        bad_bodies = [
+            b"{not json",
+            b"[]",
+            b'{"request_id": "fb-1"}',
+            b'{"request_id": "fb-1", "label": ["cat"]}',
+            b'[{"request_id": 5, "label": "cat"}]',
+            b'"fb-1"',
+        ]
+        for body in bad_bodies:
+            reply = client.post(
+                "/v1/feedback", content=body, headers={"Content-Type": "application/json"}
+            )
+            assert reply.status_code == 400, body
+            assert "feedback" in reply.json()["error"]
+    logged = PredictionLog(db_url).read("shapes", "1")
+    labels = dict(zip(logged.request_ids, logged.labels, strict=True))
+    assert labels == {"fb-1": "cat", "fb-2": "dog", "fb-3": "bird"}
+
+
+def test_feedback_without_the_log_is_refused(image_bundle: Path) -> None:
+    with RunningServer(settings(image_bundle)) as server:
+        reply = httpx.post(f"{server.url}/v1/feedback", json={"request_id": "x", "label": "cat"})
+        assert reply.status_code == 409
+        assert "monitoring.enabled=true" in reply.json()["error"]

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
-from cycleml.serving import routes_stats, routes_v1, routes_v2
+from cycleml.serving import routes_feedback, routes_stats, routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
@@ -131,6 +131,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     app.include_router(routes_stats.router)  # before /v2/models/{model_name}
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_feedback.router)
     app.add_api_route(
         "/v2", server_metadata, methods=["GET"], tags=["health"], summary="Server metadata"
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cycleml.db import safe_url
-from cycleml.monitoring.log import PredictionLog, records_from_batch
+from cycleml.monitoring.log import LabelReport, PredictionLog, records_from_batch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class PredictionLogger:
         self._on_dropped = on_dropped
         self._open_log = open_log
         self._log: PredictionLog | None = None
+        self._open_lock = threading.Lock()
         self._pending: deque[LoggedBatch] = deque()
         self._pending_rows = 0
         self._cond = threading.Condition(threading.Lock())
@@ -96,6 +97,18 @@ class PredictionLogger:
                 self._cond.notify()
         if not accepted:
             self._drop(batch.rows, "the buffer is full")
+
+    def attach_labels(self, labels: Sequence[tuple[str, str]]) -> LabelReport:
+        """Attach true labels by request id (blocking database work: call it off the
+        event loop). A prediction still in the buffer is not yet known to the log."""
+        return self._prediction_log().attach_labels(labels)
+
+    def _prediction_log(self) -> PredictionLog:
+        # opened on first use: a database down at start-up must not stop the server
+        with self._open_lock:
+            if self._log is None:
+                self._log = self._open_log(self.db_url)
+            return self._log
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is buffered (within ``timeout``), then stop the writer."""
@@ -128,8 +141,7 @@ class PredictionLogger:
                 self.written += rows
 
     def _write(self, batches: list[LoggedBatch]) -> None:
-        if self._log is None:
-            self._log = self._open_log(self.db_url)
+        prediction_log = self._prediction_log()
         records = [
             record
             for batch in batches
@@ -146,7 +158,7 @@ class PredictionLogger:
                 logged_at=batch.logged_at,
             )
         ]
-        self._log.write(records)
+        prediction_log.write(records)
 
     def _drop(self, rows: int, why: str) -> None:
         self._on_dropped(rows)
