@@ -231,3 +231,51 @@ def test_feedback_without_the_log_is_refused(image_bundle: Path) -> None:
         reply = httpx.post(f"{server.url}/v1/feedback", json={"request_id": "x", "label": "cat"})
         assert reply.status_code == 409
         assert "monitoring.enabled=true" in reply.json()["error"]
+
+
+def _gauges(text: str) -> dict[str, float]:
+    found = re.findall(
+        r'^(cycleml_(?:drift|estimated|realised)_\w+)\{model="shapes",version="1"\} (\S+)$',
+        text,
+        re.M,
+    )
+    return {name: float(value) for name, value in found}
+
+
+def test_drift_gauges_are_the_latest_window_of_cycleml_monitor(
+    image_bundle: Path, tmp_path: Path
+) -> None:
+    from cycleml.monitoring.drift import DriftSettings
+    from cycleml.monitoring.run import ModelTarget, WindowSettings, monitor
+
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    serve = settings(
+        image_bundle,
+        monitoring={
+            "enabled": True,
+            "db_url": db_url,
+            "report_interval_s": 0.2,
+            "report_window": 30,
+        },
+    )
+    rng = np.random.default_rng(4)
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        for _ in range(40):
+            reply = client.post("/v2/models/shapes/infer", json=v2_body(_pixels(rng)))
+            assert reply.status_code == 200
+        _wait_logged(db_url, 40)
+        # what cycleml monitor reports for the newest 30 predictions
+        newest = PredictionLog(db_url).read("shapes", "1").logged_at[10]
+        windows = WindowSettings(by="count", size=30, start=newest.isoformat())
+        target = ModelTarget(load_bundle(image_bundle), "shapes", "1")
+        expected = monitor(target, PredictionLog(db_url), windows, DriftSettings())["gauges"]
+        assert "cycleml_estimated_accuracy" in expected
+        assert "cycleml_drift_detected" in expected
+        deadline = time.monotonic() + 30
+        while (scraped := _gauges(client.get("/metrics").text)).keys() != expected.keys() or any(
+            abs(scraped[k] - expected[k]) > 1e-9 for k in expected
+        ):
+            assert time.monotonic() < deadline, f"gauges {scraped} != {expected} after 30 s"
+            time.sleep(0.1)
+    assert 0.0 <= scraped["cycleml_estimated_accuracy"] <= 1.0
+    assert scraped["cycleml_drift_detected"] in (0.0, 1.0)

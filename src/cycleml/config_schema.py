@@ -346,6 +346,8 @@ SERVE = {
     "monitoring.db_url": optional(text("an SQLAlchemy URL")),
     "monitoring.sample_rate": number(0, 1),
     "monitoring.buffer_rows": integer(1),
+    "monitoring.report_interval_s": optional(positive()),
+    "monitoring.report_window": integer(1),
     "access_log": boolean(),
 }
 DATA_COMMANDS = {

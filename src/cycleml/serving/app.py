@@ -88,6 +88,20 @@ def create_app(settings: ServeSettings) -> ServingApp:
         if settings.monitoring.enabled
         else None
     )
+    drift_reporter = None
+    if prediction_logger is not None and settings.monitoring.report_interval_s:
+        # the drift tests need scipy and pandas: loaded only when the gauges are on
+        from cycleml.serving.drift_gauges import DriftGauges, DriftReporter
+
+        gauges = DriftGauges()
+        metrics.add_collector(gauges)
+        drift_reporter = DriftReporter(
+            gauges,
+            prediction_logger.prediction_log,
+            lambda: state.repository.all_models(),
+            settings.monitoring.report_interval_s,
+            settings.monitoring.report_window,
+        )
     state = ServerState(
         settings=settings,
         metrics=metrics,
@@ -102,11 +116,15 @@ def create_app(settings: ServeSettings) -> ServingApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(asyncio.to_thread(_load, state))
         loading.add_done_callback(lambda _: _stop_if_nothing_loaded(state))
+        if drift_reporter is not None:
+            drift_reporter.start()
         try:
             yield
         finally:
             state.draining = True
             await loading
+            if drift_reporter is not None:
+                await asyncio.to_thread(drift_reporter.close)
             await asyncio.to_thread(state.repository.close)
             if prediction_logger is not None:
                 await asyncio.to_thread(prediction_logger.close)

@@ -101,10 +101,11 @@ class PredictionLogger:
     def attach_labels(self, labels: Sequence[tuple[str, str]]) -> LabelReport:
         """Attach true labels by request id (blocking database work: call it off the
         event loop). A prediction still in the buffer is not yet known to the log."""
-        return self._prediction_log().attach_labels(labels)
+        return self.prediction_log().attach_labels(labels)
 
-    def _prediction_log(self) -> PredictionLog:
-        # opened on first use: a database down at start-up must not stop the server
+    def prediction_log(self) -> PredictionLog:
+        """The log, opened on first use: a database down at start-up must not stop
+        the server."""
         with self._open_lock:
             if self._log is None:
                 self._log = self._open_log(self.db_url)
@@ -141,7 +142,7 @@ class PredictionLogger:
                 self.written += rows
 
     def _write(self, batches: list[LoggedBatch]) -> None:
-        prediction_log = self._prediction_log()
+        prediction_log = self.prediction_log()
         records = [
             record
             for batch in batches

@@ -91,6 +91,10 @@ class MonitoringSettings:
     sample_rate: float = 1.0
     # rows waiting for the writer thread at most; more are dropped (and counted)
     buffer_rows: int = 10_000
+    # seconds between drift tests of the latest window for the /metrics gauges (None: off)
+    report_interval_s: float | None = None
+    # predictions in that window (the newest ones of each served version)
+    report_window: int = 500
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,14 @@ class ServeSettings:
         _check(
             monitoring.buffer_rows >= 1,
             f"monitoring.buffer_rows must be >= 1, got {monitoring.buffer_rows}",
+        )
+        _check(
+            monitoring.report_interval_s is None or monitoring.report_interval_s > 0,
+            f"monitoring.report_interval_s must be > 0 or null, got {monitoring.report_interval_s}",
+        )
+        _check(
+            monitoring.report_window >= 1,
+            f"monitoring.report_window must be >= 1, got {monitoring.report_window}",
         )
         _check(
             not monitoring.enabled or bool(monitoring.db_url),
