@@ -316,6 +316,8 @@ PREDICT = {
     "runtime.inter_op_threads": integer(0),
     "runtime.spin_wait": boolean(),
     "progress": boolean(),
+    "monitoring.enabled": boolean(),
+    "monitoring.db_url": optional(text("an SQLAlchemy URL")),
 }
 SERVE = {
     "path": text("a bundle folder or a model repository"),
