@@ -11,6 +11,7 @@ per ``WARN_EVERY_S``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -23,7 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from cycleml.db import safe_url
-from cycleml.monitoring.log import LabelReport, PredictionLog, records_from_batch
+from cycleml.monitoring.log import (
+    LabelReport,
+    PredictionLog,
+    PredictionRecord,
+    records_from_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,10 @@ WARN_EVERY_S = 10.0
 # after a failed write (or a failed connect), the next write waits this long; records
 # arriving meanwhile stay buffered up to the buffer's bound
 RETRY_AFTER_S = 1.0
+# the writer gathers records this long (or until WRITE_ROWS wait) before a write: one
+# transaction per 100 requests costs a third of the CPU per record of one per 10
+GATHER_S = 0.1
+WRITE_ROWS = 500
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,9 @@ class PredictionLogger:
             if accepted:
                 self._pending.append(batch)
                 self._pending_rows += batch.rows
-                self._cond.notify()
+                # wake the writer when it idles, or to write a full batch; not per record
+                if len(self._pending) == 1 or self._pending_rows >= WRITE_ROWS:
+                    self._cond.notify()
         if not accepted:
             self._drop(batch.rows, "the buffer is full")
 
@@ -126,6 +138,12 @@ class PredictionLogger:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
+                gather_until = time.monotonic() + GATHER_S
+                while self._pending_rows < WRITE_ROWS and not self._closed:
+                    left = gather_until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 if not self._pending:
                     return
                 batches = list(self._pending)
@@ -143,22 +161,34 @@ class PredictionLogger:
 
     def _write(self, batches: list[LoggedBatch]) -> None:
         prediction_log = self.prediction_log()
-        records = [
-            record
-            for batch in batches
-            for record in records_from_batch(
-                model=batch.model,
-                version=batch.version,
-                kind=batch.kind,
-                class_names=batch.class_names,
-                request_ids=batch.request_ids,
-                inputs=batch.inputs,
-                probabilities=batch.probabilities,
-                embeddings=batch.embeddings,
-                pad_id=batch.pad_id,
-                logged_at=batch.logged_at,
+        records: list[PredictionRecord] = []
+        # one records_from_batch per model version over all its waiting requests: its
+        # features are computed on whole arrays (about 10x less CPU per row than one
+        # request at a time)
+        groups: dict[tuple, list[LoggedBatch]] = {}
+        for batch in batches:
+            key = (batch.model, batch.version, batch.embeddings is None)
+            groups.setdefault(key, []).append(batch)
+        for group in groups.values():
+            first = group[0]
+            times = [batch.logged_at for batch in group for _ in range(batch.rows)]
+            made = records_from_batch(
+                model=first.model,
+                version=first.version,
+                kind=first.kind,
+                class_names=first.class_names,
+                request_ids=[rid for batch in group for rid in batch.request_ids],
+                inputs=np.concatenate([batch.inputs for batch in group]),
+                probabilities=np.concatenate([batch.probabilities for batch in group]),
+                embeddings=None
+                if first.embeddings is None
+                else np.concatenate([batch.embeddings for batch in group]),
+                pad_id=first.pad_id,
             )
-        ]
+            records += [
+                dataclasses.replace(record, logged_at=when)
+                for record, when in zip(made, times, strict=True)
+            ]
         prediction_log.write(records)
 
     def _drop(self, rows: int, why: str) -> None:
