@@ -454,38 +454,23 @@ def two_servers_row(
         return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
 
 
-def protocol_row(
-    bundle: Path,
-    workdir: Path,
-    seconds: float,
-    serve_overrides: list[str],
-    concurrency: int,
-    turns: int,
-) -> float:
+def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
     """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
     uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
     path answers inference in both): own / uvicorn's. The layer stays only while this
     shows a clear gain (docs/serving.md)."""
-    variants = {
+    return {
         f"http_protocol={name}": [*serve_overrides, f"http_protocol={name}"]
         for name in ("cycleml", "uvicorn")
     }
-    return two_servers_row(bundle, workdir, seconds, variants, concurrency, turns)
 
 
-def logging_row(
-    bundle: Path,
-    workdir: Path,
-    seconds: float,
-    serve_overrides: list[str],
-    concurrency: int,
-    turns: int,
-) -> float:
+def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
     target is >= 0.95 (docs/serving.md, Prediction log)."""
     log_url = f"sqlite:///{workdir / 'bench-monitoring.db'}"
-    variants = {
+    return {
         "logging on": [
             *serve_overrides,
             "monitoring.enabled=true",
@@ -494,7 +479,10 @@ def logging_row(
         ],
         "logging off": [*serve_overrides, "monitoring.enabled=false"],
     }
-    return two_servers_row(bundle, workdir, seconds, variants, concurrency, turns)
+
+
+# figure -> the two server configurations it compares
+TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
 
 
 def bench_model(
@@ -557,12 +545,17 @@ def bench_model(
             show(f"{row['rate']:.0f} req/s offered", row)
 
     best_concurrency = max(served, key=lambda c: served[c]["rps"])
-    protocol_ratio = protocol_row(
-        bundle, workdir, seconds, serve_overrides, best_concurrency, 2 * rounds - 1
-    )
-    logging_ratio = logging_row(
-        bundle, workdir, seconds, serve_overrides, best_concurrency, 2 * rounds - 1
-    )
+    two_server_figures = {
+        figure: two_servers_row(
+            bundle,
+            workdir,
+            seconds,
+            variants(serve_overrides, workdir),
+            best_concurrency,
+            2 * rounds - 1,
+        )
+        for figure, variants in TWO_SERVER_ROWS.items()
+    }
 
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
@@ -581,8 +574,7 @@ def bench_model(
         "serve_vs_naive": head_to_head,
         "serve_vs_naive_sweep": saturation / naive_best,
         "p50_c1_minus_one_call_ms": served[1]["p50_ms"] - one_call_ms,
-        "protocol_vs_uvicorn": protocol_ratio,
-        "logging_vs_off": logging_ratio,
+        **two_server_figures,
     }
     print(
         f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
@@ -653,15 +645,14 @@ def main() -> None:
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
             only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
-            rows = {"protocol_vs_uvicorn": protocol_row, "logging_vs_off": logging_row}
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
                 results[name] = {
-                    figure: rows[figure](
+                    figure: two_servers_row(
                         bundle,
                         workdir,
                         seconds,
-                        args.serve.split(),
+                        TWO_SERVER_ROWS[figure](args.serve.split(), workdir),
                         args.concurrency,
                         2 * args.rounds - 1,
                     )
