@@ -23,6 +23,7 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
     free_port,
     image_bundle_fixture,
     settings,
+    text_bundle_fixture,
     v2_body,
 )
 
@@ -80,6 +81,22 @@ def test_logged_rows_match_the_answers(image_bundle: Path, tmp_path: Path) -> No
     dim = load_bundle(image_bundle).meta.embedding["dim"]
     assert logged.embedding is not None
     assert logged.embedding.shape == (len(logged), dim)
+
+
+def test_a_text_model_logs_the_length_of_each_text(text_bundle: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    serve = settings(text_bundle, monitoring={"enabled": True, "db_url": db_url})
+    with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
+        for rid, text in (("t-short", "goal"), ("t-long", "the team scored a late goal")):
+            reply = client.post(
+                "/v1/models/topics:predict", json={"text": text}, headers={"X-Request-Id": rid}
+            )
+            assert reply.status_code == 200
+            assert reply.json()["id"] == rid
+    logged = PredictionLog(db_url).read("topics", "1")
+    lengths = dict(zip(logged.request_ids, logged.features["length"], strict=True))
+    # tokens that are not padding, cut at the bundle's max_length
+    assert 1 <= lengths["t-short"] < lengths["t-long"] <= 6
 
 
 def test_unreachable_database_fails_no_request(image_bundle: Path) -> None:
