@@ -11,11 +11,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import delete
 
 from cycleml.errors import ConfigError
 from cycleml.inference import load_bundle
 from cycleml.monitoring.log import PredictionLog
+from cycleml.monitoring.tables import predictions
 from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
+from test_predict_support import DATABASES, postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_CLASSES,
     IMAGE_SIZE,
@@ -26,6 +29,23 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
     text_bundle_fixture,
     v2_body,
 )
+
+# the serving log tests' own PostgreSQL schema: the test database is shared
+POSTGRES_SCHEMA = "cycleml_serving_log_tests"
+
+
+def _log_url(kind: str, tmp_path: Path) -> str:
+    """A fresh SQLite file, or the test PostgreSQL with the log's rows of model
+    ``shapes`` removed from this module's own schema."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'monitoring.db'}"
+    url = postgres_schema_url(POSTGRES_SCHEMA)
+    prediction_log = PredictionLog(url)
+    with prediction_log.engine.begin() as conn:
+        conn.execute(delete(predictions).where(predictions.c.model == "shapes"))
+    prediction_log.close()
+    return url
+
 
 DROPPED = re.compile(r"^cycleml_prediction_log_dropped_total (\S+)$", re.M)
 
@@ -39,8 +59,9 @@ def _dropped(url: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_logged_rows_match_the_answers(image_bundle: Path, tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+@pytest.mark.parametrize("database", DATABASES)
+def test_logged_rows_match_the_answers(image_bundle: Path, tmp_path: Path, database: str) -> None:
+    db_url = _log_url(database, tmp_path)
     serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
     rng = np.random.default_rng(0)
     answers: dict[str, tuple[str, list[float]]] = {}
@@ -196,8 +217,11 @@ def _wait_logged(db_url: str, rows: int) -> None:
         time.sleep(0.05)
 
 
-def test_feedback_attaches_labels_and_names_unknown_ids(image_bundle: Path, tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+@pytest.mark.parametrize("database", DATABASES)
+def test_feedback_attaches_labels_and_names_unknown_ids(
+    image_bundle: Path, tmp_path: Path, database: str
+) -> None:
+    db_url = _log_url(database, tmp_path)
     serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
     rng = np.random.default_rng(3)
     with RunningServer(serve) as server, httpx.Client(base_url=server.url) as client:
