@@ -120,7 +120,9 @@ def test_a_text_model_logs_the_length_of_each_text(text_bundle: Path, tmp_path: 
     assert 1 <= lengths["t-short"] < lengths["t-long"] <= 6
 
 
-def test_unreachable_database_fails_no_request(image_bundle: Path) -> None:
+def test_unreachable_database_fails_no_request(
+    image_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # nothing listens on this port: every connect is refused
     db_url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
     serve = settings(image_bundle, monitoring={"enabled": True, "db_url": db_url})
@@ -135,6 +137,10 @@ def test_unreachable_database_fails_no_request(image_bundle: Path) -> None:
         while _dropped(server.url) < 20 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _dropped(server.url) == 20
+    # said in the log too, at most once per WARN_EVERY_S (the first drop is always said)
+    warnings = [r.getMessage() for r in caplog.records if "prediction log:" in r.getMessage()]
+    assert 1 <= len(warnings) <= 2
+    assert "dropped (writing to postgresql+psycopg://" in warnings[0]
 
 
 def test_sample_rate_zero_logs_nothing(image_bundle: Path, tmp_path: Path) -> None:
