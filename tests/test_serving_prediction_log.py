@@ -174,9 +174,15 @@ def _batch(rid: str) -> LoggedBatch:
     )
 
 
-def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("buffer_rows", "buffer_bytes", "fit"),
+    [(3, 10**9, 3), (100, 2 * 12, 2)],  # by rows; by input bytes (12 per record)
+)
+def test_a_slow_database_never_blocks_the_caller(
+    tmp_path: Path, buffer_rows: int, buffer_bytes: int, fit: int
+) -> None:
     """While the writer hangs on the database, offers return at once; beyond the
-    buffer's bound they are counted as dropped, and the rest is written afterwards."""
+    buffer's bounds they are counted as dropped, and the rest is written afterwards."""
     release = threading.Event()
     dropped: list[int] = []
 
@@ -184,8 +190,9 @@ def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
         release.wait(30)
         return PredictionLog(url)
 
+    url = f"sqlite:///{tmp_path / 'log.db'}"
     logger = PredictionLogger(
-        f"sqlite:///{tmp_path / 'log.db'}", 1.0, 3, dropped.append, open_log=slow_open
+        url, 1.0, buffer_rows, buffer_bytes, dropped.append, open_log=slow_open
     )
     logger.offer(_batch("first"))  # the writer takes it and hangs in slow_open
     deadline = time.monotonic() + 10
@@ -195,12 +202,12 @@ def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
     for i in range(5):
         logger.offer(_batch(f"r{i}"))
     assert time.perf_counter() - started < 0.5
-    assert sum(dropped) == 2  # three fit in the buffer
+    assert sum(dropped) == 5 - fit
     release.set()
     logger.close()
-    assert logger.written == 4
-    rows = PredictionLog(f"sqlite:///{tmp_path / 'log.db'}").read("m", "1")
-    assert sorted(rows.request_ids) == ["first", "r0", "r1", "r2"]
+    assert logger.written == 1 + fit
+    rows = PredictionLog(url).read("m", "1")
+    assert sorted(rows.request_ids) == ["first", *(f"r{i}" for i in range(fit))]
 
 
 @pytest.mark.parametrize(
@@ -209,6 +216,7 @@ def test_a_slow_database_never_blocks_the_caller(tmp_path: Path) -> None:
         ({"enabled": True, "db_url": None}, "monitoring.enabled needs monitoring.db_url"),
         ({"sample_rate": 1.5}, "monitoring.sample_rate must be in 0..1"),
         ({"buffer_rows": 0}, "monitoring.buffer_rows must be >= 1"),
+        ({"buffer_bytes": 0}, "monitoring.buffer_bytes must be >= 1"),
     ],
 )
 def test_bad_monitoring_settings(image_bundle: Path, monitoring: dict, message: str) -> None:

@@ -348,6 +348,7 @@ SERVE = {
     "monitoring.db_url": optional(text("an SQLAlchemy URL")),
     "monitoring.sample_rate": number(0, 1),
     "monitoring.buffer_rows": integer(1),
+    "monitoring.buffer_bytes": integer(1),
     "monitoring.report_interval_s": optional(positive()),
     "monitoring.report_window": integer(1),
     "access_log": boolean(),

@@ -83,6 +83,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
             str(settings.monitoring.db_url),
             settings.monitoring.sample_rate,
             settings.monitoring.buffer_rows,
+            settings.monitoring.buffer_bytes,
             on_dropped=metrics.prediction_log_dropped.inc,
         )
         if settings.monitoring.enabled

@@ -72,18 +72,21 @@ class PredictionLogger:
         db_url: str,
         sample_rate: float,
         buffer_rows: int,
+        buffer_bytes: int,
         on_dropped: Callable[[int], None],
         open_log: Callable[[str], PredictionLog] = PredictionLog,
     ) -> None:
         self.db_url = db_url
         self.sample_rate = sample_rate
         self.buffer_rows = buffer_rows
+        self.buffer_bytes = buffer_bytes
         self._on_dropped = on_dropped
         self._open_log = open_log
         self._log: PredictionLog | None = None
         self._open_lock = threading.Lock()
         self._pending: deque[LoggedBatch] = deque()
         self._pending_rows = 0
+        self._pending_bytes = 0
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._dropped_since_warning = 0
@@ -100,10 +103,15 @@ class PredictionLogger:
     def offer(self, batch: LoggedBatch) -> None:
         """Buffer ``batch`` for the writer; when the buffer is full, count it dropped."""
         with self._cond:
-            accepted = not self._closed and self._pending_rows + batch.rows <= self.buffer_rows
+            accepted = (
+                not self._closed
+                and self._pending_rows + batch.rows <= self.buffer_rows
+                and self._pending_bytes + batch.inputs.nbytes <= self.buffer_bytes
+            )
             if accepted:
                 self._pending.append(batch)
                 self._pending_rows += batch.rows
+                self._pending_bytes += batch.inputs.nbytes
                 # wake the writer when it idles, or to write a full batch; not per record
                 if len(self._pending) == 1 or self._pending_rows >= WRITE_ROWS:
                     self._cond.notify()
@@ -149,6 +157,7 @@ class PredictionLogger:
                 batches = list(self._pending)
                 self._pending.clear()
                 self._pending_rows = 0
+                self._pending_bytes = 0
             rows = sum(batch.rows for batch in batches)
             try:
                 self._write(batches)

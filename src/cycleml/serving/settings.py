@@ -91,6 +91,8 @@ class MonitoringSettings:
     sample_rate: float = 1.0
     # rows waiting for the writer thread at most; more are dropped (and counted)
     buffer_rows: int = 10_000
+    # and input bytes they hold at most (each waits with its input until written)
+    buffer_bytes: int = 256 * 1024 * 1024
     # seconds between drift tests of the latest window for the /metrics gauges (None: off)
     report_interval_s: float | None = None
     # predictions in that window (the newest ones of each served version)
@@ -222,6 +224,10 @@ class ServeSettings:
         _check(
             monitoring.buffer_rows >= 1,
             f"monitoring.buffer_rows must be >= 1, got {monitoring.buffer_rows}",
+        )
+        _check(
+            monitoring.buffer_bytes >= 1,
+            f"monitoring.buffer_bytes must be >= 1, got {monitoring.buffer_bytes}",
         )
         _check(
             monitoring.report_interval_s is None or monitoring.report_interval_s > 0,
