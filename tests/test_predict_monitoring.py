@@ -19,12 +19,16 @@ from test_serving_support import free_port
 SETTINGS = PredictSettings(batch_size=4, decode_workers=0, progress=False, intra_op_threads=1)
 
 
-def test_predict_logs_each_prediction(tmp_path: Path) -> None:
-    images, _ = synthetic_images(10, seed=7)
+def _image_folder(tmp_path: Path, count: int, seed: int) -> Path:
     root = tmp_path / "images"
     root.mkdir()
-    for i, image in enumerate(images):
+    for i, image in enumerate(synthetic_images(count, seed=seed)[0]):
         Image.fromarray(image).save(root / f"{i:02d}.png")
+    return root
+
+
+def test_predict_logs_each_prediction(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path, 10, seed=7)
     url = f"sqlite:///{tmp_path / 'p.db'}"
     log_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
     settings = dataclasses.replace(SETTINGS, monitoring_db_url=log_url)
@@ -46,17 +50,13 @@ def test_predict_logs_each_prediction(tmp_path: Path) -> None:
 
 
 def test_predict_without_the_log_writes_none(tmp_path: Path) -> None:
-    root = tmp_path / "images"
-    root.mkdir()
-    Image.fromarray(synthetic_images(1, seed=8)[0][0]).save(root / "one.png")
+    root = _image_folder(tmp_path, 1, seed=8)
     predict_to_database(cached_bundle("image"), root, f"sqlite:///{tmp_path / 'p.db'}", SETTINGS)
     assert not (tmp_path / "monitoring.db").exists()
 
 
 def test_an_unwritable_log_stops_the_run_before_it_starts(tmp_path: Path) -> None:
-    root = tmp_path / "images"
-    root.mkdir()
-    Image.fromarray(synthetic_images(1, seed=9)[0][0]).save(root / "one.png")
+    root = _image_folder(tmp_path, 1, seed=9)
     # nothing listens on this port
     log_url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"
     settings = dataclasses.replace(SETTINGS, monitoring_db_url=log_url)
