@@ -4,6 +4,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
+    .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -18,6 +19,8 @@ For each model it prints:
 * the HTTP protocol row: `cycleml serve` with its own protocol layer and with uvicorn's
   httptools protocol (`http_protocol=uvicorn`), at the best concurrency, in turns that
   alternate which goes first, and the median ratio of their throughputs;
+* the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
+  SQLite) and with the log off, measured the same way;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -379,7 +382,7 @@ def compare_head_to_head(
     return float(np.median(ratios))
 
 
-def compare_protocols(
+def compare_in_turns(
     ports: dict[str, int],
     model: str,
     pixels: list[np.ndarray],
@@ -387,31 +390,30 @@ def compare_protocols(
     seconds: float,
     turns: int,
 ) -> float:
-    """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) and with
-    uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
-    path answers inference in both), binary tensors at one concurrency, in close turns
-    that alternate which goes first; the median of the turns' throughput ratios (own /
-    uvicorn's). The layer stays only while this shows a clear gain (docs/serving.md)."""
+    """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
+    against the second), binary tensors at one concurrency, in close turns that
+    alternate which goes first; the median of the turns' throughput ratios."""
+    first, second = ports
     requests = {
         name: [binary_request(port, model, p) for p in pixels] for name, port in ports.items()
     }
-    print(f"  HTTP protocol, own vs uvicorn's, concurrency {concurrency}, {turns} turns:")
+    print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
     for turn in range(turns):
-        order = ("cycleml", "uvicorn") if turn % 2 == 0 else ("uvicorn", "cycleml")
+        order = (first, second) if turn % 2 == 0 else (second, first)
         rows = {
             name: measure_closed(ports[name], requests[name], concurrency, seconds, False)
             for name in order
         }
-        ratios.append(rows["cycleml"]["rps"] / max(rows["uvicorn"]["rps"], 1e-9))
+        ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
         print(
-            f"    turn {turn + 1}: own {rows['cycleml']['rps']:.0f} req/s "
-            f"(p50 {rows['cycleml']['p50_ms']:.2f} ms), uvicorn's {rows['uvicorn']['rps']:.0f} "
-            f"req/s (p50 {rows['uvicorn']['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
+            f"    turn {turn + 1}: {first} {rows[first]['rps']:.0f} req/s "
+            f"(p50 {rows[first]['p50_ms']:.2f} ms), {second} {rows[second]['rps']:.0f} "
+            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
             flush=True,
         )
     ratio = float(np.median(ratios))
-    print(f"  own HTTP protocol = {ratio:.2f}x uvicorn's (median of {turns} turns)", flush=True)
+    print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
     return ratio
 
 
@@ -430,27 +432,57 @@ def show(label: str, row: dict[str, float]) -> None:
 
 
 # -- one model -------------------------------------------------------------------------------
-def protocol_row(
+def two_servers_row(
     bundle: Path,
     workdir: Path,
     seconds: float,
-    serve_overrides: list[str],
+    variants: dict[str, list[str]],
     concurrency: int,
     turns: int,
 ) -> float:
-    """Two `cycleml serve` processes, one per HTTP protocol, measured in turns."""
+    """Two `cycleml serve` processes with the overrides of ``variants`` (name → its
+    overrides; the first measured against the second), in turns."""
     meta = load_bundle(bundle).meta
     pixels = samples(tuple(meta.input.shape[1:]))
-    ports = {"cycleml": free_port(), "uvicorn": free_port()}
-    commands = {
-        name: serve_command(bundle, port, workdir, [*serve_overrides, f"http_protocol={name}"])
-        for name, port in ports.items()
+    ports = {name: free_port() for name in variants}
+    first, second = (
+        serve_command(bundle, ports[name], workdir, overrides)
+        for name, overrides in variants.items()
+    )
+    a, b = ports.values()
+    with running(first, a, workdir), running(second, b, workdir):
+        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
+
+
+def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+    """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
+    uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
+    path answers inference in both): own / uvicorn's. The layer stays only while this
+    shows a clear gain (docs/serving.md)."""
+    return {
+        f"http_protocol={name}": [*serve_overrides, f"http_protocol={name}"]
+        for name in ("cycleml", "uvicorn")
     }
-    with (
-        running(commands["cycleml"], ports["cycleml"], workdir),
-        running(commands["uvicorn"], ports["uvicorn"], workdir),
-    ):
-        return compare_protocols(ports, meta.name, pixels, concurrency, seconds, turns)
+
+
+def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+    """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
+    the bundle's embedding) against the same server with the log off: on / off. The
+    target is >= 0.95 (docs/serving.md, Prediction log)."""
+    log_url = f"sqlite:///{workdir / 'bench-monitoring.db'}"
+    return {
+        "logging on": [
+            *serve_overrides,
+            "monitoring.enabled=true",
+            "monitoring.sample_rate=1.0",
+            f"monitoring.db_url={log_url}",
+        ],
+        "logging off": [*serve_overrides, "monitoring.enabled=false"],
+    }
+
+
+# figure -> the two server configurations it compares
+TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
 
 
 def bench_model(
@@ -512,14 +544,18 @@ def bench_model(
             row = measure_open(port, requests, fraction * saturation, seconds)
             show(f"{row['rate']:.0f} req/s offered", row)
 
-    protocol_ratio = protocol_row(
-        bundle,
-        workdir,
-        seconds,
-        serve_overrides,
-        max(served, key=lambda c: served[c]["rps"]),
-        2 * rounds - 1,
-    )
+    best_concurrency = max(served, key=lambda c: served[c]["rps"])
+    two_server_figures = {
+        figure: two_servers_row(
+            bundle,
+            workdir,
+            seconds,
+            variants(serve_overrides, workdir),
+            best_concurrency,
+            2 * rounds - 1,
+        )
+        for figure, variants in TWO_SERVER_ROWS.items()
+    }
 
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
@@ -538,7 +574,7 @@ def bench_model(
         "serve_vs_naive": head_to_head,
         "serve_vs_naive_sweep": saturation / naive_best,
         "p50_c1_minus_one_call_ms": served[1]["p50_ms"] - one_call_ms,
-        "protocol_vs_uvicorn": protocol_ratio,
+        **two_server_figures,
     }
     print(
         f"  saturation: binary {saturation:.0f} req/s = {figures['binary_vs_limit']:.2f}x "
@@ -584,7 +620,18 @@ def main() -> None:
         help="only the HTTP protocol row: cycleml serve with its own protocol layer and "
         "with uvicorn's, in turns at --concurrency clients",
     )
-    parser.add_argument("--concurrency", type=int, default=64, help="clients of --protocols-only")
+    parser.add_argument(
+        "--logging-only",
+        action="store_true",
+        help="only the prediction log row: cycleml serve logging every prediction and "
+        "with the log off, in turns at --concurrency clients",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="clients of --protocols-only and --logging-only",
+    )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
     )
@@ -597,17 +644,21 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            if args.protocols_only:
+            only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
+            if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
-                ratio = protocol_row(
-                    bundle,
-                    workdir,
-                    seconds,
-                    args.serve.split(),
-                    args.concurrency,
-                    2 * args.rounds - 1,
-                )
-                results[name] = {"protocol_vs_uvicorn": ratio}
+                results[name] = {
+                    figure: two_servers_row(
+                        bundle,
+                        workdir,
+                        seconds,
+                        TWO_SERVER_ROWS[figure](args.serve.split(), workdir),
+                        args.concurrency,
+                        2 * args.rounds - 1,
+                    )
+                    for figure, wanted in only.items()
+                    if wanted
+                }
                 continue
             results[name] = bench_model(
                 name, bundle, workdir, seconds, args.serve.split(), args.rounds

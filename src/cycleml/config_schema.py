@@ -316,6 +316,8 @@ PREDICT = {
     "runtime.inter_op_threads": integer(0),
     "runtime.spin_wait": boolean(),
     "progress": boolean(),
+    "monitoring.enabled": boolean(),
+    "monitoring.db_url": optional(text("an SQLAlchemy URL")),
 }
 SERVE = {
     "path": text("a bundle folder or a model repository"),
@@ -342,6 +344,13 @@ SERVE = {
     "auth.enabled": boolean(),
     "reload.watch": boolean(),
     "reload.interval_s": positive(),
+    "monitoring.enabled": boolean(),
+    "monitoring.db_url": optional(text("an SQLAlchemy URL")),
+    "monitoring.sample_rate": number(0, 1),
+    "monitoring.buffer_rows": integer(1),
+    "monitoring.buffer_bytes": integer(1),
+    "monitoring.report_interval_s": optional(positive()),
+    "monitoring.report_window": integer(1),
     "access_log": boolean(),
 }
 DATA_COMMANDS = {

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ def main(cfg: DictConfig) -> PredictSummary:
     from cycleml.batch.runner import PredictSettings, predict_to_database
 
     runtime = cfg.get("runtime") or {}
+    monitoring = cfg.get("monitoring") or {}
+    monitoring_db_url = monitoring.get("db_url") if monitoring.get("enabled", False) else None
+    if monitoring.get("enabled", False) and not monitoring_db_url:
+        raise ConfigError("monitoring.enabled needs monitoring.db_url (an SQLAlchemy URL)")
     providers = runtime.get("providers")
     settings = PredictSettings(
         batch_size=int(cfg.batch_size),
@@ -45,6 +50,7 @@ def main(cfg: DictConfig) -> PredictSummary:
         providers=list(OmegaConf.to_container(providers)) if providers else None,  # type: ignore[arg-type]
         spin_wait=bool(runtime.get("spin_wait", False)),
         progress=bool(cfg.progress),
+        monitoring_db_url=None if monitoring_db_url is None else str(monitoring_db_url),
     )
     summary = predict_to_database(cfg.bundle, cfg.input, str(cfg.db_url), settings)
     if HydraConfig.initialized():

@@ -36,6 +36,7 @@ from cycleml.db import open_database, safe_url
 from cycleml.errors import ConfigError
 from cycleml.inference import ImagePreprocess, ModelBundle, Predictor, load_bundle
 from cycleml.inference.preprocess import ImagePreprocessor
+from cycleml.monitoring.log import PredictionLog, records_from_batch
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class PredictSettings:
     # let idle ONNX Runtime threads spin (they would take CPU the decoders need)
     spin_wait: bool = False
     progress: bool = True
+    # the prediction log's database (cycleml.monitoring); None: predictions are not logged
+    monitoring_db_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.prefetch < 1 or self.decode_workers < 0:
@@ -108,6 +111,9 @@ class _Scored:
     probabilities: np.ndarray
     failures: list[Failure]
     skipped: int
+    # for the prediction log (None when it is off)
+    inputs: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
 
 
 _DONE = object()
@@ -189,10 +195,16 @@ def _predict(
         source.path, meta.name, meta.version, settings.precision, summary.db_url, shard,
         settings.batch_size,
     )  # fmt: skip
+    # opened before the run: a log that cannot be written fails the run at once
+    prediction_log = (
+        None if settings.monitoring_db_url is None else PredictionLog(settings.monitoring_db_url)
+    )
     try:
-        _run_pipeline(source, shard, predictor, store, settings, summary, decoder)
+        _run_pipeline(source, shard, predictor, store, settings, summary, decoder, prediction_log)
     finally:
         engine.dispose()
+        if prediction_log is not None:
+            prediction_log.close()
     summary.ignored_files = source.ignored
     log.info(
         "done: %d rows written, %d skipped (already predicted by %s %s %s), %d failed "
@@ -213,6 +225,7 @@ def _run_pipeline(
     settings: PredictSettings,
     summary: PredictSummary,
     decoder: ImageDecoder | None,
+    prediction_log: PredictionLog | None = None,
 ) -> None:
     prepared: queue.Queue = queue.Queue(maxsize=settings.prefetch)
     scored: queue.Queue = queue.Queue(maxsize=2)
@@ -254,6 +267,8 @@ def _run_pipeline(
                 top_ids, top_probs = Predictor.top_k(item.probabilities, settings.top_k)
                 result = store.write(item.keys, top_ids, top_probs, item.failures)
                 timings["write_s"] += time.perf_counter() - start
+                if prediction_log is not None and item.keys:
+                    _log_predictions(prediction_log, predictor, item)
                 summary.written += result.written
                 summary.failed += result.failed
                 summary.skipped += item.skipped
@@ -286,9 +301,23 @@ def _run_pipeline(
                 continue
             # this thread only runs the model; ranking and rows are the writer's work
             start = time.perf_counter()
-            probabilities = predictor.run(batch.inputs)
+            if prediction_log is None:
+                probabilities, embeddings = predictor.run(batch.inputs), None
+            else:
+                probabilities, embeddings = predictor.run_with_embedding(batch.inputs)
             timings["model_s"] += time.perf_counter() - start
-            _put(scored, _Scored(batch.keys, probabilities, batch.failures, batch.skipped), stop)
+            _put(
+                scored,
+                _Scored(
+                    batch.keys,
+                    probabilities,
+                    batch.failures,
+                    batch.skipped,
+                    None if prediction_log is None else batch.inputs,
+                    embeddings,
+                ),
+                stop,
+            )
     except BaseException:
         stop.set()
         raise
@@ -305,6 +334,29 @@ def _run_pipeline(
         summary.stages = {k: round(v, 3) for k, v in timings.items()}
     if errors:
         raise errors[0]
+
+
+def log_request_id(model: str, version: str, key: str) -> str:
+    """The prediction log's request id of an input predicted by ``cycleml predict``:
+    labels for it are attached by this id (``cycleml monitor labels``)."""
+    return f"{model}:{version}:{key}"
+
+
+def _log_predictions(prediction_log: PredictionLog, predictor: Predictor, item: _Scored) -> None:
+    meta = predictor.bundle.meta
+    prediction_log.write(
+        records_from_batch(
+            model=meta.name,
+            version=str(meta.version),
+            kind=meta.kind,
+            class_names=predictor.class_names,
+            request_ids=[log_request_id(meta.name, str(meta.version), k) for k in item.keys],
+            inputs=item.inputs,
+            probabilities=item.probabilities,
+            embeddings=item.embeddings,
+            pad_id=int(getattr(meta.preprocess, "pad_id", 0)),
+        )
+    )
 
 
 def _prepare(

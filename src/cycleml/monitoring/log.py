@@ -141,6 +141,8 @@ class LabelReport:
     attached: int
     unknown: int
     unknown_examples: list[str] = field(default_factory=list)
+    # every unknown id (an HTTP client is told all of its own)
+    unknown_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -217,6 +219,7 @@ class PredictionLog:
             attached=len(known),
             unknown=len(unknown),
             unknown_examples=unknown[:_EXAMPLES],
+            unknown_ids=unknown,
         )
 
     # -- reading ------------------------------------------------------------------------

@@ -18,13 +18,14 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
-from cycleml.serving import routes_stats, routes_v1, routes_v2
+from cycleml.serving import routes_feedback, routes_stats, routes_v1, routes_v2
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
 from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
+from cycleml.serving.prediction_logger import PredictionLogger
 from cycleml.serving.repository import ModelRepository
 from cycleml.serving.settings import ServeSettings, read_api_keys
 
@@ -77,10 +78,35 @@ def create_app(settings: ServeSettings) -> ServingApp:
     metrics = ServingMetrics()
     keys = read_api_keys(settings.auth) if settings.auth.enabled else []
     auth = ApiKeyAuth(keys, settings.auth.public_paths) if settings.auth.enabled else None
+    prediction_logger = (
+        PredictionLogger(
+            str(settings.monitoring.db_url),
+            settings.monitoring.sample_rate,
+            settings.monitoring.buffer_rows,
+            settings.monitoring.buffer_bytes,
+            on_dropped=metrics.prediction_log_dropped.inc,
+        )
+        if settings.monitoring.enabled
+        else None
+    )
+    drift_reporter = None
+    if prediction_logger is not None and settings.monitoring.report_interval_s:
+        # the drift tests need scipy and pandas: loaded only when the gauges are on
+        from cycleml.serving.drift_gauges import DriftGauges, DriftReporter
+
+        gauges = DriftGauges()
+        metrics.add_collector(gauges)
+        drift_reporter = DriftReporter(
+            gauges,
+            prediction_logger.prediction_log,
+            lambda: state.repository.all_models(),
+            settings.monitoring.report_interval_s,
+            settings.monitoring.report_window,
+        )
     state = ServerState(
         settings=settings,
         metrics=metrics,
-        repository=ModelRepository(settings, metrics),
+        repository=ModelRepository(settings, metrics, prediction_logger),
         decode_pool=ThreadPoolExecutor(
             settings.runtime.decode_threads, thread_name_prefix="decode"
         ),
@@ -91,12 +117,18 @@ def create_app(settings: ServeSettings) -> ServingApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.ensure_future(asyncio.to_thread(_load, state))
         loading.add_done_callback(lambda _: _stop_if_nothing_loaded(state))
+        if drift_reporter is not None:
+            drift_reporter.start()
         try:
             yield
         finally:
             state.draining = True
             await loading
+            if drift_reporter is not None:
+                await asyncio.to_thread(drift_reporter.close)
             await asyncio.to_thread(state.repository.close)
+            if prediction_logger is not None:
+                await asyncio.to_thread(prediction_logger.close)
             state.decode_pool.shutdown(wait=True)
             log.info("server stopped")
 
@@ -118,6 +150,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     app.include_router(routes_stats.router)  # before /v2/models/{model_name}
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
+    app.include_router(routes_feedback.router)
     app.add_api_route(
         "/v2", server_metadata, methods=["GET"], tags=["health"], summary="Server metadata"
     )

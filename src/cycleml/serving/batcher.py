@@ -59,6 +59,10 @@ class WorkItem:
     batch_rows: int = 0
     output: np.ndarray | None = None
     error: Exception | None = None
+    # the id this request's prediction is logged under; None: not sampled for the log
+    log_id: str | None = None
+    # the bundle's embedding output for these rows (asked for only when logged)
+    embedding: np.ndarray | None = None
     # what watches the item for its deadline and its client while it waits (set by the
     # HTTP layer, on the event loop)
     guard: Any = None
@@ -219,6 +223,7 @@ class DynamicBatcher:
         max_delay_s: float,
         latency: BatchLatencyModel,
         on_batch: Callable[[list[WorkItem], int, float], None] | None = None,
+        run_logged: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> None:
         self.name = name
         self._queue = queue
@@ -227,6 +232,9 @@ class DynamicBatcher:
         self._max_delay_s = max_delay_s
         self._latency = latency
         self._on_batch = on_batch
+        # runs a batch that holds a logged request: probabilities and the embedding
+        # (None: the prediction log is off, only probabilities are ever asked for)
+        self._run_logged = run_logged
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self.batches = 0
 
@@ -279,7 +287,11 @@ class DynamicBatcher:
                 if len(items) == 1
                 else np.concatenate([item.inputs for item in items])
             )
-            outputs = self._run(inputs)
+            embeddings = None
+            if self._run_logged is not None and any(item.log_id for item in items):
+                outputs, embeddings = self._run_logged(inputs)
+            else:
+                outputs = self._run(inputs)
             if outputs.shape[0] != rows:
                 raise InferenceFailed(
                     f"model returned {outputs.shape[0]} rows for a batch of {rows}"
@@ -309,6 +321,8 @@ class DynamicBatcher:
         offset = 0
         for item in items:
             item.output = outputs[offset : offset + item.rows]
+            if embeddings is not None:
+                item.embedding = embeddings[offset : offset + item.rows]
             item.finished_at = end
             offset += item.rows
         settle_from_thread(items)

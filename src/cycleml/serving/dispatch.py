@@ -177,15 +177,19 @@ WATCH_DISCONNECT_AFTER_S = 0.05
 
 
 async def infer_rows(
-    receive: Receive, model: ServedModel, rows: np.ndarray, deadline: float
+    receive: Receive,
+    model: ServedModel,
+    rows: np.ndarray,
+    deadline: float,
+    request_id: str | None = None,
 ) -> WorkItem:
     """Queue ``rows`` on ``model`` and wait for the batch that runs them.
 
     A request still queued at its deadline is withdrawn and answered 504; one whose
     client disconnects while it waits is withdrawn too. Once a batch holds it, it runs
-    to the end.
+    to the end. ``request_id`` names the prediction in the prediction log.
     """
-    item = model.submit(rows, deadline)
+    item = model.submit(rows, deadline, request_id)
     if deadline - item.enqueued_at <= WATCH_DISCONNECT_AFTER_S:
         # answered or expired before a watch would start: only the deadline matters
         item.guard = _Guard(receive, model, item)

@@ -18,6 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 
 def _zero() -> int:
@@ -118,6 +119,14 @@ class ServingMetrics:
             multiprocess_mode="livemax",
             registry=self.registry,
         )
+        self.prediction_log_dropped = Counter(
+            "cycleml_prediction_log_dropped_total",
+            "Prediction log records dropped: the writer's buffer was full, or the "
+            "database refused or could not be reached.",
+            registry=self.registry,
+        )
+        # collectors of values computed elsewhere (the drift gauges), in every exposition
+        self._collectors: list[Collector] = []
         # (model, version, endpoint, status) -> the children request_done updates
         self._children: dict[tuple[str, str, str, int], tuple] = {}
         # (model, version) -> the length of the queue cycleml_queue_depth reports
@@ -194,10 +203,16 @@ class ServingMetrics:
         elif rejected is not None:
             rejected.inc()
 
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+        self._collectors.append(collector)
+
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format of all metrics (summed over processes if several)."""
         if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
+            for collector in self._collectors:
+                registry.register(collector)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

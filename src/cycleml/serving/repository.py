@@ -31,6 +31,7 @@ from typing import Any
 from cycleml.errors import CycleMLError
 from cycleml.inference import load_bundle
 from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.prediction_logger import PredictionLogger
 from cycleml.serving.registry_follow import FollowedModel, RegistryFollower
 from cycleml.serving.served_model import ServedModel
 from cycleml.serving.settings import ServeSettings
@@ -90,9 +91,16 @@ def _signature(path: Path) -> tuple:
 class ModelRepository:
     """Finds, loads, routes to and reloads the served model versions."""
 
-    def __init__(self, settings: ServeSettings, metrics: ServingMetrics) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: ServingMetrics,
+        prediction_logger: PredictionLogger | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        # every loaded version logs its sampled predictions here (None: the log is off)
+        self.prediction_logger = prediction_logger
         self.root = Path(settings.path)
         self.single_bundle = (self.root / BUNDLE_FILE).is_file()
         self._lock = threading.Lock()
@@ -376,7 +384,12 @@ class ModelRepository:
         try:
             bundle = load_bundle(found.path)
             model = ServedModel(
-                found.model, bundle, self.settings, self.metrics, version=found.version
+                found.model,
+                bundle,
+                self.settings,
+                self.metrics,
+                version=found.version,
+                prediction_logger=self.prediction_logger,
             )
             model.warm_up()
         except Exception as err:  # a broken bundle must not take the server down

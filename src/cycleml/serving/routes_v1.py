@@ -184,7 +184,7 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             info["version"] = model.version
             rows = await _rows(request, body, model, deadline)
             model.check_rows(rows)
-            item = await infer_rows(request.receive, model, rows, deadline)
+            item = await infer_rows(request.receive, model, rows, deadline, info.get("request_id"))
             record_item(info, item)
             model.stats.request_succeeded(
                 time.perf_counter() - received, item.queue_s, item.inference_s

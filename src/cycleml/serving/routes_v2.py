@@ -141,7 +141,7 @@ async def infer_answer(
                 )
             else:
                 rows = model.check_request(parsed)
-            item = await infer_rows(receive, model, rows, deadline)
+            item = await infer_rows(receive, model, rows, deadline, info.get("request_id"))
             record_item(info, item)
             encoded = encode_response(
                 model.name, model.version, parsed, {model.output_name: item.output}

@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from cycleml.db import utc_now
 from cycleml.inference import ModelBundle, Predictor
 from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
 from cycleml.serving.decode_limits import tokenize_within_limits
 from cycleml.serving.metrics import ServingMetrics
+from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
 from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
 from cycleml.serving.settings import LimitSettings, ServeSettings
 from cycleml.serving.statistics import ModelStatistics
@@ -66,6 +68,7 @@ class ServedModel:
         settings: ServeSettings,
         metrics: ServingMetrics,
         version: str | None = None,
+        prediction_logger: PredictionLogger | None = None,
     ) -> None:
         self.name = name
         self.version = str(version if version is not None else bundle.meta.version)
@@ -98,6 +101,9 @@ class ServedModel:
         self.class_names = list(first.class_names)
         self.kind = bundle.meta.kind
         self.vocab_size = first.vocab_size
+        self.prediction_logger = prediction_logger
+        pre = bundle.meta.preprocess
+        self._pad_id = int(getattr(pre, "pad_id", 0))
 
         self._labels = (name, self.version)
         self._metrics = metrics
@@ -120,6 +126,7 @@ class ServedModel:
                 max_delay_s=batching.max_queue_delay_ms / 1000.0,
                 latency=self.latency_model,
                 on_batch=self._record_batch,
+                run_logged=None if prediction_logger is None else predictor.run_with_embedding,
             )
             for i, predictor in enumerate(self.predictors)
         ]
@@ -285,10 +292,16 @@ class ServedModel:
                 "(the model's vocabulary)"
             )
 
-    def submit(self, inputs: np.ndarray, deadline: float) -> WorkItem:
-        """Queue a batch for inference; the item's future resolves when it is done."""
+    def submit(
+        self, inputs: np.ndarray, deadline: float, request_id: str | None = None
+    ) -> WorkItem:
+        """Queue a batch for inference; the item's future resolves when it is done.
+        With the prediction log on, a sampled request is logged under ``request_id``."""
         loop = asyncio.get_running_loop()
         item = WorkItem(inputs=inputs, deadline=deadline, loop=loop, future=loop.create_future())
+        logger = self.prediction_logger
+        if logger is not None and request_id is not None and logger.sampled():
+            item.log_id = request_id
         if not self.queue.put(item):
             raise QueueFull(
                 f"model '{self.name}' version {self.version} has "
@@ -304,6 +317,33 @@ class ServedModel:
         self._inference_time.observe(seconds)
         self._batch_size.observe(rows)
         self.stats.batch_ran(rows, seconds)
+        if self.prediction_logger is not None:
+            self._log_predictions(items)
+
+    def _log_predictions(self, items: list[WorkItem]) -> None:
+        """Hand the batch's logged requests to the prediction log's writer (on the
+        batcher thread: only a buffer append; features are computed by the writer)."""
+        now = utc_now()
+        for item in items:
+            if item.log_id is None:
+                continue
+            rows = item.rows
+            # one record per row: a request of several rows logs <id>/<row>
+            ids = [item.log_id] if rows == 1 else [f"{item.log_id}/{i}" for i in range(rows)]
+            self.prediction_logger.offer(
+                LoggedBatch(
+                    model=self.name,
+                    version=self.version,
+                    kind=self.kind,
+                    class_names=self.class_names,
+                    pad_id=self._pad_id,
+                    request_ids=ids,
+                    inputs=item.inputs,
+                    probabilities=item.output,
+                    embeddings=item.embedding,
+                    logged_at=now,
+                )
+            )
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
     def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:

@@ -82,6 +82,24 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class MonitoringSettings:
+    # record sampled predictions in the prediction log (cycleml.monitoring)
+    enabled: bool = False
+    # the log's database; required when enabled
+    db_url: str | None = None
+    # the fraction of requests logged, drawn at random per request
+    sample_rate: float = 1.0
+    # rows waiting for the writer thread at most; more are dropped (and counted)
+    buffer_rows: int = 10_000
+    # and input bytes they hold at most (each waits with its input until written)
+    buffer_bytes: int = 256 * 1024 * 1024
+    # seconds between drift tests of the latest window for the /metrics gauges (None: off)
+    report_interval_s: float | None = None
+    # predictions in that window (the newest ones of each served version)
+    report_window: int = 500
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     path: str
     host: str = "127.0.0.1"
@@ -98,6 +116,7 @@ class ServeSettings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     access_log: bool = True
     http_protocol: str = "cycleml"
 
@@ -197,6 +216,31 @@ class ServeSettings:
             self.registry.poll_interval_s > 0,
             f"registry.poll_interval_s must be > 0, got {self.registry.poll_interval_s}",
         )
+        monitoring = self.monitoring
+        _check(
+            0.0 <= monitoring.sample_rate <= 1.0,
+            f"monitoring.sample_rate must be in 0..1, got {monitoring.sample_rate}",
+        )
+        _check(
+            monitoring.buffer_rows >= 1,
+            f"monitoring.buffer_rows must be >= 1, got {monitoring.buffer_rows}",
+        )
+        _check(
+            monitoring.buffer_bytes >= 1,
+            f"monitoring.buffer_bytes must be >= 1, got {monitoring.buffer_bytes}",
+        )
+        _check(
+            monitoring.report_interval_s is None or monitoring.report_interval_s > 0,
+            f"monitoring.report_interval_s must be > 0 or null, got {monitoring.report_interval_s}",
+        )
+        _check(
+            monitoring.report_window >= 1,
+            f"monitoring.report_window must be >= 1, got {monitoring.report_window}",
+        )
+        _check(
+            not monitoring.enabled or bool(monitoring.db_url),
+            "monitoring.enabled needs monitoring.db_url (an SQLAlchemy URL)",
+        )
 
     @property
     def follows_registry(self) -> bool:
@@ -217,6 +261,7 @@ class ServeSettings:
             "auth": AuthSettings,
             "reload": ReloadSettings,
             "registry": RegistrySettings,
+            "monitoring": MonitoringSettings,
         }
         for name, section_cls in sections.items():
             values[name] = _build(section_cls, values.get(name) or {}, prefix=f"{name}.")

@@ -1,0 +1,214 @@
+"""The server's side of the prediction log: sampling, a bounded buffer, a writer thread.
+
+A batcher thread hands each finished batch's sampled rows to :meth:`PredictionLogger.offer`,
+which only appends to a bounded buffer (no database work, never blocks). One background
+thread takes what waits, computes the records' features and writes them in one
+transaction through :class:`cycleml.monitoring.log.PredictionLog`. A full buffer, a slow
+database or an unreachable one costs log records, never requests: what could not be
+written is counted (``cycleml_prediction_log_dropped_total``) and logged, at most once
+per ``WARN_EVERY_S``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from cycleml.db import safe_url
+from cycleml.monitoring.log import (
+    LabelReport,
+    PredictionLog,
+    PredictionRecord,
+    records_from_batch,
+)
+
+log = logging.getLogger(__name__)
+
+# at most one warning about dropped records per this many seconds
+WARN_EVERY_S = 10.0
+# after a failed write (or a failed connect), the next write waits this long; records
+# arriving meanwhile stay buffered up to the buffer's bound
+RETRY_AFTER_S = 1.0
+# the writer gathers records this long (or until WRITE_ROWS wait) before a write: one
+# transaction per 100 requests costs a third of the CPU per record of one per 10
+GATHER_S = 0.1
+WRITE_ROWS = 500
+
+
+@dataclass(frozen=True)
+class LoggedBatch:
+    """The sampled rows of one served batch, as the batcher thread hands them over."""
+
+    model: str
+    version: str
+    kind: str
+    class_names: Sequence[str]
+    pad_id: int
+    request_ids: list[str]
+    inputs: np.ndarray
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None
+    logged_at: dt.datetime
+
+    @property
+    def rows(self) -> int:
+        return len(self.request_ids)
+
+
+class PredictionLogger:
+    """Samples requests and writes their predictions off the serving threads."""
+
+    def __init__(
+        self,
+        db_url: str,
+        sample_rate: float,
+        buffer_rows: int,
+        buffer_bytes: int,
+        on_dropped: Callable[[int], None],
+        open_log: Callable[[str], PredictionLog] = PredictionLog,
+    ) -> None:
+        self.db_url = db_url
+        self.sample_rate = sample_rate
+        self.buffer_rows = buffer_rows
+        self.buffer_bytes = buffer_bytes
+        self._on_dropped = on_dropped
+        self._open_log = open_log
+        self._log: PredictionLog | None = None
+        self._open_lock = threading.Lock()
+        self._pending: deque[LoggedBatch] = deque()
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._dropped_since_warning = 0
+        self._last_warning = 0.0
+        self.written = 0
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def sampled(self) -> bool:
+        """Whether to log the next request (``sample_rate`` of them, at random)."""
+        return self.sample_rate >= 1.0 or random.random() < self.sample_rate
+
+    def offer(self, batch: LoggedBatch) -> None:
+        """Buffer ``batch`` for the writer; when the buffer is full, count it dropped."""
+        with self._cond:
+            accepted = (
+                not self._closed
+                and self._pending_rows + batch.rows <= self.buffer_rows
+                and self._pending_bytes + batch.inputs.nbytes <= self.buffer_bytes
+            )
+            if accepted:
+                self._pending.append(batch)
+                self._pending_rows += batch.rows
+                self._pending_bytes += batch.inputs.nbytes
+                # wake the writer when it idles, or to write a full batch; not per record
+                if len(self._pending) == 1 or self._pending_rows >= WRITE_ROWS:
+                    self._cond.notify()
+        if not accepted:
+            self._drop(batch.rows, "the buffer is full")
+
+    def attach_labels(self, labels: Sequence[tuple[str, str]]) -> LabelReport:
+        """Attach true labels by request id (blocking database work: call it off the
+        event loop). A prediction still in the buffer is not yet known to the log."""
+        return self.prediction_log().attach_labels(labels)
+
+    def prediction_log(self) -> PredictionLog:
+        """The log, opened on first use: a database down at start-up must not stop
+        the server."""
+        with self._open_lock:
+            if self._log is None:
+                self._log = self._open_log(self.db_url)
+            return self._log
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is buffered (within ``timeout``), then stop the writer."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        if self._log is not None:
+            self._log.close()
+
+    # -- the writer thread -------------------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                gather_until = time.monotonic() + GATHER_S
+                while self._pending_rows < WRITE_ROWS and not self._closed:
+                    left = gather_until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not self._pending:
+                    return
+                batches = list(self._pending)
+                self._pending.clear()
+                self._pending_rows = 0
+                self._pending_bytes = 0
+            rows = sum(batch.rows for batch in batches)
+            try:
+                self._write(batches)
+            except Exception as err:
+                self._drop(rows, f"writing to {safe_url(self.db_url)} failed: {err}")
+                if not self._closed:
+                    time.sleep(RETRY_AFTER_S)
+            else:
+                self.written += rows
+
+    def _write(self, batches: list[LoggedBatch]) -> None:
+        prediction_log = self.prediction_log()
+        records: list[PredictionRecord] = []
+        # one records_from_batch per model version over all its waiting requests: its
+        # features are computed on whole arrays (about 10x less CPU per row than one
+        # request at a time)
+        groups: dict[tuple, list[LoggedBatch]] = {}
+        for batch in batches:
+            key = (batch.model, batch.version, batch.embeddings is None)
+            groups.setdefault(key, []).append(batch)
+        for group in groups.values():
+            first = group[0]
+            times = [batch.logged_at for batch in group for _ in range(batch.rows)]
+            made = records_from_batch(
+                model=first.model,
+                version=first.version,
+                kind=first.kind,
+                class_names=first.class_names,
+                request_ids=[rid for batch in group for rid in batch.request_ids],
+                inputs=np.concatenate([batch.inputs for batch in group]),
+                probabilities=np.concatenate([batch.probabilities for batch in group]),
+                embeddings=None
+                if first.embeddings is None
+                else np.concatenate([batch.embeddings for batch in group]),
+                pad_id=first.pad_id,
+            )
+            records += [
+                dataclasses.replace(record, logged_at=when)
+                for record, when in zip(made, times, strict=True)
+            ]
+        prediction_log.write(records)
+
+    def _drop(self, rows: int, why: str) -> None:
+        self._on_dropped(rows)
+        now = time.monotonic()
+        with self._cond:
+            self.dropped += rows
+            self._dropped_since_warning += rows
+            due = now - self._last_warning >= WARN_EVERY_S
+            if due:
+                count, self._dropped_since_warning = self._dropped_since_warning, 0
+                self._last_warning = now
+        if due:
+            log.warning("prediction log: %d record(s) dropped (%s)", count, why)
