@@ -126,7 +126,7 @@ def _under(prefix: str, table: Mapping[str, Rule]) -> dict[str, Rule]:
 TRAINER = _under(
     "trainer",
     {
-        "max_epochs": optional(integer(-1)),
+        "max_epochs": integer(-1),
         "min_epochs": optional(integer(0)),
         "accelerator": choice("cpu", "gpu", "cuda", "mps", "tpu", "auto"),
         "devices": either(integer(-1), list_of(integer(0)), text()),
