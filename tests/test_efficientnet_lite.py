@@ -169,3 +169,16 @@ def test_warm_up_freezes_the_backbone_then_unfreezes_it_but_never_a_probe() -> N
     assert not probe.net.model.conv_stem.weight.requires_grad
     with pytest.raises(ConfigError, match="frozen_epochs"):
         BackboneWarmup(frozen_epochs=-1)
+
+
+@pytest.mark.parametrize("statistics, changes", [("frozen", False), ("train", True)])
+def test_fine_tuning_keeps_or_updates_batch_norm_statistics_as_configured(
+    statistics: str, changes: bool
+) -> None:
+    net = _scratch(batchnorm_statistics=statistics).train()
+    assert net.model.conv_stem.weight.requires_grad and net.model.bn1.weight.requires_grad
+    before = net.model.bn1.running_mean.clone()
+    net(torch.randn(4, 3, 64, 64) * 3 + 1)
+    assert (not torch.equal(net.model.bn1.running_mean, before)) is changes
+    with pytest.raises(ConfigError, match="batchnorm_statistics"):
+        _scratch(batchnorm_statistics="sometimes")

@@ -101,6 +101,9 @@ class EfficientNetLite0(nn.Module):
     ``pretrained``: load ``weights_path`` or, when that is empty, the installed package's
     weights. ``freeze_backbone``: train only the classifier (a linear probe); the frozen
     layers stay in eval mode, so their batch-norm statistics stay ImageNet's.
+    ``batchnorm_statistics``: ``frozen`` keeps ImageNet's running means and variances while
+    fine-tuning too (small batches of a few hundred photos estimate them badly; the
+    batch-norm scales and shifts still learn), ``train`` updates them from each batch.
     """
 
     def __init__(
@@ -111,8 +114,15 @@ class EfficientNetLite0(nn.Module):
         weights_path: str | None = None,
         freeze_backbone: bool = False,
         dropout: float = 0.2,
+        batchnorm_statistics: str = "frozen",
     ) -> None:
         super().__init__()
+        if batchnorm_statistics not in ("frozen", "train"):
+            raise ConfigError(
+                "model.net.batchnorm_statistics must be 'frozen' or 'train', "
+                f"got {batchnorm_statistics!r}"
+            )
+        self.batchnorm_statistics = batchnorm_statistics
         try:
             import timm
         except ImportError as err:
@@ -160,6 +170,10 @@ class EfficientNetLite0(nn.Module):
             # frozen layers keep ImageNet's batch-norm statistics and dropout stays on the head
             for name, module in self.model.named_children():
                 if name != "classifier":
+                    module.eval()
+        elif self.batchnorm_statistics == "frozen":
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         return self
 
