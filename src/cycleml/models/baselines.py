@@ -1,7 +1,8 @@
 """Classical baselines: a scikit-learn classifier on fixed features.
 
 Texts become TF-IDF vectors of words and word pairs; images become their pixels,
-flattened and standardised. ``configs/model/logreg.yaml`` and ``linear_svm.yaml``
+flattened and standardised, or (``image_features: efficientnet_lite0``) the pooled
+features of the frozen ImageNet-pretrained EfficientNet-Lite0. ``configs/model/logreg.yaml`` and ``linear_svm.yaml``
 build them; ``cycleml.training.baseline`` trains them on a data module's own split.
 """
 
@@ -24,6 +25,7 @@ from cycleml.errors import ConfigError
 log = logging.getLogger(__name__)
 
 KINDS = ("text", "image")
+IMAGE_FEATURES = ("pixels", "efficientnet_lite0")
 
 
 def flatten_pixels(images: np.ndarray) -> np.ndarray:
@@ -39,16 +41,28 @@ class SklearnBaseline:
         name: str,
         estimator: ClassifierMixin,
         tfidf: Mapping[str, Any] | None = None,
+        image_features: str = "pixels",
+        weights_path: str | None = None,
     ) -> None:
+        if image_features not in IMAGE_FEATURES:
+            raise ConfigError(
+                f"model.image_features must be one of {IMAGE_FEATURES}, got {image_features!r}"
+            )
         self.name = name
         self.estimator = estimator
         self.tfidf = _tfidf_kwargs(tfidf)
+        self.image_features = image_features
+        self.weights_path = weights_path
         self.kind: str | None = None
         self.pipeline: Pipeline | None = None
 
     def _features(self, kind: str) -> list[Any]:
         if kind == "text":
             return [TfidfVectorizer(**self.tfidf)]
+        if kind == "image" and self.image_features == "efficientnet_lite0":
+            from cycleml.models.pretrained_features import PretrainedImageFeatures
+
+            return [PretrainedImageFeatures(self.weights_path), StandardScaler()]
         if kind == "image":
             return [FunctionTransformer(flatten_pixels), StandardScaler()]
         raise ConfigError(f"baseline {self.name}: unknown data kind {kind!r}; expected {KINDS}")
@@ -96,10 +110,17 @@ def logistic_regression(
     max_iter: int = 2000,
     class_weight: str | None = None,
     tfidf: Mapping[str, Any] | None = None,
+    image_features: str = "pixels",
+    weights_path: str | None = None,
+    name: str = "logreg",
 ) -> SklearnBaseline:
-    """Multinomial logistic regression (``model=logreg``)."""
+    """Multinomial logistic regression (``model=logreg``, ``model=logreg_pretrained``)."""
     return SklearnBaseline(
-        "logreg", LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight), tfidf
+        name,
+        LogisticRegression(C=C, max_iter=max_iter, class_weight=class_weight),
+        tfidf,
+        image_features,
+        weights_path,
     )
 
 

@@ -53,6 +53,7 @@ class ClassifierModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
+        backbone_lr_scale: float | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
         num_classes: int | None = None,
@@ -66,6 +67,11 @@ class ClassifierModule(L.LightningModule):
         if scheduler_interval not in ("step", "epoch"):
             raise ConfigError(
                 f"model.scheduler_interval must be 'step' or 'epoch', got '{scheduler_interval}'"
+            )
+        if backbone_lr_scale is not None and not hasattr(net, "backbone_parameters"):
+            raise ConfigError(
+                f"model.backbone_lr_scale needs a network with a pretrained backbone; "
+                f"{type(net).__name__} has none (set it to null)"
             )
         self.net = net
         self._forward = net.forward
@@ -141,10 +147,12 @@ class ClassifierModule(L.LightningModule):
         self._log_epoch_metrics("test")
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self._param_groups())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer, **self._schedule_length())
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, **self._schedule_length(), **self._group_max_lr(optimizer)
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -153,6 +161,30 @@ class ClassifierModule(L.LightningModule):
                 "monitor": "val/loss",
             },
         }
+
+    def _param_groups(self) -> Any:
+        """All parameters, or with ``backbone_lr_scale`` two groups: the backbone at that
+        fraction of the optimizer's learning rate, then the head at the full rate. Frozen
+        parameters stay in their group, so a backbone unfrozen mid-run starts learning."""
+        scale = self.hparams.backbone_lr_scale
+        if scale is None:
+            return self.parameters()
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ConfigError("model.backbone_lr_scale needs model.optimizer.lr to be set")
+        return [
+            {"params": self.net.backbone_parameters(), "lr": base_lr * scale},
+            {"params": self.net.head_parameters(), "lr": base_lr},
+        ]
+
+    def _group_max_lr(self, optimizer: torch.optim.Optimizer) -> dict[str, list[float]]:
+        """OneCycle's one ``max_lr`` would flatten the groups' rates: scale it per group."""
+        given = getattr(self.scheduler_factory, "keywords", {})
+        max_lr = given.get("max_lr")
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if len(optimizer.param_groups) < 2 or not isinstance(max_lr, (int, float)) or not base_lr:
+            return {}
+        return {"max_lr": [max_lr * group["lr"] / base_lr for group in optimizer.param_groups]}
 
     def _schedule_length(self) -> dict[str, int]:
         """Fill in a scheduler's length (OneCycle's total_steps, cosine's T_max) from the trainer."""
@@ -177,7 +209,7 @@ class ClassifierModule(L.LightningModule):
         """Rebuild a trained classifier from a checkpoint alone, in eval mode.
 
         The network is re-created from the saved ``model_config`` (without its
-        pretrained-weights file, which the checkpoint's weights replace).
+        pretrained weights, which the checkpoint's weights replace).
         """
         path = Path(path)
         if not path.is_file():
@@ -192,6 +224,8 @@ class ClassifierModule(L.LightningModule):
         net_config = dict(model_config["net"])
         if "weights_path" in net_config:
             net_config["weights_path"] = None
+        if "pretrained" in net_config:
+            net_config["pretrained"] = False
         net = hydra.utils.instantiate(net_config)
         keep = set(inspect.signature(cls.__init__).parameters) - {"self", "net", "optimizer"}
         module = cls(
