@@ -26,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from cycleml.cli import COMMANDS
 from cycleml.cli_args import as_overrides
 from cycleml.configs_path import config_dir
+from cycleml.monitoring.cli import monitor_overrides
 from cycleml.registry.cli import registry_overrides
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -37,10 +38,11 @@ NOT_CYCLEML = {
     "python scripts/make_demo_text.py": "run by the slow journey below",
     "curl": "the serving routes are tested over real HTTP in tests/test_serving_*.py",
     "docker": "needs Docker; the image's entry point is `cycleml`",
+    "open": "opens a report in the browser; the report is written by tests/test_monitoring_*.py",
 }
 # the config of each command (`cycleml data <sub>` → data_<sub>)
 CONFIG_OF = {"train": "train", "eval": "eval", "compare": "compare", "export": "export",
-             "predict": "predict", "serve": "serve"}  # fmt: skip
+             "predict": "predict", "serve": "serve", "monitor": "monitor"}  # fmt: skip
 # placeholders the README uses for a user's own run or file
 PLACEHOLDERS = {"<run>": "RUN", "<file.ckpt>": "best.ckpt"}
 
@@ -75,6 +77,8 @@ def config_and_overrides(args: list[str], tmp_path: Path) -> tuple[str, list[str
     elif command == "registry":
         command, rest = "registry", registry_overrides(rest[0], rest[1:])
     else:
+        if command == "monitor":
+            rest = monitor_overrides(rest)
         command = CONFIG_OF[command]
     if command == "compare":
         rest = as_overrides(rest, ["folder"], {"--sort": "sort", "--metrics": "metrics"})

@@ -129,12 +129,16 @@ def app(cfg: DictConfig) -> None:
         raise SystemExit(status)  # drift: the one outcome that is neither success nor error
 
 
-def main() -> None:
-    args = sys.argv[1:]
+def monitor_overrides(args: list[str]) -> list[str]:
+    """The Hydra overrides of ``cycleml monitor [labels] <args>``: the sub-command as
+    ``command=``, a plain model reference as ``ref=``."""
     if args and args[0] in COMMANDS:
         args = [f"command={args[0]}", *args[1:]]
-    args = as_overrides(args, ["ref"])
-    sys.argv = ["cycleml monitor", *args]
+    return as_overrides(args, ["ref"])
+
+
+def main() -> None:
+    sys.argv = ["cycleml monitor", *monitor_overrides(sys.argv[1:])]
     app()
 
 
