@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The data module of ``cfg.data`` with ``cfg.augment`` as its training transform."""
-    transform = hydra.utils.instantiate(cfg.augment) if cfg.get("augment") else None
+    """The data module of ``cfg.data`` with ``cfg.augment`` as its training transform;
+    baselines fit on the items as they are, so they get no augmentation (nor its checks)."""
+    augment = cfg.get("augment")
+    if augment and cfg.model.get("baseline"):
+        log.info("augment: not used by the baseline model %s", cfg.model.get("_target_"))
+        augment = None
+    transform = hydra.utils.instantiate(augment) if augment else None
     datamodule = hydra.utils.instantiate(cfg.data, train_transform=transform)
     datamodule.setup()
     return datamodule
