@@ -92,3 +92,34 @@ def test_image_folder_with_a_given_split_trains(make_cfg, tmp_path):
     cfg = make_cfg("train", "experiment=image_folder", f"data.path={root}", "data.image_size=8")
     metrics = train(cfg)
     assert {"val/acc", "test/acc"} <= set(metrics)
+
+
+def test_the_image_size_is_chosen_from_the_images_when_not_given(tmp_path, caplog):
+    for name, side in (("small", 40), ("large", 300)):
+        folder = tmp_path / name / "a"
+        folder.mkdir(parents=True)
+        (tmp_path / name / "b").mkdir()
+        for i, size in enumerate((side, side + 5, side * 2)):
+            Image.new("RGB", (size + 7, size)).save(folder / f"{i}.png")
+            Image.new("RGB", (size, size)).save(tmp_path / name / "b" / f"{i}.png")
+    with caplog.at_level("INFO", logger="cycleml.data.images"):
+        small = ImageFolderDataModule(path=str(tmp_path / "small"), image_size=None)
+        small.setup()
+    assert small.image_size == (32, 32)  # median shorter side 45 px, rounded down to 32
+    assert small.images.shape[1:3] == (32, 32) and small.spec()["image_size"] == [32, 32]
+    assert "image size: 32 px, from the images' median shorter side 45 px" in caplog.text
+    large = ImageFolderDataModule(path=str(tmp_path / "large"), image_size=None)
+    large.setup()
+    assert large.image_size == (128, 128)  # 305 px, kept to the 128 px bound
+    given = ImageFolderDataModule(path=str(tmp_path / "large"), image_size=24)
+    given.setup()
+    assert given.image_size == (24, 24)
+
+
+def test_the_image_folder_config_leaves_the_size_to_the_images(make_cfg):
+    assert make_cfg("train", "data=image_folder").data.image_size is None
+    assert make_cfg("train", "experiment=image_folder").data.image_size is None
+    with pytest.raises(ConfigError, match="data.image_size: null"):
+        from cycleml.data.images import DigitsDataModule
+
+        DigitsDataModule(image_size=None)

@@ -101,10 +101,12 @@ class ImageDataModule(L.LightningDataModule, ABC):
     """Base for in-memory image data: subclasses provide ``_load() -> (images, labels, names)``."""
 
     kind = "image"
+    # whether data.image_size may be null: chosen from the images when they are loaded
+    chooses_image_size = False
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 32,
+        image_size: int | Sequence[int] | None = 32,
         channels: int = 3,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -118,7 +120,14 @@ class ImageDataModule(L.LightningDataModule, ABC):
         augment_seed: int = 0,
     ) -> None:
         super().__init__()
-        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        if image_size is None and not self.chooses_image_size:
+            raise ConfigError(
+                f"data.image_size: null (chosen from the images) works with data=image_folder; "
+                f"{type(self).__name__} needs a size"
+            )
+        size = (
+            [image_size, image_size] if isinstance(image_size, int) else list(image_size or [1, 1])
+        )
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f"data.image_size must be a positive int or [H, W], got {image_size}")
         if channels not in (1, 3):
@@ -130,7 +139,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
             raise ConfigError(
                 f"data.mean/data.std need {channels} values (one per channel), got {mean} / {std}"
             )
-        self.image_size = (int(size[0]), int(size[1]))
+        # None until the images are looked at (data.image_size: null, image folders)
+        self.image_size: tuple[int, int] | None = (
+            None if image_size is None else (int(size[0]), int(size[1]))
+        )
         self.channels = channels
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -316,6 +328,8 @@ class ImageFolderDataModule(ImageDataModule):
     a folder without class sub-folders or an empty class folder is an error.
     """
 
+    chooses_image_size = True
+
     def __init__(
         self, path: str, decode_workers: int = 2, layout: str = "auto", **kwargs: Any
     ) -> None:
@@ -437,6 +451,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         class_names, files = self._scan()
+        if self.image_size is None:
+            side = chosen_image_size([p for p, _ in files])
+            self.image_size = (side, side)
         with ThreadPoolExecutor(self.decode_workers) as pool:
             decoded = list(pool.map(self._decode_file, (p for p, _ in files)))
         images, labels, ids, splits = [], [], [], []
@@ -467,3 +484,33 @@ class ImageFolderDataModule(ImageDataModule):
                 f"class folder(s) with no readable images in '{self.path}': {unreadable_only}"
             )
         return np.stack(images), np.asarray(labels, dtype=np.int64), class_names, ids
+
+
+# Bounds of a chosen image size: below 32 px a CNN has little to see, above 128 px a
+# from-scratch model on a CPU trains slowly for little gain on a few hundred images.
+CHOSEN_SIZE_RANGE = (32, 128)
+
+
+def chosen_image_size(files: Sequence[Path]) -> int:
+    """A square size for images of these files: their median shorter side, rounded down to
+    a multiple of 16 and kept within :data:`CHOSEN_SIZE_RANGE` (headers only are read)."""
+    from PIL import Image
+
+    sides = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are reported when they are decoded
+    if not sides:
+        return CHOSEN_SIZE_RANGE[0]
+    median = int(np.median(sides))
+    low, high = CHOSEN_SIZE_RANGE
+    side = min(high, max(low, median // 16 * 16))
+    log.info(
+        "image size: %d px, from the images' median shorter side %d px (within %d-%d px); "
+        "data.image_size sets it",
+        side, median, low, high,
+    )  # fmt: skip
+    return side
