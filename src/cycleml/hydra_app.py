@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -30,6 +31,14 @@ def user_error(error: BaseException) -> CycleMLError | None:
     return None
 
 
+def _remove_failed_run_folder(folder: Path) -> None:
+    """A failed single run leaves no folder holding only its config and log."""
+    from cycleml.training.summary import remove_if_stub
+
+    if remove_if_stub(folder):
+        log.info("removed %s: the run failed before writing any result", folder)
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
 
@@ -46,6 +55,8 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
             except Exception as raised:
                 err = user_error(raised)
                 multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+                if HydraConfig.initialized() and not multirun:
+                    _remove_failed_run_folder(Path(HydraConfig.get().runtime.output_dir))
                 if err is None or multirun:
                     raise
                 log.error("%s", err)
