@@ -226,3 +226,63 @@ def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tm
     saved = json.loads(hparams["data_spec"]["tokenizer_json"])
     assert saved["model"]["vocab"] == json.loads(tokenizer.to_json())["model"]["vocab"]
     assert saved["truncation"]["max_length"] == cfg.data.max_length
+
+
+def test_a_frozen_encoder_encodes_each_text_once_per_run(tiny_bert):
+    from cycleml.models.feature_cache import enable_feature_cache
+
+    folder, tokenizer = tiny_bert
+    net = PretrainedTextEncoder(tokenizer.vocab_size, 2, tokenizer.pad_id, 16, str(folder))
+    net.eval()
+    ids = torch.from_numpy(tokenizer.encode(["the film was good", "bad", "a fine phone"]))
+    with torch.no_grad():
+        plain = net(ids)
+    encoded: list[int] = []
+    net.encoder.register_forward_hook(
+        lambda m, args, kwargs, out: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    assert enable_feature_cache(net)
+    with torch.no_grad():
+        first = net(ids)
+        padded = net(torch.nn.functional.pad(ids, (0, 5)))  # the same texts, padded longer
+        mixed = net(torch.from_numpy(tokenizer.encode(["bad", "an awful hotel"])))
+    assert encoded == [3, 1]  # one new text in the last batch
+    torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[0], plain[1], rtol=1e-4, atol=1e-5)
+    net.train()
+    logits = net(ids)
+    logits.sum().backward()  # the head still learns from cached features
+    assert net.head[1].weight.grad is not None and len(encoded) == 2
+    tuned = PretrainedTextEncoder(tokenizer.vocab_size, 2, 0, 16, str(folder), freeze=False)
+    assert not enable_feature_cache(tuned) and tuned.feature_cache is None
+
+
+def test_frozen_training_reuses_encoder_outputs_across_epochs(
+    tiny_bert, make_cfg, tmp_path, monkeypatch
+):
+    import json
+
+    from cycleml.training.train import train
+
+    folder, tokenizer = tiny_bert
+    rows = [{"text": f"{w} number {i}", "label": w} for i in range(30) for w in ("good", "bad")]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded: list[int] = []
+    original = PretrainedTextEncoder.encode
+    monkeypatch.setattr(
+        PretrainedTextEncoder,
+        "encode",
+        lambda self, ids: encoded.append(len(ids)) or original(self, ids),
+    )
+    cfg = make_cfg(
+        "train", "experiment=text_sentiment_minilm", f"data.path={data}", "augment=none",
+        f"model.net.model_dir={folder}", "trainer.max_epochs=3", "trainer.limit_train_batches=null",
+        "trainer.limit_val_batches=null", "trainer.limit_test_batches=null", "callbacks.early_stopping=null",
+    )  # fmt: skip
+    train(cfg)
+    distinct = {
+        tuple(i for i in tokenizer.encode([r["text"]])[0] if i != tokenizer.pad_id) for r in rows
+    }
+    assert sum(encoded) == len(distinct)  # each distinct text once per run, not per epoch

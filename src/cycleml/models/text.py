@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cycleml.data.tokenizer import model_folder
 from cycleml.errors import ConfigError
+from cycleml.models.feature_cache import FeatureCache, in_use
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,8 @@ class PretrainedTextEncoder(nn.Module):
             )
         self.pad_id = pad_id
         self.freeze = freeze
+        # set for a training run by enable_feature_cache (frozen encoders only)
+        self.feature_cache: FeatureCache | None = None
         if freeze:
             self.encoder.requires_grad_(False)
         hidden = int(self.encoder.config.hidden_size)
@@ -201,7 +204,19 @@ class PretrainedTextEncoder(nn.Module):
             self.encoder.eval()  # a frozen encoder keeps its dropout off
         return self
 
-    def forward(self, ids: Tensor) -> Tensor:
+    @property
+    def frozen_encoder(self) -> bool:
+        return self.freeze
+
+    def encode(self, ids: Tensor) -> Tensor:
+        """Mean-pooled encoder states, one row per text."""
         mask = (ids != self.pad_id).long()
         states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.head(masked_mean(states, mask))
+        return masked_mean(states, mask)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not in_use(self.feature_cache):
+            return self.head(self.encode(ids))
+        # a text's key is its tokens without padding: the same text in any batch
+        keys = [row[row != self.pad_id].cpu().numpy().tobytes() for row in ids]
+        return self.head(self.feature_cache.features(ids, keys, self.encode))

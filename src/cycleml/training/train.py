@@ -57,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from cycleml.models.feature_cache import enable_feature_cache
     from cycleml.training.console import CONSOLE, configure_console
     from cycleml.training.interrupt import INTERRUPTED_EXIT, report_interrupt
     from cycleml.training.resume_config import config_for_resume, resume_overrides
@@ -99,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return run_baseline(cfg, datamodule)
 
     model = build_model(cfg, datamodule, info["run_id"])
+    enable_feature_cache(model.net)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
     loggers = instantiate_loggers(cfg.get("logger"), info["run_id"], quiet=not verbose)
