@@ -147,3 +147,17 @@ def test_text_sentiment_experiment_runs_on_multi_class_data(make_cfg, tmp_path, 
     assert metrics["val/acc"] > 0.3, metrics  # four classes: chance is 0.25
     flip_skipped = "NegationFlip flips a binary label and the data has 4 classes" in caplog.text
     assert flip_skipped == (model != "logreg")
+
+
+def test_the_text_experiment_runs_on_any_text_table_beside_its_baseline(make_cfg, tmp_path):
+    table = four_topics(tmp_path / "topics.csv")
+    deep_cfg = make_cfg("train", "experiment=text", f"data.path={table}")
+    assert deep_cfg.model.net.ngram_buckets > 0 and not deep_cfg.augment.transforms
+    deep = train(run_in(deep_cfg, tmp_path / "deep"))
+    baseline = train(
+        run_in(
+            make_cfg("train", "experiment=text", f"data.path={table}", "model=logreg"),
+            tmp_path / "lr",
+        )
+    )
+    assert deep["val/acc"] > 0.3 and baseline["val/acc"] > 0.3, (deep, baseline)

@@ -31,10 +31,16 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+# Multiplier that mixes two token ids into one bigram key before hashing into buckets.
+_BIGRAM_MIX = 1_000_003
+
+
 class BagOfEmbeddings(nn.Module):
     """Mean of the token embeddings (an EmbeddingBag with padding masked), then an MLP.
 
-    Fast and strong on topic-like labels; blind to word order ("not good" = "good not").
+    With ``ngram_buckets`` > 0 each pair of neighbouring tokens also gets an embedding,
+    hashed into that many buckets (as fastText does), so short phrases such as "not good"
+    count as features of their own. Fast and strong on topic-like labels.
     """
 
     def __init__(
@@ -46,10 +52,15 @@ class BagOfEmbeddings(nn.Module):
         embed_dim: int = 64,
         hidden_dim: int = 64,
         dropout: float = 0.2,
+        ngram_buckets: int = 0,
     ) -> None:
         super().__init__()
+        if ngram_buckets < 0:
+            raise ConfigError(f"model.net.ngram_buckets={ngram_buckets} must be 0 (off) or more")
         self.pad_id = pad_id
+        self.ngram_buckets = ngram_buckets
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.bigrams = nn.Embedding(ngram_buckets, embed_dim) if ngram_buckets else None
         self.head = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(embed_dim, hidden_dim),
@@ -59,7 +70,15 @@ class BagOfEmbeddings(nn.Module):
         )
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(masked_mean(self.embedding(ids), ids != self.pad_id))
+        mask = (ids != self.pad_id).unsqueeze(-1).to(self.embedding.weight.dtype)
+        total = (self.embedding(ids) * mask).sum(dim=1)
+        count = mask.sum(dim=1)
+        if self.bigrams is not None:
+            pair_mask = mask[:, :-1] * mask[:, 1:]
+            keys = torch.remainder(ids[:, :-1] * _BIGRAM_MIX + ids[:, 1:], self.ngram_buckets)
+            total = total + (self.bigrams(keys) * pair_mask).sum(dim=1)
+            count = count + pair_mask.sum(dim=1)
+        return self.head(total / count.clamp(min=1.0))
 
 
 class TextCNN(nn.Module):
