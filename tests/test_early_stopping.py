@@ -63,7 +63,8 @@ def test_the_default_early_stopping_lets_a_small_data_run_finish(make_cfg, caplo
 def test_patience_is_a_share_of_the_epoch_budget(caplog):
     early_stopping = SizedEarlyStopping(patience_fraction=0.4, min_patience=5, min_val_items=200)
     with caplog.at_level("INFO", logger="cycleml.training.early_stopping"):
-        assert epochs_run(early_stopping, val_items=500) == 1 + 12  # the first best, then 12 without gain
+        # the first best epoch, then 12 without gain
+        assert epochs_run(early_stopping, val_items=500) == 1 + 12
     assert early_stopping.patience == 12
     assert "early stopping: on val/acc (max), patience 12 of 30 epochs" in caplog.text
     short = SizedEarlyStopping(patience_fraction=0.4, min_patience=5)
