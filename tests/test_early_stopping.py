@@ -57,7 +57,10 @@ def test_the_default_early_stopping_lets_a_small_data_run_finish(make_cfg, caplo
     early_stopping = hydra.utils.instantiate(make_cfg("train").callbacks.early_stopping)
     with caplog.at_level("INFO", logger="cycleml.training.early_stopping"):
         assert epochs_run(early_stopping, val_items=37) == 30
-    assert "early stopping: off (37 validation items, fewer than min_val_items=200)" in caplog.text
+    assert (
+        caplog.text.count("early stopping: off (37 validation items, fewer than min_val_items=200)")
+        == 1
+    )
 
 
 def test_patience_is_a_share_of_the_epoch_budget(caplog):

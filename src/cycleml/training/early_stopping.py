@@ -46,6 +46,8 @@ class SizedEarlyStopping(EarlyStopping):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return  # early stopping acts while fitting only
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
         self.patience = max(self.min_patience, math.ceil(self.patience_fraction * max_epochs))
         val_items = _val_items(trainer)
