@@ -122,3 +122,42 @@ def test_baseline_config_errors(make_cfg):
         build_baseline(cfg.model, seed=0)
     with pytest.raises(ConfigError, match="unknown data kind"):
         logistic_regression().fit("audio", np.zeros((2, 3)), np.array([0, 1]))
+
+
+def four_topics(path: Path, rows: int = 240) -> Path:
+    """A multi-class table: the demo reviews relabelled by the topic word they mention."""
+    spec = importlib.util.spec_from_file_location("make_demo_text", SCRIPT)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    topics = ["sports", "science", "business", "travel"]
+    records = [
+        {**r, "text": f"{topics[i % 4]} news: {r['text']}", "label": topics[i % 4]}
+        for i, r in enumerate(demo.make_reviews(rows=rows))
+    ]
+    return demo.write_table(records, path)
+
+
+@pytest.mark.parametrize("model", ["logreg", "embedding_bag"])
+def test_text_sentiment_experiment_runs_on_multi_class_data(make_cfg, tmp_path, caplog, model):
+    """The binary recipe's label flip is skipped (deep model) or never built (baseline)."""
+    table = four_topics(tmp_path / "topics.csv")
+    cfg = make_cfg("train", "experiment=text_sentiment", f"data.path={table}", f"model={model}")
+    with caplog.at_level("INFO"):
+        metrics = train(cfg)
+    assert metrics["val/acc"] > 0.3, metrics  # four classes: chance is 0.25
+    flip_skipped = "NegationFlip flips a binary label and the data has 4 classes" in caplog.text
+    assert flip_skipped == (model != "logreg")
+
+
+def test_the_text_experiment_runs_on_any_text_table_beside_its_baseline(make_cfg, tmp_path):
+    table = four_topics(tmp_path / "topics.csv")
+    deep_cfg = make_cfg("train", "experiment=text", f"data.path={table}")
+    assert deep_cfg.model.net.ngram_buckets > 0 and not deep_cfg.augment.transforms
+    deep = train(run_in(deep_cfg, tmp_path / "deep"))
+    baseline = train(
+        run_in(
+            make_cfg("train", "experiment=text", f"data.path={table}", "model=logreg"),
+            tmp_path / "lr",
+        )
+    )
+    assert deep["val/acc"] > 0.3 and baseline["val/acc"] > 0.3, (deep, baseline)

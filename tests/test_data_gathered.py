@@ -84,7 +84,7 @@ def test_text_module_reads_the_manifest(tmp_path: Path) -> None:
            tmp_path / "ds", progress=False)  # fmt: skip
     module = gathered_data_module(
         str(tmp_path / "ds"), text={"max_length": 16, "tokenizer": {"vocab_size": 200, "min_frequency": 1}},
-        image={"image_size": 99}, val_fraction=0.25, test_fraction=0.25,
+        image_size=99, val_fraction=0.25, test_fraction=0.25,
     )  # fmt: skip
     assert isinstance(module, GatheredTextDataModule)
     module.setup()
@@ -111,7 +111,7 @@ def test_unlabelled_or_broken_items_ask_for_cleaning(tmp_path: Path) -> None:
     (folder / "train" / "red" / "0.png").write_bytes(b"\x89PNG broken")
     gather({"s": {"kind": "image_folder", "path": str(folder), "layout": "split_class_folders"}},
            tmp_path / "img", progress=False)  # fmt: skip
-    module = gathered_data_module(str(tmp_path / "img"), image={"image_size": 8, "channels": 3})
+    module = gathered_data_module(str(tmp_path / "img"), image_size=8, channels=3)
     with pytest.raises(DataError, match=r"1 unreadable image\(s\) \(first: s:train/red/0.png"):
         module.setup()
 
@@ -123,8 +123,8 @@ def test_training_on_a_gathered_dataset_records_its_fingerprint(make_cfg, tmp_pa
         {"digits": {"kind": "digits", "limit": 200}}, tmp_path / "ds", workers=1, progress=False
     )
     cfg = make_cfg(
-        "train", "data=gathered", f"data.path={tmp_path / 'ds'}", "data.image.channels=1",
-        "data.image.image_size=8", "data.image.mean=[0.5]", "data.image.std=[0.5]", "debug=fdr",
+        "train", "data=gathered", f"data.path={tmp_path / 'ds'}", "data.channels=1",
+        "data.image_size=8", "data.mean=[0.5]", "data.std=[0.5]", "debug=fdr",
         fast=False,
     )  # fmt: skip
     metrics = train(cfg)
@@ -152,3 +152,24 @@ def test_training_a_text_model_on_a_gathered_dataset(make_cfg, tmp_path: Path) -
     assert 0.0 <= train(cfg)["test/acc"] <= 1.0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["dataset_fingerprint"] == result.fingerprint
+
+
+def test_image_options_share_one_spelling_and_the_former_one_still_applies(
+    make_cfg, tmp_path: Path, caplog
+) -> None:
+    from cycleml.training.train import build_datamodule
+
+    gather({"digits": {"kind": "digits", "limit": 60}}, tmp_path / "ds", workers=1, progress=False)
+    overrides = ("data=gathered", f"data.path={tmp_path / 'ds'}", "data.channels=1")
+    module = build_datamodule(
+        make_cfg("train", *overrides, "data.image_size=8", "data.mean=[0.5]", "data.std=[0.5]")
+    )
+    assert module.image_size == (8, 8) and module.channels == 1
+    with caplog.at_level("WARNING", logger="cycleml.data.gathered"):
+        module = build_datamodule(
+            make_cfg(
+                "train", *overrides, "data.image.image_size=12", "data.mean=[0.5]", "data.std=[0.5]"
+            )
+        )
+    assert module.image_size == (12, 12)
+    assert "data.image.image_size is deprecated: use data.image_size" in caplog.text

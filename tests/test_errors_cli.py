@@ -69,6 +69,9 @@ def test_missing_data_folder_exits_with_message(tmp_path):
     assert result.returncode == 2
     assert f"image folder '{tmp_path}/no_such_dir' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+    # the failed run leaves no folder holding only its config and train.log
+    runs = tmp_path / "logs" / "train" / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
 
 
 def test_multirun_two_trials(tmp_path):

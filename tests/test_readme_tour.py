@@ -171,8 +171,8 @@ def test_the_readme_journey_runs(tmp_path: Path) -> None:
     cleaned = cycleml("data", "clean", "input=data/gathered", "progress=false", cwd=work).stdout
     assert "near-duplicate threshold" in cleaned and (work / "data/gathered-clean").is_dir()
     cycleml("data", "diff", "data/gathered", "data/gathered-clean", cwd=work)
-    cycleml("train", "data=gathered", "data.path=data/gathered-clean", "data.image.channels=1",
-            "data.image.mean=[0.5]", "data.image.std=[0.5]", *TINY, cwd=work)  # fmt: skip
+    cycleml("train", "data=gathered", "data.path=data/gathered-clean", "data.channels=1",
+            "data.mean=[0.5]", "data.std=[0.5]", *TINY, cwd=work)  # fmt: skip
 
     cycleml("train", *TINY, cwd=work)
     runs = sorted((work / "logs/train/runs").iterdir())

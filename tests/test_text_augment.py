@@ -109,7 +109,14 @@ def test_configuration_errors():
         RandomDeletion(word_p=1.0)
     with pytest.raises(ConfigError, match="not a text augmentation"):
         TextAugment([lambda text: text])
-    augment = TextAugment([NegationFlip(0.1)])
-    augment.check_classes(["negative", "positive"])
-    with pytest.raises(ConfigError, match="NegationFlip needs exactly 2 classes"):
-        augment.check_classes(["a", "b", "c"])
+
+
+def test_a_label_flip_is_skipped_with_a_warning_unless_binary(caplog):
+    augment = TextAugment([RandomSwap(0.2), NegationFlip(0.1)])
+    augment.fit_classes(["negative", "positive"])
+    assert [type(op) for op in augment.ops] == [RandomSwap, NegationFlip]
+    with caplog.at_level("WARNING", logger="cycleml.data.text_augment"):
+        augment.fit_classes(["a", "b", "c"])
+    assert [type(op) for op in augment.ops] == [RandomSwap]
+    assert "NegationFlip flips a binary label and the data has 3 classes" in caplog.text
+    assert "augment=text_light" in caplog.text

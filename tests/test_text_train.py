@@ -74,9 +74,11 @@ def test_eval_of_a_text_run_writes_report_matrix_and_worst_texts(make_cfg, revie
     test_texts = build_datamodule(cfg).split_texts("test")
     wrong = round((1 - metrics["test/acc"]) * len(test_texts))
     assert len(worst) == min(5, wrong)
+    table = list(csv.DictReader(reviews.open()))  # no id column: the id is the data row
     for row in worst:
         assert row["true_label"] != row["predicted_label"]
-        assert row["text"] == test_texts[int(row["index"])]
+        assert row["text"] == table[int(row["id"]) - 1]["text"]
+        assert row["true_label"] == table[int(row["id"]) - 1]["label"]
     confidences = [float(r["confidence"]) for r in worst]
     assert confidences == sorted(confidences, reverse=True)
 

@@ -6,6 +6,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
@@ -43,6 +44,14 @@ def exit_with_user_error(config_name: str, err: CycleMLError, logged: bool = Tru
     raise SystemExit(2) from None
 
 
+def _remove_failed_run_folder(folder: Path) -> None:
+    """A failed single run leaves no folder holding only its config and log."""
+    from cycleml.training.summary import remove_if_stub
+
+    if remove_if_stub(folder):
+        log.info("removed %s: the run failed before writing any result", folder)
+
+
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
 
@@ -64,6 +73,8 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
             except Exception as raised:
                 err = user_error(raised)
                 multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+                if HydraConfig.initialized() and not multirun:
+                    _remove_failed_run_folder(Path(HydraConfig.get().runtime.output_dir))
                 if err is None or multirun:
                     raise
                 exit_with_user_error(config_name, err)

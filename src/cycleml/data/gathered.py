@@ -156,6 +156,10 @@ class GatheredTextDataModule(TextTableDataModule):
         self.fingerprint = self.dataset.fingerprint
 
 
+# Image options, spelled as in data=digits and data=image_folder (``data.image_size``).
+IMAGE_OPTIONS = ("image_size", "channels", "mean", "std", "decode_workers")
+
+
 def gathered_data_module(
     path: str,
     image: Mapping[str, Any] | None = None,
@@ -165,11 +169,19 @@ def gathered_data_module(
 ) -> L.LightningDataModule:
     """The data module for the dataset directory ``path``: image or text, by its content.
 
-    ``common`` options (splits, batch sizes, class names) apply to both kinds; ``image``
-    and ``text`` hold the options of one kind only.
+    ``common`` options (splits, batch sizes, class names, and the image options
+    :data:`IMAGE_OPTIONS`) apply to the kind they fit; ``text`` holds the text options.
+    ``image`` is the former spelling of the image options (``data.image.image_size``):
+    what is set there still applies, with a warning naming the new spelling.
     """
     root = Path(path).expanduser()
     kind = read_dataset(root).kind
-    own = dict((image if kind == "image" else text) or {})
+    image_options = {k: common.pop(k) for k in IMAGE_OPTIONS if k in common}
+    for key, value in (image or {}).items():
+        if value is None:
+            continue
+        log.warning("data.image.%s is deprecated: use data.%s", key, key)
+        image_options[key] = value
+    own = image_options if kind == "image" else dict(text or {})
     module = GatheredImageDataModule if kind == "image" else GatheredTextDataModule
     return module(path=str(root), train_transform=train_transform, **common, **own)

@@ -101,10 +101,12 @@ class ImageDataModule(L.LightningDataModule, ABC):
     """Base for in-memory image data: subclasses provide ``_load() -> (images, labels, names)``."""
 
     kind = "image"
+    # whether data.image_size may be null: chosen from the images when they are loaded
+    chooses_image_size = False
 
     def __init__(
         self,
-        image_size: int | Sequence[int] = 32,
+        image_size: int | Sequence[int] | None = 32,
         channels: int = 3,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
@@ -118,7 +120,14 @@ class ImageDataModule(L.LightningDataModule, ABC):
         augment_seed: int = 0,
     ) -> None:
         super().__init__()
-        size = [image_size, image_size] if isinstance(image_size, int) else list(image_size)
+        if image_size is None and not self.chooses_image_size:
+            raise ConfigError(
+                f"data.image_size: null (chosen from the images) works with data=image_folder; "
+                f"{type(self).__name__} needs a size"
+            )
+        size = (
+            [image_size, image_size] if isinstance(image_size, int) else list(image_size or [1, 1])
+        )
         if len(size) != 2 or min(size) < 1:
             raise ConfigError(f"data.image_size must be a positive int or [H, W], got {image_size}")
         if channels not in (1, 3):
@@ -130,7 +139,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
             raise ConfigError(
                 f"data.mean/data.std need {channels} values (one per channel), got {mean} / {std}"
             )
-        self.image_size = (int(size[0]), int(size[1]))
+        # None until the images are looked at (data.image_size: null, image folders)
+        self.image_size: tuple[int, int] | None = (
+            None if image_size is None else (int(size[0]), int(size[1]))
+        )
         self.channels = channels
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -295,18 +307,59 @@ class DigitsDataModule(ImageDataModule):
         return images, digits.target.astype(np.int64), [str(n) for n in digits.target_names], ids
 
 
-class ImageFolderDataModule(ImageDataModule):
-    """An image folder: ``<path>/<class name>/<image file>``, any size, RGB or grey.
+# Folder names that mean a split, not a class, at the top of an image folder.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}  # fmt: skip
+# the same names as the image_folder source of `cycleml data gather`
+LAYOUTS = ("auto", "class_folders", "split_class_folders")
 
+
+class ImageFolderDataModule(ImageDataModule):
+    """An image folder, any size, RGB or grey, in one of two layouts:
+
+    * ``<path>/<class name>/<image file>``: split by ``split_seed`` and the fractions;
+    * ``<path>/<split>/<class name>/<image file>`` (``train``, ``val``/``valid``/
+      ``validation``, ``test``): the given split is used; a missing ``val`` or ``test``
+      is carved from ``train`` by the fractions.
+
+    ``layout="auto"`` detects which one the folder has (and logs it); a folder mixing
+    split folders with other folders is refused unless ``layout`` says which it is.
     Unreadable files are skipped with one warning listing every path; a missing folder,
     a folder without class sub-folders or an empty class folder is an error.
     """
 
-    def __init__(self, path: str, decode_workers: int = 2, **kwargs: Any) -> None:
+    chooses_image_size = True
+
+    def __init__(
+        self, path: str, decode_workers: int = 2, layout: str = "auto", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
+        if layout not in LAYOUTS:
+            raise ConfigError(f"data.layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.path = Path(path)
         self.decode_workers = max(1, decode_workers)
+        self.layout = layout
         self.unreadable: list[tuple[str, str]] = []
+        # the split of each file / readable item in the <split>/<class>/ layout (None:
+        # the <class>/ layout, split by the seed)
+        self._given_splits: list[str] | None = None
+        self._item_splits: list[str] | None = None
+
+    def _subfolders(self, folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _detect_layout(self, top: list[Path]) -> str:
+        split_named = [d.name for d in top if d.name.lower() in SPLIT_FOLDERS]
+        if self.layout != "auto" or not split_named:
+            return "class_folders" if self.layout == "auto" else self.layout
+        others = [d.name for d in top if d.name.lower() not in SPLIT_FOLDERS]
+        if others or "train" not in {n.lower() for n in split_named}:
+            raise DataError(
+                f"image folder '{self.path}' has split folders {split_named} next to "
+                f"{others or 'no train folder'}; set data.layout=split_class_folders "
+                f"(<path>/<split>/<class>/) or data.layout=class_folders (they are classes)"
+            )
+        return "split_class_folders"
 
     def _scan(self) -> tuple[list[str], list[tuple[Path, int]]]:
         root = self.path
@@ -314,14 +367,54 @@ class ImageFolderDataModule(ImageDataModule):
             raise DataError(f"image folder '{root}' does not exist (data.path)")
         if not root.is_dir():
             raise DataError(f"data.path '{root}' is a file, expected a folder of class folders")
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
+        top = self._subfolders(root)
+        if not top:
             raise DataError(
                 f"image folder '{root}' has no class sub-folders; expected <path>/<class>/<image>"
             )
+        layout = self._detect_layout(top)
+        if layout == "class_folders":
+            log.info("image folder '%s': layout <path>/<class>/, classes %s", root,
+                     [d.name for d in top])  # fmt: skip
+            self._given_splits = None
+            return [d.name for d in top], self._class_files({d.name: d for d in top}, None)
+        not_splits = [d.name for d in top if d.name.lower() not in SPLIT_FOLDERS]
+        if not_splits or not any(d.name.lower() == "train" for d in top):
+            raise DataError(
+                f"image folder '{root}': data.layout=split_class_folders needs a train folder "
+                f"and only split folders ({', '.join(SPLIT_FOLDERS)}); found {[d.name for d in top]}"
+            )
+        split_dirs = {
+            SPLIT_FOLDERS[d.name.lower()]: d for d in top if d.name.lower() in SPLIT_FOLDERS
+        }
+        class_names = sorted({c.name for d in split_dirs.values() for c in self._subfolders(d)})
+        if not class_names:
+            raise DataError(f"image folder '{root}': its split folders hold no class folders")
+        files: list[tuple[Path, int]] = []
+        self._given_splits = []
+        for split, folder in sorted(split_dirs.items()):
+            classes = {c.name: c for c in self._subfolders(folder)}
+            unknown = sorted(set(classes) - set(class_names))
+            if unknown:
+                raise DataError(f"{folder}: class folders {unknown} are not classes {class_names}")
+            found = self._class_files(classes, class_names)
+            files.extend(found)
+            self._given_splits.extend([split] * len(found))
+        log.info(
+            "image folder '%s': layout <path>/<split>/<class>/, given splits %s, classes %s%s",
+            root, sorted(split_dirs), class_names,
+            "".join(f"; {s} carved from train" for s in ("val", "test") if s not in split_dirs),
+        )  # fmt: skip
+        return class_names, files
+
+    def _class_files(
+        self, class_dirs: dict[str, Path], class_names: list[str] | None
+    ) -> list[tuple[Path, int]]:
+        """(image file, label) of each class folder; ``class_names`` gives the label ids."""
+        names = class_names or list(class_dirs)
         files: list[tuple[Path, int]] = []
         empty: list[str] = []
-        for label, class_dir in enumerate(class_dirs):
+        for name, class_dir in class_dirs.items():
             images = sorted(
                 p
                 for p in class_dir.rglob("*")
@@ -329,25 +422,49 @@ class ImageFolderDataModule(ImageDataModule):
             )
             if not images:
                 empty.append(str(class_dir))
-            files.extend((p, label) for p in images)
+            files.extend((p, names.index(name)) for p in images)
         if empty:
             raise DataError(
                 "empty class folder(s) with no images "
                 f"({', '.join(sorted(IMAGE_SUFFIXES))}): {', '.join(empty)}"
             )
-        return [d.name for d in class_dirs], files
+        return files
+
+    def _assign_splits(self, labels: np.ndarray) -> dict[str, np.ndarray]:
+        if self._item_splits is None:
+            return super()._assign_splits(labels)
+        split_of = np.asarray(self._item_splits)
+        parts = {name: np.flatnonzero(split_of == name) for name in SPLITS}
+        missing = {s for s in ("val", "test") if not len(parts[s])}
+        if missing:
+            train = parts["train"]
+            carved = split_indices(
+                labels[train],
+                self.val_fraction if "val" in missing else 0.0,
+                self.test_fraction if "test" in missing else 0.0,
+                seed=self.split_seed,
+            )
+            for name in missing:
+                parts[name] = np.sort(train[carved[name]])
+            parts["train"] = np.sort(train[carved["train"]])
+        return parts
 
     def _load(self) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
         class_names, files = self._scan()
+        if self.image_size is None:
+            side = chosen_image_size([p for p, _ in files])
+            self.image_size = (side, side)
         with ThreadPoolExecutor(self.decode_workers) as pool:
             decoded = list(pool.map(self._decode_file, (p for p, _ in files)))
-        images, labels, ids = [], [], []
+        images, labels, ids, splits = [], [], [], []
         self.unreadable = []
-        for (path, label), result in zip(files, decoded, strict=True):
+        given = self._given_splits or [None] * len(files)
+        for (path, label), result, split in zip(files, decoded, given, strict=True):
             if isinstance(result, str):
                 self.unreadable.append((str(path), result))
                 continue
             images.append(result)
+            splits.append(split)
             labels.append(label)
             ids.append(str(path.relative_to(self.path)))
         if self.unreadable:
@@ -359,6 +476,7 @@ class ImageFolderDataModule(ImageDataModule):
             )
         if not images:
             raise DataError(f"no readable images in '{self.path}'")
+        self._item_splits = splits if self._given_splits is not None else None
         counts = np.bincount(np.asarray(labels), minlength=len(class_names))
         unreadable_only = [class_names[i] for i, c in enumerate(counts) if c == 0]
         if unreadable_only:
@@ -366,3 +484,33 @@ class ImageFolderDataModule(ImageDataModule):
                 f"class folder(s) with no readable images in '{self.path}': {unreadable_only}"
             )
         return np.stack(images), np.asarray(labels, dtype=np.int64), class_names, ids
+
+
+# Bounds of a chosen image size: below 32 px a CNN has little to see, above 128 px a
+# from-scratch model on a CPU trains slowly for little gain on a few hundred images.
+CHOSEN_SIZE_RANGE = (32, 128)
+
+
+def chosen_image_size(files: Sequence[Path]) -> int:
+    """A square size for images of these files: their median shorter side, rounded down to
+    a multiple of 16 and kept within :data:`CHOSEN_SIZE_RANGE` (headers only are read)."""
+    from PIL import Image
+
+    sides = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue  # unreadable files are reported when they are decoded
+    if not sides:
+        return CHOSEN_SIZE_RANGE[0]
+    median = int(np.median(sides))
+    low, high = CHOSEN_SIZE_RANGE
+    side = min(high, max(low, median // 16 * 16))
+    log.info(
+        "image size: %d px, from the images' median shorter side %d px (within %d-%d px); "
+        "data.image_size sets it",
+        side, median, low, high,
+    )  # fmt: skip
+    return side

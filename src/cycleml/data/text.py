@@ -157,7 +157,9 @@ class TextTableDataModule(L.LightningDataModule):
                 "labels": np.asarray([parsed.labels[i] for i in members], dtype=np.int64),
             }
         if self.augment is not None:
-            self.augment.check_classes(self.class_names)
+            self.augment.fit_classes(self.class_names)
+            if not self.augment.ops:
+                self.augment = None
         self.fingerprint = dataset_fingerprint(
             (content_hash(t), self.class_names[y], s)
             for s in SPLITS

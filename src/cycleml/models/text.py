@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from cycleml.data.tokenizer import model_folder
 from cycleml.errors import ConfigError
+from cycleml.models.feature_cache import FeatureCache, in_use
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,16 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+# Multiplier that mixes two token ids into one bigram key before hashing into buckets.
+_BIGRAM_MIX = 1_000_003
+
+
 class BagOfEmbeddings(nn.Module):
     """Mean of the token embeddings (an EmbeddingBag with padding masked), then an MLP.
 
-    Fast and strong on topic-like labels; blind to word order ("not good" = "good not").
+    With ``ngram_buckets`` > 0 each pair of neighbouring tokens also gets an embedding,
+    hashed into that many buckets (as fastText does), so short phrases such as "not good"
+    count as features of their own. Fast and strong on topic-like labels.
     """
 
     def __init__(
@@ -45,10 +52,15 @@ class BagOfEmbeddings(nn.Module):
         embed_dim: int = 64,
         hidden_dim: int = 64,
         dropout: float = 0.2,
+        ngram_buckets: int = 0,
     ) -> None:
         super().__init__()
+        if ngram_buckets < 0:
+            raise ConfigError(f"model.net.ngram_buckets={ngram_buckets} must be 0 (off) or more")
         self.pad_id = pad_id
+        self.ngram_buckets = ngram_buckets
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.bigrams = nn.Embedding(ngram_buckets, embed_dim) if ngram_buckets else None
         self.head = nn.Sequential(
             nn.Dropout(dropout),
             nn.Linear(embed_dim, hidden_dim),
@@ -58,7 +70,15 @@ class BagOfEmbeddings(nn.Module):
         )
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.head(masked_mean(self.embedding(ids), ids != self.pad_id))
+        mask = (ids != self.pad_id).unsqueeze(-1).to(self.embedding.weight.dtype)
+        total = (self.embedding(ids) * mask).sum(dim=1)
+        count = mask.sum(dim=1)
+        if self.bigrams is not None:
+            pair_mask = mask[:, :-1] * mask[:, 1:]
+            keys = torch.remainder(ids[:, :-1] * _BIGRAM_MIX + ids[:, 1:], self.ngram_buckets)
+            total = total + (self.bigrams(keys) * pair_mask).sum(dim=1)
+            count = count + pair_mask.sum(dim=1)
+        return self.head(total / count.clamp(min=1.0))
 
 
 class TextCNN(nn.Module):
@@ -189,6 +209,8 @@ class PretrainedTextEncoder(nn.Module):
             )
         self.pad_id = pad_id
         self.freeze = freeze
+        # set for a training run by enable_feature_cache (frozen encoders only)
+        self.feature_cache: FeatureCache | None = None
         if freeze:
             self.encoder.requires_grad_(False)
         hidden = int(self.encoder.config.hidden_size)
@@ -201,7 +223,19 @@ class PretrainedTextEncoder(nn.Module):
             self.encoder.eval()  # a frozen encoder keeps its dropout off
         return self
 
-    def forward(self, ids: Tensor) -> Tensor:
+    @property
+    def frozen_encoder(self) -> bool:
+        return self.freeze
+
+    def encode(self, ids: Tensor) -> Tensor:
+        """Mean-pooled encoder states, one row per text."""
         mask = (ids != self.pad_id).long()
         states = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return self.head(masked_mean(states, mask))
+        return masked_mean(states, mask)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not in_use(self.feature_cache):
+            return self.head(self.encode(ids))
+        # a text's key is its tokens without padding: the same text in any batch
+        keys = [row[row != self.pad_id].cpu().numpy().tobytes() for row in ids]
+        return self.head(self.feature_cache.features(ids, keys, self.encode))

@@ -153,6 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         from cycleml.training.text_report import write_worst_texts
 
         errors_file = write_worst_texts(
+            datamodule.split_ids(split),
             datamodule.split_texts(split),
             y_true,
             y_pred,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from cycleml.errors import ConfigError
 from cycleml.redaction import redact_values
 from cycleml.training.console import CONSOLE
-from cycleml.training.summary import RUN_INFO, SUMMARY, read_json, write_json
+from cycleml.training.summary import RUN_INFO, SUMMARY, read_json, remove_if_stub, write_json
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +128,7 @@ def move_into_run(stub: Path, run_dir: Path) -> None:
         root.removeHandler(handler)
         handler.close()
         root.addHandler(moved)
-    if stub.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in stub.iterdir()):
-        shutil.rmtree(stub)
+    remove_if_stub(stub)
 
 
 def new_run_id() -> str:

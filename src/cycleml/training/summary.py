@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -145,3 +146,15 @@ def _model_name(cfg: DictConfig) -> str | None:
         name = net.get("name")
         return name or _target_name(net)
     return _target_name(model)
+
+
+def remove_if_stub(folder: Path) -> bool:
+    """Remove a run folder that holds nothing of a run: only Hydra's ``.hydra/``, logs and
+    ``run_info.json`` (a launch that failed or moved on before writing any result)."""
+    if not folder.is_dir():
+        return False
+    stub_parts = {".hydra", RUN_INFO}
+    if all(p.name in stub_parts or p.suffix == ".log" for p in folder.iterdir()):
+        shutil.rmtree(folder)
+        return True
+    return False

@@ -22,8 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The data module of ``cfg.data`` with ``cfg.augment`` as its training transform."""
-    transform = hydra.utils.instantiate(cfg.augment) if cfg.get("augment") else None
+    """The data module of ``cfg.data`` with ``cfg.augment`` as its training transform;
+    baselines fit on the items as they are, so they get no augmentation (nor its checks)."""
+    augment = cfg.get("augment")
+    if augment and cfg.model.get("baseline"):
+        log.info("augment: not used by the baseline model %s", cfg.model.get("_target_"))
+        augment = None
+    transform = hydra.utils.instantiate(augment) if augment else None
     datamodule = hydra.utils.instantiate(cfg.data, train_transform=transform)
     datamodule.setup()
     return datamodule
@@ -52,6 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from cycleml.models.feature_cache import enable_feature_cache
     from cycleml.training.console import CONSOLE, configure_console
     from cycleml.training.interrupt import INTERRUPTED_EXIT, report_interrupt
     from cycleml.training.resume_config import config_for_resume, resume_overrides
@@ -94,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return run_baseline(cfg, datamodule)
 
     model = build_model(cfg, datamodule, info["run_id"])
+    enable_feature_cache(model.net)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
     loggers = instantiate_loggers(cfg.get("logger"), info["run_id"], quiet=not verbose)
