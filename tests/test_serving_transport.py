@@ -45,7 +45,7 @@ class QueueOnlyModel:
     def __init__(self) -> None:
         self.queue = RequestQueue(16, ArrivalRate())
 
-    def submit(self, rows: np.ndarray, deadline: float) -> WorkItem:
+    def submit(self, rows: np.ndarray, deadline: float, request_id: str | None = None) -> WorkItem:
         loop = asyncio.get_running_loop()
         item = WorkItem(inputs=rows, deadline=deadline, loop=loop, future=loop.create_future())
         assert self.queue.put(item)
