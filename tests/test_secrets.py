@@ -65,13 +65,11 @@ def test_password_is_neither_stored_nor_printed_when_the_database_fails(bundle, 
     )
     assert result.returncode != 0
     assert PASSWORD not in result.stdout + result.stderr
-    runs = list((tmp_path / "logs" / "predict" / "runs").iterdir())
-    assert len(runs) == 1
-    written = files_under(runs[0])
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        text = written[runs[0] / ".hydra" / name]
-        assert "someone:***@127.0.0.1:1/nodb" in text, name
-    leaked = [str(p) for p, text in written.items() if PASSWORD in text]
+    # the failed run wrote no result, so its folder (config and log) was removed; the
+    # redacted .hydra files of a run that stays are checked in the training test below
+    runs = tmp_path / "logs" / "predict" / "runs"
+    assert not runs.exists() or list(runs.iterdir()) == []
+    leaked = [str(p) for p, text in files_under(tmp_path).items() if PASSWORD in text]
     assert leaked == []
 
 

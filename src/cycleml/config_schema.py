@@ -166,7 +166,8 @@ TRAINER = _under(
 )
 
 _IMAGE = {
-    "image_size": either(integer(1), list_of(integer(1))),
+    # null: an image folder chooses the size from its images
+    "image_size": optional(either(integer(1), list_of(integer(1)))),
     "channels": choice(1, 3),
     "mean": list_of(number()),
     "std": list_of(positive()),
@@ -202,7 +203,8 @@ DATA = _under(
         "bad_rows": choice("error", "skip"),
         **_IMAGE,
         **_TEXT,
-        **_under("image", _IMAGE),
+        # the former spelling (data.image.*): null unless a user still sets it
+        **_under("image", {key: optional(rule) for key, rule in _IMAGE.items()}),
         **_under("text", _TEXT),
     },
 )
