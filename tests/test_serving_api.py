@@ -550,18 +550,24 @@ def test_disconnected_client_has_its_queued_work_cancelled(
         sock.close()
         await busy
 
-    before = batch_rows()
-    asyncio.run(scenario())
-    # wait for the event itself: the server counts the cancellation once it notices
-    deadline = time.monotonic() + 30
-    while True:
-        text = httpx.get(f"{slow_server.url}/metrics").text
-        cancelled = _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled")
-        if cancelled or time.monotonic() > deadline:
+    # A client that closes 5 ms after sending may close before the server has read its
+    # request at all (then nothing is queued and nothing is cancelled): try again then.
+    # An abandoned request that runs fails at once, whichever attempt it is.
+    for _attempt in range(3):
+        before = batch_rows()
+        asyncio.run(scenario())
+        # wait for the event itself: the server counts the cancellation once it notices
+        deadline = time.monotonic() + 10
+        while True:
+            text = httpx.get(f"{slow_server.url}/metrics").text
+            cancelled = _metric(text, "cycleml_rejected_total", model="slow", reason="cancelled")
+            if cancelled or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert batch_rows() - before == 8 * 4  # the abandoned request never ran
+        if cancelled:
             break
-        time.sleep(0.01)
     assert cancelled == 1
-    assert batch_rows() - before == 8 * 4  # the abandoned request never ran
 
 
 def test_body_size_limit(slow_server: RunningServer) -> None:
