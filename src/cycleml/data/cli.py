@@ -110,11 +110,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _diff_arguments(args: list[str]) -> list[str]:
-    """``A B`` (plain paths) → ``old=A new=B``; overrides, options and their values pass unchanged."""
-    return as_overrides(args, ["old", "new"])
-
-
 def main(argv: list[str] | None = None) -> None:
     picked = pick_command(
         list(sys.argv[1:] if argv is None else argv), SUBCOMMANDS, _usage(), "cycleml data"
@@ -123,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = picked
     if command == "diff":
-        rest = _diff_arguments(rest)
+        rest = as_overrides(rest, ["old", "new"])  # `diff A B` → old=A new=B
     app, _ = SUBCOMMANDS[command]
     sys.argv = [f"cycleml data {command}", *rest]
     app()
