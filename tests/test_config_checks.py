@@ -97,12 +97,21 @@ def test_misspelled_option_in_eval():
         check_overrides("eval", ["trainer=cpuu"])
 
 
+def test_a_group_set_to_null_says_how_to_leave_it_out(tmp_path):
+    # Hydra itself stops with a traceback ("Got NoneType")
+    result, _ = cycleml("train", "logger=null", cwd=tmp_path)
+    assert "logger=null" in one_line_error(result) and "~logger" in one_line_error(result)
+    with pytest.raises(ConfigError, match="callbacks=none"):
+        check_overrides("train", ["callbacks=null"])
+
+
 def test_valid_overrides_pass_the_hints():
     check_overrides(
         "train",
         [
             "model=resnet18",
-            "logger=null",
+            "~logger",
+            "callbacks=none",
             "model=cnn,resnet18",
             "+extra.key=1",
             "hydra/launcher=parallel",
