@@ -235,3 +235,16 @@ def test_baseline_run_is_not_exported_and_says_why(command, tmp_path):
     assert "scikit-learn baseline run" in line and "not exported to ONNX" in line
     assert "summary.json" in line
     assert cpu < ERROR_CPU_BOUND_S
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("clean.min_width=0", "clean.min_width=0: expected an integer >= 1"),
+        ("clean.checks.leakage=delete", "clean.checks.leakage='delete': expected one of"),
+        ("clean.hamming=64", "clean.hamming=64: expected"),
+    ],
+)
+def test_data_clean_settings_are_checked_before_the_data_is_read(override, expected, tmp_path):
+    result, _ = cycleml("data", "clean", "input=nowhere", override, cwd=tmp_path)
+    assert expected in one_line_error(result)

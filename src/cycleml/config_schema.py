@@ -362,6 +362,36 @@ DATA_COMMANDS = {
     "files": choice("copy", "hardlink", "symlink"),
     "limit": integer(0),
 }
+# `cycleml data clean`: the clean group's settings (CleanSettings checks them again)
+_POLICY = choice("drop", "quarantine", "keep")
+DATA_CLEAN = {
+    **DATA_COMMANDS,
+    **_under(
+        "clean",
+        {
+            **{
+                f"checks.{check}": _POLICY
+                for check in (
+                    "missing_label",
+                    "empty_text",
+                    "wrong_type",
+                    "out_of_range",
+                    "unreadable_image",
+                    "too_small",
+                    "exact_duplicate",
+                    "near_duplicate",
+                    "conflicting_label",
+                    "leakage",
+                )
+            },
+            "min_width": integer(1),
+            "min_height": integer(1),
+            "hamming": either(choice("auto"), integer(0, 63)),
+            "files": choice("hardlink", "copy"),
+            "examples": integer(0),
+        },
+    ),
+}
 
 # primary config name -> what its keys accept
 SCHEMAS: dict[str, dict[str, Rule]] = {
@@ -371,7 +401,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "predict": PREDICT,
     "serve": SERVE,
     "data_gather": DATA_COMMANDS,
-    "data_clean": DATA_COMMANDS,
+    "data_clean": DATA_CLEAN,
     "data_diff": DATA_COMMANDS,
 }
 
