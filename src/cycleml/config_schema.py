@@ -248,7 +248,9 @@ MODEL = _under(
 CALLBACKS = _under(
     "callbacks",
     {
-        "early_stopping.patience": integer(0),
+        "early_stopping.patience_fraction": number(0, 1),
+        "early_stopping.min_patience": integer(0),
+        "early_stopping.min_val_items": integer(0),
         "early_stopping.mode": choice("min", "max"),
         "early_stopping.min_delta": number(0),
         "model_checkpoint.mode": choice("min", "max"),
@@ -355,17 +357,14 @@ SERVE = {
     "monitoring.report_window": integer(1),
     "access_log": boolean(),
 }
-DATA_COMMANDS = {
-    "overwrite": boolean(),
-    "workers": optional(integer(1)),
-    "progress": boolean(),
-    "files": choice("copy", "hardlink", "symlink"),
-    "limit": integer(0),
-}
+# `cycleml data gather | clean | diff`
+_DATA_RUN = {"overwrite": boolean(), "workers": optional(integer(1)), "progress": boolean()}
+DATA_GATHER = {**_DATA_RUN, "files": choice("copy", "hardlink", "symlink")}
+DATA_DIFF = {"limit": integer(0)}
 # `cycleml data clean`: the clean group's settings (CleanSettings checks them again)
 _POLICY = choice("drop", "quarantine", "keep")
 DATA_CLEAN = {
-    **DATA_COMMANDS,
+    **_DATA_RUN,
     **_under(
         "clean",
         {
@@ -400,9 +399,9 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "export": EXPORT,
     "predict": PREDICT,
     "serve": SERVE,
-    "data_gather": DATA_COMMANDS,
+    "data_gather": DATA_GATHER,
     "data_clean": DATA_CLEAN,
-    "data_diff": DATA_COMMANDS,
+    "data_diff": DATA_DIFF,
 }
 
 
