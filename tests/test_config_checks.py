@@ -143,6 +143,9 @@ def _primary_options() -> list[tuple[str, list[str]]]:
         ("data_gather", []),
         ("data_clean", []),
         ("data_diff", ["old=a", "new=b"]),
+        ("compare", ["folder=logs"]),
+        ("monitor", []),
+        ("registry", []),
     ]
     return cases
 

@@ -391,6 +391,52 @@ DATA_CLEAN = {
         },
     ),
 }
+COMPARE = {
+    "folder": text("a folder of training runs or sweep trials"),
+    "sort": optional(text("a metric name")),
+    "ascending": boolean(),
+    "out": optional(text("a CSV file")),
+}
+MONITOR = {
+    "command": choice("report", "labels"),
+    "ref": optional(text("a model: name, name/version or name@alias")),
+    "db_url": text("an SQLAlchemy URL"),
+    "format": choice("text", "json"),
+    "input_format": optional(choice("csv", "tsv", "jsonl", "parquet")),
+    **_under(
+        "window",
+        {
+            "by": choice("count", "time"),
+            "size": integer(1),
+            "duration": text("a duration such as 1h, 30min or 1d"),
+            "last": optional(integer(1)),
+        },
+    ),
+    **_under(
+        "drift",
+        {
+            "alpha": number(0, 1, low_open=True, high_open=True),
+            "correction": choice("holm", "bonferroni"),
+            "large_window": integer(1),
+            "wasserstein_threshold": positive(),
+            "jensenshannon_threshold": number(0, 1, low_open=True),
+            "min_rows": integer(1),
+            "mmd_reference_rows": integer(2),
+            "mmd_window_rows": integer(2),
+            "mmd_permutations": integer(1),
+            "seed": integer(0),
+        },
+    ),
+}
+REGISTRY = {
+    "root": text("a registry folder"),
+    "db_url": optional(text("an SQLAlchemy URL")),
+    "format": choice("table", "json"),
+    "description": text(),
+    "tags": Rule("a mapping of tag names to values", _is_mapping),
+    "all": boolean(),
+    "reason": text(),
+}
 
 # primary config name -> what its keys accept
 SCHEMAS: dict[str, dict[str, Rule]] = {
@@ -402,6 +448,9 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "data_gather": DATA_GATHER,
     "data_clean": DATA_CLEAN,
     "data_diff": DATA_DIFF,
+    "compare": COMPARE,
+    "monitor": MONITOR,
+    "registry": REGISTRY,
 }
 
 
