@@ -176,7 +176,12 @@ def srm_test(
     expected = shares / shares.sum() * total
     if total == 0:
         return SrmResult(
-            {a: 0 for a in arms}, dict(zip(arms, expected.tolist())), 0.0, 1.0, alpha, False
+            {a: 0 for a in arms},
+            dict(zip(arms, expected.tolist(), strict=True)),
+            0.0,
+            1.0,
+            alpha,
+            False,
         )
     if np.any((expected == 0) & (observed > 0)):
         chi2, p_value = float("inf"), 0.0
@@ -188,8 +193,8 @@ def srm_test(
             result = chisquare(observed[keep], expected[keep])
             chi2, p_value = float(result.statistic), float(result.pvalue)
     return SrmResult(
-        counts={arm: int(c) for arm, c in zip(arms, observed)},
-        expected={arm: float(e) for arm, e in zip(arms, expected)},
+        counts={arm: int(c) for arm, c in zip(arms, observed, strict=True)},
+        expected={arm: float(e) for arm, e in zip(arms, expected, strict=True)},
         chi2=chi2,
         p_value=p_value,
         alpha=alpha,
@@ -399,7 +404,7 @@ def verdict(
     diffs = [c.difference if c.difference is not None else 0.0 for c in comparisons]
     codes = decide(chosen, diffs, level, higher_is_better)
     sign = 1 if higher_is_better else -1
-    winners = [c for c, code in zip(comparisons, codes) if code == "treatment_wins"]
+    winners = [c for c, code in zip(comparisons, codes, strict=True) if code == "treatment_wins"]
     if winners:
         best = max(winners, key=lambda c: sign * (c.difference or 0.0))
         return Verdict(
@@ -408,7 +413,7 @@ def verdict(
             f"{_p_of(best, test):.2g} < {level:.3g})",
             arm=best.treatment,
         )
-    losers = [c for c, code in zip(comparisons, codes) if code == "control_wins"]
+    losers = [c for c, code in zip(comparisons, codes, strict=True) if code == "control_wins"]
     if losers and len(losers) == len(comparisons):
         worst = min(losers, key=lambda c: sign * (c.difference or 0.0))
         return Verdict(
