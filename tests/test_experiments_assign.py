@@ -5,12 +5,25 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cycleml.experiments.assign import BUCKETS, Assigner, boundaries, bucket, pick_arm
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
+from test_predict_support import DATABASES, POSTGRES_URL
+from test_registry_support import postgres_schema_url
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh SQLite file, or a throw-away schema of the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ab.db'}"
+    else:
+        assert POSTGRES_URL
+        yield from postgres_schema_url(POSTGRES_URL)
 
 
 def spec(**changes: object) -> ExperimentSpec:
@@ -124,8 +137,8 @@ def test_spec_defaults_and_shorthand_unit() -> None:
     assert spec().unit == {"header": "x-user-id"}
 
 
-def test_store_start_ramp_stop_and_changes(tmp_path: Path) -> None:
-    store = ExperimentStore(f"sqlite:///{tmp_path / 'ab.db'}")
+def test_store_start_ramp_stop_and_changes(db_url: str) -> None:
+    store = ExperimentStore(db_url)
     started = store.start(spec(), source="config")
     assert started.revision == 1 and started.status == "running"
     assert started.created_at is not None and started.created_at.tzinfo is not None
@@ -148,8 +161,8 @@ def test_store_start_ramp_stop_and_changes(tmp_path: Path) -> None:
     assert [s.name for s in store.list()] == ["new-digits"]
 
 
-def test_store_refuses_bad_changes(tmp_path: Path) -> None:
-    store = ExperimentStore(f"sqlite:///{tmp_path / 'ab.db'}")
+def test_store_refuses_bad_changes(db_url: str) -> None:
+    store = ExperimentStore(db_url)
     store.start(spec(), source="config")
     with pytest.raises(ExperimentError, match="already has the running experiment 'new-digits'"):
         store.start(spec(name="second"), source="admin")
@@ -164,3 +177,19 @@ def test_store_refuses_bad_changes(tmp_path: Path) -> None:
     store.stop("new-digits", source="admin")
     # once stopped, another experiment may take the model
     assert store.start(spec(name="second"), source="admin").status == "running"
+
+
+def test_configured_experiment_keeps_its_ramps_across_restarts(db_url: str) -> None:
+    store = ExperimentStore(db_url)
+    assert store.ensure(spec(), source="config").revision == 1
+    store.ramp("new-digits", {"treatment": 0.3}, source="cli")
+    # a restart with the same configuration keeps the ramp
+    kept = ExperimentStore(db_url).ensure(spec(), source="config")
+    assert kept.weights == {"control": 0.9, "treatment": 0.3} and kept.revision == 2
+    store.stop("new-digits", source="cli")
+    assert store.ensure(spec(), source="config").status == "stopped"
+    # a changed setup (another salt) is an update from the configuration
+    changed = store.ensure(spec(salt="s2"), source="config")
+    assert changed.status == "running" and changed.salt == "s2"
+    assert store.changes("new-digits")[-1]["action"] == "start"
+    assert store.changes("new-digits")[-1]["note"] == "configuration changed"

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, exc, select, update
 
 from cycleml.db import open_database, utc_now
 from cycleml.errors import CycleMLError
@@ -236,6 +236,16 @@ class ExperimentSpec:
         )
 
 
+def _same_definition(a: ExperimentSpec, b: ExperimentSpec) -> bool:
+    return (a.model, dict(a.arms), dict(a.unit), a.salt, a.mode) == (
+        b.model,
+        dict(b.arms),
+        dict(b.unit),
+        b.salt,
+        b.mode,
+    )
+
+
 def _spec_from_row(row: Any) -> ExperimentSpec:
     created = row.created_at
     updated = row.updated_at
@@ -346,6 +356,26 @@ class ExperimentStore:
                 )
             self._record(conn, spec.name, now, source, action, before, dict(spec.weights), note)
         return self.get(spec.name)
+
+    def ensure(self, spec: ExperimentSpec, source: str = "config") -> ExperimentSpec:
+        """Store a configured experiment when a server starts. A new one is started; one
+        stored with the same setup (model, arms, unit, salt, mode) stays as stored, so
+        its ramps and its stop survive restarts; one whose setup changed is updated
+        (and runs)."""
+        for attempt in range(2):
+            try:
+                current = self.get(spec.name)
+            except ExperimentError:
+                try:
+                    return self.start(spec, source)
+                except exc.IntegrityError:  # another process stored it meanwhile
+                    if attempt:
+                        raise
+                    continue
+            if _same_definition(current, spec):
+                return current
+            return self.start(spec, source, note="configuration changed")
+        raise AssertionError("unreachable")
 
     def ramp(
         self, name: str, weights: Mapping[str, float], source: str, note: str = ""
