@@ -237,3 +237,53 @@ def test_report_without_events_says_so(tmp_path: Path):
     assert report["verdict"]["code"] == "no_difference_yet"
     write_experiment_report(report, tmp_path / "out")  # plots of empty rates draw
     store.close()
+
+
+def test_shadow_mode_compares_accuracy_on_the_mirrored_requests(tmp_path):
+    from cycleml.db import open_database
+    from cycleml.monitoring.tables import predictions
+
+    url = f"sqlite:///{tmp_path / 'project.db'}"
+    store = ExperimentStore(url)
+    spec = start(store, "shadow-test", mode="shadow")
+    assigner = Assigner(spec.salt, spec.name, spec.weights)
+    calls, logged = [], []
+    for i in range(600):
+        unit, at = f"user-{i}", T0 + dt.timedelta(seconds=i)
+        mirrored = assigner.assign(unit) == "treatment"
+        row = {"request_id": f"s{i}", "experiment": spec.name, "arm": "control", "unit": unit,
+               "model": "digits", "version": "1", "mode": "split", "logged_at": at,
+               "status_code": 200, "latency_ms": 10.0}  # fmt: skip
+        calls.append(row)
+        # the control is right on every third request, the treatment on all
+        logged.append({"request_id": f"s{i}", "predicted_label": "a" if i % 3 == 0 else "b"})
+        if mirrored:
+            calls.append({**row, "request_id": f"s{i}:shadow", "arm": "treatment",
+                          "version": "2", "mode": "shadow", "latency_ms": 30.0})  # fmt: skip
+            logged.append({"request_id": f"s{i}:shadow", "predicted_label": "a"})
+    engine = open_database(url, create=[predictions])
+    with engine.begin() as conn:
+        conn.execute(assignments.insert(), calls)
+        conn.execute(predictions.insert(), [
+            {**row, "logged_at": T0, "model": "digits", "version": "1", "predicted_class": 0,
+             "probabilities": b"", "features": {},
+             "label": None if row["request_id"].endswith(":shadow") else "a",
+             "labeled_at": None if row["request_id"].endswith(":shadow") else T0}
+            for row in logged
+        ])  # fmt: skip
+    engine.dispose()
+    report = build_report(store, spec.name)
+    store.close()
+    assert report["metric"]["event"] == "accuracy"
+    assert any("shadow mode" in note for note in report["notes"])
+    arms = report["arms"]
+    mirrored_units = arms["treatment"]["units"]
+    assert 240 < mirrored_units < 360 and arms["control"]["units"] == 600 - mirrored_units
+    # both arms judged on the same mirrored requests
+    assert arms["treatment"]["trials"] == arms["control"]["trials"] == mirrored_units
+    assert arms["treatment"]["rate"] == 1.0 and 0.25 < arms["control"]["rate"] < 0.42
+    assert report["verdict"]["code"] == "treatment_wins"
+    assert not report["srm"]["mismatch"]
+    # the mirrored calls are 3x slower: a guardrail breach, noted in the verdict
+    assert report["guardrails"]["arms"]["treatment"]["p99_latency_ms"] == 30.0
+    assert "guardrails are breached" in report["verdict"]["text"]
