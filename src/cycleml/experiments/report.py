@@ -693,8 +693,8 @@ def _figure(report: dict[str, Any]) -> Any:
         with np.errstate(divide="ignore", invalid="ignore"):
             rate = np.where(n > 0, x / n, np.nan)
             half = 1.96 * np.sqrt(rate * (1 - rate) / n)
-        left.plot(ends, rate, marker="o", markersize=3, label=arm)
-        left.fill_between(ends, rate - half, rate + half, alpha=0.15)
+        (line,) = left.plot(ends, rate, marker="o", markersize=3, label=arm)
+        left.fill_between(ends, rate - half, rate + half, alpha=0.15, color=line.get_color())
     left.set(title=f"cumulative {report['metric']['name']}", xlabel="time (UTC)")
     left.legend(fontsize=8)
     alpha = report["settings"]["alpha"]
