@@ -5,6 +5,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
+    .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -21,6 +22,9 @@ For each model it prints:
   alternate which goes first, and the median ratio of their throughputs;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
   SQLite) and with the log off, measured the same way;
+* the experiment row: `cycleml serve` with an A/B experiment on the model (every
+  request carries a unit id, is assigned an arm and gets an assignment row written to
+  SQLite) and without one, measured the same way;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -261,7 +265,7 @@ def _mean(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 
 # -- requests --------------------------------------------------------------------------------
-def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
+def binary_request(port: int, model: str, pixels: np.ndarray, unit: str | None = None) -> bytes:
     header = json.dumps(
         {
             "inputs": [
@@ -284,6 +288,7 @@ def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
         {
             "Inference-Header-Content-Length": str(len(header)),
             "Content-Type": "application/octet-stream",
+            **({} if unit is None else {"X-User-Id": unit}),
         },
     )
 
@@ -389,13 +394,19 @@ def compare_in_turns(
     concurrency: int,
     seconds: float,
     turns: int,
+    units: bool = False,
 ) -> float:
     """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
     against the second), binary tensors at one concurrency, in close turns that
-    alternate which goes first; the median of the turns' throughput ratios."""
+    alternate which goes first; the median of the turns' throughput ratios. ``units``:
+    every request carries a unit id (header X-User-Id), to both servers alike."""
     first, second = ports
     requests = {
-        name: [binary_request(port, model, p) for p in pixels] for name, port in ports.items()
+        name: [
+            binary_request(port, model, p, f"user-{i}" if units else None)
+            for i, p in enumerate(pixels)
+        ]
+        for name, port in ports.items()
     }
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
@@ -443,7 +454,9 @@ def two_servers_row(
     """Two `cycleml serve` processes with the overrides of ``variants`` (name → its
     overrides; the first measured against the second), in turns."""
     meta = load_bundle(bundle).meta
-    pixels = samples(tuple(meta.input.shape[1:]))
+    units = any("experiments" in o for overrides in variants.values() for o in overrides)
+    # many units: each request is assigned by its own hash
+    pixels = samples(tuple(meta.input.shape[1:]), 256 if units else 16)
     ports = {name: free_port() for name in variants}
     first, second = (
         serve_command(bundle, ports[name], workdir, overrides)
@@ -451,10 +464,12 @@ def two_servers_row(
     )
     a, b = ports.values()
     with running(first, a, workdir), running(second, b, workdir):
-        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
+        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units)
 
 
-def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def protocol_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
     """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
     uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
     path answers inference in both): own / uvicorn's. The layer stays only while this
@@ -465,7 +480,7 @@ def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, li
     }
 
 
-def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def logging_variants(serve_overrides: list[str], workdir: Path, model: str) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
     target is >= 0.95 (docs/serving.md, Prediction log)."""
@@ -481,8 +496,33 @@ def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, lis
     }
 
 
+def experiment_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
+    """`cycleml serve` with an A/B experiment on the model (two arms, 50/50 by the
+    X-User-Id header; both arms are the one served version, so the row measures
+    routing, assignment and the assignment rows, not a second model) against the same
+    server without one: on / off. The target is >= 0.97."""
+    db_url = f"sqlite:///{workdir / 'bench-experiments.db'}"
+    return {
+        "experiment on": [
+            *serve_overrides,
+            f"monitoring.db_url={db_url}",
+            f"+experiments.bench.model={model}",
+            f"+experiments.bench.arms.control={model}",
+            f"+experiments.bench.arms.treatment={model}/1",
+            "+experiments.bench.unit.header=X-User-Id",
+        ],
+        "experiment off": [*serve_overrides, f"monitoring.db_url={db_url}"],
+    }
+
+
 # figure -> the two server configurations it compares
-TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
+TWO_SERVER_ROWS = {
+    "protocol_vs_uvicorn": protocol_variants,
+    "logging_vs_off": logging_variants,
+    "experiment_vs_off": experiment_variants,
+}
 
 
 def bench_model(
@@ -550,7 +590,7 @@ def bench_model(
             bundle,
             workdir,
             seconds,
-            variants(serve_overrides, workdir),
+            variants(serve_overrides, workdir, meta.name),
             best_concurrency,
             2 * rounds - 1,
         )
@@ -627,10 +667,16 @@ def main() -> None:
         "with the log off, in turns at --concurrency clients",
     )
     parser.add_argument(
+        "--experiments-only",
+        action="store_true",
+        help="only the A/B experiment row: cycleml serve with an experiment on the model "
+        "and without, in turns at --concurrency clients (the digits model)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=64,
-        help="clients of --protocols-only and --logging-only",
+        help="clients of --protocols-only, --logging-only and --experiments-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -644,7 +690,11 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
+            only = {
+                "protocol_vs_uvicorn": args.protocols_only,
+                "logging_vs_off": args.logging_only,
+                "experiment_vs_off": args.experiments_only,
+            }
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
                 results[name] = {
@@ -652,7 +702,9 @@ def main() -> None:
                         bundle,
                         workdir,
                         seconds,
-                        TWO_SERVER_ROWS[figure](args.serve.split(), workdir),
+                        TWO_SERVER_ROWS[figure](
+                            args.serve.split(), workdir, load_bundle(bundle).meta.name
+                        ),
                         args.concurrency,
                         2 * args.rounds - 1,
                     )
