@@ -316,14 +316,29 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
     return [rng.integers(0, 256, (1, *shape), dtype=np.uint8) for _ in range(count)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_closed(
-    port: int, requests: list[bytes], concurrency: int, seconds: float, with_batches: bool
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    seconds: float,
+    with_batches: bool,
+    pid: int | None = None,
 ) -> dict[str, float]:
+    """A closed-loop run; ``pid``: also the server's CPU milliseconds per request."""
     run(closed_loop(HOST, port, requests, concurrency, min(seconds, 0.5)))  # warm
     names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
     before = [histogram_totals(port, name) for name in names]
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     results = run(closed_loop(HOST, port, requests, concurrency, seconds))
     row = summarize(results)
+    if pid is not None:
+        row["cpu_ms"] = (cpu_seconds(pid) - cpu_before) * 1000.0 / max(row["requests"], 1)
     if with_batches:
         after = [histogram_totals(port, name) for name in names]
         row["mean_batch"] = _mean(before[0], after[0])
@@ -395,11 +410,14 @@ def compare_in_turns(
     seconds: float,
     turns: int,
     units: bool = False,
+    pids: dict[str, int] | None = None,
 ) -> float:
     """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
     against the second), binary tensors at one concurrency, in close turns that
     alternate which goes first; the median of the turns' throughput ratios. ``units``:
-    every request carries a unit id (header X-User-Id), to both servers alike."""
+    every request carries a unit id (header X-User-Id), to both servers alike.
+    ``pids``: also each server's CPU time per request, and the median of its ratios
+    (less sensitive than throughput to other load on a shared machine)."""
     first, second = ports
     requests = {
         name: [
@@ -410,21 +428,38 @@ def compare_in_turns(
     }
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
+    cpu_ratios = []
     for turn in range(turns):
         order = (first, second) if turn % 2 == 0 else (second, first)
         rows = {
-            name: measure_closed(ports[name], requests[name], concurrency, seconds, False)
+            name: measure_closed(
+                ports[name], requests[name], concurrency, seconds, False, (pids or {}).get(name)
+            )
             for name in order
         }
         ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
+        cpu = ""
+        if pids:
+            cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
+            cpu = (
+                f"; CPU {rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
+                f"({cpu_ratios[-1]:.3f}x)"
+            )
         print(
             f"    turn {turn + 1}: {first} {rows[first]['rps']:.0f} req/s "
             f"(p50 {rows[first]['p50_ms']:.2f} ms), {second} {rows[second]['rps']:.0f} "
-            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
+            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x{cpu}; "
+            f"load average {_load()}",
             flush=True,
         )
     ratio = float(np.median(ratios))
     print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
+    if cpu_ratios:
+        print(
+            f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
+            f"{second} (median of {turns} turns)",
+            flush=True,
+        )
     return ratio
 
 
@@ -463,8 +498,9 @@ def two_servers_row(
         for name, overrides in variants.items()
     )
     a, b = ports.values()
-    with running(first, a, workdir), running(second, b, workdir):
-        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units)
+    with running(first, a, workdir) as one, running(second, b, workdir) as two:
+        pids = dict(zip(variants, (one.pid, two.pid), strict=True))
+        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units, pids)
 
 
 def protocol_variants(
