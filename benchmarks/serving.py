@@ -5,6 +5,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
+    .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -21,6 +22,9 @@ For each model it prints:
   alternate which goes first, and the median ratio of their throughputs;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
   SQLite) and with the log off, measured the same way;
+* the experiment row: `cycleml serve` with an A/B experiment on the model (every
+  request carries a unit id, is assigned an arm and gets an assignment row written to
+  SQLite) and without one, measured the same way;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -261,7 +265,7 @@ def _mean(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 
 # -- requests --------------------------------------------------------------------------------
-def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
+def binary_request(port: int, model: str, pixels: np.ndarray, unit: str | None = None) -> bytes:
     header = json.dumps(
         {
             "inputs": [
@@ -284,6 +288,7 @@ def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
         {
             "Inference-Header-Content-Length": str(len(header)),
             "Content-Type": "application/octet-stream",
+            **({} if unit is None else {"X-User-Id": unit}),
         },
     )
 
@@ -311,14 +316,29 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
     return [rng.integers(0, 256, (1, *shape), dtype=np.uint8) for _ in range(count)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_closed(
-    port: int, requests: list[bytes], concurrency: int, seconds: float, with_batches: bool
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    seconds: float,
+    with_batches: bool,
+    pid: int | None = None,
 ) -> dict[str, float]:
+    """A closed-loop run; ``pid``: also the server's CPU milliseconds per request."""
     run(closed_loop(HOST, port, requests, concurrency, min(seconds, 0.5)))  # warm
     names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
     before = [histogram_totals(port, name) for name in names]
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     results = run(closed_loop(HOST, port, requests, concurrency, seconds))
     row = summarize(results)
+    if pid is not None:
+        row["cpu_ms"] = (cpu_seconds(pid) - cpu_before) * 1000.0 / max(row["requests"], 1)
     if with_batches:
         after = [histogram_totals(port, name) for name in names]
         row["mean_batch"] = _mean(before[0], after[0])
@@ -389,31 +409,57 @@ def compare_in_turns(
     concurrency: int,
     seconds: float,
     turns: int,
+    units: bool = False,
+    pids: dict[str, int] | None = None,
 ) -> float:
     """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
     against the second), binary tensors at one concurrency, in close turns that
-    alternate which goes first; the median of the turns' throughput ratios."""
+    alternate which goes first; the median of the turns' throughput ratios. ``units``:
+    every request carries a unit id (header X-User-Id), to both servers alike.
+    ``pids``: also each server's CPU time per request, and the median of its ratios
+    (less sensitive than throughput to other load on a shared machine)."""
     first, second = ports
     requests = {
-        name: [binary_request(port, model, p) for p in pixels] for name, port in ports.items()
+        name: [
+            binary_request(port, model, p, f"user-{i}" if units else None)
+            for i, p in enumerate(pixels)
+        ]
+        for name, port in ports.items()
     }
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
+    cpu_ratios = []
     for turn in range(turns):
         order = (first, second) if turn % 2 == 0 else (second, first)
         rows = {
-            name: measure_closed(ports[name], requests[name], concurrency, seconds, False)
+            name: measure_closed(
+                ports[name], requests[name], concurrency, seconds, False, (pids or {}).get(name)
+            )
             for name in order
         }
         ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
+        cpu = ""
+        if pids:
+            cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
+            cpu = (
+                f"; CPU {rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
+                f"({cpu_ratios[-1]:.3f}x)"
+            )
         print(
             f"    turn {turn + 1}: {first} {rows[first]['rps']:.0f} req/s "
             f"(p50 {rows[first]['p50_ms']:.2f} ms), {second} {rows[second]['rps']:.0f} "
-            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
+            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x{cpu}; "
+            f"load average {_load()}",
             flush=True,
         )
     ratio = float(np.median(ratios))
     print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
+    if cpu_ratios:
+        print(
+            f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
+            f"{second} (median of {turns} turns)",
+            flush=True,
+        )
     return ratio
 
 
@@ -443,18 +489,23 @@ def two_servers_row(
     """Two `cycleml serve` processes with the overrides of ``variants`` (name → its
     overrides; the first measured against the second), in turns."""
     meta = load_bundle(bundle).meta
-    pixels = samples(tuple(meta.input.shape[1:]))
+    units = any("experiments" in o for overrides in variants.values() for o in overrides)
+    # many units: each request is assigned by its own hash
+    pixels = samples(tuple(meta.input.shape[1:]), 256 if units else 16)
     ports = {name: free_port() for name in variants}
     first, second = (
         serve_command(bundle, ports[name], workdir, overrides)
         for name, overrides in variants.items()
     )
     a, b = ports.values()
-    with running(first, a, workdir), running(second, b, workdir):
-        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
+    with running(first, a, workdir) as one, running(second, b, workdir) as two:
+        pids = dict(zip(variants, (one.pid, two.pid), strict=True))
+        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units, pids)
 
 
-def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def protocol_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
     """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
     uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
     path answers inference in both): own / uvicorn's. The layer stays only while this
@@ -465,7 +516,7 @@ def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, li
     }
 
 
-def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def logging_variants(serve_overrides: list[str], workdir: Path, model: str) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
     target is >= 0.95 (docs/serving.md, Prediction log)."""
@@ -481,8 +532,33 @@ def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, lis
     }
 
 
+def experiment_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
+    """`cycleml serve` with an A/B experiment on the model (two arms, 50/50 by the
+    X-User-Id header; both arms are the one served version, so the row measures
+    routing, assignment and the assignment rows, not a second model) against the same
+    server without one: on / off. The target is >= 0.97."""
+    db_url = f"sqlite:///{workdir / 'bench-experiments.db'}"
+    return {
+        "experiment on": [
+            *serve_overrides,
+            f"monitoring.db_url={db_url}",
+            f"+experiments.bench.model={model}",
+            f"+experiments.bench.arms.control={model}",
+            f"+experiments.bench.arms.treatment={model}/1",
+            "+experiments.bench.unit.header=X-User-Id",
+        ],
+        "experiment off": [*serve_overrides, f"monitoring.db_url={db_url}"],
+    }
+
+
 # figure -> the two server configurations it compares
-TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
+TWO_SERVER_ROWS = {
+    "protocol_vs_uvicorn": protocol_variants,
+    "logging_vs_off": logging_variants,
+    "experiment_vs_off": experiment_variants,
+}
 
 
 def bench_model(
@@ -550,7 +626,7 @@ def bench_model(
             bundle,
             workdir,
             seconds,
-            variants(serve_overrides, workdir),
+            variants(serve_overrides, workdir, meta.name),
             best_concurrency,
             2 * rounds - 1,
         )
@@ -627,10 +703,16 @@ def main() -> None:
         "with the log off, in turns at --concurrency clients",
     )
     parser.add_argument(
+        "--experiments-only",
+        action="store_true",
+        help="only the A/B experiment row: cycleml serve with an experiment on the model "
+        "and without, in turns at --concurrency clients (the digits model)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=64,
-        help="clients of --protocols-only and --logging-only",
+        help="clients of --protocols-only, --logging-only and --experiments-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -644,7 +726,11 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
+            only = {
+                "protocol_vs_uvicorn": args.protocols_only,
+                "logging_vs_off": args.logging_only,
+                "experiment_vs_off": args.experiments_only,
+            }
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
                 results[name] = {
@@ -652,7 +738,9 @@ def main() -> None:
                         bundle,
                         workdir,
                         seconds,
-                        TWO_SERVER_ROWS[figure](args.serve.split(), workdir),
+                        TWO_SERVER_ROWS[figure](
+                            args.serve.split(), workdir, load_bundle(bundle).meta.name
+                        ),
                         args.concurrency,
                         2 * args.rounds - 1,
                     )
