@@ -5,6 +5,7 @@ stable assignment across servers and restarts, outcome events, and bad input."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import statistics
@@ -171,6 +172,9 @@ def test_units_get_their_arm_and_answers_name_arm_and_version(
         (assigner.assign(unit), unit, ARM_VERSION[assigner.assign(unit)], "split", 200)
     ]
     assert rows[0].latency_ms > 0
+    # written as UTC (SQLite hands it back without the zone)
+    logged = rows[0].logged_at.replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - logged).total_seconds()) < 120
 
 
 def test_every_request_is_logged_and_requests_without_unit_are_random(
@@ -416,14 +420,16 @@ def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
         "mode": "shadow",
         "weights": {"control": 0, "treatment": 1},  # every unit is mirrored
     }
-    serve = _serve(root, db_url, experiments={"shadow": shadow}, batching={"max_batch_size": 4})
+    serve = _serve(root, db_url, experiments={"shadow": shadow}, batching={"max_batch_size": 16})
+    # 16 rows a request: under a millisecond for control, far longer for the treatment
+    rows = np.random.default_rng(5).integers(0, 256, (16, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     latencies = []
     with RunningServer(serve) as running, httpx.Client(base_url=running.url) as client:
         for index in range(12):
             started = time.perf_counter()
             reply = client.post(
                 "/v2/models/shapes/infer",
-                json=v2_body(PIXELS),
+                json=v2_body(rows),
                 headers={"X-User-Id": f"u{index}", "X-Request-Id": f"sh-{index}"},
             )
             latencies.append(time.perf_counter() - started)
@@ -437,7 +443,7 @@ def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
         for _ in range(3):
             started = time.perf_counter()
             assert (
-                client.post("/v2/models/shapes/versions/2/infer", json=v2_body(PIXELS)).status_code
+                client.post("/v2/models/shapes/versions/2/infer", json=v2_body(rows)).status_code
                 == 200
             )
             slow.append(time.perf_counter() - started)
