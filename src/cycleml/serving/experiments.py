@@ -420,6 +420,19 @@ class ExperimentRouter:
         ConfigError naming it (the server does not start)."""
         if not self.wanted:
             return
+        if not self.settings.experiments:
+            # only the prediction log's database: a database down at start-up must not
+            # stop the server; the admin routes open the store when they are used
+            try:
+                self.open_store()
+                self.refresh()
+            except Exception as err:
+                log.warning(
+                    "experiments: cannot read them from %s (%s); none are routed",
+                    safe_url(str(self.db_url)),
+                    err,
+                )
+            return
         store = self.open_store()
         for name, values in self.settings.experiments.items():
             spec = ExperimentSpec.from_dict(values, name=name)
