@@ -5,6 +5,7 @@ stable assignment across servers and restarts, outcome events, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -27,6 +28,8 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving import app as serving_app
 from cycleml.serving.app import create_app
+from test_predict_support import DATABASES, POSTGRES_URL
+from test_registry_support import postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
@@ -114,13 +117,23 @@ def _wait_rows(db_url: str, count: int, timeout_s: float = 20.0, **where: Any) -
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('ab-db') / 'project.db'}"
-    serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
-    with RunningServer(serve) as running:
-        running.db_url = db_url
-        yield running
+@pytest.fixture(scope="module", params=DATABASES)
+def server(
+    request: pytest.FixtureRequest, registry_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """A server with the experiment configured; its database SQLite or PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            db_url = f"sqlite:///{tmp_path_factory.mktemp('ab-db') / 'project.db'}"
+        else:
+            assert POSTGRES_URL
+            db_url = stack.enter_context(
+                contextlib.contextmanager(postgres_schema_url)(POSTGRES_URL)
+            )
+        serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+        with RunningServer(serve) as running:
+            running.db_url = db_url
+            yield running
 
 
 @pytest.fixture
@@ -480,3 +493,19 @@ def test_bad_experiment_configs_are_refused_at_load(registry_root: Path, tmp_pat
     finally:
         state.experiments.close()
         state.repository.close()
+
+
+def test_admin_routes_need_a_key_when_auth_is_on(
+    registry_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AB_TEST_KEYS", "secret-key")
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    serve = _serve(registry_root, db_url, auth={"enabled": True, "keys_env": "AB_TEST_KEYS"})
+    with RunningServer(serve) as running:
+        assert httpx.get(f"{running.url}/v1/experiments").status_code == 401
+        assert httpx.put(f"{running.url}/v1/experiments/e", json=SPEC).status_code == 401
+        key = {"Authorization": "Bearer secret-key"}
+        started = httpx.put(f"{running.url}/v1/experiments/e", json=SPEC, headers=key)
+        assert started.status_code == 200, started.text
+        listed = httpx.get(f"{running.url}/v1/experiments", headers=key).json()
+        assert [(e["name"], e["routed"]) for e in listed["experiments"]] == [("e", True)]
