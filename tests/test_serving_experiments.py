@@ -35,10 +35,13 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
     RunningServer,
     binary_body,
     export_image_bundle,
+    free_port,
     image_bundle_fixture,
     image_bundle_v2_fixture,
+    server_process,
     settings,
     v2_body,
+    wait_ready,
 )
 
 PIXELS = np.random.default_rng(11).integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -509,3 +512,36 @@ def test_admin_routes_need_a_key_when_auth_is_on(
         assert started.status_code == 200, started.text
         listed = httpx.get(f"{running.url}/v1/experiments", headers=key).json()
         assert [(e["name"], e["routed"]) for e in listed["experiments"]] == [("e", True)]
+
+
+@pytest.mark.slow
+def test_cycleml_serve_processes_agree_and_keep_arms_across_a_restart(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    """Real `cycleml serve` processes, the experiment given as config overrides."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    overrides = [
+        f"monitoring.db_url={db_url}",
+        "access_log=false",
+        "+experiments.ab.model=shapes",
+        '+experiments.ab.arms.control="shapes@champion"',
+        '+experiments.ab.arms.treatment="shapes/2"',
+        "+experiments.ab.salt=s1",
+    ]
+    units = [f"proc-{i}" for i in range(16)]
+
+    def arms(port: int) -> list[str]:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=120)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            return [_infer(http, u).headers["x-experiment-arm"] for u in units]
+
+    expected = Assigner("s1", "ab", {"control": 1.0, "treatment": 1.0})
+    want = [expected.assign(u) for u in units]
+    one, two = free_port(), free_port()
+    with (
+        server_process(registry_root, one, *overrides),
+        server_process(registry_root, two, *overrides),
+    ):
+        assert arms(one) == arms(two) == want
+    with server_process(registry_root, one, *overrides):
+        assert arms(one) == want
