@@ -46,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cycleml.experiments.store import ExperimentStore
 from cycleml.inference import Predictor, load_bundle
+from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
 from cycleml.serving.served_model import SERVING_SESSION_CONFIG
 
@@ -171,6 +173,7 @@ import sys, json, numpy as np, uvicorn
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from cycleml.experiments.store import ExperimentStore
 from cycleml.inference import Predictor, load_bundle
 predictor = Predictor(load_bundle(sys.argv[1]))
 shape = predictor.input_shape[1:]
@@ -429,6 +432,7 @@ def compare_in_turns(
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
     cpu_ratios = []
+    cpu_by_name: dict[str, list[float]] = {}
     for turn in range(turns):
         order = (first, second) if turn % 2 == 0 else (second, first)
         rows = {
@@ -440,6 +444,8 @@ def compare_in_turns(
         ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
         cpu = ""
         if pids:
+            for name in ports:
+                cpu_by_name.setdefault(name, []).append(rows[name]["cpu_ms"])
             cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
             cpu = (
                 f"; CPU {rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
@@ -455,12 +461,70 @@ def compare_in_turns(
     ratio = float(np.median(ratios))
     print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
     if cpu_ratios:
+        for name in ports:
+            CPU_MS_PER_REQUEST[name] = float(np.median(cpu_by_name[name]))
         print(
             f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
             f"{second} (median of {turns} turns)",
             flush=True,
         )
     return ratio
+
+
+# server name -> its median CPU milliseconds per request in the latest two-server row
+CPU_MS_PER_REQUEST: dict[str, float] = {}
+
+
+def experiment_path_us(workdir: Path, requests: int = 50_000) -> float:
+    """CPU microseconds per request of what an experiment adds to a request, in this
+    process: the routing decision (unit id from the headers, SHA-256 assignment), the
+    assignment row buffered, and the writer thread's share (rows written to SQLite)."""
+    from cycleml.experiments.store import ExperimentSpec
+    from cycleml.serving.experiments import ActiveExperiment, AssignmentLog, Target
+    from cycleml.serving.metrics import ServingMetrics
+
+    spec = ExperimentSpec.from_dict(
+        {"model": "m", "arms": {"control": "m", "treatment": "m/1"}}, name="bench"
+    )
+    experiment = ActiveExperiment(
+        spec, {"control": Target("m", None), "treatment": Target("m", "1")}
+    )
+    router = ExperimentRouter.__new__(ExperimentRouter)
+    router.active = {"m": experiment}
+    store = ExperimentStore(f"sqlite:///{workdir / 'bench-experiment-path.db'}")
+    router.log = AssignmentLog(store, ServingMetrics())
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"content-length", b"420"),
+        (b"inference-header-content-length", b"164"),
+        (b"content-type", b"application/octet-stream"),
+    ]
+    scopes = [{"headers": [*headers, (b"x-user-id", f"user-{i}".encode())]} for i in range(256)]
+    started = time.process_time()
+    for index in range(requests):
+        routed = router.route("m", scopes[index % 256])
+        assert routed is not None
+        router.record(routed, f"bench-{index}", "m", "1", 200, 0.001)
+    router.log.flush(timeout=60)
+    used = time.process_time() - started
+    router.log.close()
+    store.close()
+    return used / requests * 1e6
+
+
+def report_experiment_path(workdir: Path) -> float:
+    """Print (and return) the experiment path's CPU per request as a share of the CPU
+    per request of the server without an experiment, from the latest experiment row."""
+    cost_us = experiment_path_us(workdir)
+    server_ms = CPU_MS_PER_REQUEST.get("experiment off", float("nan"))
+    share = cost_us / 1000.0 / server_ms
+    print(
+        f"  in this process, routing + assignment + its row cost {cost_us:.1f} us of CPU per "
+        f"request = {share:.1%} of the CPU per request of the server without an experiment "
+        f"({server_ms:.3f} ms); load average {_load()}",
+        flush=True,
+    )
+    return share
 
 
 def _load() -> str:
@@ -633,6 +697,8 @@ def bench_model(
         for figure, variants in TWO_SERVER_ROWS.items()
     }
 
+    two_server_figures["experiment_path_share"] = report_experiment_path(workdir)
+
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
     again, _ = in_process(bundle, (int(best.rsplit(" ", 1)[1]),), seconds / 2)
@@ -747,6 +813,8 @@ def main() -> None:
                     for figure, wanted in only.items()
                     if wanted
                 }
+                if args.experiments_only:
+                    results[name]["experiment_path_share"] = report_experiment_path(workdir)
                 continue
             results[name] = bench_model(
                 name, bundle, workdir, seconds, args.serve.split(), args.rounds

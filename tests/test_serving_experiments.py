@@ -5,6 +5,8 @@ stable assignment across servers and restarts, outcome events, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import re
 import statistics
@@ -26,15 +28,20 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving import app as serving_app
 from cycleml.serving.app import create_app
+from test_predict_support import DATABASES, POSTGRES_URL
+from test_registry_support import postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
     binary_body,
     export_image_bundle,
+    free_port,
     image_bundle_fixture,
     image_bundle_v2_fixture,
+    server_process,
     settings,
     v2_body,
+    wait_ready,
 )
 
 PIXELS = np.random.default_rng(11).integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
@@ -113,13 +120,23 @@ def _wait_rows(db_url: str, count: int, timeout_s: float = 20.0, **where: Any) -
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def server(registry_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    db_url = f"sqlite:///{tmp_path_factory.mktemp('ab-db') / 'project.db'}"
-    serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
-    with RunningServer(serve) as running:
-        running.db_url = db_url
-        yield running
+@pytest.fixture(scope="module", params=DATABASES)
+def server(
+    request: pytest.FixtureRequest, registry_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """A server with the experiment configured; its database SQLite or PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            db_url = f"sqlite:///{tmp_path_factory.mktemp('ab-db') / 'project.db'}"
+        else:
+            assert POSTGRES_URL
+            db_url = stack.enter_context(
+                contextlib.contextmanager(postgres_schema_url)(POSTGRES_URL)
+            )
+        serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+        with RunningServer(serve) as running:
+            running.db_url = db_url
+            yield running
 
 
 @pytest.fixture
@@ -171,6 +188,9 @@ def test_units_get_their_arm_and_answers_name_arm_and_version(
         (assigner.assign(unit), unit, ARM_VERSION[assigner.assign(unit)], "split", 200)
     ]
     assert rows[0].latency_ms > 0
+    # written as UTC (SQLite hands it back without the zone)
+    logged = rows[0].logged_at.replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - logged).total_seconds()) < 120
 
 
 def test_every_request_is_logged_and_requests_without_unit_are_random(
@@ -416,14 +436,16 @@ def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
         "mode": "shadow",
         "weights": {"control": 0, "treatment": 1},  # every unit is mirrored
     }
-    serve = _serve(root, db_url, experiments={"shadow": shadow}, batching={"max_batch_size": 4})
+    serve = _serve(root, db_url, experiments={"shadow": shadow}, batching={"max_batch_size": 16})
+    # 16 rows a request: under a millisecond for control, far longer for the treatment
+    rows = np.random.default_rng(5).integers(0, 256, (16, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     latencies = []
     with RunningServer(serve) as running, httpx.Client(base_url=running.url) as client:
         for index in range(12):
             started = time.perf_counter()
             reply = client.post(
                 "/v2/models/shapes/infer",
-                json=v2_body(PIXELS),
+                json=v2_body(rows),
                 headers={"X-User-Id": f"u{index}", "X-Request-Id": f"sh-{index}"},
             )
             latencies.append(time.perf_counter() - started)
@@ -437,7 +459,7 @@ def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
         for _ in range(3):
             started = time.perf_counter()
             assert (
-                client.post("/v2/models/shapes/versions/2/infer", json=v2_body(PIXELS)).status_code
+                client.post("/v2/models/shapes/versions/2/infer", json=v2_body(rows)).status_code
                 == 200
             )
             slow.append(time.perf_counter() - started)
@@ -474,3 +496,52 @@ def test_bad_experiment_configs_are_refused_at_load(registry_root: Path, tmp_pat
     finally:
         state.experiments.close()
         state.repository.close()
+
+
+def test_admin_routes_need_a_key_when_auth_is_on(
+    registry_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AB_TEST_KEYS", "secret-key")
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    serve = _serve(registry_root, db_url, auth={"enabled": True, "keys_env": "AB_TEST_KEYS"})
+    with RunningServer(serve) as running:
+        assert httpx.get(f"{running.url}/v1/experiments").status_code == 401
+        assert httpx.put(f"{running.url}/v1/experiments/e", json=SPEC).status_code == 401
+        key = {"Authorization": "Bearer secret-key"}
+        started = httpx.put(f"{running.url}/v1/experiments/e", json=SPEC, headers=key)
+        assert started.status_code == 200, started.text
+        listed = httpx.get(f"{running.url}/v1/experiments", headers=key).json()
+        assert [(e["name"], e["routed"]) for e in listed["experiments"]] == [("e", True)]
+
+
+@pytest.mark.slow
+def test_cycleml_serve_processes_agree_and_keep_arms_across_a_restart(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    """Real `cycleml serve` processes, the experiment given as config overrides."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    overrides = [
+        f"monitoring.db_url={db_url}",
+        "access_log=false",
+        "+experiments.ab.model=shapes",
+        '+experiments.ab.arms.control="shapes@champion"',
+        '+experiments.ab.arms.treatment="shapes/2"',
+        "+experiments.ab.salt=s1",
+    ]
+    units = [f"proc-{i}" for i in range(16)]
+
+    def arms(port: int) -> list[str]:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=120)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            return [_infer(http, u).headers["x-experiment-arm"] for u in units]
+
+    expected = Assigner("s1", "ab", {"control": 1.0, "treatment": 1.0})
+    want = [expected.assign(u) for u in units]
+    one, two = free_port(), free_port()
+    with (
+        server_process(registry_root, one, *overrides),
+        server_process(registry_root, two, *overrides),
+    ):
+        assert arms(one) == arms(two) == want
+    with server_process(registry_root, one, *overrides):
+        assert arms(one) == want

@@ -75,5 +75,10 @@ class Assigner:
 
     def assign(self, unit: str | None) -> str:
         """The unit's arm; ``None`` (no unit id) draws a random bucket."""
-        slot = random.randrange(BUCKETS) if unit is None else self.bucket(unit)
+        if unit is None:
+            slot = random.randrange(BUCKETS)
+        else:
+            hasher = self._hasher.copy()
+            hasher.update(unit.encode())
+            slot = int.from_bytes(hasher.digest()[:8], "big") % BUCKETS
         return self._arms[bisect.bisect_right(self._uppers, slot)]

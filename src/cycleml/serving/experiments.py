@@ -129,13 +129,11 @@ class ActiveExperiment:
         """The request's unit id (None: it sent none); a ProtocolError when it is not
         text or is too long."""
         value: Any = None
-        where = ""
         if self.header is not None:
             wanted = self.header
             for name, raw in scope["headers"]:
                 if name == wanted:
                     value = raw.decode("latin-1")
-                    where = f"header {self.spec.unit_header}"
                     break
         else:
             name = self.parameter
@@ -144,18 +142,23 @@ class ActiveExperiment:
             if query and name.encode() in query:
                 found = parse_qs(query.decode("latin-1")).get(name)
                 if found:
-                    value, where = found[0], f"query parameter '{name}'"
+                    value = found[0]
             if value is None and parameters:
                 value = parameters.get(name)
-                where = f"request parameter '{name}'"
         if value is None or value == "":
             return None
         if not isinstance(value, str):
+            where = f"request parameter '{self.parameter}'"
             raise ProtocolError(
                 f"experiment '{self.name}': unit id in {where} must be text, "
                 f"got {type(value).__name__}"
             )
         if len(value) > MAX_UNIT_CHARS:
+            where = (
+                f"header {self.spec.unit_header}"
+                if self.header is not None
+                else f"parameter '{self.parameter}'"
+            )
             raise ProtocolError(
                 f"experiment '{self.name}': unit id in {where} is {len(value)} characters "
                 f"long; at most {MAX_UNIT_CHARS}"
@@ -321,16 +324,21 @@ class AssignmentLog:
         utc = dt.timezone.utc
         if self._insert is not None:
             sql, order = self._insert
-            as_text = assignments.c.logged_at.type.dialect_impl(
-                self.store.engine.dialect
-            ).bind_processor(self.store.engine.dialect)
             index = [_COLUMNS.index(name) for name in order]
             when = _COLUMNS.index("logged_at")
+            latency = _COLUMNS.index("latency_ms")
             params = []
+            seconds: dict[int, str] = {}  # whole second -> its text, made once
             for row in rows:
                 values = list(row)
-                stamp = dt.datetime.fromtimestamp(values[when], utc)
-                values[when] = as_text(stamp) if as_text is not None else stamp
+                stamp = values[when]
+                whole = int(stamp)
+                text = seconds.get(whole)
+                if text is None:
+                    text = seconds[whole] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+                # SQLAlchemy's SQLite DATETIME text (UTC)
+                values[when] = f"{text}.{int((stamp - whole) * 1e6):06d}"
+                values[latency] = round(values[latency], 3)
                 params.append(tuple(values[i] for i in index))
             with self.store.engine.begin() as conn:
                 conn.exec_driver_sql(sql, params)
@@ -339,6 +347,7 @@ class AssignmentLog:
             {
                 **dict(zip(_COLUMNS, row, strict=True)),
                 "logged_at": dt.datetime.fromtimestamp(row[7], utc),
+                "latency_ms": round(row[9], 3),
             }
             for row in rows
         ]
@@ -410,6 +419,19 @@ class ExperimentRouter:
         what the store says. A configured experiment whose arm cannot be served is a
         ConfigError naming it (the server does not start)."""
         if not self.wanted:
+            return
+        if not self.settings.experiments:
+            # only the prediction log's database: a database down at start-up must not
+            # stop the server; the admin routes open the store when they are used
+            try:
+                self.open_store()
+                self.refresh()
+            except Exception as err:
+                log.warning(
+                    "experiments: cannot read them from %s (%s); none are routed",
+                    safe_url(str(self.db_url)),
+                    err,
+                )
             return
         store = self.open_store()
         for name, values in self.settings.experiments.items():
@@ -590,7 +612,7 @@ class ExperimentRouter:
                 mode,
                 time.time(),
                 status,
-                round(latency_s * 1000.0, 3),
+                latency_s * 1000.0,
             )
         )
 

@@ -53,9 +53,14 @@ async def _run(request: Request, work: Callable[..., Any], *args: Any) -> Respon
         status = 404 if str(err).startswith("no experiment named") else 400
         return json_response({"error": str(err)}, status)
     except (CycleMLError, ProtocolError, ValueError) as err:
-        # no database configured: a conflict with how the server runs, not bad input
-        status = 409 if "need a database" in str(err) else 400
-        return json_response({"error": str(err)}, status)
+        message = str(err)
+        if "need a database" in message:  # how the server runs, not bad input
+            return json_response({"error": message}, 409)
+        if "cannot connect" in message or "cannot create the tables" in message:
+            return json_response(
+                {"error": message}, 503, {"Retry-After": str(state.settings.limits.retry_after_s)}
+            )
+        return json_response({"error": message}, 400)
     except Exception as err:
         where = safe_url(router_.db_url) if router_ and router_.db_url else "?"
         log.warning("experiments: the store at %s failed: %s", where, err)
