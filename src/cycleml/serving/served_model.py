@@ -17,7 +17,7 @@ from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
 from cycleml.serving.decode_limits import tokenize_within_limits
 from cycleml.serving.metrics import ServingMetrics
-from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
+from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger, joined
 from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
 from cycleml.serving.settings import LimitSettings, ServeSettings
 from cycleml.serving.statistics import ModelStatistics
@@ -321,29 +321,34 @@ class ServedModel:
             self._log_predictions(items)
 
     def _log_predictions(self, items: list[WorkItem]) -> None:
-        """Hand the batch's logged requests to the prediction log's writer (on the
-        batcher thread: only a buffer append; features are computed by the writer)."""
-        now = utc_now()
-        for item in items:
-            if item.log_id is None:
-                continue
-            rows = item.rows
+        """Hand the batch's logged requests to the prediction log's writer as one
+        :class:`LoggedBatch` (on the batcher thread: a few array joins and a buffer
+        append per batch, nothing per row; features are computed by the writer)."""
+        logged = [item for item in items if item.log_id is not None]
+        if not logged:
+            return
+        ids: list[str] = []
+        for item in logged:
             # one record per row: a request of several rows logs <id>/<row>
-            ids = [item.log_id] if rows == 1 else [f"{item.log_id}/{i}" for i in range(rows)]
-            self.prediction_logger.offer(
-                LoggedBatch(
-                    model=self.name,
-                    version=self.version,
-                    kind=self.kind,
-                    class_names=self.class_names,
-                    pad_id=self._pad_id,
-                    request_ids=ids,
-                    inputs=item.inputs,
-                    probabilities=item.output,
-                    embeddings=item.embedding,
-                    logged_at=now,
-                )
+            if item.rows == 1:
+                ids.append(item.log_id)
+            else:
+                ids += [f"{item.log_id}/{i}" for i in range(item.rows)]
+        embeddings = [item.embedding for item in logged]
+        self.prediction_logger.offer(
+            LoggedBatch(
+                model=self.name,
+                version=self.version,
+                kind=self.kind,
+                class_names=self.class_names,
+                pad_id=self._pad_id,
+                request_ids=ids,
+                inputs=joined([item.inputs for item in logged]),
+                probabilities=joined([item.output for item in logged]),
+                embeddings=None if embeddings[0] is None else joined(embeddings),
+                logged_at=utc_now(),
             )
+        )
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
     def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:
