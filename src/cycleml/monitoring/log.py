@@ -56,7 +56,8 @@ class PredictionRecord:
             "embedding": None
             if self.embedding is None
             else np.asarray(self.embedding, dtype="<f4").tobytes(),
-            "features": {str(k): float(v) for k, v in self.features.items()},
+            # a non-finite value is left out (read back as NaN): PostgreSQL's JSON has no NaN
+            "features": {str(k): float(v) for k, v in self.features.items() if np.isfinite(v)},
             "label": None,
         }
 
@@ -155,7 +156,9 @@ def columns_from_batch(
 
 def _features_json(features: Mapping[str, np.ndarray], rows: int) -> list[str]:
     """Each row's features as the JSON text ``json.dumps({name: float(value), ...})``
-    gives, formatted from one template (a finite float's ``repr`` is its JSON)."""
+    gives, formatted from one template (a finite float's ``repr`` is its JSON). A
+    non-finite value is left out, as :meth:`PredictionRecord.to_row` does: PostgreSQL's
+    JSON has no NaN, and the reader takes a missing feature for NaN."""
     names = list(features)
     if not names:
         return ["{}"] * rows
@@ -163,7 +166,9 @@ def _features_json(features: Mapping[str, np.ndarray], rows: int) -> list[str]:
     template = "{" + ", ".join(f"{json.dumps(str(name))}: %r" for name in names) + "}"
     finite = np.isfinite(values).all(axis=1).tolist()
     return [
-        template % tuple(row) if ok else json.dumps(dict(zip(names, row, strict=True)))
+        template % tuple(row)
+        if ok
+        else json.dumps({n: v for n, v in zip(names, row, strict=True) if np.isfinite(v)})
         for row, ok in zip(values.tolist(), finite, strict=True)
     ]
 
