@@ -17,7 +17,7 @@ from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
 from cycleml.serving.decode_limits import tokenize_within_limits
 from cycleml.serving.metrics import ServingMetrics
-from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger, joined
+from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
 from cycleml.serving.protocol import BYTES, DATATYPES, InferRequest, ProtocolError, datatype_of
 from cycleml.serving.settings import LimitSettings, ServeSettings
 from cycleml.serving.statistics import ModelStatistics
@@ -313,28 +313,50 @@ class ServedModel:
         """Take a queued item out (deadline or client gone); False once it is running."""
         return self.queue.remove(item)
 
-    def _record_batch(self, items: list[WorkItem], rows: int, seconds: float) -> None:
+    def _record_batch(
+        self,
+        items: list[WorkItem],
+        inputs: np.ndarray,
+        outputs: np.ndarray,
+        embeddings: np.ndarray | None,
+        seconds: float,
+    ) -> None:
+        rows = len(inputs)
         self._inference_time.observe(seconds)
         self._batch_size.observe(rows)
         self.stats.batch_ran(rows, seconds)
         if self.prediction_logger is not None:
-            self._log_predictions(items)
+            self._log_predictions(items, inputs, outputs, embeddings)
 
-    def _log_predictions(self, items: list[WorkItem]) -> None:
+    def _log_predictions(
+        self,
+        items: list[WorkItem],
+        inputs: np.ndarray,
+        outputs: np.ndarray,
+        embeddings: np.ndarray | None,
+    ) -> None:
         """Hand the batch's logged requests to the prediction log's writer as one
-        :class:`LoggedBatch` (on the batcher thread: a few array joins and a buffer
-        append per batch, nothing per row; features are computed by the writer)."""
+        :class:`LoggedBatch` of the batch's own arrays (on the batcher thread: nothing
+        per row but its id; the features are computed by the writer)."""
         logged = [item for item in items if item.log_id is not None]
         if not logged:
             return
-        ids: list[str] = []
-        for item in logged:
-            # one record per row: a request of several rows logs <id>/<row>
-            if item.rows == 1:
-                ids.append(item.log_id)
-            else:
-                ids += [f"{item.log_id}/{i}" for i in range(item.rows)]
-        embeddings = [item.embedding for item in logged]
+        if len(logged) == len(outputs):  # every request logged, each of one row
+            ids = [item.log_id for item in logged]
+        else:
+            ids, index, offset = [], [], 0
+            for item in items:
+                rows = len(item.inputs)
+                if item.log_id is not None:
+                    # one record per row: a request of several rows logs <id>/<row>
+                    ids += (
+                        [item.log_id] if rows == 1 else [f"{item.log_id}/{i}" for i in range(rows)]
+                    )
+                    index += range(offset, offset + rows)
+                offset += rows
+            if len(index) < len(outputs):  # only some logged: their rows, copied
+                inputs, outputs = inputs[index], outputs[index]
+                embeddings = None if embeddings is None else embeddings[index]
         self.prediction_logger.offer(
             LoggedBatch(
                 model=self.name,
@@ -343,9 +365,9 @@ class ServedModel:
                 class_names=self.class_names,
                 pad_id=self._pad_id,
                 request_ids=ids,
-                inputs=joined([item.inputs for item in logged]),
-                probabilities=joined([item.output for item in logged]),
-                embeddings=None if embeddings[0] is None else joined(embeddings),
+                inputs=inputs,
+                probabilities=outputs,
+                embeddings=embeddings,
                 logged_at=utc_now(),
             )
         )
