@@ -4,6 +4,7 @@ that fails while the server runs (requests answered, dropped records counted).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import threading
 import time
@@ -209,6 +210,44 @@ def _batch(rid: str) -> LoggedBatch:
         embeddings=None,
         logged_at=utc_now(),
     )
+
+
+@pytest.mark.parametrize(
+    ("buffer_rows", "buffer_bytes"),
+    [(5, 10**9), (100, 5 * 12)],  # 12 input bytes per row
+)
+def test_a_batch_larger_than_the_room_keeps_the_rows_that_fit(
+    tmp_path: Path, buffer_rows: int, buffer_bytes: int
+) -> None:
+    release = threading.Event()
+    dropped: list[int] = []
+
+    def slow_open(url: str) -> PredictionLog:
+        release.wait(30)
+        return PredictionLog(url)
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    logger = PredictionLogger(
+        url, 1.0, buffer_rows, buffer_bytes, dropped.append, open_log=slow_open
+    )
+    logger.offer(_batch("first"))  # the writer takes it and hangs in slow_open
+    deadline = time.monotonic() + 10
+    while logger._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rows, one = 8, _batch("b")
+    logger.offer(
+        dataclasses.replace(
+            one,
+            request_ids=[f"b{i}" for i in range(rows)],
+            inputs=np.repeat(one.inputs, rows, axis=0),
+            probabilities=np.repeat(one.probabilities, rows, axis=0),
+        )
+    )
+    assert dropped == [3]
+    release.set()
+    logger.close()
+    logged = PredictionLog(url).read("m", "1")
+    assert sorted(logged.request_ids) == ["b0", "b1", "b2", "b3", "b4", "first"]
 
 
 @pytest.mark.parametrize(

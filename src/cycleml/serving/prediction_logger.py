@@ -11,6 +11,7 @@ per ``WARN_EVERY_S``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -62,6 +63,16 @@ class LoggedBatch:
     def rows(self) -> int:
         return len(self.request_ids)
 
+    def head(self, rows: int) -> LoggedBatch:
+        """The first ``rows`` rows, copied (a view would keep the whole batch's arrays)."""
+        return dataclasses.replace(
+            self,
+            request_ids=self.request_ids[:rows],
+            inputs=self.inputs[:rows].copy(),
+            probabilities=self.probabilities[:rows].copy(),
+            embeddings=None if self.embeddings is None else self.embeddings[:rows].copy(),
+        )
+
 
 class PredictionLogger:
     """Samples requests and writes their predictions off the serving threads."""
@@ -100,22 +111,28 @@ class PredictionLogger:
         return self.sample_rate >= 1.0 or random.random() < self.sample_rate
 
     def offer(self, batch: LoggedBatch) -> None:
-        """Buffer ``batch`` for the writer; when the buffer is full, count it dropped."""
+        """Buffer ``batch`` for the writer; what does not fit in the buffer (a whole
+        batch, or the rows of it beyond the bounds) is counted dropped."""
         with self._cond:
-            accepted = (
-                not self._closed
-                and self._pending_rows + batch.rows <= self.buffer_rows
-                and self._pending_bytes + batch.inputs.nbytes <= self.buffer_bytes
-            )
-            if accepted:
-                self._pending.append(batch)
-                self._pending_rows += batch.rows
-                self._pending_bytes += batch.inputs.nbytes
+            room = 0 if self._closed else self._room(batch)
+            if room:
+                kept = batch if room == batch.rows else batch.head(room)
+                self._pending.append(kept)
+                self._pending_rows += kept.rows
+                self._pending_bytes += kept.inputs.nbytes
                 # wake the writer when it idles, or to write a full batch; not per record
                 if len(self._pending) == 1 or self._pending_rows >= WRITE_ROWS:
                     self._cond.notify()
-        if not accepted:
-            self._drop(batch.rows, "the buffer is full")
+        if room < batch.rows:
+            self._drop(batch.rows - room, "the buffer is full")
+
+    def _room(self, batch: LoggedBatch) -> int:
+        """How many of ``batch``'s rows the buffer's bounds (rows, input bytes) take."""
+        rows = min(batch.rows, self.buffer_rows - self._pending_rows)
+        row_bytes = batch.inputs.nbytes // max(batch.rows, 1)
+        if row_bytes:
+            rows = min(rows, (self.buffer_bytes - self._pending_bytes) // row_bytes)
+        return max(rows, 0)
 
     def attach_labels(self, labels: Sequence[tuple[str, str]]) -> LabelReport:
         """Attach true labels by request id (blocking database work: call it off the
