@@ -84,7 +84,7 @@ def choose_augmentation(images: np.ndarray, image_size: tuple[int, int]) -> tupl
         "photo",
         A.Compose([A.RandomResizedCrop(size=tuple(image_size), scale=(min_area, 1.0), p=1.0),
                    A.HorizontalFlip(p=0.5), colour]),
-        f"random resized crops of {min_area:.0%}-100 % of the area back to "
+        f"random resized crops of {min_area * 100:.0f}-100 % of the area back to "
         f"{image_size[0]}x{image_size[1]}, horizontal flips, "
         f"{'brightness/contrast' if grey else 'colour'} jitter of 20 %",
     )  # fmt: skip
