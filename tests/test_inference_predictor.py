@@ -273,9 +273,8 @@ def test_token_limit_counts_the_text_before_truncation_without_special_tokens() 
 def test_the_bundles_resize_mode_prepares_images(tmp_path):
     """bundle.json's resize_mode/crop_fraction/resize decide how the Predictor prepares
     an image; a bundle written before them stretches the whole image (bilinear)."""
-    from test_export_support import copy_bundle, rewrite_meta
-
     from cycleml.inference.preprocess import ImagePreprocessor
+    from test_export_support import copy_bundle, rewrite_meta
 
     photo = np.random.default_rng(1).integers(0, 255, (41, 67, 3), dtype=np.uint8)
     old = copy_bundle("image", tmp_path / "old")

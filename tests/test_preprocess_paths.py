@@ -69,9 +69,7 @@ RESIZES = {
 
 @pytest.mark.parametrize("resize", RESIZES)
 @pytest.mark.parametrize("channels", [1, 3])
-def test_an_image_file_gives_the_same_tensor_for_training_and_serving(
-    tmp_path, channels, resize
-):
+def test_an_image_file_gives_the_same_tensor_for_training_and_serving(tmp_path, channels, resize):
     paths = odd_images(tmp_path / "images")
     size = (12, 10)
     module = ImageFolderDataModule(
