@@ -105,6 +105,10 @@ def test_a_fine_tuned_run_exports_a_bundle_that_predicts_like_torch(
     meta = bundle.meta
     assert meta.verification["parity"]["passed"]
     assert meta.input.shape == [-1, 64, 64, 3] and meta.class_names == sorted(_photos())
+    # the recipe's centre crop is recorded, so serving prepares photos as training did
+    pre = meta.preprocess
+    assert pre.resize_mode == "shorter_side_crop"
+    assert (pre.crop_fraction, pre.resize) == (0.875, "bicubic")
     assert "int8" in meta.variants
 
     import torch
@@ -112,7 +116,8 @@ def test_a_fine_tuned_run_exports_a_bundle_that_predicts_like_torch(
     files = sorted(crops.rglob("*.png"))[::5]
     predictions = Predictor(bundle).predict_images([f.read_bytes() for f in files])
     module = ClassifierModule.from_checkpoint(next((tmp_path / "run").rglob("best.ckpt")))
-    pixels = np.stack([ImagePreprocessor((64, 64), 3).decode_file(f) for f in files])
+    prepare = ImagePreprocessor((64, 64), 3, "shorter_side_crop", 0.875, "bicubic")
+    pixels = np.stack([prepare.decode_file(f) for f in files])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     with torch.no_grad():
         expected = torch.softmax(module(x), dim=-1).numpy()
