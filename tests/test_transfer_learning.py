@@ -105,6 +105,10 @@ def test_a_fine_tuned_run_exports_a_bundle_that_predicts_like_torch(
     meta = bundle.meta
     assert meta.verification["parity"]["passed"]
     assert meta.input.shape == [-1, 64, 64, 3] and meta.class_names == sorted(_photos())
+    # the recipe's centre crop is recorded, so serving prepares photos as training did
+    pre = meta.preprocess
+    assert pre.resize_mode == "shorter_side_crop"
+    assert (pre.crop_fraction, pre.resize) == (0.875, "bicubic")
     assert "int8" in meta.variants
 
     import torch
@@ -112,7 +116,8 @@ def test_a_fine_tuned_run_exports_a_bundle_that_predicts_like_torch(
     files = sorted(crops.rglob("*.png"))[::5]
     predictions = Predictor(bundle).predict_images([f.read_bytes() for f in files])
     module = ClassifierModule.from_checkpoint(next((tmp_path / "run").rglob("best.ckpt")))
-    pixels = np.stack([ImagePreprocessor((64, 64), 3).decode_file(f) for f in files])
+    prepare = ImagePreprocessor((64, 64), 3, "shorter_side_crop", 0.875, "bicubic")
+    pixels = np.stack([prepare.decode_file(f) for f in files])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     with torch.no_grad():
         expected = torch.softmax(module(x), dim=-1).numpy()
@@ -159,3 +164,43 @@ def test_pretrained_recipes_beat_a_cnn_from_scratch_by_a_wide_margin(tmp_path) -
     for name in ("probe", "fine_tune", "logreg_pretrained"):
         assert accuracy[name] >= 0.85, (name, accuracy)
         assert accuracy[name] >= accuracy["cnn"] + 0.2, (name, accuracy)
+
+
+@needs_weights
+@pytest.mark.slow
+def test_the_int8_variant_of_the_imagenet_backbone_stays_within_the_accuracy_limit(
+    tmp_path,
+) -> None:
+    """At 224x224, with the ImageNet weights and a head fitted to photo crops (a linear
+    probe by logistic regression), `export.quantize=int8` keeps its variant under the
+    default limit of 1 accuracy point, without export.force."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from cycleml.data.images import ImageFolderDataModule
+    from cycleml.export import ExportSettings, export_bundle
+    from cycleml.models.efficientnet_lite import EfficientNetLite0
+
+    data = ImageFolderDataModule(
+        path=str(photo_crops(tmp_path / "photos", per_class=30, seed=3)), image_size=224,
+        channels=3, mean=[0.5] * 3, std=[0.5] * 3, val_fraction=0.5, test_fraction=0.0,
+        resize_mode="shorter_side_crop", crop_fraction=0.875, interpolation="bicubic",
+    )  # fmt: skip
+    data.setup()
+    train_x, train_y = data.split_arrays("train")
+    val_x, val_y = data.split_arrays("val")
+    net = EfficientNetLite0(num_classes=data.num_classes).eval()
+    features = net.features(torch.from_numpy(train_x).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    probe = LogisticRegression(max_iter=2000, C=0.1).fit(features.numpy(), train_y)
+    with torch.no_grad():
+        net.model.classifier.weight.copy_(torch.from_numpy(probe.coef_))
+        net.model.classifier.bias.copy_(torch.from_numpy(probe.intercept_))
+    bundle = export_bundle(
+        net, {**data.spec(), "kind": "image"}, data.class_names, tmp_path / "bundle",
+        val_inputs=val_x, val_labels=val_y, name="lite0", version="1",
+        settings=ExportSettings(quantize="int8"),
+    )  # fmt: skip
+    variant = bundle.meta.variants["int8"]
+    print(f"fp32 {bundle.meta.metrics['bundle/val_acc']:.3f}, int8 {variant.accuracy:.3f}")
+    assert bundle.meta.metrics["bundle/val_acc"] >= 0.9
+    assert not variant.forced and variant.accuracy_drop <= 1.0

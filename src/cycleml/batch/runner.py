@@ -142,7 +142,7 @@ def predict_to_database(
     pre = meta.preprocess
     # decoding workers first, while this process has no runtime threads to fork
     decoder = (
-        ImageDecoder(ImagePreprocessor(pre.image_size, pre.channels), settings.decode_workers)
+        ImageDecoder(ImagePreprocessor.from_bundle(pre), settings.decode_workers)
         if isinstance(pre, ImagePreprocess)
         else None
     )

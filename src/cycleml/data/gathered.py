@@ -157,7 +157,10 @@ class GatheredTextDataModule(TextTableDataModule):
 
 
 # Image options, spelled as in data=digits and data=image_folder (``data.image_size``).
-IMAGE_OPTIONS = ("image_size", "channels", "mean", "std", "decode_workers")
+IMAGE_OPTIONS = (
+    "image_size", "channels", "mean", "std", "decode_workers", "resize_mode", "crop_fraction",
+    "interpolation",
+)  # fmt: skip
 
 
 def gathered_data_module(

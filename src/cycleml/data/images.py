@@ -27,7 +27,7 @@ from cycleml.data.augment_choice import resolve_augmentation
 from cycleml.data.splits import SPLITS, split_indices
 from cycleml.data.versioning import content_hash, dataset_fingerprint
 from cycleml.errors import ConfigError, DataError
-from cycleml.inference.preprocess import ImagePreprocessor, normalise
+from cycleml.inference.preprocess import ImagePreprocessor, check_resize, normalise
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,18 @@ class ImageDataModule(L.LightningDataModule, ABC):
         std: Sequence[float] = (0.5,),
         train_transform: Callable[..., dict[str, Any]] | None = None,
         augment_seed: int = 0,
+        resize_mode: str = "stretch",
+        crop_fraction: float = 0.875,
+        interpolation: str = "bilinear",
     ) -> None:
         super().__init__()
+        if resize_mode == "stretch":
+            crop_fraction = 1.0  # nothing is cut away
+        problems = check_resize(resize_mode, crop_fraction, interpolation)
+        if problems:
+            raise ConfigError(
+                "data.resize_mode/crop_fraction/interpolation: " + "; ".join(problems)
+            )
         if image_size is None and not self.chooses_image_size:
             raise ConfigError(
                 f"data.image_size: null (chosen from the images) works with data=image_folder; "
@@ -152,6 +162,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.mean, self.std = mean, std
+        self.resize_mode, self.crop_fraction = resize_mode, float(crop_fraction)
+        self.interpolation = interpolation
         transforms = getattr(train_transform, "transforms", None)
         self.train_transform = (
             None if transforms is not None and len(transforms) == 0 else train_transform
@@ -269,6 +281,9 @@ class ImageDataModule(L.LightningDataModule, ABC):
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
+            "resize_mode": self.resize_mode,
+            "crop_fraction": self.crop_fraction,
+            "interpolation": self.interpolation,
             "class_names": list(self.class_names),
             "fingerprint": self.fingerprint,
         }
@@ -283,7 +298,10 @@ class ImageDataModule(L.LightningDataModule, ABC):
     @property
     def preprocessor(self) -> ImagePreprocessor:
         """Decodes and resizes images to this data's size and channels (the serving path)."""
-        return ImagePreprocessor(self.image_size, self.channels)
+        return ImagePreprocessor(
+            self.image_size, self.channels, self.resize_mode, self.crop_fraction,
+            self.interpolation,
+        )  # fmt: skip
 
     def _decode_file(self, path: str | Path) -> np.ndarray | str:
         """One image file at this data's size, or why it cannot be read."""

@@ -386,6 +386,10 @@ def _input_spec(
                 channels=channels,
                 mean=[float(m) for m in data_spec["mean"]],
                 std=[float(s) for s in data_spec["std"]],
+                # checkpoints from before these settings stretched with the bilinear filter
+                resize=str(data_spec.get("interpolation", "bilinear")),
+                resize_mode=str(data_spec.get("resize_mode", "stretch")),
+                crop_fraction=float(data_spec.get("crop_fraction", 1.0)),
             )
             return TensorSpec("pixels", "uint8", [-1, int(height), int(width), channels]), pre
         max_length = int(data_spec["max_length"])

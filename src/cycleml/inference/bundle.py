@@ -38,13 +38,20 @@ class TensorSpec:
 @dataclass(frozen=True)
 class ImagePreprocess:
     """Clients decode and resize to ``image_size`` (H, W) with ``channels`` channels;
-    the graph does the scaling (``/255``), ``mean``/``std`` normalisation and layout."""
+    the graph does the scaling (``/255``), ``mean``/``std`` normalisation and layout.
+
+    ``resize`` is the resampling filter (``bilinear``, ``bicubic``); ``resize_mode`` is
+    ``stretch`` (the whole image) or ``shorter_side_crop`` (the centre ``crop_fraction``,
+    aspect ratio kept), as :class:`~cycleml.inference.preprocess.ImagePreprocessor`
+    applies them. Bundles written before these two fields stretch the whole image."""
 
     image_size: list[int]
     channels: int
     mean: list[float]
     std: list[float]
     resize: str = "bilinear"
+    resize_mode: str = "stretch"
+    crop_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,12 @@ class BundleMeta:
                 problems.append(f"preprocess image_size must be [H, W], got {pre.image_size!r}")
             if not (_integers([pre.channels]) and _numbers(pre.mean) and _numbers(pre.std)):
                 problems.append("preprocess channels must be an integer, mean and std lists")
+            from cycleml.inference.preprocess import check_resize
+
+            problems.extend(
+                f"preprocess {problem}"
+                for problem in check_resize(pre.resize_mode, pre.crop_fraction, pre.resize)
+            )
         elif not (_file_name(pre.tokenizer_file) and _integers([pre.max_length, pre.pad_id])):
             problems.append(
                 "preprocess needs a tokenizer_file in the bundle folder and integer "

@@ -95,7 +95,7 @@ class Predictor:
         self._image: ImagePreprocessor | None = None
         self._text: TextPreprocessor | None = None
         if isinstance(pre, ImagePreprocess):
-            self._image = ImagePreprocessor(pre.image_size, pre.channels)
+            self._image = ImagePreprocessor.from_bundle(pre)
         elif isinstance(pre, TextPreprocess):
             tokenizer = self.bundle.path / pre.tokenizer_file
             self._text = TextPreprocessor.from_file(tokenizer, pre.max_length, pre.pad_id)

@@ -1,8 +1,9 @@
 """Preprocessing in numpy (no torch): decode + resize images, tokenize texts.
 
 This is the one image path: training data (``cycleml.data``), serving and offline
-prediction all decode and resize with :class:`ImagePreprocessor` (grey or RGB, PIL's
-bilinear filter), and training normalises and the exported graph scales pixels with
+prediction all decode and resize with :class:`ImagePreprocessor` (grey or RGB; the whole
+image stretched to the size, or its centre cut out and resized, with PIL's bilinear or
+bicubic filter), and training normalises and the exported graph scales pixels with
 the constants of :func:`normalisation`. Scaling, normalisation, layout and softmax of
 a bundle live inside the ONNX graph, so decoding and resizing is all a client must
 reproduce.
@@ -15,12 +16,16 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tokenizers import Encoding, Tokenizer
 
 from cycleml.errors import BundleError, DataError
+
+if TYPE_CHECKING:
+    from cycleml.inference.bundle import ImagePreprocess as ImagePreprocessSettings
 
 ImageInput = bytes | bytearray | memoryview | np.ndarray | Image.Image | Path
 
@@ -33,14 +38,69 @@ _DECODE_ERRORS = (
 )
 
 
+# how an image is brought to the model's size: the whole image, its aspect ratio not
+# kept, or the centre of it (``crop_fraction`` of it), its aspect ratio kept
+RESIZE_MODES = ("stretch", "shorter_side_crop")
+# the resampling filters (bundle.json's ``resize``)
+RESIZE_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def check_resize(resize_mode: str, crop_fraction: float, interpolation: str) -> list[str]:
+    """What is wrong with these resize settings (empty when nothing is)."""
+    problems = []
+    if resize_mode not in RESIZE_MODES:
+        problems.append(f"resize mode {resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+    if (
+        isinstance(crop_fraction, bool)
+        or not isinstance(crop_fraction, (int, float))
+        or not 0.0 < crop_fraction <= 1.0
+    ):
+        problems.append(f"crop fraction must be a number in (0, 1], got {crop_fraction!r}")
+    if interpolation not in RESIZE_FILTERS:
+        problems.append(
+            f"resize filter {interpolation!r} is not one of {', '.join(RESIZE_FILTERS)}"
+        )
+    return problems
+
+
 class ImagePreprocessor:
     """Turn one image (encoded bytes, a file path, an array or a PIL image) into
-    ``uint8 (H, W, C)`` at the model's size."""
+    ``uint8 (H, W, C)`` at the model's size.
 
-    def __init__(self, image_size: Sequence[int], channels: int) -> None:
+    ``resize_mode``: ``stretch`` resizes the whole image to (H, W), whatever its aspect
+    ratio. ``shorter_side_crop`` keeps the aspect ratio: the centred box of the model's
+    aspect ratio that spans ``crop_fraction`` of the image (of its shorter side, for a
+    square size) is resized to (H, W) in one resampling. That is timm's evaluation
+    transform (resize the shorter side to ``size / crop_pct``, then cut out the centre
+    ``size``) without resampling the parts it throws away; it applies to images already
+    at the model's size too. ``interpolation``: PIL's ``bilinear`` or ``bicubic`` filter.
+    """
+
+    def __init__(
+        self,
+        image_size: Sequence[int],
+        channels: int,
+        resize_mode: str = "stretch",
+        crop_fraction: float = 1.0,
+        interpolation: str = "bilinear",
+    ) -> None:
+        problems = check_resize(resize_mode, crop_fraction, interpolation)
+        if problems:
+            raise DataError("; ".join(problems))
         self.height, self.width = int(image_size[0]), int(image_size[1])
         self.channels = int(channels)
         self.mode = "L" if self.channels == 1 else "RGB"
+        self.resize_mode = resize_mode
+        self.crop_fraction = float(crop_fraction)
+        self.interpolation = interpolation
+        self._filter = RESIZE_FILTERS[interpolation]
+        # an image already at the model's size is used as it is
+        self._identity_at_size = resize_mode == "stretch" or self.crop_fraction == 1.0
+
+    @classmethod
+    def from_bundle(cls, pre: ImagePreprocessSettings) -> ImagePreprocessor:
+        """The preprocessor a bundle's ``preprocess`` entry describes."""
+        return cls(pre.image_size, pre.channels, pre.resize_mode, pre.crop_fraction, pre.resize)
 
     def __call__(self, item: ImageInput) -> np.ndarray:
         if isinstance(item, np.ndarray):
@@ -71,10 +131,22 @@ class ImagePreprocessor:
     def _from_pil(self, pil: Image.Image) -> np.ndarray:
         if pil.mode != self.mode:
             pil = pil.convert(self.mode)
-        if pil.size != (self.width, self.height):
-            pil = pil.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        if self.resize_mode == "shorter_side_crop":
+            if not (self._identity_at_size and pil.size == (self.width, self.height)):
+                pil = pil.resize((self.width, self.height), self._filter, box=self._box(pil.size))
+        elif pil.size != (self.width, self.height):
+            pil = pil.resize((self.width, self.height), self._filter)
         array = np.asarray(pil, dtype=np.uint8)
         return array[..., None] if array.ndim == 2 else array
+
+    def _box(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The centred source box (left, top, right, bottom) of the model's aspect ratio
+        that spans ``crop_fraction`` of the image in its limiting direction."""
+        width, height = size
+        scale = self.crop_fraction * min(width / self.width, height / self.height)
+        box_w, box_h = self.width * scale, self.height * scale
+        left, top = (width - box_w) / 2.0, (height - box_h) / 2.0
+        return (left, top, left + box_w, top + box_h)
 
     def _from_array(self, array: np.ndarray) -> np.ndarray:
         if array.dtype != np.uint8:
@@ -88,9 +160,10 @@ class ImagePreprocessor:
                 f"image array has shape {array.shape}; expected (H, W), (H, W, 1), "
                 "(H, W, 3) or (H, W, 4)"
             )
-        if array.ndim == 2 and self.channels == 1 and array.shape == (self.height, self.width):
+        at_size = self._identity_at_size and array.shape[:2] == (self.height, self.width)
+        if at_size and array.ndim == 2 and self.channels == 1:
             return np.ascontiguousarray(array[..., None])
-        if array.ndim == 3 and array.shape == (self.height, self.width, 3) and self.channels == 3:
+        if at_size and array.ndim == 3 and array.shape[-1] == 3 and self.channels == 3:
             return np.ascontiguousarray(array)
         mode = "L" if array.ndim == 2 else ("RGB" if array.shape[-1] == 3 else "RGBA")
         return self._from_pil(Image.fromarray(np.ascontiguousarray(array), mode))

