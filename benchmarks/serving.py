@@ -3,7 +3,6 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
 
     .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
-    .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
 
 For each model it prints:
@@ -16,11 +15,9 @@ For each model it prints:
   of the turns' throughput ratios (the "x the naive server" figure);
 * an open-loop Poisson sweep against `cycleml serve`, latency measured from the
   intended send time;
-* the HTTP protocol row: `cycleml serve` with its own protocol layer and with uvicorn's
-  httptools protocol (`http_protocol=uvicorn`), at the best concurrency, in turns that
-  alternate which goes first, and the median ratio of their throughputs;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
-  SQLite) and with the log off, measured the same way;
+  SQLite) and with the log off, at the best concurrency, in turns that alternate which
+  goes first, and the median ratio of their throughputs;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -454,17 +451,6 @@ def two_servers_row(
         return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
 
 
-def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
-    """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
-    uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
-    path answers inference in both): own / uvicorn's. The layer stays only while this
-    shows a clear gain (docs/serving.md)."""
-    return {
-        f"http_protocol={name}": [*serve_overrides, f"http_protocol={name}"]
-        for name in ("cycleml", "uvicorn")
-    }
-
-
 def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
@@ -482,7 +468,7 @@ def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, lis
 
 
 # figure -> the two server configurations it compares
-TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
+TWO_SERVER_ROWS = {"logging_vs_off": logging_variants}
 
 
 def bench_model(
@@ -615,12 +601,6 @@ def main() -> None:
         "batches up to the in-process best size, no access log)",
     )
     parser.add_argument(
-        "--protocols-only",
-        action="store_true",
-        help="only the HTTP protocol row: cycleml serve with its own protocol layer and "
-        "with uvicorn's, in turns at --concurrency clients",
-    )
-    parser.add_argument(
         "--logging-only",
         action="store_true",
         help="only the prediction log row: cycleml serve logging every prediction and "
@@ -630,7 +610,7 @@ def main() -> None:
         "--concurrency",
         type=int,
         default=64,
-        help="clients of --protocols-only and --logging-only",
+        help="clients of --logging-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -644,7 +624,7 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
+            only = {"logging_vs_off": args.logging_only}
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
                 results[name] = {

@@ -4,10 +4,10 @@
 
 Without them a client that declares a large body and sends it slowly, or many clients
 at once, hold memory and connections for as long as they like; the per-request size
-limit alone does not bound the sum. The inference fast path reserves a request's
-declared length in :class:`BodyBudget` before it reads a byte
-(``ServingApp.answers_directly``) and arms its own timer in the connection protocol;
-every other request reads its body through :class:`GuardedReceive`.
+limit alone does not bound the sum. A request that declares its length reserves it in
+:class:`BodyBudget` before a byte of its body is read (the request-context middleware
+refuses it with 503 when it does not fit); a chunked body takes its bytes as they
+arrive. Every request reads its body through :class:`GuardedReceive`.
 """
 
 from __future__ import annotations
@@ -57,16 +57,21 @@ class BodyBudget:
 
 class GuardedReceive:
     """An ASGI ``receive`` whose body messages must arrive within the body deadline and
-    fit in the budget. Call :meth:`release` when the request is done."""
+    fit in the budget. ``reserved`` bytes (a declared Content-Length) were taken from
+    the budget by the caller before the body was read; bytes beyond them are taken as
+    they arrive. Call :meth:`release` when the request is done: it gives back all."""
 
-    __slots__ = ("_budget", "_deadline", "_receive", "_timeout_s", "done", "held")
+    __slots__ = ("_budget", "_deadline", "_receive", "_timeout_s", "done", "held", "received")
 
-    def __init__(self, receive: Receive, budget: BodyBudget, timeout_s: float) -> None:
+    def __init__(
+        self, receive: Receive, budget: BodyBudget, timeout_s: float, reserved: int = 0
+    ) -> None:
         self._receive = receive
         self._budget = budget
         self._timeout_s = timeout_s
         self._deadline = time.monotonic() + timeout_s
-        self.held = 0
+        self.held = reserved
+        self.received = 0
         self.done = False
 
     async def __call__(self) -> Message:
@@ -83,11 +88,12 @@ class GuardedReceive:
         if message["type"] != "http.request":
             self.done = True
             return message
-        size = len(message.get("body", b""))
-        if size:
-            if not self._budget.take(size):
-                raise BodyBufferFull(self._budget.refusal(self.held + size))
-            self.held += size
+        self.received += len(message.get("body", b""))
+        beyond = self.received - self.held
+        if beyond > 0:
+            if not self._budget.take(beyond):
+                raise BodyBufferFull(self._budget.refusal(self.received))
+            self.held += beyond
         if not message.get("more_body", False):
             self.done = True
         return message
