@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
-from cycleml.serving import dispatch
+from cycleml.serving import body_guard, dispatch
 from cycleml.serving.accept_loop import GreedyAcceptServer, new_event_loop
 from cycleml.serving.batch_policy import ArrivalRate
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
+from cycleml.serving.body_guard import BodyBudget, BodyTimeout, GuardedReceive
 from cycleml.serving.fast_path import InferenceFastPath
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
@@ -122,6 +123,37 @@ def test_client_that_leaves_after_the_watch_age_is_cancelled() -> None:
     assert isinstance(item.error, Cancelled)
     assert 0.08 <= waited < 0.5
     assert len(model.queue) == 0
+
+
+def test_a_body_deadline_ends_a_waiting_receive_and_the_watch_forgets_finished_bodies() -> None:
+    budget = BodyBudget(1000)
+
+    async def scenario() -> tuple[float, bool, int, int]:
+        async def complete() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+        finished = []
+        for _ in range(50):  # bodies that arrived at once: watched, and soon forgotten
+            guarded = GuardedReceive(complete, budget, 0.2, reserved=10)
+            budget.take(10)
+            await guarded()
+            guarded.release()
+            finished.append(guarded)
+        start = time.perf_counter()
+        stalled = GuardedReceive(_never_disconnects, budget, 0.2)
+        with pytest.raises(BodyTimeout, match="limits.body_timeout_s"):
+            await stalled()
+        waited = time.perf_counter() - start
+        # the task that waited is not left cancelled: the request can still be answered
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0)
+        return waited, task.cancelling() == 0, budget.held, len(body_guard._deadlines)
+
+    waited, not_cancelled, held, watches = asyncio.run(scenario())
+    assert 0.2 <= waited < 1.2
+    assert not_cancelled and held == 0
+    assert watches == 0  # nothing arrives any more: no watch, no timer left behind
 
 
 # -- through a real server ------------------------------------------------------------------
