@@ -72,6 +72,11 @@ def test_write_read_round_trip_and_idempotent_retries(db_url):
     middle = log.read("digits", "1", start=T0 + dt.timedelta(seconds=10),
                       end=T0 + dt.timedelta(seconds=20))  # fmt: skip
     assert middle.request_ids == [f"a-{i}" for i in range(10, 20)]
+    # the same instants written with another UTC offset select the same rows
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    shifted = log.read("digits", "1", start=(T0 + dt.timedelta(seconds=10)).astimezone(plus2),
+                       end=(T0 + dt.timedelta(seconds=20)).astimezone(plus2))  # fmt: skip
+    assert shifted.request_ids == middle.request_ids
     assert log.versions("digits") == {"1": 50} and log.versions("other") == {}
     log.close()
 

@@ -18,7 +18,7 @@ import numpy as np
 from sqlalchemy import Engine, bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
-from cycleml.db import chunked, insert_new_rows, open_database, utc_now
+from cycleml.db import as_utc, chunked, insert_new_rows, open_database, utc_now
 from cycleml.errors import ConfigError
 from cycleml.inference.reference import input_features, output_features
 from cycleml.monitoring.tables import predictions
@@ -246,9 +246,9 @@ class PredictionLog:
         c = predictions.c
         query = select(predictions).where(c.model == model, c.version == str(version))
         if start is not None:
-            query = query.where(c.logged_at >= start)
+            query = query.where(c.logged_at >= as_utc(start))
         if end is not None:
-            query = query.where(c.logged_at < end)
+            query = query.where(c.logged_at < as_utc(end))
         if last is not None:
             if last < 1:
                 raise ConfigError(f"last={last}: expected a positive number of predictions")
