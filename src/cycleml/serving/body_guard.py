@@ -62,9 +62,9 @@ class GuardedReceive:
     they arrive. Call :meth:`release` when the request is done: it gives back all.
 
     The deadline costs no timer of its own: the requests of one event loop are watched
-    together by a :class:`_BodyDeadlines` (a timer per ``asyncio.timeout`` cost about
-    25 µs per request on the event loop, and nearly every body is complete before the
-    application asks for it)."""
+    together by a :class:`_BodyDeadlines` (an ``asyncio.timeout`` per request took about
+    four times the event-loop time of this read, and nearly every body is complete
+    before the application asks for it)."""
 
     __slots__ = (
         "_budget",
