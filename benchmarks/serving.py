@@ -4,7 +4,6 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py            # ResNet-18 32x32 and the digits CNN
     .venv/bin/python benchmarks/serving.py --models efficientnet_lite0 --quick   # 224x224
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
-    .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
     .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
 
@@ -18,11 +17,9 @@ For each model it prints:
   of the turns' throughput ratios (the "x the naive server" figure);
 * an open-loop Poisson sweep against `cycleml serve`, latency measured from the
   intended send time;
-* the HTTP protocol row: `cycleml serve` with its own protocol layer and with uvicorn's
-  httptools protocol (`http_protocol=uvicorn`), at the best concurrency, in turns that
-  alternate which goes first, and the median ratio of their throughputs;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
-  SQLite) and with the log off, measured the same way;
+  SQLite) and with the log off, at the best concurrency, in turns that alternate which
+  goes first, and the median ratio of their throughputs;
 * the experiment row: `cycleml serve` with an A/B experiment on the model (every
   request carries a unit id, is assigned an arm and gets an assignment row written to
   SQLite) and without one, measured the same way;
@@ -590,19 +587,6 @@ def two_servers_row(
         return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units, pids)
 
 
-def protocol_variants(
-    serve_overrides: list[str], workdir: Path, model: str
-) -> dict[str, list[str]]:
-    """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
-    uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
-    path answers inference in both): own / uvicorn's. The layer stays only while this
-    shows a clear gain (docs/serving.md)."""
-    return {
-        f"http_protocol={name}": [*serve_overrides, f"http_protocol={name}"]
-        for name in ("cycleml", "uvicorn")
-    }
-
-
 def logging_variants(serve_overrides: list[str], workdir: Path, model: str) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
@@ -642,7 +626,6 @@ def experiment_variants(
 
 # figure -> the two server configurations it compares
 TWO_SERVER_ROWS = {
-    "protocol_vs_uvicorn": protocol_variants,
     "logging_vs_off": logging_variants,
     "experiment_vs_off": experiment_variants,
 }
@@ -782,12 +765,6 @@ def main() -> None:
         "batches up to the in-process best size, no access log)",
     )
     parser.add_argument(
-        "--protocols-only",
-        action="store_true",
-        help="only the HTTP protocol row: cycleml serve with its own protocol layer and "
-        "with uvicorn's, in turns at --concurrency clients",
-    )
-    parser.add_argument(
         "--logging-only",
         action="store_true",
         help="only the prediction log row: cycleml serve logging every prediction and "
@@ -803,7 +780,7 @@ def main() -> None:
         "--concurrency",
         type=int,
         default=64,
-        help="clients of --protocols-only, --logging-only and --experiments-only",
+        help="clients of --logging-only and --experiments-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -822,7 +799,6 @@ def main() -> None:
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
             only = {
-                "protocol_vs_uvicorn": args.protocols_only,
                 "logging_vs_off": args.logging_only,
                 "experiment_vs_off": args.experiments_only,
             }

@@ -125,7 +125,7 @@ def test_alias_and_version_routing_names_the_version_that_answered(
 ) -> None:
     expected = expected_outputs(image_bundle, image_bundle_v2)
     body, headers = binary_body(PIXELS)
-    # Content-Length: the connection protocol's direct path
+    # a declared Content-Length
     direct = client.post(path, content=body, headers=headers)
     assert direct.status_code == 200, direct.text
     header, output = _binary_answer(direct)

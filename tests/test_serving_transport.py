@@ -1,10 +1,10 @@
-"""Request guards (deadline and disconnect while queued) and one write per response."""
+"""Request guards (deadline and disconnect while queued), the server's HTTP behaviour on
+raw connections, and its event loop that accepts every waiting connection."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -14,20 +14,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from uvicorn.protocols.http import httptools_impl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from cycleml.errors import ConfigError
-from cycleml.serving import dispatch
+from cycleml.serving import body_guard, dispatch
+from cycleml.serving.accept_loop import GreedyAcceptServer, new_event_loop
 from cycleml.serving.batch_policy import ArrivalRate
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
+from cycleml.serving.body_guard import BodyBudget, BodyTimeout, GuardedReceive
 from cycleml.serving.fast_path import InferenceFastPath
-from cycleml.serving.http_protocol import (
-    CoalescingHttpToolsProtocol,
-    CoalescingTransport,
-    connection_protocol,
-    missing_uvicorn_internals,
-)
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     RunningServer,
@@ -132,79 +125,39 @@ def test_client_that_leaves_after_the_watch_age_is_cancelled() -> None:
     assert len(model.queue) == 0
 
 
-# -- one write per response ----------------------------------------------------------------------
+def test_a_body_deadline_ends_a_waiting_receive_and_the_watch_forgets_finished_bodies() -> None:
+    budget = BodyBudget(1000)
 
+    async def scenario() -> tuple[float, bool, int, bool]:
+        async def complete() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"x" * 10, "more_body": False}
 
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 5)}.get(name, default)
-
-
-def test_response_head_and_body_leave_in_one_write() -> None:
-    async def scenario() -> RecordingTransport:
-        raw = RecordingTransport()
-        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-        transport.write(bytearray(b"{}"))
-        assert raw.writes == []  # held until the response is complete
-        transport.flush()  # what the protocol does when the response is complete
-        assert transport.get_extra_info("peername") == ("127.0.0.1", 5)
-        return raw
-
-    raw = asyncio.run(scenario())
-    assert raw.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-
-
-def test_write_now_sends_what_waits_first_in_the_same_call() -> None:
-    async def scenario() -> RecordingTransport:
-        raw = RecordingTransport()
-        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-        transport.write(b"waiting ")
-        transport.write_now(b"answer")
-        await asyncio.sleep(0.01)  # the deferred flush has nothing left to send
-        return raw
-
-    assert asyncio.run(scenario()).writes == [b"waiting answer"]
-
-
-def test_a_write_without_a_complete_response_leaves_by_the_next_turn() -> None:
-    async def scenario() -> tuple[list[bytes], list[bytes], RecordingTransport]:
-        raw = RecordingTransport()
-        transport = CoalescingTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
-        transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        finished = []
+        for _ in range(50):  # bodies that arrived at once: watched, and soon forgotten
+            guarded = GuardedReceive(complete, budget, 0.2, reserved=10)
+            budget.take(10)
+            await guarded()
+            guarded.release()
+            finished.append(guarded)
+        start = time.perf_counter()
+        stalled = GuardedReceive(_never_disconnects, budget, 0.2)
+        with pytest.raises(BodyTimeout, match="limits.body_timeout_s"):
+            await stalled()
+        waited = time.perf_counter() - start
+        # the task that waited is not left cancelled: the request can still be answered
+        task = asyncio.current_task()
+        assert task is not None
         await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        first = list(raw.writes)
-        transport.write(b"a chunk")
-        transport.close()  # closing sends what waits first
-        second = list(raw.writes)
-        transport.write(b"after close")
-        await asyncio.sleep(0.01)
-        return first, second, raw
+        watched = asyncio.get_running_loop() in body_guard._deadlines
+        return waited, task.cancelling() == 0, budget.held, watched
 
-    first, second, raw = asyncio.run(scenario())
-    assert first == [b"HTTP/1.1 100 Continue\r\n\r\n"]
-    assert second == [*first, b"a chunk"] and raw.closed
-    assert raw.writes == second  # nothing goes to a closed connection
+    waited, not_cancelled, held, watched = asyncio.run(scenario())
+    assert 0.2 <= waited < 1.2
+    assert not_cancelled and held == 0
+    assert not watched  # nothing arrives any more: no watch, no timer left behind
 
 
-# -- the direct path through a real server -------------------------------------------------------
+# -- through a real server ------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +244,7 @@ def test_expect_continue_and_chunked_bodies_are_answered(shapes_server: RunningS
     assert response.status_code == 200, response.text
 
 
-def test_application_failure_on_the_direct_path_answers_500_and_closes(
+def test_application_failure_on_the_fast_path_answers_500_and_closes(
     shapes_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(*args: Any) -> Any:
@@ -308,19 +261,6 @@ def test_application_failure_on_the_direct_path_answers_500_and_closes(
     assert httpx.get(f"{shapes_server.url}/v2/health/ready").status_code == 200
 
 
-# -- which connection protocol ---------------------------------------------------------------
-
-
-def _served_protocols(running: RunningServer) -> set[type]:
-    """The protocol classes of the server's open connections, after one inference on a
-    kept-alive connection (answered on the application's fast path)."""
-    body, headers = binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
-    with httpx.Client(base_url=running.url, timeout=10) as client:
-        response = client.post("/v2/models/shapes/infer", content=body, headers=headers)
-        assert response.status_code == 200, response.text
-        return {type(connection) for connection in list(running.server.server_state.connections)}
-
-
 def _counting_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     answered: list[str] = []
     original = InferenceFastPath.answer
@@ -333,70 +273,65 @@ def _counting_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return answered
 
 
-def test_http_protocol_uvicorn_serves_with_uvicorns_protocol_and_the_fast_path(
-    image_bundle: Path, monkeypatch: pytest.MonkeyPatch
+def test_inference_on_a_kept_alive_connection_takes_the_fast_path(
+    shapes_server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answered = _counting_fast_path(monkeypatch)
-    with RunningServer(settings(image_bundle, http_protocol="uvicorn")) as running:
-        assert _served_protocols(running) == {HttpToolsProtocol}
-    assert answered == ["/v2/models/shapes/infer"]
-    with RunningServer(settings(image_bundle)) as running:
-        assert _served_protocols(running) == {CoalescingHttpToolsProtocol}
+    body, headers = binary_body(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))
+    with httpx.Client(base_url=shapes_server.url, timeout=10) as client:
+        for _ in range(3):
+            response = client.post("/v2/models/shapes/infer", content=body, headers=headers)
+            assert response.status_code == 200, response.text
+            assert "close" not in response.headers.get("connection", "")
+        assert client.get("/v2/health/live").status_code == 200
+    assert answered == ["/v2/models/shapes/infer"] * 3  # health went through the framework
 
 
-def test_an_unknown_http_protocol_is_refused(image_bundle: Path) -> None:
-    with pytest.raises(ConfigError, match="http_protocol must be one of cycleml, uvicorn"):
-        settings(image_bundle, http_protocol="h11")
+# -- the event loop --------------------------------------------------------------------------
 
 
-def _changed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As if a new uvicorn passed its parser to on_headers_complete (it still works)."""
-    original = HttpToolsProtocol.on_headers_complete
-
-    def on_headers_complete(self: HttpToolsProtocol, parser: Any = None) -> None:
-        original(self)
-
-    monkeypatch.setattr(HttpToolsProtocol, "on_headers_complete", on_headers_complete)
+def test_the_server_accepts_on_the_greedy_accept_loop(shapes_server: RunningServer) -> None:
+    assert [type(s) for s in shapes_server.server.servers] == [GreedyAcceptServer]
 
 
-@pytest.mark.parametrize(
-    ("change", "named"),
-    [
-        (_changed_signature, "HttpToolsProtocol.on_headers_complete(self)"),
-        (
-            lambda mp: mp.delattr(HttpToolsProtocol, "on_response_complete"),
-            "HttpToolsProtocol.on_response_complete(self)",
-        ),
-        (
-            lambda mp: mp.delattr(httptools_impl, "RequestResponseCycle"),
-            "RequestResponseCycle",
-        ),
-    ],
-    ids=["changed signature", "missing method", "missing class"],
-)
-def test_a_uvicorn_without_the_internals_falls_back_to_its_own_protocol(
-    change: Any, named: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    assert missing_uvicorn_internals() == []  # the installed uvicorn is the one written for
-    assert connection_protocol("cycleml") is CoalescingHttpToolsProtocol
-    change(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="cycleml.serving.http_protocol"):
-        assert connection_protocol("cycleml") == "httptools"
-    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert named in warning.getMessage()
-    assert "serving with uvicorn's own httptools protocol" in warning.getMessage()
+def test_every_waiting_connection_is_accepted_in_one_turn_and_other_servers_fall_back() -> None:
+    class Counting(asyncio.Protocol):
+        made: list[asyncio.BaseTransport] = []
 
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            Counting.made.append(transport)
 
-def test_a_server_on_a_changed_uvicorn_serves_with_uvicorns_protocol(
-    image_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    _changed_signature(monkeypatch)
-    answered = _counting_fast_path(monkeypatch)
-    with (
-        caplog.at_level(logging.WARNING, logger="cycleml.serving.http_protocol"),
-        RunningServer(settings(image_bundle)) as running,
-    ):
-        assert _served_protocols(running) == {HttpToolsProtocol}
-    assert answered == ["/v2/models/shapes/infer"]
-    warnings = [r for r in caplog.records if r.name == "cycleml.serving.http_protocol"]
-    assert len(warnings) == 1 and "on_headers_complete" in warnings[0].getMessage()
+    async def scenario() -> tuple[int, int, type, type]:
+        loop = asyncio.get_running_loop()
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        server = await loop.create_server(Counting, sock=listening, backlog=64)
+        port = listening.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        # the connections wait in the kernel's queue; one readable poll takes them all
+        server._accept_waiting()  # type: ignore[attr-defined]
+        queued = len(server._connecting)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        made = len(Counting.made)
+        # a host and port, or options the loop does not handle: uvloop's own server
+        on_port = await loop.create_server(Counting, "127.0.0.1", 0)
+        other = socket.socket()
+        other.bind(("127.0.0.1", 0))
+        with_options = await loop.create_server(Counting, sock=other, ssl_handshake_timeout=None)
+        kinds = type(on_port), type(with_options)
+        for each in (server, on_port, with_options):
+            each.close()
+            await each.wait_closed()
+        for client in clients:
+            client.close()
+        for transport in Counting.made:
+            transport.close()
+        return queued, made, *kinds
+
+    loop = new_event_loop()
+    try:
+        queued, made, on_port, with_options = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert queued == 5 and made == 5
+    assert on_port is not GreedyAcceptServer and with_options is not GreedyAcceptServer

@@ -329,7 +329,6 @@ SERVE = {
     "port": integer(0, 65535),
     "workers": integer(1),
     "version_policy": choice("latest", "all"),
-    "http_protocol": choice("cycleml", "uvicorn"),
     "runtime.instances": integer(1),
     "runtime.intra_op_threads": integer(0),
     "runtime.inter_op_threads": integer(0),

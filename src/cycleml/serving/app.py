@@ -30,7 +30,7 @@ from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
 from cycleml.serving.experiments import ExperimentRouter
-from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
+from cycleml.serving.fast_path import InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
 from cycleml.serving.prediction_logger import PredictionLogger
@@ -51,30 +51,6 @@ class ServingApp:
         self.api = api
         self.state = api.state
         self._asgi = asgi
-        limits = api.state.serving.settings.limits
-        self._max_body_bytes = limits.max_body_bytes
-        self._auth = asgi.auth
-        self.body_budget = asgi.budget
-        self.body_timeout_s = limits.body_timeout_s
-
-    def answers_directly(self, path: str, content_length: int, authorization: bytes | None) -> bool:
-        """Whether the connection protocol may read the body of a ``POST`` to ``path``
-        whole and hand the request over, skipping the server's general request cycle:
-        the inference routes, with a valid key (when keys are required) and a declared
-        body within the size limit and within the body budget. True reserves
-        ``content_length`` bytes of the budget; the protocol gives them back with
-        :meth:`body_done`. Everything else takes the general path, which refuses a
-        missing key, an oversized body or a full budget before it reads the body."""
-        return (
-            content_length <= self._max_body_bytes
-            and INFER_PATH.match(path) is not None
-            and (self._auth is None or self._auth.allows(authorization))
-            and self.body_budget.take(content_length)
-        )
-
-    def body_done(self, content_length: int) -> None:
-        """A direct request's body is no longer held."""
-        self.body_budget.give(content_length)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._asgi(scope, receive, send)

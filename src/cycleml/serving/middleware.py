@@ -41,10 +41,8 @@ class RequestContextMiddleware:
     event loop instead of being refused at once.
 
     Inference requests (``fast_path``) are answered here directly; every other request
-    goes on to ``app``. A request whose body the connection protocol did not already
-    read whole (within the body budget, see ``ServingApp.answers_directly``) reads it
-    through a :class:`GuardedReceive`: within ``limits.body_timeout_s`` and within the
-    bytes ``budget`` leaves. The key and the declared size are checked on the headers,
+    goes on to ``app``. Every request reads its body through a :class:`GuardedReceive`:
+    within ``limits.body_timeout_s`` and within the bytes ``budget`` leaves. The key and the declared size are checked on the headers,
     before any of the body is read. The ``Authorization`` header is never logged; a proxy's
     ``X-Forwarded-For`` is logged as ``forwarded_for`` next to the connection's address.
     """
@@ -126,7 +124,7 @@ class RequestContextMiddleware:
                 f"exceeds the limit of {self.limits.max_body_bytes}",
                 [(b"connection", b"close")],
             )
-        elif declared and "cycleml.direct" not in scope and not self.budget.fits(declared):
+        elif declared and not self.budget.fits(declared):
             info["error"] = "body buffer full"
             await _refuse(
                 send_with_id,
@@ -151,9 +149,12 @@ class RequestContextMiddleware:
             )
         else:
             self.inflight += 1
-            guarded = None
-            if "cycleml.direct" not in scope:  # the body is still to be read
-                receive = guarded = GuardedReceive(receive, self.budget, self.limits.body_timeout_s)
+            # the declared length is reserved now (it fits: checked above, and nothing
+            # ran in between); the body is read within its deadline
+            self.budget.take(declared)
+            receive = guarded = GuardedReceive(
+                receive, self.budget, self.limits.body_timeout_s, declared
+            )
             try:
                 route = None if self.fast_path is None else self.fast_path.match(scope)
                 if route is None:
@@ -165,8 +166,7 @@ class RequestContextMiddleware:
                     await send_answer(send, (status, headers, body))
             finally:
                 self.inflight -= 1
-                if guarded is not None:
-                    guarded.release()
+                guarded.release()
         if self.log_requests:
             info["method"] = scope["method"]
             info["path"] = path

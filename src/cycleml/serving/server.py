@@ -19,7 +19,6 @@ import uvicorn
 from cycleml.errors import CycleMLError
 from cycleml.serving.accept_loop import raise_open_file_limit
 from cycleml.serving.app import ServingApp, create_app
-from cycleml.serving.http_protocol import connection_protocol
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.repository import ModelRepository
 from cycleml.serving.settings import ServeSettings
@@ -43,8 +42,11 @@ class DrainingServer(uvicorn.Server):
         self._on_stop()
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown, which would end the process
-        # with the signal's status; a drained stop is a success
-        self._captured_signals.clear()
+        # with the signal's status; a drained stop is a success (a uvicorn that keeps no
+        # such list re-raises nothing)
+        captured = getattr(self, "_captured_signals", None)
+        if captured is not None:
+            captured.clear()
 
 
 def uvicorn_options(settings: ServeSettings) -> dict:
@@ -59,7 +61,7 @@ def uvicorn_options(settings: ServeSettings) -> dict:
         "timeout_keep_alive": 30,
         # proxy headers are read inside the app, for the routes that use them (app.py)
         "proxy_headers": False,
-        "http": connection_protocol(settings.http_protocol),
+        "http": "httptools",
         # uvloop, accepting every waiting connection in one turn (accept_loop.py); it
         # applies to servers started on an open socket, as serve() starts them
         "loop": "cycleml.serving.accept_loop:new_event_loop",

@@ -12,8 +12,6 @@ from cycleml.errors import ConfigError
 from cycleml.inference.bundle import PRECISIONS
 
 VERSION_POLICIES = ("latest", "all")
-# the server's own HTTP protocol layer (serving/http_protocol.py), or uvicorn's as it is
-HTTP_PROTOCOLS = ("cycleml", "uvicorn")
 # the SQLite file of a model registry root (cycleml.registry.DB_FILE)
 REGISTRY_DB = "registry.db"
 
@@ -118,7 +116,6 @@ class ServeSettings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     access_log: bool = True
-    http_protocol: str = "cycleml"
     # A/B experiments between model versions: name -> spec (cycleml.experiments)
     experiments: dict[str, Any] = field(default_factory=dict)
 
@@ -133,10 +130,6 @@ class ServeSettings:
         _check(
             self.version_policy in VERSION_POLICIES,
             f"version_policy must be one of {VERSION_POLICIES}, got '{self.version_policy}'",
-        )
-        _check(
-            self.http_protocol in HTTP_PROTOCOLS,
-            f"http_protocol must be one of {', '.join(HTTP_PROTOCOLS)}, got '{self.http_protocol}'",
         )
         for model, precision in self.precision.items():
             _check(
