@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import getpass
-import logging
 import json
+import logging
 import math
 import os
 import shutil
