@@ -103,7 +103,9 @@ def test_a_second_pipeline_on_the_same_model_is_refused_naming_the_holder(
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(PipelineBusy, match=rf"model 'digits' is already running \(pid {holder.pid}, run run-A"):
+        with pytest.raises(
+            PipelineBusy, match=rf"model 'digits' is already running \(pid {holder.pid}, run run-A"
+        ):
             run_pipeline(cfg)
         # another model is not blocked
         other = PipelineLock(folder.parent / "other", "other")
@@ -136,6 +138,7 @@ def test_a_missing_source_fails_at_gather_naming_it_and_leaves_the_champion(
     registry.close()
 
 
+@pytest.mark.slow
 def test_a_crashing_stage_is_recorded_and_a_rerun_skips_the_unchanged_stages(
     pipeline_cfg, capsys: pytest.CaptureFixture
 ) -> None:
@@ -164,8 +167,9 @@ def test_a_crashing_stage_is_recorded_and_a_rerun_skips_the_unchanged_stages(
     assert third["run"] == first["run"]
     assert third["stages"]["gather"]["key"] != first["stages"]["gather"]["key"]
     assert third["stages"]["gather"]["outputs"]["items"] == 150
-    assert third["stages"]["clean"]["inputs"]["dataset"] == (
-        third["stages"]["gather"]["outputs"]["fingerprint"]
+    assert (
+        third["stages"]["clean"]["inputs"]["dataset"]
+        == (third["stages"]["gather"]["outputs"]["fingerprint"])
     )
 
 
@@ -191,12 +195,34 @@ def test_labels_trigger_waits_for_enough_new_labels(
     assert not labels_trigger(new.root, old.root, 61, "digits/1").fire
 
 
-def test_bad_trigger_and_drift_without_predictions_are_named(
-    tmp_path: Path, pipeline_cfg
-) -> None:
+def test_bad_trigger_and_stop_after_are_named(pipeline_cfg) -> None:
     with pytest.raises(ConfigError, match="trigger='often': expected one of always, drift, labels"):
         run_pipeline(pipeline_cfg("trigger=often"))
+    with pytest.raises(ConfigError, match="stop_after='deploy': expected null or one of gather"):
+        run_pipeline(pipeline_cfg("stop_after=deploy"))
 
+
+def test_stop_after_runs_one_stage_per_launch_in_the_same_run(
+    pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    """What an orchestrator does: one launch per stage, each continuing the run."""
+    cfg = pipeline_cfg("stop_after=gather")
+    assert run_pipeline(cfg) == 0
+    first = _state(cfg)
+    assert first["status"] == "stopped" and list(first["stages"]) == ["trigger", "gather"]
+    assert "stopped after gather" in capsys.readouterr().out
+    assert run_pipeline(pipeline_cfg("stop_after=clean")) == 0
+    second = _state(cfg)
+    assert second["run"] == first["run"] and second["status"] == "stopped"
+    assert second["stages"]["gather"] == first["stages"]["gather"]  # not run again
+    assert second["stages"]["clean"]["status"] == "done"
+    assert second["stages"]["clean"]["inputs"] == {
+        "dataset": first["stages"]["gather"]["outputs"]["fingerprint"]
+    }
+
+
+@pytest.mark.slow
+def test_drift_trigger_without_logged_predictions_is_named(tmp_path: Path, pipeline_cfg) -> None:
     from test_serving_support import export_image_bundle
 
     cfg = pipeline_cfg("trigger=drift", "name=shapes")

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cycleml.errors import CycleMLError
+from cycleml.errors import ConfigError, CycleMLError
 from cycleml.pipeline import state as st
 from cycleml.pipeline.lock import PipelineLock
 from cycleml.pipeline.stages import STAGES, Context, Stage, dataset_dir, train_config
@@ -38,6 +38,7 @@ REJECTED_EXIT = 1
 FAILED_EXIT = 2
 INTERRUPTED_EXIT = 130
 TRIGGER_LOG = "triggers.jsonl"
+STAGE_NAMES = (*(stage.name for stage in STAGES), "gate")
 LOG_FILE = "pipeline.log"
 
 
@@ -55,6 +56,11 @@ def run_pipeline(cfg: DictConfig) -> int:
 
     name = check_name(cfg.name, "name")
     trigger = check_trigger_name(str(cfg.trigger))
+    stop_after = cfg.get("stop_after")
+    if stop_after is not None and stop_after not in STAGE_NAMES:
+        raise ConfigError(
+            f"stop_after={stop_after!r}: expected null or one of {', '.join(STAGE_NAMES)}"
+        )
     folder = model_dir(cfg)
     lock = PipelineLock(folder, name)
     lock.acquire()
@@ -166,9 +172,12 @@ def _run(
             json_path, _ = write_report(fired.report, state.run_dir / "trigger")
             fired.details["report"] = str(json_path)
         _trigger_record(state, trigger, fired)
+    stop_after = cfg.get("stop_after")
     try:
         for stage in STAGES:
             _run_stage(ctx, state, folder, stage)
+            if stage.name == stop_after:
+                return _stopped(state, stage.name)
             if stage.name == "gather" and trigger == "labels":
                 result = labels_trigger(
                     Path(ctx.outputs["gather"]["dataset_dir"]),
@@ -184,6 +193,8 @@ def _run(
                           f"(run {state.run_dir})")  # fmt: skip
                     return 0
         decision = _gate(ctx, state)
+        if stop_after == "gate" and decision.passed:
+            return _stopped(state, "gate")
         if not decision.passed:
             state.status, state.reason = st.REJECTED, "; ".join(decision.reasons)
             state.save()
@@ -201,6 +212,15 @@ def _run(
         print(f"cycleml pipeline: interrupted; rerun the same command to continue "
               f"{state.run_dir}")  # fmt: skip
         return INTERRUPTED_EXIT
+
+
+def _stopped(state: st.RunState, stage: str) -> int:
+    """``stop_after=<stage>``: the run waits; the next launch continues after ``stage``."""
+    state.status, state.reason = st.STOPPED, f"stop_after={stage}"
+    state.save()
+    print(f"cycleml pipeline: stopped after {stage} (stop_after={stage}); the next launch "
+          f"continues {state.run_dir}")  # fmt: skip
+    return 0
 
 
 def _trigger_record(state: st.RunState, trigger: str, result: TriggerResult) -> None:

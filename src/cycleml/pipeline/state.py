@@ -33,6 +33,7 @@ PROMOTED = "promoted"
 REJECTED = "rejected"
 AWAITING_PROMOTION = "awaiting_promotion"
 INTERRUPTED = "interrupted"
+STOPPED = "stopped"  # stop_after=<stage>: continued by the next launch
 # a run that ended in one of these is not continued by the next launch
 FINAL = (PROMOTED, REJECTED, AWAITING_PROMOTION)
 
