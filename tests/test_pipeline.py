@@ -80,6 +80,27 @@ def test_fingerprints_follow_content_and_keys_follow_config_and_inputs(tmp_path:
     assert st.stage_key({"lr": 0.1}, {"dataset": "abd"})[0] != key
 
 
+def test_a_finished_stage_is_reused_only_while_its_outputs_exist(tmp_path: Path) -> None:
+    folder = tmp_path / "digits"
+    earlier = st.RunState(run_dir=st.new_run_dir(folder), name="digits", status=st.PROMOTED)
+    data = earlier.run_dir / "gather"
+    data.mkdir()
+    record = earlier.stage("gather")
+    record.status, record.key = st.DONE, "k1"
+    record.outputs = {"dataset_dir": str(data), "fingerprint": "f"}
+    earlier.save()
+    assert st.unfinished_run(folder) is None  # a promoted run is not continued
+
+    current = st.RunState(run_dir=st.new_run_dir(folder), name="digits")
+    current.save()
+    assert st.unfinished_run(folder).run_dir == current.run_dir
+    owner, found = st.find_reusable(folder, current, "gather", "k1")
+    assert owner.run_dir == earlier.run_dir and found.outputs["fingerprint"] == "f"
+    assert st.find_reusable(folder, current, "gather", "k2") is None  # another key
+    data.rmdir()
+    assert st.find_reusable(folder, current, "gather", "k1") is None  # outputs gone
+
+
 HOLD_LOCK = textwrap.dedent(
     """
     import sys, time

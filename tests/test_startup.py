@@ -26,6 +26,7 @@ COMMANDS = [
     ["registry", "list"],
     ["registry", "register"],
     ["monitor"],
+    ["pipeline"],
 ]
 
 # runs `cycleml <args>` in this process, then reports which heavy modules it imported

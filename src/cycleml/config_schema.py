@@ -362,6 +362,20 @@ DATA_COMMANDS = {
     "files": choice("copy", "hardlink", "symlink"),
     "limit": integer(0),
 }
+PIPELINE = {
+    **TRAIN,
+    **{k: v for k, v in EXPORT.items() if k.startswith("export.")},
+    **{k: v for k, v in DATA_COMMANDS.items() if k in ("workers", "progress", "files")},
+    "name": text("a model name"),
+    "trigger": choice("always", "drift", "labels"),
+    "min_new_labels": integer(0),
+    "promote": boolean(),
+    "resume": boolean(),
+    "stop_after": optional(
+        choice("gather", "clean", "train", "evaluate", "export", "register", "gate")
+    ),
+    "monitor.window.size": integer(1),
+}
 
 # primary config name -> what its keys accept
 SCHEMAS: dict[str, dict[str, Rule]] = {
@@ -373,6 +387,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "data_gather": DATA_COMMANDS,
     "data_clean": DATA_COMMANDS,
     "data_diff": DATA_COMMANDS,
+    "pipeline": PIPELINE,
 }
 
 

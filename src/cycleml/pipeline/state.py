@@ -165,6 +165,8 @@ class RunState:
 
 
 _STAGE_FIELDS = set(StageRecord.__dataclass_fields__)
+# output keys (besides ``*_dir``) naming files that a reused stage must still have
+OUTPUT_PATHS = ("path", "checkpoint")
 
 
 def stage_key(config: Any, inputs: Mapping[str, str]) -> tuple[str, str]:
@@ -216,7 +218,9 @@ def find_reusable(
         record = state.stages.get(stage)
         if record is None or record.key != key or record.status not in (DONE, REUSED):
             continue
-        paths = [Path(v) for k, v in record.outputs.items() if k.endswith("_dir") or k == "path"]
+        paths = [
+            Path(v) for k, v in record.outputs.items() if k in OUTPUT_PATHS or k.endswith("_dir")
+        ]
         if all(p.exists() for p in paths):
             return state, record
     return None
