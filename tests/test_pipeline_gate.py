@@ -43,8 +43,9 @@ from test_export_support import (
     synthetic_texts,
     train_image_net,
 )
+from test_predict_support import DATABASES, POSTGRES_URL
 from test_registry_cli import error, ok
-from test_registry_support import variant_of
+from test_registry_support import postgres_schema_url, variant_of
 
 RIGHT = IMAGE_CLASSES.index("right")
 
@@ -291,6 +292,46 @@ def test_champion_holdout_follows_the_lineage(make_cfg, tmp_path, caplog):
 # --- the registry ---------------------------------------------------------------------
 
 
+@pytest.fixture(params=DATABASES)
+def db_url(request):
+    if request.param == "sqlite":
+        yield None
+    else:
+        yield from postgres_schema_url(POSTGRES_URL)
+
+
+def test_decisions_on_both_databases(db_url, tmp_path):
+    """Stored whole (NaN as null), read back newest last; promote follows the last one."""
+    registry = Registry(db_url, tmp_path / "registry")
+    try:
+        first = cached_bundle("image")
+        registry.register(first, name="digits")
+        registry.register(variant_of(first, tmp_path / "second", "v2"), name="digits")
+        registry.set_alias("digits", "champion", 1)
+        registry.set_alias("digits", "challenger", 2)
+        failed = {"passed": False, "reasons": ["min_delta: -2.00 points"], "champion": "digits/1",
+                  "table": [{"accuracy": float("nan"), "n": np.int64(3)}]}  # fmt: skip
+        registry.record_evaluation("digits", 2, failed)
+        stored = registry.last_evaluation("digits", 2)
+        assert stored.decision["table"] == [{"accuracy": None, "n": 3}]
+        assert (stored.passed, stored.reasons, stored.champion, stored.ref) == (
+            False, ["min_delta: -2.00 points"], "digits/1", "digits/2")  # fmt: skip
+        with pytest.raises(GateRefused, match="min_delta: -2.00 points. Promote it anyway"):
+            registry.promote("digits", "challenger", "champion", require_gate=True)
+        # without the check (the API's default) the move is made
+        assert registry.promote("digits", "challenger", "champion").to_version == 2
+        registry.set_alias("digits", "champion", 1)
+        registry.record_evaluation("digits", 2, {"passed": True, "reasons": []})
+        assert [e.passed for e in registry.evaluations("digits", 2)] == [False, True]
+        assert registry.promote("digits", "challenger", "champion", require_gate=True)
+        assert registry.evaluations("digits", 1) == []
+        with pytest.raises(Exception, match="has no version 9"):
+            registry.record_evaluation("digits", 9, {"passed": True, "reasons": []})
+    finally:
+        registry.close()
+
+
+@pytest.mark.slow
 def test_decision_stored_shown_and_required_by_promote(blind, tmp_path):
     good = cached_bundle("image")
     root = tmp_path / "registry"
