@@ -103,18 +103,15 @@ def test_worse_challenger_fails_naming_rules_and_figures(blind, tmp_path):
     good = cached_bundle("image")
     decision = run_gate(blind, good, [holdout()], GateRules(), "digits/5", "digits/4")
     assert not decision.passed
-    accuracy = next(
-        r["accuracy"] for r in decision.table if r["model"] == "challenger"
-    )  # fmt: skip
+    accuracy = next(r["accuracy"] for r in decision.table if r["model"] == "challenger")
     by_rule = {reason.split(":")[0]: reason for reason in decision.reasons}
     assert set(by_rule) == {"min_accuracy", "min_delta", "max_recall_drop"}
     assert f"{100 * accuracy:.2f}%" in by_rule["min_accuracy"]
     assert "below the floor 90.00%" in by_rule["min_accuracy"]
     assert f"{100 * (accuracy - 1):+.2f} points" in by_rule["min_delta"]
     assert "against the champion's 100.00%" in by_rule["min_delta"]
-    assert "class 'right' recall falls from 100.00% to 0.00% (100.00 points" in (
-        by_rule["max_recall_drop"]
-    )
+    recall = by_rule["max_recall_drop"]
+    assert "class 'right' recall falls from 100.00% to 0.00% (100.00 points" in recall
     with pytest.raises(GateFailed, match="gate failed for digits/5: min_accuracy"):
         raise GateFailed(decision)
     # the run folder gets the decision as JSON and as text
