@@ -30,6 +30,7 @@ from cycleml.pipeline.holdout import (
     CHAMPION_DATA,
     Holdout,
     champion_holdout,
+    gate_holdouts,
     holdout_from_config,
 )
 from cycleml.registry import GateRefused, Registry
@@ -268,6 +269,11 @@ def test_champion_holdout_follows_the_lineage(make_cfg, tmp_path, caplog):
     assert found is not None and found.role == CHAMPION_DATA
     assert found.item_ids == holdout_from_config(cfg).item_ids
     assert found.source["config"] == str(run / "summary.json")
+    # the gate scores the champion's split besides the new data's, unless it is the same
+    drifted = holdout()
+    assert [h.role for h in gate_holdouts(drifted, champion)] == ["new", "champion"]
+    assert gate_holdouts(holdout_from_config(cfg), champion)[1:] == []
+    assert gate_holdouts(drifted, None) == [drifted]
 
     # no summary: the saved Hydra config, interpolations resolved
     (run / "summary.json").unlink()

@@ -163,7 +163,7 @@ class GateDecision:
         return format_decision(self.to_dict())
 
 
-def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32") -> Score:
+def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32", threads: int = 0) -> Score:
     """Accuracy and per-class recall of a bundle (a folder or a loaded ``Predictor``) on
     a holdout, through ONNX Runtime with the serving path's preprocessing."""
     from cycleml.inference.predictor import Predictor
@@ -172,7 +172,7 @@ def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32") -> Scor
     predictor = (
         bundle
         if isinstance(bundle, Predictor)
-        else Predictor(bundle, precision=precision, warmup=False, intra_op_threads=1)
+        else Predictor(bundle, precision=precision, warmup=False, intra_op_threads=threads)
     )
     if predictor.kind != holdout.kind:
         raise ConfigError(
@@ -222,11 +222,14 @@ def run_gate(
     rules: GateRules,
     challenger_ref: str,
     champion_ref: str | None,
+    threads: int = 0,
 ) -> GateDecision:
     """Score challenger (fp32, and its int8 variant when exported) and champion on
     every holdout and judge the figures by ``rules``. ``champion`` None (a first run):
     passes when the floor (and the int8 rule) holds. The holdouts are the new data's
-    (role ``new``, at least one) and, when reachable, the champion's own."""
+    (role ``new``, at least one) and, when reachable, the champion's own (see
+    :func:`~cycleml.pipeline.holdout.gate_holdouts`). ``threads``: ONNX Runtime's
+    intra-op threads (0: its choice)."""
     from cycleml.inference.bundle import load_bundle
     from cycleml.inference.predictor import Predictor
 
@@ -246,12 +249,15 @@ def run_gate(
     else:
         notes.append("no champion: only the floor and the int8 rule apply")
     if champion is not None and not any(h.role == CHAMPION_DATA for h in holdouts):
-        notes.append("the champion's own holdout is not reachable: max_regression not applied")
+        notes.append(
+            "the champion's own holdout is not reachable (or is the new data's): "
+            "max_regression not applied"
+        )
 
     scores: dict[tuple[str, str, str], Score] = {}
     table: list[dict[str, Any]] = []
     for model, ref, precision, bundle in models:
-        predictor = Predictor(bundle, precision=precision, warmup=False, intra_op_threads=1)
+        predictor = Predictor(bundle, precision=precision, warmup=False, intra_op_threads=threads)
         for holdout in holdouts:
             result = score(predictor, holdout)
             scores[(holdout.name, model, precision)] = result
