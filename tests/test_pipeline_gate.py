@@ -20,8 +20,10 @@ from cycleml.export import ExportSettings, export_bundle
 from cycleml.pipeline.gate import (
     DECISION_JSON,
     DECISION_TEXT,
+    GateDecision,
     GateFailed,
     GateRules,
+    read_decision,
     record_decision,
     run_gate,
     write_decision,
@@ -120,6 +122,10 @@ def test_worse_challenger_fails_naming_rules_and_figures(blind, tmp_path):
     stored = json.loads(path.read_text())
     assert path.name == DECISION_JSON and stored["passed"] is False
     assert stored["reasons"] == decision.reasons and stored["rules"]["min_accuracy"] == 0.9
+    assert read_decision(tmp_path / "run") == decision
+    assert read_decision(tmp_path / "elsewhere") is None
+    with pytest.raises(ConfigError, match="not a gate decision"):
+        GateDecision.from_dict({"passed": True})
     text = (tmp_path / "run" / DECISION_TEXT).read_text()
     assert text.startswith("gate FAILED: digits/5 against digits/4")
     assert "reason: max_recall_drop" in text

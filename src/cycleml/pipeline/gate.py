@@ -150,6 +150,15 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
+        """A decision read back from ``gate.json`` or a registry evaluation."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise ConfigError(f"not a gate decision: {err}") from None
+
     def summary(self) -> str:
         """One line: passed, or failed with every reason."""
         if self.passed:
@@ -365,6 +374,20 @@ def write_decision(decision: GateDecision, folder: str | Path) -> Path:
     path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n", encoding="utf-8")
     (folder / DECISION_TEXT).write_text(decision.format() + "\n", encoding="utf-8")
     return path
+
+
+def read_decision(folder: str | Path) -> GateDecision | None:
+    """The decision a gate wrote into a run folder, or None when there is none."""
+    path = Path(folder) / DECISION_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the gate decision {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a gate decision")
+    return GateDecision.from_dict(data)
 
 
 def _pct(fraction: float) -> str:
