@@ -150,6 +150,15 @@ class GateDecision:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GateDecision:
+        """A decision read back from ``gate.json`` or a registry evaluation."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise ConfigError(f"not a gate decision: {err}") from None
+
     def summary(self) -> str:
         """One line: passed, or failed with every reason."""
         if self.passed:
@@ -163,7 +172,7 @@ class GateDecision:
         return format_decision(self.to_dict())
 
 
-def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32") -> Score:
+def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32", threads: int = 0) -> Score:
     """Accuracy and per-class recall of a bundle (a folder or a loaded ``Predictor``) on
     a holdout, through ONNX Runtime with the serving path's preprocessing."""
     from cycleml.inference.predictor import Predictor
@@ -172,7 +181,7 @@ def score(bundle: Path | Any, holdout: Holdout, precision: str = "fp32") -> Scor
     predictor = (
         bundle
         if isinstance(bundle, Predictor)
-        else Predictor(bundle, precision=precision, warmup=False, intra_op_threads=1)
+        else Predictor(bundle, precision=precision, warmup=False, intra_op_threads=threads)
     )
     if predictor.kind != holdout.kind:
         raise ConfigError(
@@ -222,11 +231,14 @@ def run_gate(
     rules: GateRules,
     challenger_ref: str,
     champion_ref: str | None,
+    threads: int = 0,
 ) -> GateDecision:
     """Score challenger (fp32, and its int8 variant when exported) and champion on
     every holdout and judge the figures by ``rules``. ``champion`` None (a first run):
     passes when the floor (and the int8 rule) holds. The holdouts are the new data's
-    (role ``new``, at least one) and, when reachable, the champion's own."""
+    (role ``new``, at least one) and, when reachable, the champion's own (see
+    :func:`~cycleml.pipeline.holdout.gate_holdouts`). ``threads``: ONNX Runtime's
+    intra-op threads (0: its choice)."""
     from cycleml.inference.bundle import load_bundle
     from cycleml.inference.predictor import Predictor
 
@@ -246,12 +258,15 @@ def run_gate(
     else:
         notes.append("no champion: only the floor and the int8 rule apply")
     if champion is not None and not any(h.role == CHAMPION_DATA for h in holdouts):
-        notes.append("the champion's own holdout is not reachable: max_regression not applied")
+        notes.append(
+            "the champion's own holdout is not reachable (or is the new data's): "
+            "max_regression not applied"
+        )
 
     scores: dict[tuple[str, str, str], Score] = {}
     table: list[dict[str, Any]] = []
     for model, ref, precision, bundle in models:
-        predictor = Predictor(bundle, precision=precision, warmup=False, intra_op_threads=1)
+        predictor = Predictor(bundle, precision=precision, warmup=False, intra_op_threads=threads)
         for holdout in holdouts:
             result = score(predictor, holdout)
             scores[(holdout.name, model, precision)] = result
@@ -359,6 +374,20 @@ def write_decision(decision: GateDecision, folder: str | Path) -> Path:
     path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n", encoding="utf-8")
     (folder / DECISION_TEXT).write_text(decision.format() + "\n", encoding="utf-8")
     return path
+
+
+def read_decision(folder: str | Path) -> GateDecision | None:
+    """The decision a gate wrote into a run folder, or None when there is none."""
+    path = Path(folder) / DECISION_JSON
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the gate decision {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a gate decision")
+    return GateDecision.from_dict(data)
 
 
 def _pct(fraction: float) -> str:

@@ -133,6 +133,24 @@ def champion_holdout(bundle_dir: Path, split: str = "test") -> Holdout | None:
     return holdout
 
 
+def gate_holdouts(new: Holdout, champion_bundle: Path | None, split: str = "test") -> list[Holdout]:
+    """The holdouts of a gate: the new data's, and the champion's own split when it is
+    reachable and not the very same items (the same data fingerprint: scoring it twice
+    would say nothing more)."""
+    if champion_bundle is None:
+        return [new]
+    own = champion_holdout(Path(champion_bundle), split)
+    if own is None:
+        return [new]
+    same_fingerprint = own.source.get("fingerprint") and (
+        own.source.get("fingerprint") == new.source.get("fingerprint")
+    )
+    if same_fingerprint or (own.item_ids == new.item_ids and own.labels == new.labels):
+        log.info("the champion's own %s split is the new data's: scored once", split)
+        return [new]
+    return [new, own]
+
+
 def champion_data_config(bundle_dir: Path) -> tuple[dict[str, Any] | None, str]:
     """``(data config, where it was read)`` of the run that trained the bundle, or
     ``(None, why not)``."""
