@@ -23,25 +23,20 @@ PRIMARY = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
 
 
 def groups_of(primary: str) -> list[str]:
-    """The config groups named in a primary config's defaults list (with their package,
-    ``pipeline/gate@gate``, as an override names them)."""
+    """The config groups named in a primary config's defaults list."""
     defaults = yaml.safe_load((CONFIGS / f"{primary}.yaml").read_text()).get("defaults", [])
     groups = []
     for entry in defaults:
         if isinstance(entry, dict):
             (key,) = entry
             group = key.removeprefix("optional ").removeprefix("override ").strip("/")
-            if group not in ("hydra", "local") and (CONFIGS / folder_of(group)).is_dir():
+            if group not in ("hydra", "local") and (CONFIGS / group).is_dir():
                 groups.append(group)
     return groups
 
 
-def folder_of(group: str) -> str:
-    return group.split("@", 1)[0]
-
-
 def options_of(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIGS / folder_of(group)).glob("*.yaml"))
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
 
 
 def group_cases() -> Iterator[Any]:
@@ -70,8 +65,8 @@ def targets(node: Any) -> Iterator[str]:
 
 def test_every_group_and_experiment_is_covered() -> None:
     """The cases below reach every option file, so a new one is tested too."""
-    covered = {(folder_of(group), option) for p in PRIMARY for group in groups_of(p)
-               for option in options_of(group)}  # fmt: skip
+    covered = {(group, option) for p in PRIMARY for group in groups_of(p) for option in
+               options_of(group)}  # fmt: skip
     shipped = {
         (str(path.parent.relative_to(CONFIGS)), path.stem)
         for path in CONFIGS.rglob("*.yaml")

@@ -323,7 +323,7 @@ def _fail(
 
 def _gate(ctx: Context, state: st.RunState) -> Any:
     from cycleml.pipeline.gate import GateRules, record_decision, run_gate, write_decision
-    from cycleml.pipeline.holdout import champion_holdout, holdout_from_config
+    from cycleml.pipeline.holdout import gate_holdouts, holdout_from_config
 
     record = state.stage("gate")
     challenger = ctx.outputs["register"]
@@ -337,11 +337,8 @@ def _gate(ctx: Context, state: st.RunState) -> Any:
         rules = GateRules.from_config(ctx.cfg.get("gate"))
         record.config_hash = st.config_hash(rules.to_dict())
         train_cfg = train_config(ctx, str(state.run_dir / "train"), dataset_dir(ctx))
-        holdouts = [holdout_from_config(train_cfg, "test", name="new data: test")]
-        if ctx.champion is not None:
-            own = champion_holdout(Path(ctx.champion.path))
-            if own is not None:
-                holdouts.append(own)
+        new = holdout_from_config(train_cfg, "test", name="new data: test")
+        holdouts = gate_holdouts(new, None if ctx.champion is None else Path(ctx.champion.path))
         decision = run_gate(
             Path(challenger["path"]),
             None if ctx.champion is None else Path(ctx.champion.path),
