@@ -286,5 +286,15 @@ def test_first_run_promotes_and_promote_false_waits_for_a_decision(
     assert second["status"] == "awaiting_promotion"
     registry = Registry(root=cfg.registry.root)
     assert registry.aliases("digits")["digits"] == {"champion": 1, "challenger": 2}
-    registry.close()
     assert "cycleml registry promote digits challenger champion" in capsys.readouterr().out
+
+    # the human decision, later: the registry command finishes the promotion
+    finish = subprocess.run(
+        [sys.executable, "-m", "cycleml", "registry", "promote", "digits", "challenger",
+         "champion", f"root={cfg.registry.root}", "reason=reviewed the gate table"],
+        cwd=cfg.paths.root_dir, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert registry.aliases("digits")["digits"] == {"champion": 2, "challenger": 2}
+    assert registry.audit("digits")[-1].reason == "reviewed the gate table"
+    registry.close()
