@@ -9,7 +9,7 @@ outputs of the stages before it are in ``ctx.outputs``.
 from __future__ import annotations
 
 import logging
-import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +171,11 @@ def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.ckpt_path = str(out_dir)
     elif out_dir.exists():
-        log.info("train: %s holds another training; starting afresh", out_dir)
-        shutil.rmtree(out_dir)
+        # another config or dataset: its checkpoints do not fit; kept aside, not deleted
+        aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir.rename(aside)
+        log.info("train: %s held a training of another config or dataset; moved to %s",
+                 out_dir, aside, extra=CONSOLE)  # fmt: skip
     metrics = train(cfg)
     best = out_dir / "checkpoints" / "best.ckpt"
     checkpoint = best if best.is_file() else out_dir / LAST_CKPT
