@@ -172,7 +172,9 @@ def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
             cfg.ckpt_path = str(out_dir)
     elif out_dir.exists():
         # another config or dataset: its checkpoints do not fit; kept aside, not deleted
-        aside = out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside = _free_name(
+            out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
         out_dir.rename(aside)
         log.info("train: %s held a training of another config or dataset; moved to %s",
                  out_dir, aside, extra=CONSOLE)  # fmt: skip
@@ -186,6 +188,14 @@ def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val/acc", "test/acc")}
     return {"run_dir": str(out_dir), "checkpoint": str(checkpoint), "metrics": shown,
             "resumed": bool(cfg.ckpt_path)}  # fmt: skip
+
+
+def _free_name(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def _resolved(cfg: DictConfig) -> DictConfig:
