@@ -5,6 +5,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --protocols-only   # the HTTP protocol row only
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
+    .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -21,6 +22,9 @@ For each model it prints:
   alternate which goes first, and the median ratio of their throughputs;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
   SQLite) and with the log off, measured the same way;
+* the experiment row: `cycleml serve` with an A/B experiment on the model (every
+  request carries a unit id, is assigned an arm and gets an assignment row written to
+  SQLite) and without one, measured the same way;
 and the ratios the serving targets are stated in. Client, servers and runtime share
 this machine's cores; every ratio compares figures measured in this one process run.
 """
@@ -42,7 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cycleml.experiments.store import ExperimentStore
 from cycleml.inference import Predictor, load_bundle
+from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
 from cycleml.serving.served_model import SERVING_SESSION_CONFIG
 
@@ -167,6 +173,7 @@ import sys, json, numpy as np, uvicorn
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+from cycleml.experiments.store import ExperimentStore
 from cycleml.inference import Predictor, load_bundle
 predictor = Predictor(load_bundle(sys.argv[1]))
 shape = predictor.input_shape[1:]
@@ -261,7 +268,7 @@ def _mean(before: tuple[float, float], after: tuple[float, float]) -> float:
 
 
 # -- requests --------------------------------------------------------------------------------
-def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
+def binary_request(port: int, model: str, pixels: np.ndarray, unit: str | None = None) -> bytes:
     header = json.dumps(
         {
             "inputs": [
@@ -284,6 +291,7 @@ def binary_request(port: int, model: str, pixels: np.ndarray) -> bytes:
         {
             "Inference-Header-Content-Length": str(len(header)),
             "Content-Type": "application/octet-stream",
+            **({} if unit is None else {"X-User-Id": unit}),
         },
     )
 
@@ -311,14 +319,29 @@ def samples(shape: tuple[int, ...], count: int = 16) -> list[np.ndarray]:
     return [rng.integers(0, 256, (1, *shape), dtype=np.uint8) for _ in range(count)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_closed(
-    port: int, requests: list[bytes], concurrency: int, seconds: float, with_batches: bool
+    port: int,
+    requests: list[bytes],
+    concurrency: int,
+    seconds: float,
+    with_batches: bool,
+    pid: int | None = None,
 ) -> dict[str, float]:
+    """A closed-loop run; ``pid``: also the server's CPU milliseconds per request."""
     run(closed_loop(HOST, port, requests, concurrency, min(seconds, 0.5)))  # warm
     names = ("cycleml_batch_size", "cycleml_inference_time_seconds") if with_batches else ()
     before = [histogram_totals(port, name) for name in names]
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     results = run(closed_loop(HOST, port, requests, concurrency, seconds))
     row = summarize(results)
+    if pid is not None:
+        row["cpu_ms"] = (cpu_seconds(pid) - cpu_before) * 1000.0 / max(row["requests"], 1)
     if with_batches:
         after = [histogram_totals(port, name) for name in names]
         row["mean_batch"] = _mean(before[0], after[0])
@@ -389,32 +412,119 @@ def compare_in_turns(
     concurrency: int,
     seconds: float,
     turns: int,
+    units: bool = False,
+    pids: dict[str, int] | None = None,
 ) -> float:
     """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
     against the second), binary tensors at one concurrency, in close turns that
-    alternate which goes first; the median of the turns' throughput ratios."""
+    alternate which goes first; the median of the turns' throughput ratios. ``units``:
+    every request carries a unit id (header X-User-Id), to both servers alike.
+    ``pids``: also each server's CPU time per request, and the median of its ratios
+    (less sensitive than throughput to other load on a shared machine)."""
     first, second = ports
     requests = {
-        name: [binary_request(port, model, p) for p in pixels] for name, port in ports.items()
+        name: [
+            binary_request(port, model, p, f"user-{i}" if units else None)
+            for i, p in enumerate(pixels)
+        ]
+        for name, port in ports.items()
     }
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
+    cpu_ratios = []
+    cpu_by_name: dict[str, list[float]] = {}
     for turn in range(turns):
         order = (first, second) if turn % 2 == 0 else (second, first)
         rows = {
-            name: measure_closed(ports[name], requests[name], concurrency, seconds, False)
+            name: measure_closed(
+                ports[name], requests[name], concurrency, seconds, False, (pids or {}).get(name)
+            )
             for name in order
         }
         ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
+        cpu = ""
+        if pids:
+            for name in ports:
+                cpu_by_name.setdefault(name, []).append(rows[name]["cpu_ms"])
+            cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
+            cpu = (
+                f"; CPU {rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
+                f"({cpu_ratios[-1]:.3f}x)"
+            )
         print(
             f"    turn {turn + 1}: {first} {rows[first]['rps']:.0f} req/s "
             f"(p50 {rows[first]['p50_ms']:.2f} ms), {second} {rows[second]['rps']:.0f} "
-            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x",
+            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x{cpu}; "
+            f"load average {_load()}",
             flush=True,
         )
     ratio = float(np.median(ratios))
     print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
+    if cpu_ratios:
+        for name in ports:
+            CPU_MS_PER_REQUEST[name] = float(np.median(cpu_by_name[name]))
+        print(
+            f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
+            f"{second} (median of {turns} turns)",
+            flush=True,
+        )
     return ratio
+
+
+# server name -> its median CPU milliseconds per request in the latest two-server row
+CPU_MS_PER_REQUEST: dict[str, float] = {}
+
+
+def experiment_path_us(workdir: Path, requests: int = 50_000) -> float:
+    """CPU microseconds per request of what an experiment adds to a request, in this
+    process: the routing decision (unit id from the headers, SHA-256 assignment), the
+    assignment row buffered, and the writer thread's share (rows written to SQLite)."""
+    from cycleml.experiments.store import ExperimentSpec
+    from cycleml.serving.experiments import ActiveExperiment, AssignmentLog, Target
+    from cycleml.serving.metrics import ServingMetrics
+
+    spec = ExperimentSpec.from_dict(
+        {"model": "m", "arms": {"control": "m", "treatment": "m/1"}}, name="bench"
+    )
+    experiment = ActiveExperiment(
+        spec, {"control": Target("m", None), "treatment": Target("m", "1")}
+    )
+    router = ExperimentRouter.__new__(ExperimentRouter)
+    router.active = {"m": experiment}
+    store = ExperimentStore(f"sqlite:///{workdir / 'bench-experiment-path.db'}")
+    router.log = AssignmentLog(store, ServingMetrics())
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"content-length", b"420"),
+        (b"inference-header-content-length", b"164"),
+        (b"content-type", b"application/octet-stream"),
+    ]
+    scopes = [{"headers": [*headers, (b"x-user-id", f"user-{i}".encode())]} for i in range(256)]
+    started = time.process_time()
+    for index in range(requests):
+        routed = router.route("m", scopes[index % 256])
+        assert routed is not None
+        router.record(routed, f"bench-{index}", "m", "1", 200, 0.001)
+    router.log.flush(timeout=60)
+    used = time.process_time() - started
+    router.log.close()
+    store.close()
+    return used / requests * 1e6
+
+
+def report_experiment_path(workdir: Path) -> float:
+    """Print (and return) the experiment path's CPU per request as a share of the CPU
+    per request of the server without an experiment, from the latest experiment row."""
+    cost_us = experiment_path_us(workdir)
+    server_ms = CPU_MS_PER_REQUEST.get("experiment off", float("nan"))
+    share = cost_us / 1000.0 / server_ms
+    print(
+        f"  in this process, routing + assignment + its row cost {cost_us:.1f} us of CPU per "
+        f"request = {share:.1%} of the CPU per request of the server without an experiment "
+        f"({server_ms:.3f} ms); load average {_load()}",
+        flush=True,
+    )
+    return share
 
 
 def _load() -> str:
@@ -443,18 +553,23 @@ def two_servers_row(
     """Two `cycleml serve` processes with the overrides of ``variants`` (name → its
     overrides; the first measured against the second), in turns."""
     meta = load_bundle(bundle).meta
-    pixels = samples(tuple(meta.input.shape[1:]))
+    units = any("experiments" in o for overrides in variants.values() for o in overrides)
+    # many units: each request is assigned by its own hash
+    pixels = samples(tuple(meta.input.shape[1:]), 256 if units else 16)
     ports = {name: free_port() for name in variants}
     first, second = (
         serve_command(bundle, ports[name], workdir, overrides)
         for name, overrides in variants.items()
     )
     a, b = ports.values()
-    with running(first, a, workdir), running(second, b, workdir):
-        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns)
+    with running(first, a, workdir) as one, running(second, b, workdir) as two:
+        pids = dict(zip(variants, (one.pid, two.pid), strict=True))
+        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units, pids)
 
 
-def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def protocol_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
     """`cycleml serve` with its own HTTP protocol layer (http_protocol=cycleml) against
     uvicorn's httptools protocol as it is (http_protocol=uvicorn; the application's fast
     path answers inference in both): own / uvicorn's. The layer stays only while this
@@ -465,7 +580,7 @@ def protocol_variants(serve_overrides: list[str], workdir: Path) -> dict[str, li
     }
 
 
-def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, list[str]]:
+def logging_variants(serve_overrides: list[str], workdir: Path, model: str) -> dict[str, list[str]]:
     """`cycleml serve` logging every prediction (monitoring.sample_rate=1, SQLite, with
     the bundle's embedding) against the same server with the log off: on / off. The
     target is >= 0.95 (docs/serving.md, Prediction log)."""
@@ -481,8 +596,33 @@ def logging_variants(serve_overrides: list[str], workdir: Path) -> dict[str, lis
     }
 
 
+def experiment_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
+    """`cycleml serve` with an A/B experiment on the model (two arms, 50/50 by the
+    X-User-Id header; both arms are the one served version, so the row measures
+    routing, assignment and the assignment rows, not a second model) against the same
+    server without one: on / off. The target is >= 0.97."""
+    db_url = f"sqlite:///{workdir / 'bench-experiments.db'}"
+    return {
+        "experiment on": [
+            *serve_overrides,
+            f"monitoring.db_url={db_url}",
+            f"+experiments.bench.model={model}",
+            f"+experiments.bench.arms.control={model}",
+            f"+experiments.bench.arms.treatment={model}/1",
+            "+experiments.bench.unit.header=X-User-Id",
+        ],
+        "experiment off": [*serve_overrides, f"monitoring.db_url={db_url}"],
+    }
+
+
 # figure -> the two server configurations it compares
-TWO_SERVER_ROWS = {"protocol_vs_uvicorn": protocol_variants, "logging_vs_off": logging_variants}
+TWO_SERVER_ROWS = {
+    "protocol_vs_uvicorn": protocol_variants,
+    "logging_vs_off": logging_variants,
+    "experiment_vs_off": experiment_variants,
+}
 
 
 def bench_model(
@@ -550,12 +690,14 @@ def bench_model(
             bundle,
             workdir,
             seconds,
-            variants(serve_overrides, workdir),
+            variants(serve_overrides, workdir, meta.name),
             best_concurrency,
             2 * rounds - 1,
         )
         for figure, variants in TWO_SERVER_ROWS.items()
     }
+
+    two_server_figures["experiment_path_share"] = report_experiment_path(workdir)
 
     # the machine may be shared: measure the ceiling again and keep the higher figure,
     # so a quieter spell during the server runs cannot flatter the ratios
@@ -627,10 +769,16 @@ def main() -> None:
         "with the log off, in turns at --concurrency clients",
     )
     parser.add_argument(
+        "--experiments-only",
+        action="store_true",
+        help="only the A/B experiment row: cycleml serve with an experiment on the model "
+        "and without, in turns at --concurrency clients (the digits model)",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=64,
-        help="clients of --protocols-only and --logging-only",
+        help="clients of --protocols-only, --logging-only and --experiments-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -644,7 +792,11 @@ def main() -> None:
         results = {}
         for name in args.models.split(","):
             bundle = exporters[name](workdir / name)
-            only = {"protocol_vs_uvicorn": args.protocols_only, "logging_vs_off": args.logging_only}
+            only = {
+                "protocol_vs_uvicorn": args.protocols_only,
+                "logging_vs_off": args.logging_only,
+                "experiment_vs_off": args.experiments_only,
+            }
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
                 results[name] = {
@@ -652,13 +804,17 @@ def main() -> None:
                         bundle,
                         workdir,
                         seconds,
-                        TWO_SERVER_ROWS[figure](args.serve.split(), workdir),
+                        TWO_SERVER_ROWS[figure](
+                            args.serve.split(), workdir, load_bundle(bundle).meta.name
+                        ),
                         args.concurrency,
                         2 * args.rounds - 1,
                     )
                     for figure, wanted in only.items()
                     if wanted
                 }
+                if args.experiments_only:
+                    results[name]["experiment_path_share"] = report_experiment_path(workdir)
                 continue
             results[name] = bench_model(
                 name, bundle, workdir, seconds, args.serve.split(), args.rounds

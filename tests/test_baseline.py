@@ -152,7 +152,8 @@ def test_text_sentiment_experiment_runs_on_multi_class_data(make_cfg, tmp_path, 
 def test_the_text_experiment_runs_on_any_text_table_beside_its_baseline(make_cfg, tmp_path):
     table = four_topics(tmp_path / "topics.csv")
     deep_cfg = make_cfg("train", "experiment=text", f"data.path={table}")
-    assert deep_cfg.model.net.ngram_buckets > 0 and not deep_cfg.augment.transforms
+    # n-grams of word pieces as features, no augmentation: a fair match for TF-IDF n-grams
+    assert deep_cfg.model.net.kernel_sizes and not deep_cfg.augment.transforms
     deep = train(run_in(deep_cfg, tmp_path / "deep"))
     baseline = train(
         run_in(

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from cycleml.db import open_database
-from cycleml.monitoring.log import PredictionLog, PredictionRecord, records_from_batch
+from cycleml.inference.reference import input_features
+from cycleml.monitoring.log import (
+    PredictionLog,
+    PredictionRecord,
+    columns_from_batch,
+    records_from_batch,
+)
 from cycleml.monitoring.monitor import gauge_values
 from test_monitoring_support import (
     CLASSES,
@@ -72,8 +78,67 @@ def test_write_read_round_trip_and_idempotent_retries(db_url):
     middle = log.read("digits", "1", start=T0 + dt.timedelta(seconds=10),
                       end=T0 + dt.timedelta(seconds=20))  # fmt: skip
     assert middle.request_ids == [f"a-{i}" for i in range(10, 20)]
+    # the same instants written with another UTC offset select the same rows
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    shifted = log.read("digits", "1", start=(T0 + dt.timedelta(seconds=10)).astimezone(plus2),
+                       end=(T0 + dt.timedelta(seconds=20)).astimezone(plus2))  # fmt: skip
+    assert shifted.request_ids == middle.request_ids
     assert log.versions("digits") == {"1": 50} and log.versions("other") == {}
     log.close()
+
+
+def test_columns_write_the_same_rows_as_records(db_url):
+    """The server's columnar path stores what the record path stores, skips ids already
+    logged, and keeps a non-finite feature readable (NaN, as json.dumps writes it)."""
+    log = PredictionLog(db_url)
+    records = synthetic_records(6, "r-")
+    log.write(records)
+    rng = np.random.default_rng(len("r-") + 6)  # synthetic_records' draws, again
+    images = rng.integers(0, 255, size=(6, 8, 8, 1)).astype(np.uint8)
+    probabilities = rng.dirichlet(np.ones(10), size=6).astype(np.float32)
+    embeddings = rng.normal(size=(6, 4)).astype(np.float32)
+    probabilities[5] = np.nan  # a model that answered NaN: its confidence is NaN
+    columns = columns_from_batch(
+        model="digits", version="1", kind="image", class_names=CLASSES,
+        request_ids=[f"c-{i}" for i in range(6)], inputs=images, probabilities=probabilities,
+        embeddings=embeddings, logged_at=[T0 + dt.timedelta(seconds=i) for i in range(6)],
+    )  # fmt: skip
+    log.write_columns([columns])
+    log.write_columns([columns])  # a retried write adds nothing
+    rows = log.read("digits", "1")
+    assert len(rows) == 12
+    by_id = {rid: i for i, rid in enumerate(rows.request_ids)}
+    for i in range(5):
+        r, c = by_id[f"r-{i}"], by_id[f"c-{i}"]
+        assert rows.logged_at[c] == rows.logged_at[r] == T0 + dt.timedelta(seconds=i)
+        assert rows.predicted_class[c] == rows.predicted_class[r]
+        assert rows.predicted_label[c] == rows.predicted_label[r]
+        np.testing.assert_array_equal(rows.probabilities[c], rows.probabilities[r])
+        np.testing.assert_array_equal(rows.embedding[c], rows.embedding[r])
+        for name in ("brightness", "contrast", "confidence"):
+            assert rows.features[name][c] == rows.features[name][r], name
+    assert np.isnan(rows.features["confidence"][by_id["c-5"]])
+    assert rows.features["brightness"][by_id["c-5"]] == rows.features["brightness"][by_id["r-5"]]
+    # and the record path likewise
+    nan_record = PredictionRecord(**{**records[0].__dict__, "request_id": "r-nan",
+                                     "features": {"confidence": float("nan")}})  # fmt: skip
+    assert log.write([nan_record]) == 1
+    rows = log.read("digits", "1")
+    assert np.isnan(rows.features["confidence"][rows.request_ids.index("r-nan")])
+    log.close()
+
+
+def test_uint8_image_features_match_the_float_formula():
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(20, 7, 5, 3)).astype(np.uint8)
+    images[0] = 0  # no contrast at all
+    images[1] = 255
+    exact = input_features("image", images)
+    floats = input_features("image", images.astype(np.float32))
+    for name in ("brightness", "contrast"):
+        assert exact[name].dtype == np.float32
+        np.testing.assert_allclose(exact[name], floats[name], rtol=1e-6, atol=1e-7)
+    assert exact["contrast"][0] == exact["contrast"][1] == 0.0
 
 
 def test_writes_from_several_threads(db_url):

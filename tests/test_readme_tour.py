@@ -26,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from cycleml.cli import COMMANDS
 from cycleml.cli_args import as_overrides
 from cycleml.configs_path import config_dir
+from cycleml.experiments.cli import experiment_overrides
 from cycleml.monitoring.cli import monitor_overrides
 from cycleml.registry.cli import registry_overrides
 
@@ -76,6 +77,8 @@ def config_and_overrides(args: list[str], tmp_path: Path) -> tuple[str, list[str
             rest = as_overrides(rest, ["old", "new"])
     elif command == "registry":
         command, rest = "registry", registry_overrides(rest[0], rest[1:])
+    elif command == "experiment":
+        command, rest = "ab", experiment_overrides(rest[0], rest[1:])
     else:
         if command == "monitor":
             rest = monitor_overrides(rest)

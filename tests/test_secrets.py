@@ -123,3 +123,24 @@ def test_train_run_folder_holds_no_password(tmp_path):
     written = files_under(run)
     assert "someone:***@" in written[run / "summary.json"]
     assert [str(p) for p, text in written.items() if PASSWORD in text] == []
+
+
+def test_wandb_run_metadata_holds_no_password(tmp_path):
+    # W&B stores the command line in the run's metadata when the run starts
+    result, _ = cycleml(
+        "train",
+        "logger=wandb",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        f"+notes.db={URL}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    stored = [p for p in (run / "wandb").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.suffix == ".wandb" for p in stored)
+    command_line = b"someone:***@127.0.0.1"
+    assert any(command_line in p.read_bytes() for p in stored if p.suffix == ".wandb")
+    assert [str(p) for p in stored if PASSWORD.encode() in p.read_bytes()] == []

@@ -3,6 +3,8 @@ that fails while the server runs (requests answered, dropped records counted).""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import threading
 import time
@@ -15,9 +17,13 @@ from sqlalchemy import delete
 
 from cycleml.errors import ConfigError
 from cycleml.inference import load_bundle
+from cycleml.inference.reference import input_features
 from cycleml.monitoring.log import PredictionLog
 from cycleml.monitoring.tables import predictions
+from cycleml.serving.batcher import WorkItem
+from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.prediction_logger import LoggedBatch, PredictionLogger
+from cycleml.serving.served_model import ServedModel
 from test_predict_support import DATABASES, postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_CLASSES,
@@ -157,6 +163,38 @@ def test_sample_rate_zero_logs_nothing(image_bundle: Path, tmp_path: Path) -> No
     assert len(PredictionLog(db_url).read("shapes", "1")) == 0
 
 
+def test_a_batch_logs_only_its_sampled_requests(image_bundle: Path, tmp_path: Path) -> None:
+    """One batch of logged and unlogged requests (one of three rows): the batch's arrays
+    are handed over once, and the log holds each sampled row with its own answer."""
+    db_url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    logger = PredictionLogger(db_url, 1.0, 1000, 1 << 20, on_dropped=lambda rows: None)
+    model = ServedModel(
+        "shapes", load_bundle(image_bundle), settings(image_bundle), ServingMetrics(),
+        prediction_logger=logger,
+    )  # fmt: skip
+    rng = np.random.default_rng(4)
+    loop = asyncio.new_event_loop()
+    items = [
+        WorkItem(inputs=_pixels(rng, rows), deadline=0.0, loop=loop, future=loop.create_future())
+        for rows in (1, 1, 3, 1, 2)
+    ]
+    for item, log_id in zip(items, ("s-0", None, "s-2", "s-3", None), strict=True):
+        item.log_id = log_id
+    model.batchers[0]._run_batch(items)
+    logger.close()
+    loop.close()
+    logged = PredictionLog(db_url).read("shapes", "1")
+    expected = {"s-0": (items[0], 0), "s-3": (items[3], 0)}
+    expected.update({f"s-2/{row}": (items[2], row) for row in range(3)})
+    assert sorted(logged.request_ids) == sorted(expected)
+    for i, rid in enumerate(logged.request_ids):
+        item, row = expected[rid]
+        np.testing.assert_array_equal(logged.probabilities[i], item.output[row])
+        np.testing.assert_array_equal(logged.embedding[i], item.embedding[row])
+        brightness = input_features("image", item.inputs[row : row + 1])["brightness"][0]
+        assert logged.features["brightness"][i] == brightness
+
+
 def _batch(rid: str) -> LoggedBatch:
     from cycleml.db import utc_now
 
@@ -172,6 +210,44 @@ def _batch(rid: str) -> LoggedBatch:
         embeddings=None,
         logged_at=utc_now(),
     )
+
+
+@pytest.mark.parametrize(
+    ("buffer_rows", "buffer_bytes"),
+    [(5, 10**9), (100, 5 * 12)],  # 12 input bytes per row
+)
+def test_a_batch_larger_than_the_room_keeps_the_rows_that_fit(
+    tmp_path: Path, buffer_rows: int, buffer_bytes: int
+) -> None:
+    release = threading.Event()
+    dropped: list[int] = []
+
+    def slow_open(url: str) -> PredictionLog:
+        release.wait(30)
+        return PredictionLog(url)
+
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    logger = PredictionLogger(
+        url, 1.0, buffer_rows, buffer_bytes, dropped.append, open_log=slow_open
+    )
+    logger.offer(_batch("first"))  # the writer takes it and hangs in slow_open
+    deadline = time.monotonic() + 10
+    while logger._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rows, one = 8, _batch("b")
+    logger.offer(
+        dataclasses.replace(
+            one,
+            request_ids=[f"b{i}" for i in range(rows)],
+            inputs=np.repeat(one.inputs, rows, axis=0),
+            probabilities=np.repeat(one.probabilities, rows, axis=0),
+        )
+    )
+    assert dropped == [3]
+    release.set()
+    logger.close()
+    logged = PredictionLog(url).read("m", "1")
+    assert sorted(logged.request_ids) == ["b0", "b1", "b2", "b3", "b4", "first"]
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ COMMANDS = [
     ["registry", "register"],
     ["monitor"],
     ["pipeline"],
+    ["experiment", "report"],
 ]
 
 # runs `cycleml <args>` in this process, then reports which heavy modules it imported

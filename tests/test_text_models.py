@@ -272,7 +272,8 @@ def test_a_frozen_encoder_encodes_each_text_once_per_run(tiny_bert):
     net.encoder.register_forward_hook(
         lambda m, args, kwargs, out: encoded.append(len(kwargs["input_ids"])), with_kwargs=True
     )
-    assert enable_feature_cache(net)
+    # augmented: the texts an augmenter leaves alone still hit the cache
+    assert enable_feature_cache(net, augmented=True)
     with torch.no_grad():
         first = net(ids)
         padded = net(torch.nn.functional.pad(ids, (0, 5)))  # the same texts, padded longer

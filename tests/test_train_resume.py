@@ -341,3 +341,24 @@ def test_resume_may_change_how_data_is_loaded(make_cfg, tmp_path):
     now = make_cfg("train", *given, fast=False)
     cfg = config_for_resume(now, run_dir, given, {})
     assert cfg.data.eval_batch_size == 64 and cfg.data.num_workers == 0
+
+
+@pytest.mark.parametrize("content", ["text", "plain dict", "code"])
+def test_resume_from_a_file_that_is_no_training_checkpoint_is_refused(tmp_path, content):
+    from cycleml.training.run import resolve_resume
+
+    path = tmp_path / "other.ckpt"
+    if content == "text":
+        path.write_text("not a checkpoint")
+    elif content == "plain dict":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        torch.save({"state_dict": {}, "pytorch-lightning_version": "2", "x": Path("/")}, path)
+    with pytest.raises(ConfigError, match="other.ckpt") as refused:
+        resolve_resume(str(path), tmp_path / "runs", tmp_path / "now")
+    expected = {
+        "text": "not a readable",
+        "plain dict": "not a training checkpoint",
+        "code": "refused",
+    }
+    assert expected[content] in str(refused.value)

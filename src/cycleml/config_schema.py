@@ -248,7 +248,9 @@ MODEL = _under(
 CALLBACKS = _under(
     "callbacks",
     {
-        "early_stopping.patience": integer(0),
+        "early_stopping.patience_fraction": number(0, 1),
+        "early_stopping.min_patience": integer(0),
+        "early_stopping.min_val_items": integer(0),
         "early_stopping.mode": choice("min", "max"),
         "early_stopping.min_delta": number(0),
         "model_checkpoint.mode": choice("min", "max"),
@@ -355,17 +357,95 @@ SERVE = {
     "monitoring.report_window": integer(1),
     "access_log": boolean(),
 }
-DATA_COMMANDS = {
-    "overwrite": boolean(),
-    "workers": optional(integer(1)),
-    "progress": boolean(),
-    "files": choice("copy", "hardlink", "symlink"),
-    "limit": integer(0),
+# `cycleml data gather | clean | diff`
+_DATA_RUN = {"overwrite": boolean(), "workers": optional(integer(1)), "progress": boolean()}
+DATA_GATHER = {**_DATA_RUN, "files": choice("copy", "hardlink", "symlink")}
+DATA_DIFF = {"limit": integer(0)}
+# `cycleml data clean`: the clean group's settings (CleanSettings checks them again)
+_POLICY = choice("drop", "quarantine", "keep")
+DATA_CLEAN = {
+    **_DATA_RUN,
+    **_under(
+        "clean",
+        {
+            **{
+                f"checks.{check}": _POLICY
+                for check in (
+                    "missing_label",
+                    "empty_text",
+                    "wrong_type",
+                    "out_of_range",
+                    "unreadable_image",
+                    "too_small",
+                    "exact_duplicate",
+                    "near_duplicate",
+                    "conflicting_label",
+                    "leakage",
+                )
+            },
+            "min_width": integer(1),
+            "min_height": integer(1),
+            "hamming": either(choice("auto"), integer(0, 63)),
+            "files": choice("hardlink", "copy"),
+            "examples": integer(0),
+        },
+    ),
+}
+COMPARE = {
+    "folder": text("a folder of training runs or sweep trials"),
+    "sort": optional(text("a metric name")),
+    "ascending": boolean(),
+    "out": optional(text("a CSV file")),
+}
+MONITOR = {
+    "command": choice("report", "labels"),
+    "ref": optional(text("a model: name, name/version or name@alias")),
+    "db_url": text("an SQLAlchemy URL"),
+    "format": choice("text", "json"),
+    "input_format": optional(choice("csv", "tsv", "jsonl", "parquet")),
+    **_under(
+        "window",
+        {
+            "by": choice("count", "time"),
+            "size": integer(1),
+            "duration": text("a duration such as 1h, 30min or 1d"),
+            "last": optional(integer(1)),
+        },
+    ),
+    **_under(
+        "drift",
+        {
+            "alpha": number(0, 1, low_open=True, high_open=True),
+            "correction": choice("holm", "bonferroni"),
+            "large_window": integer(1),
+            "wasserstein_threshold": positive(),
+            "jensenshannon_threshold": number(0, 1, low_open=True),
+            "min_rows": integer(1),
+            "mmd_reference_rows": integer(2),
+            "mmd_window_rows": integer(2),
+            "mmd_permutations": integer(1),
+            "seed": integer(0),
+        },
+    ),
+}
+REGISTRY = {
+    "root": text("a registry folder"),
+    "db_url": optional(text("an SQLAlchemy URL")),
+    "format": choice("table", "json"),
+    "description": text(),
+    "tags": Rule("a mapping of tag names to values", _is_mapping),
+    "all": boolean(),
+    "reason": text(),
 }
 PIPELINE = {
     **TRAIN,
     **{k: v for k, v in EXPORT.items() if k.startswith("export.")},
-    **{k: v for k, v in DATA_COMMANDS.items() if k in ("workers", "progress", "files")},
+    **{k: v for k, v in DATA_GATHER.items() if k != "overwrite"},
+    **{k: v for k, v in DATA_CLEAN.items() if k.startswith("clean.")},
+    **{f"monitor.{k}": v for k, v in MONITOR.items() if k.startswith(("window.", "drift."))},
+    "monitor.db_url": text("an SQLAlchemy URL"),
+    "registry.root": text("a registry folder"),
+    "registry.db_url": optional(text("an SQLAlchemy URL")),
     "name": text("a model name"),
     "trigger": choice("always", "drift", "labels"),
     "min_new_labels": integer(0),
@@ -374,7 +454,6 @@ PIPELINE = {
     "stop_after": optional(
         choice("gather", "clean", "train", "evaluate", "export", "register", "gate")
     ),
-    "monitor.window.size": integer(1),
 }
 
 # primary config name -> what its keys accept
@@ -384,9 +463,12 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "export": EXPORT,
     "predict": PREDICT,
     "serve": SERVE,
-    "data_gather": DATA_COMMANDS,
-    "data_clean": DATA_COMMANDS,
-    "data_diff": DATA_COMMANDS,
+    "data_gather": DATA_GATHER,
+    "data_clean": DATA_CLEAN,
+    "data_diff": DATA_DIFF,
+    "compare": COMPARE,
+    "monitor": MONITOR,
+    "registry": REGISTRY,
     "pipeline": PIPELINE,
 }
 

@@ -155,3 +155,14 @@ def chunked(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 def utc_now() -> dt.datetime:
     """The current time, timezone-aware UTC (what every timestamp column stores)."""
     return dt.datetime.now(dt.timezone.utc)
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as timezone-aware UTC. A naive time is taken as UTC (SQLite hands every
+    stored time back naive); an aware one is converted, since SQLite compares stored
+    times as text and a bound with another offset would be hours off."""
+    return (
+        value.replace(tzinfo=dt.timezone.utc)
+        if value.tzinfo is None
+        else value.astimezone(dt.timezone.utc)
+    )

@@ -52,15 +52,19 @@ def _remove_failed_run_folder(folder: Path) -> None:
         log.info("removed %s: the run failed before writing any result", folder)
 
 
-def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+def hydra_app(
+    config_name: str, command: str | None = None
+) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Wrap ``task(cfg)`` as a Hydra app on ``configs/<config_name>.yaml``.
 
     A misspelled group or option on the command line is named before Hydra starts.
     The composed config is checked (``config_schema``) before the task runs. A
     :class:`CycleMLError` in a single run is printed as one line naming the problem
-    and exits with status 2; in a multirun it propagates so that the sweeper can
+    and exits with status 2 (``cycleml <command>: error: …``; ``command`` defaults to
+    the config's name); in a multirun it propagates so that the sweeper can
     record the job as failed and go on.
     """
+    shown = command or config_name
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
@@ -77,7 +81,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
                     _remove_failed_run_folder(Path(HydraConfig.get().runtime.output_dir))
                 if err is None or multirun:
                     raise
-                exit_with_user_error(config_name, err)
+                exit_with_user_error(shown, err)
 
         app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(run)
 
@@ -87,7 +91,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
                 try:
                     check_overrides(config_name, sys.argv[1:])
                 except CycleMLError as err:
-                    exit_with_user_error(config_name, err, logged=False)
+                    exit_with_user_error(shown, err, logged=False)
                 return app(*args, **kwargs)
 
         return main

@@ -10,9 +10,7 @@ that a password given on the command line never reaches the disk.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from cycleml.accelerators import check_gpus
 from cycleml.config_schema import check_config, check_sweep_values
 from cycleml.errors import ConfigError, CycleMLError
+from cycleml.files import write_atomic
 from cycleml.hydra_app import exit_with_user_error
 from cycleml.redaction import redact, redact_logging, redact_values
-from cycleml.umask import as_if_created
 
 
 def check_launcher(cfg: DictConfig) -> None:
@@ -96,7 +94,7 @@ class RedactedJobFiles(Callback):
 
 def _write_yaml(path: Path, values: Any) -> None:
     text = OmegaConf.to_yaml(OmegaConf.create(redact_values(values)))
-    _replace(path, text)
+    write_atomic(path, text)
 
 
 def _redact_file(path: Path) -> None:
@@ -107,17 +105,4 @@ def _redact_file(path: Path) -> None:
         return
     hidden = redact(text)
     if hidden != text:
-        _replace(path, hidden)
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        as_if_created(temporary, directory=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        write_atomic(path, hidden)

@@ -87,6 +87,13 @@ def check_overrides(config_name: str, args: list[str]) -> None:
 
 def _check_option(group: str, value: str, options: list[str]) -> None:
     for option in (part.strip() for part in value.split(",")):
+        if option == "null":
+            # Hydra stops with a traceback ("must be a string or a list. Got NoneType")
+            instead = f" or choose {group}=none" if "none" in options else ""
+            raise ConfigError(
+                f"{group}=null: a config group is not set to null; leave it out with "
+                f"~{group}{instead}"
+            )
         if not option or option in _NULL or option in options or "(" in option:
             continue  # empty, null, known, or a sweep function such as choice(...)
         near = _nearest(option, options)

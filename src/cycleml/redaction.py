@@ -89,3 +89,15 @@ def redacted_output() -> Iterator[None]:
         yield
     finally:
         sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def redacted_argv() -> Iterator[None]:
+    """Redact passwords from ``sys.argv`` meanwhile: trackers such as W&B store the
+    command line in the run's metadata when the run starts."""
+    saved = list(sys.argv)
+    sys.argv[1:] = [redact(arg) for arg in saved[1:]]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cycleml.data.augment_choice import resolve_augmentation
 from cycleml.data.splits import SPLITS, split_indices
 from cycleml.data.versioning import content_hash, dataset_fingerprint
 from cycleml.errors import ConfigError, DataError
@@ -175,6 +176,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
         images, labels, class_names, item_ids = self._load()
         self.images, self.labels = images, labels.astype(np.int64)
         self.class_names, self.item_ids = class_names, item_ids
+        # augment=auto: chosen now that the images' size and colour are known
+        self.train_transform = resolve_augmentation(self.train_transform, images, self.image_size)
         self.splits = self._assign_splits(self.labels)
         self.fingerprint = self._fingerprint()
         log.info(

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cycleml.data.augment_choice import AutoAugment
 from cycleml.data.splits import SPLITS, split_indices
 from cycleml.data.text_augment import TextAugment
 from cycleml.data.text_table import BadRow, TextRows, parse_rows, report_bad_rows
@@ -283,9 +284,13 @@ class TextTableDataModule(L.LightningDataModule):
 
 
 def _text_augment(transform: Callable | None) -> TextAugment | None:
-    """The training augmenter; an empty image pipeline (``augment=none``) means none."""
+    """The training augmenter; an empty image pipeline (``augment=none``) or
+    ``augment=auto`` means none."""
     if transform is None or isinstance(transform, TextAugment):
         return transform
+    if isinstance(transform, AutoAugment):
+        log.info("augmentation: none for text (augment=auto); augment=text_light sets one")
+        return None
     if getattr(transform, "transforms", None) is not None and len(transform.transforms) == 0:
         return None
     raise ConfigError(

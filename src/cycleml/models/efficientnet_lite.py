@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from cycleml.errors import ConfigError
 from cycleml.models.backbones import _adapt_first_conv, load_pretrained, load_state_dict_file
+from cycleml.models.feature_cache import FeatureCache, in_use, pixel_keys
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ class EfficientNetLite0(nn.Module):
         # a linear probe by configuration, which no warm-up callback unfreezes
         self.probe = freeze_backbone
         self.freeze_backbone = freeze_backbone
+        # set for a probe's training run by enable_feature_cache: pooled backbone
+        # features by image, so epochs after the first train the head only
+        self.feature_cache: FeatureCache | None = None
         if freeze_backbone:
             self.set_backbone_trainable(False)
 
@@ -160,6 +164,9 @@ class EfficientNetLite0(nn.Module):
     def set_backbone_trainable(self, trainable: bool) -> None:
         """Freeze (False) or unfreeze (True) everything but the head."""
         self.freeze_backbone = not trainable
+        if trainable and self.feature_cache is not None:
+            self.feature_cache = None  # the backbone's outputs change from now on
+            log.info("backbone unfrozen: its cached features are dropped")
         for param in self.backbone_parameters():
             param.requires_grad_(trainable)
         self.train(self.training)
@@ -182,5 +189,23 @@ class EfficientNetLite0(nn.Module):
         """Pooled 1280-d features before the classifier (for the linear-probe baseline)."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
+    @property
+    def frozen_encoder(self) -> bool:
+        """Whether the backbone stays frozen for the whole run (a probe): then its
+        features may be cached; a warm-up's frozen epochs do not count."""
+        return self.probe
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Pooled backbone features, before the head's dropout and classifier."""
+        return self.model.global_pool(self.model.forward_features(x))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+        if not (self.freeze_backbone and in_use(self.feature_cache)):
+            return self.model(x)
+        features = self.feature_cache.features(x, pixel_keys(x), self.encode)
+        # timm's forward_head after pooling: the same dropout, then the classifier
+        if self.model.drop_rate > 0.0:
+            features = torch.nn.functional.dropout(
+                features, p=self.model.drop_rate, training=self.model.training
+            )
+        return self.model.classifier(features)

@@ -209,6 +209,8 @@ class PretrainedTextEncoder(nn.Module):
             )
         self.pad_id = pad_id
         self.freeze = freeze
+        # a text augmenter edits a share of the texts: the others still hit the cache
+        self.cache_augmented_inputs = True
         # set for a training run by enable_feature_cache (frozen encoders only)
         self.feature_cache: FeatureCache | None = None
         if freeze:

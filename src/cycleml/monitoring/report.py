@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,17 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def write_report(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    """Write both files into ``out_dir``; returns their paths."""
+def write_report(
+    report: dict[str, Any],
+    out_dir: Path,
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[Path, Path]:
+    """Write both files into ``out_dir``; returns their paths. ``render`` makes the
+    page (default: the monitoring page; other reports pass their own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    html_path.write_text(render_html(report), encoding="utf-8")
+    html_path.write_text((render or render_html)(report), encoding="utf-8")
     return json_path, html_path
 
 
@@ -54,13 +60,15 @@ def render_html(report: dict[str, Any]) -> str:
             _accuracy_figure(windows),
             _mix_figure(report),
         ):
-            parts.append(f"<img alt='' src='data:image/png;base64,{_png(figure)}'>")
+            parts.append(f"<img alt='' src='data:image/png;base64,{figure_png(figure)}'>")
         parts.append(_window_table(windows))
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _png(figure: plt.Figure) -> str:
+def figure_png(figure: plt.Figure) -> str:
+    """The figure as base64 PNG text for an ``<img src='data:image/png;base64,…'>``;
+    the figure is closed."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
     plt.close(figure)

@@ -18,10 +18,18 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import cycleml
-from cycleml.serving import routes_feedback, routes_stats, routes_v1, routes_v2
+from cycleml.errors import CycleMLError
+from cycleml.serving import (
+    routes_experiments,
+    routes_feedback,
+    routes_stats,
+    routes_v1,
+    routes_v2,
+)
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
+from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.fast_path import INFER_PATH, InferenceFastPath
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.middleware import RequestContextMiddleware
@@ -112,6 +120,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
         ),
         auth=auth,
     )
+    state.experiments = ExperimentRouter(settings, state.repository, metrics)
+    state.experiments_started = not state.experiments.wanted
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -126,6 +136,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
             await loading
             if drift_reporter is not None:
                 await asyncio.to_thread(drift_reporter.close)
+            if state.experiments is not None:
+                await asyncio.to_thread(state.experiments.close)
             await asyncio.to_thread(state.repository.close)
             if prediction_logger is not None:
                 await asyncio.to_thread(prediction_logger.close)
@@ -151,6 +163,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     app.include_router(routes_v2.router)
     app.include_router(routes_v1.router)
     app.include_router(routes_feedback.router)
+    app.include_router(routes_experiments.router)
     app.add_api_route(
         "/v2", server_metadata, methods=["GET"], tags=["health"], summary="Server metadata"
     )
@@ -195,6 +208,15 @@ def _load(state: ServerState) -> None:
         )
         log.error("no model could be loaded: %s", state.load_failure)
         return
+    if state.experiments is not None and not state.experiments_started:
+        try:
+            state.experiments.start()
+        except (CycleMLError, ValueError) as err:
+            # a configured experiment that cannot run stops the server with the reason
+            state.load_failure = f"experiments: {err}"
+            log.error("%s", state.load_failure)
+            return
+        state.experiments_started = True
     # Everything loaded so far (the libraries, the sessions, the app) lives as long as
     # the server. Moved out of the collector's reach, it is not scanned again: without
     # this, each full collection walked it all and held the event loop and the batchers
@@ -233,7 +255,7 @@ async def live(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     state = state_of(request)
-    is_ready = state.repository.ready and not state.draining
+    is_ready = state.repository.ready and state.experiments_started and not state.draining
     return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 

@@ -222,7 +222,10 @@ class DynamicBatcher:
         max_rows: int,
         max_delay_s: float,
         latency: BatchLatencyModel,
-        on_batch: Callable[[list[WorkItem], int, float], None] | None = None,
+        # called after each batch the runtime answered (not after a failed one):
+        # (items, inputs, outputs, embeddings, seconds), the arrays of the whole batch
+        on_batch: Callable[[list[WorkItem], np.ndarray, np.ndarray, np.ndarray | None, float], None]
+        | None = None,
         run_logged: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> None:
         self.name = name
@@ -327,7 +330,7 @@ class DynamicBatcher:
             offset += item.rows
         settle_from_thread(items)
         if self._on_batch is not None:
-            self._on_batch(items, rows, end - start)
+            self._on_batch(items, inputs, outputs, embeddings, end - start)
 
     def _run_alone(self, item: WorkItem) -> None:
         """Run one request of a failed batch on its own (no batch statistics kept)."""

@@ -23,6 +23,7 @@ from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, InferenceFailed, WorkItem
 from cycleml.serving.body_guard import BodyBufferFull, BodyTimeout
 from cycleml.serving.decode_limits import DecodeLimitExceeded
+from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.protocol import ProtocolError, json_dumps
 from cycleml.serving.repository import ModelNotFound, ModelRepository, ModelUnavailable
@@ -57,6 +58,10 @@ class ServerState:
     # why no model could be loaded at start-up (the server then stops: on_no_model)
     load_failure: str | None = None
     on_no_model: Callable[[], None] | None = None
+    # the A/B experiments that route requests by unit (None: not set up)
+    experiments: ExperimentRouter | None = None
+    # False until the configured experiments route (readiness waits for them)
+    experiments_started: bool = True
 
     async def off_loop(self, work: Callable[..., T], *args: Any) -> T:
         """Run CPU work (JSON and image decoding) on the decode threads."""

@@ -125,6 +125,31 @@ class ServingMetrics:
             "database refused or could not be reached.",
             registry=self.registry,
         )
+        self.experiment_requests = Counter(
+            "cycleml_experiment_requests_total",
+            "Requests routed by an experiment, by experiment, answering arm and how the "
+            "arm was chosen: unit (hash of the unit id) or random (no unit id sent).",
+            ("experiment", "arm", "assigned"),
+            registry=self.registry,
+        )
+        self.experiment_dropped = Counter(
+            "cycleml_experiment_assignments_dropped_total",
+            "Experiment assignment rows dropped: the writer's buffer was full, or the "
+            "database refused or could not be reached.",
+            registry=self.registry,
+        )
+        self.experiment_shadow_skipped = Counter(
+            "cycleml_experiment_shadow_skipped_total",
+            "Mirrored (shadow) calls not made: too many were in flight already.",
+            ("experiment",),
+            registry=self.registry,
+        )
+        self.feedback_unknown = Counter(
+            "cycleml_feedback_unknown_total",
+            "Feedback items (labels and outcome events) whose request id or unit "
+            "matched no logged prediction or experiment assignment.",
+            registry=self.registry,
+        )
         # collectors of values computed elsewhere (the drift gauges), in every exposition
         self._collectors: list[Collector] = []
         # (model, version, endpoint, status) -> the children request_done updates

@@ -26,9 +26,9 @@ import numpy as np
 from cycleml.db import safe_url
 from cycleml.monitoring.log import (
     LabelReport,
+    PredictionColumns,
     PredictionLog,
-    PredictionRecord,
-    records_from_batch,
+    columns_from_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,10 @@ WARN_EVERY_S = 10.0
 # after a failed write (or a failed connect), the next write waits this long; records
 # arriving meanwhile stay buffered up to the buffer's bound
 RETRY_AFTER_S = 1.0
-# the writer gathers records this long (or until WRITE_ROWS wait) before a write: one
-# transaction per 100 requests costs a third of the CPU per record of one per 10
-GATHER_S = 0.1
-WRITE_ROWS = 500
+# the writer gathers records this long (or until WRITE_ROWS wait) before a write: it
+# wakes a few times a second, and each transaction's fixed cost is shared by many rows
+GATHER_S = 0.25
+WRITE_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,16 @@ class LoggedBatch:
     @property
     def rows(self) -> int:
         return len(self.request_ids)
+
+    def head(self, rows: int) -> LoggedBatch:
+        """The first ``rows`` rows, copied (a view would keep the whole batch's arrays)."""
+        return dataclasses.replace(
+            self,
+            request_ids=self.request_ids[:rows],
+            inputs=self.inputs[:rows].copy(),
+            probabilities=self.probabilities[:rows].copy(),
+            embeddings=None if self.embeddings is None else self.embeddings[:rows].copy(),
+        )
 
 
 class PredictionLogger:
@@ -101,22 +111,28 @@ class PredictionLogger:
         return self.sample_rate >= 1.0 or random.random() < self.sample_rate
 
     def offer(self, batch: LoggedBatch) -> None:
-        """Buffer ``batch`` for the writer; when the buffer is full, count it dropped."""
+        """Buffer ``batch`` for the writer; what does not fit in the buffer (a whole
+        batch, or the rows of it beyond the bounds) is counted dropped."""
         with self._cond:
-            accepted = (
-                not self._closed
-                and self._pending_rows + batch.rows <= self.buffer_rows
-                and self._pending_bytes + batch.inputs.nbytes <= self.buffer_bytes
-            )
-            if accepted:
-                self._pending.append(batch)
-                self._pending_rows += batch.rows
-                self._pending_bytes += batch.inputs.nbytes
+            room = 0 if self._closed else self._room(batch)
+            if room:
+                kept = batch if room == batch.rows else batch.head(room)
+                self._pending.append(kept)
+                self._pending_rows += kept.rows
+                self._pending_bytes += kept.inputs.nbytes
                 # wake the writer when it idles, or to write a full batch; not per record
                 if len(self._pending) == 1 or self._pending_rows >= WRITE_ROWS:
                     self._cond.notify()
-        if not accepted:
-            self._drop(batch.rows, "the buffer is full")
+        if room < batch.rows:
+            self._drop(batch.rows - room, "the buffer is full")
+
+    def _room(self, batch: LoggedBatch) -> int:
+        """How many of ``batch``'s rows the buffer's bounds (rows, input bytes) take."""
+        rows = min(batch.rows, self.buffer_rows - self._pending_rows)
+        row_bytes = batch.inputs.nbytes // max(batch.rows, 1)
+        if row_bytes:
+            rows = min(rows, (self.buffer_bytes - self._pending_bytes) // row_bytes)
+        return max(rows, 0)
 
     def attach_labels(self, labels: Sequence[tuple[str, str]]) -> LabelReport:
         """Attach true labels by request id (blocking database work: call it off the
@@ -170,35 +186,32 @@ class PredictionLogger:
 
     def _write(self, batches: list[LoggedBatch]) -> None:
         prediction_log = self.prediction_log()
-        records: list[PredictionRecord] = []
-        # one records_from_batch per model version over all its waiting requests: its
-        # features are computed on whole arrays (about 10x less CPU per row than one
-        # request at a time)
+        # one columns_from_batch per model version over all its waiting batches: its
+        # features are computed on whole arrays and its arrays turned to bytes at once
         groups: dict[tuple, list[LoggedBatch]] = {}
         for batch in batches:
             key = (batch.model, batch.version, batch.embeddings is None)
             groups.setdefault(key, []).append(batch)
+        columns: list[PredictionColumns] = []
         for group in groups.values():
             first = group[0]
-            times = [batch.logged_at for batch in group for _ in range(batch.rows)]
-            made = records_from_batch(
-                model=first.model,
-                version=first.version,
-                kind=first.kind,
-                class_names=first.class_names,
-                request_ids=[rid for batch in group for rid in batch.request_ids],
-                inputs=np.concatenate([batch.inputs for batch in group]),
-                probabilities=np.concatenate([batch.probabilities for batch in group]),
-                embeddings=None
-                if first.embeddings is None
-                else np.concatenate([batch.embeddings for batch in group]),
-                pad_id=first.pad_id,
+            columns.append(
+                columns_from_batch(
+                    model=first.model,
+                    version=first.version,
+                    kind=first.kind,
+                    class_names=first.class_names,
+                    request_ids=[rid for batch in group for rid in batch.request_ids],
+                    inputs=joined([batch.inputs for batch in group]),
+                    probabilities=joined([batch.probabilities for batch in group]),
+                    embeddings=None
+                    if first.embeddings is None
+                    else joined([batch.embeddings for batch in group]),
+                    pad_id=first.pad_id,
+                    logged_at=[batch.logged_at for batch in group for _ in range(batch.rows)],
+                )
             )
-            records += [
-                dataclasses.replace(record, logged_at=when)
-                for record, when in zip(made, times, strict=True)
-            ]
-        prediction_log.write(records)
+        prediction_log.write_columns(columns)
 
     def _drop(self, rows: int, why: str) -> None:
         self._on_dropped(rows)
@@ -212,3 +225,8 @@ class PredictionLogger:
                 self._last_warning = now
         if due:
             log.warning("prediction log: %d record(s) dropped (%s)", count, why)
+
+
+def joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """The arrays one after the other (the one array itself, uncopied, when alone)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)

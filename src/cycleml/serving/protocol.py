@@ -421,8 +421,10 @@ def encode_response(
     model_version: str,
     request: InferRequest,
     outputs: dict[str, np.ndarray],
+    extra: dict[str, Any] | None = None,
 ) -> EncodedResponse:
-    """The response body for ``outputs`` (already restricted to the requested names)."""
+    """The response body for ``outputs`` (already restricted to the requested names);
+    ``extra`` fields (an experiment and its arm) join the JSON header."""
     tensors = []
     blobs: list[bytes] = []
     for name, array in outputs.items():
@@ -447,6 +449,8 @@ def encode_response(
     }
     if request.id is not None:
         header["id"] = request.id
+    if extra:
+        header.update(extra)
     header_bytes = json_dumps(header)
     if not blobs:
         return EncodedResponse(header_bytes, None)

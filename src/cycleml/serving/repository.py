@@ -125,6 +125,8 @@ class ModelRepository:
         )
         self._followed: dict[str, FollowedModel] = {}
         self._routes: dict[str, dict[str, str]] = {}
+        # versions served because a running experiment's arm names them: model -> versions
+        self._for_experiments: dict[str, set[str]] = {}
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -164,7 +166,15 @@ class ModelRepository:
 
     def wanted(self, name: str, versions: list[VersionOnDisk]) -> list[VersionOnDisk]:
         """The versions of a model to serve, by pin, by the registry's aliases, or by
-        version policy."""
+        version policy; and those an experiment's arm names."""
+        chosen = self._wanted(name, versions)
+        extra = self._for_experiments.get(name)
+        if extra:
+            have = {v.version for v in chosen}
+            chosen += [v for v in versions if v.version in extra and v.version not in have]
+        return chosen
+
+    def _wanted(self, name: str, versions: list[VersionOnDisk]) -> list[VersionOnDisk]:
         pinned = self.settings.pinned_versions.get(name)
         if pinned is not None:
             chosen = [v for v in versions if v.version == pinned]
@@ -218,6 +228,51 @@ class ModelRepository:
         if not served:
             raise ModelUnavailable(self.failure_reason(name) or f"model '{name}' failed to load")
         return served
+
+    def serve_for_experiment(self, name: str, version: str | None, alias: str | None) -> None:
+        """Make sure ``name`` (at ``version``, or ``@alias``) is served, for an
+        experiment's arm: a version on disk that is not served yet is loaded (blocking).
+        Raises ModelNotFound / ModelUnavailable naming what is missing."""
+        if alias is not None:
+            with self._lock:
+                routed = self._routes.get(name, {}).get(alias)
+                served = name in self._live
+            if routed is None:
+                if not served:
+                    raise self._missing(name)
+                raise self._unknown_alias(name, alias)
+            return
+        if version is None:
+            with self._lock:
+                served = name in self._live
+            if not served:
+                raise self._missing(name)
+            return
+        if version in self.versions(name):
+            self._for_experiments.setdefault(name, set()).add(version)
+            return
+        on_disk = [] if self.single_bundle else self.scan().get(name, [])
+        if version not in {v.version for v in on_disk}:
+            shown = ", ".join(v.version for v in on_disk) or "none"
+            raise ModelNotFound(
+                f"model '{name}' has no version {version} in '{self.root}' (versions: {shown})"
+            )
+        self._for_experiments.setdefault(name, set()).add(version)
+        self._sync_model(name, on_disk, retry_failed=True)
+        if version not in self.versions(name):
+            reason = self.failure_reason(name) or "not loaded"
+            raise ModelUnavailable(f"model '{name}' version {version} is not served: {reason}")
+
+    def keep_for_experiments(self, wanted: dict[str, set[str]]) -> None:
+        """Versions only experiments wanted and that no running experiment names any
+        more stop being served (blocking)."""
+        before = self._for_experiments
+        self._for_experiments = {name: set(v) for name, v in wanted.items()}
+        for name in sorted(set(before) | set(wanted)):
+            if before.get(name, set()) - wanted.get(name, set()) and not self.single_bundle:
+                versions = self.scan().get(name)
+                if versions:
+                    self._sync_model(name, versions)
 
     def unload_model(self, name: str, hold: bool = True) -> None:
         """Stop serving ``name``; ``hold``: and keep the watch from loading it again

@@ -1,8 +1,12 @@
-"""``POST /v1/feedback``: true labels for logged predictions, by request id.
+"""``POST /v1/feedback``: true labels for logged predictions, and experiment outcomes.
 
-The body is ``{"request_id": "...", "label": "..."}`` or a list of such objects; the
-label is the class name. The answer counts what was attached and names every request
-id that matches no logged prediction (nothing is dropped silently).
+The body is one object or a list of them. ``{"request_id": "...", "label": "..."}``
+attaches a true label (a class name) to a logged prediction.
+``{"request_id" | "unit": "...", "event": "click", "value": 1.0, "experiment": "..."}``
+records an outcome of an A/B experiment next to the request's (or the unit's latest)
+assignment, in ``ab_events``. The answer counts what was attached and names every
+request id (and unit) that matches nothing: such events are stored with arm null and
+counted in ``cycleml_feedback_unknown_total``, never dropped silently.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from starlette.responses import Response
 
 from cycleml.db import safe_url
 from cycleml.serving.dispatch import error_response, json_response, read_body, state_of
+from cycleml.serving.experiments import FeedbackEvent, parse_event
 from cycleml.serving.protocol import ProtocolError, json_loads
 
 log = logging.getLogger(__name__)
@@ -27,19 +32,40 @@ _ITEM = {
     "required": ["request_id", "label"],
     "properties": {"request_id": {"type": "string"}, "label": {"type": "string"}},
 }
+_EVENT = {
+    "type": "object",
+    "required": ["event"],
+    "properties": {
+        "request_id": {"type": "string"},
+        "unit": {"type": "string"},
+        "event": {"type": "string", "example": "click"},
+        "value": {"type": "number", "default": 1.0},
+        "experiment": {"type": "string"},
+    },
+}
+_ANY = {"oneOf": [_ITEM, _EVENT]}
 _FEEDBACK_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"oneOf": [_ITEM, {"type": "array", "items": _ITEM}]}}
+            "application/json": {"schema": {"oneOf": [_ANY, {"type": "array", "items": _ANY}]}}
         },
     }
 }
 
 
 def parse_feedback(body: bytes) -> list[tuple[str, str]]:
-    """``(request_id, label)`` pairs from a feedback body; a ProtocolError names what
-    is wrong with it."""
+    """``(request_id, label)`` pairs from a feedback body of labels only; a
+    ProtocolError names what is wrong with it."""
+    labels, events = parse_feedback_items(body)
+    if events:
+        raise ProtocolError("feedback body holds outcome events; expected labels only")
+    return labels
+
+
+def parse_feedback_items(body: bytes) -> tuple[list[tuple[str, str]], list[FeedbackEvent]]:
+    """The labels ``(request_id, label)`` and the outcome events of a feedback body; a
+    ProtocolError names what is wrong with it."""
     try:
         value = json_loads(body)
     except ValueError:
@@ -48,11 +74,16 @@ def parse_feedback(body: bytes) -> list[tuple[str, str]]:
     if not items:
         raise ProtocolError("feedback body is an empty list; send at least one label")
     pairs = []
+    events = []
     for index, item in enumerate(items):
         where = "feedback" if not isinstance(value, list) else f"feedback item #{index}"
+        if isinstance(item, dict) and "event" in item:
+            events.append(parse_event(item, where))
+            continue
         if not isinstance(item, dict) or set(item) != {"request_id", "label"}:
             raise ProtocolError(
-                f'{where} must be an object {{"request_id": ..., "label": ...}}, got '
+                f'{where} must be an object {{"request_id": ..., "label": ...}} or '
+                f'{{"request_id" | "unit": ..., "event": ..., "value": ...}}, got '
                 f"{_describe(item)}"
             )
         request_id, label = item["request_id"], item["label"]
@@ -64,7 +95,7 @@ def parse_feedback(body: bytes) -> list[tuple[str, str]]:
         if not isinstance(label, str) or not label:
             raise ProtocolError(f"{where}: label must be a class name (a non-empty string)")
         pairs.append((request_id, label))
-    return pairs
+    return pairs, events
 
 
 def _describe(item: Any) -> str:
@@ -82,31 +113,53 @@ def _describe(item: Any) -> str:
 async def feedback(request: Request) -> Response:
     state = state_of(request)
     try:
-        labels = parse_feedback(await read_body(request, state))
+        labels, events = parse_feedback_items(await read_body(request, state))
     except Exception as err:
         return error_response(err, state.settings)[1]
     logger = state.repository.prediction_logger
-    if logger is None:
+    if labels and logger is None:
         return json_response(
             {"error": "the prediction log is off; start the server with monitoring.enabled=true"},
             409,
         )
-    try:
-        # database work: off the event loop
-        report = await asyncio.to_thread(logger.attach_labels, labels)
-    except Exception as err:
-        where = safe_url(logger.db_url)
-        log.warning("feedback: the prediction log at %s failed: %s", where, err)
-        return json_response(
-            {"error": f"the prediction log's database ({where}) failed: {type(err).__name__}"},
-            503,
-            {"Retry-After": str(state.settings.limits.retry_after_s)},
-        )
+    answer = {"received": 0, "attached": 0, "unknown": 0, "unknown_request_ids": []}
+    if labels:
+        assert logger is not None
+        try:
+            # database work: off the event loop
+            report = await asyncio.to_thread(logger.attach_labels, labels)
+        except Exception as err:
+            return _database_failed(state, logger.db_url, err)
+        if report.unknown:
+            state.metrics.feedback_unknown.inc(report.unknown)
+        answer["received"] += report.received
+        answer["attached"] += report.attached
+        answer["unknown"] += report.unknown
+        answer["unknown_request_ids"] += report.unknown_ids
+    if events:
+        router = state.experiments
+        if router is None or router.db_url is None:
+            return json_response(
+                {"error": "outcome events need the experiments' database: set monitoring.db_url"},
+                409,
+            )
+        try:
+            outcome = await asyncio.to_thread(router.record_events, events)
+        except Exception as err:
+            return _database_failed(state, router.db_url, err)
+        answer["received"] += outcome.received
+        answer["attached"] += outcome.attached
+        answer["unknown"] += len(outcome.unknown_request_ids) + len(outcome.unknown_units)
+        answer["unknown_request_ids"] += outcome.unknown_request_ids
+        answer["unknown_units"] = outcome.unknown_units
+    return json_response(answer)
+
+
+def _database_failed(state: Any, db_url: str, err: Exception) -> Response:
+    where = safe_url(db_url)
+    log.warning("feedback: the database at %s failed: %s", where, err)
     return json_response(
-        {
-            "received": report.received,
-            "attached": report.attached,
-            "unknown": report.unknown,
-            "unknown_request_ids": report.unknown_ids,
-        }
+        {"error": f"the feedback database ({where}) failed: {type(err).__name__}"},
+        503,
+        {"Retry-After": str(state.settings.limits.retry_after_s)},
     )

@@ -22,7 +22,9 @@ from starlette.responses import Response
 
 from cycleml.serving.decode_limits import check_images, tokenize_within_limits
 from cycleml.serving.dispatch import (
+    ServerState,
     answered,
+    error_parts,
     infer_rows,
     json_response,
     read_body,
@@ -30,6 +32,7 @@ from cycleml.serving.dispatch import (
     state_of,
     timeout_s,
 )
+from cycleml.serving.experiments import Routed
 from cycleml.serving.protocol import ProtocolError, json_loads
 from cycleml.serving.routes_v2 import MODEL_VERSION_HEADER
 from cycleml.serving.served_model import ServedModel
@@ -176,10 +179,33 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
     state = state_of(request)
     received = time.perf_counter()
 
+    held: dict[str, bytes] = {}  # the body, for a mirrored (shadow) copy
+
     async def handle(info: dict[str, Any]) -> Response:
-        body = await read_body(request, state)
+        router = state.experiments
+        if version is None and router is not None and router.active:
+            # an experiment on this model name: the unit's arm answers
+            routed = router.route(model_name, request.scope)
+            if routed is not None:
+                info["experiment"] = routed.experiment.name
+                info["arm"] = routed.arm
+                try:
+                    response = await answer(info, routed.target.name, routed.target.version)
+                except Exception as err:
+                    status = error_parts(err, state.settings)[0]
+                    _record(state, routed, info, status, received)
+                    raise
+                response.headers.update({k.decode(): v.decode() for k, v in routed.headers})
+                _record(state, routed, info, 200, received)
+                if routed.shadow is not None:
+                    _mirror_v1(state, routed, request, info, held["body"])
+                return response
+        return await answer(info, model_name, version)
+
+    async def answer(info: dict[str, Any], name: str, version: str | None) -> Response:
+        body = held["body"] = await read_body(request, state)
         deadline = received + timeout_s(request, state.settings, None)
-        with state.repository.lease(model_name, version) as model:
+        with state.repository.lease(name, version) as model:
             info["model"] = model.name
             info["version"] = model.version
             rows = await _rows(request, body, model, deadline)
@@ -195,6 +221,11 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
                     "model_name": model.name,
                     "model_version": model.version,
                     "id": info["request_id"],
+                    **(
+                        {"experiment": info["experiment"], "arm": info["arm"]}
+                        if "arm" in info
+                        else {}
+                    ),
                     "predictions": [
                         {
                             "label": p.label,
@@ -211,6 +242,41 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             )
 
     return await answered(state, request, "v1_predict", model_name, handle)
+
+
+def _record(
+    state: ServerState, routed: Routed, info: dict[str, Any], status: int, received: float
+) -> None:
+    assert state.experiments is not None
+    state.experiments.record(
+        routed,
+        str(info.get("request_id")),
+        info.get("model", ""),
+        info.get("version", ""),
+        status,
+        time.perf_counter() - received,
+    )
+
+
+def _mirror_v1(
+    state: ServerState, routed: Routed, request: Request, info: dict[str, Any], body: bytes
+) -> None:
+    """Send the shadow arm the same request; its answer is recorded, never returned."""
+    assert state.experiments is not None
+    timeout = state.settings.limits.default_timeout_ms / 1000.0
+
+    async def prepare(model: ServedModel) -> np.ndarray:
+        rows = await _rows(request, body, model, time.perf_counter() + timeout)
+        model.check_rows(rows)
+        return rows
+
+    state.experiments.mirror(
+        routed,
+        str(info.get("request_id")),
+        timeout,
+        prepare,
+        lambda err: error_parts(err, state.settings)[0],
+    )
 
 
 @router.post(

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,6 +25,7 @@ from cycleml.serving.dispatch import (
     request_timeout_s,
     state_of,
 )
+from cycleml.serving.experiments import Routed
 from cycleml.serving.protocol import (
     BYTES,
     encode_response,
@@ -32,6 +34,7 @@ from cycleml.serving.protocol import (
     parse_json_request,
 )
 from cycleml.serving.repository import BadModelRef, LoadFailed, ModelNotFound, ModelUnavailable
+from cycleml.serving.served_model import ServedModel
 
 router = APIRouter()
 
@@ -120,6 +123,7 @@ async def infer_answer(
             timeout_header = value.decode("latin-1")
     settings = state.settings
     served = None
+    routed: Routed | None = None
     try:
         body = await receive_body(receive, settings.limits.max_body_bytes, declared)
         if encoding is not None:
@@ -130,7 +134,17 @@ async def infer_answer(
         else:
             parsed = await state.off_loop(parse_json_request, body)
         deadline = started + request_timeout_s(settings, timeout_header, parsed.timeout_us)
-        model = served = state.repository.acquire(model_name, version)
+        router = state.experiments
+        if version is None and router is not None and router.active:
+            # an experiment on this model name: the unit's arm answers
+            routed = router.route(model_name, scope, parsed.parameters)
+        if routed is None:
+            model = served = state.repository.acquire(model_name, version)
+        else:
+            info["experiment"] = routed.experiment.name
+            info["arm"] = routed.arm
+            target = routed.target
+            model = served = state.repository.acquire(target.name, target.version)
         try:
             # the model that computes the answer names it (an alias may move meanwhile)
             info["model"] = model.name
@@ -144,7 +158,11 @@ async def infer_answer(
             item = await infer_rows(receive, model, rows, deadline, info.get("request_id"))
             record_item(info, item)
             encoded = encode_response(
-                model.name, model.version, parsed, {model.output_name: item.output}
+                model.name,
+                model.version,
+                parsed,
+                {model.output_name: item.output},
+                None if routed is None else routed.body_fields,
             )
         finally:
             model.release()
@@ -158,19 +176,60 @@ async def infer_answer(
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in extra.items())]
         if "version" in info:
             headers.append((MODEL_VERSION_HEADER, info["version"].encode()))
+        if routed is not None:
+            headers += routed.headers
+            _record(state, routed, info, status, started)
         return status, headers, json_dumps({"error": message})
     account(state, info, "v2_infer", 200, started)
     version_header = (MODEL_VERSION_HEADER, model.version.encode())
     if encoded.header_length is None:
-        return 200, [_JSON, version_header], encoded.body
-    return (
-        200,
-        [
+        headers = [_JSON, version_header]
+    else:
+        headers = [
             _BINARY,
             (b"inference-header-content-length", str(encoded.header_length).encode()),
             version_header,
-        ],
-        encoded.body,
+        ]
+    if routed is not None:
+        headers += routed.headers
+        _record(state, routed, info, 200, started)
+        if routed.shadow is not None:
+            _mirror_v2(state, routed, info, parsed)
+    return 200, headers, encoded.body
+
+
+def _record(
+    state: ServerState, routed: Routed, info: dict[str, Any], status: int, started: float
+) -> None:
+    assert state.experiments is not None
+    state.experiments.record(
+        routed,
+        str(info.get("request_id")),
+        info.get("model", ""),
+        info.get("version", ""),
+        status,
+        time.perf_counter() - started,
+    )
+
+
+def _mirror_v2(state: ServerState, routed: Routed, info: dict[str, Any], parsed: Any) -> None:
+    """Send the shadow arm the same request; its answer is recorded, never returned."""
+    assert state.experiments is not None
+    settings = state.settings
+    timeout = settings.limits.default_timeout_ms / 1000.0
+
+    async def prepare(model: ServedModel) -> np.ndarray:
+        if parsed.inputs[0].datatype == BYTES:
+            deadline = time.perf_counter() + timeout
+            return await state.decode_by(deadline, model.rows_from_texts, parsed, settings.limits)
+        return model.check_request(parsed)
+
+    state.experiments.mirror(
+        routed,
+        str(info.get("request_id")),
+        timeout,
+        prepare,
+        lambda err: error_parts(err, settings)[0],
     )
 
 

@@ -313,37 +313,64 @@ class ServedModel:
         """Take a queued item out (deadline or client gone); False once it is running."""
         return self.queue.remove(item)
 
-    def _record_batch(self, items: list[WorkItem], rows: int, seconds: float) -> None:
+    def _record_batch(
+        self,
+        items: list[WorkItem],
+        inputs: np.ndarray,
+        outputs: np.ndarray,
+        embeddings: np.ndarray | None,
+        seconds: float,
+    ) -> None:
+        rows = len(inputs)
         self._inference_time.observe(seconds)
         self._batch_size.observe(rows)
         self.stats.batch_ran(rows, seconds)
         if self.prediction_logger is not None:
-            self._log_predictions(items)
+            self._log_predictions(items, inputs, outputs, embeddings)
 
-    def _log_predictions(self, items: list[WorkItem]) -> None:
-        """Hand the batch's logged requests to the prediction log's writer (on the
-        batcher thread: only a buffer append; features are computed by the writer)."""
-        now = utc_now()
-        for item in items:
-            if item.log_id is None:
-                continue
-            rows = item.rows
-            # one record per row: a request of several rows logs <id>/<row>
-            ids = [item.log_id] if rows == 1 else [f"{item.log_id}/{i}" for i in range(rows)]
-            self.prediction_logger.offer(
-                LoggedBatch(
-                    model=self.name,
-                    version=self.version,
-                    kind=self.kind,
-                    class_names=self.class_names,
-                    pad_id=self._pad_id,
-                    request_ids=ids,
-                    inputs=item.inputs,
-                    probabilities=item.output,
-                    embeddings=item.embedding,
-                    logged_at=now,
-                )
+    def _log_predictions(
+        self,
+        items: list[WorkItem],
+        inputs: np.ndarray,
+        outputs: np.ndarray,
+        embeddings: np.ndarray | None,
+    ) -> None:
+        """Hand the batch's logged requests to the prediction log's writer as one
+        :class:`LoggedBatch` of the batch's own arrays (on the batcher thread: nothing
+        per row but its id; the features are computed by the writer)."""
+        logged = [item for item in items if item.log_id is not None]
+        if not logged:
+            return
+        if len(logged) == len(outputs):  # every request logged, each of one row
+            ids = [item.log_id for item in logged]
+        else:
+            ids, index, offset = [], [], 0
+            for item in items:
+                rows = len(item.inputs)
+                if item.log_id is not None:
+                    # one record per row: a request of several rows logs <id>/<row>
+                    ids += (
+                        [item.log_id] if rows == 1 else [f"{item.log_id}/{i}" for i in range(rows)]
+                    )
+                    index += range(offset, offset + rows)
+                offset += rows
+            if len(index) < len(outputs):  # only some logged: their rows, copied
+                inputs, outputs = inputs[index], outputs[index]
+                embeddings = None if embeddings is None else embeddings[index]
+        self.prediction_logger.offer(
+            LoggedBatch(
+                model=self.name,
+                version=self.version,
+                kind=self.kind,
+                class_names=self.class_names,
+                pad_id=self._pad_id,
+                request_ids=ids,
+                inputs=inputs,
+                probabilities=outputs,
+                embeddings=embeddings,
+                logged_at=utc_now(),
             )
+        )
 
     # -- preprocessing for the convenience endpoint --------------------------------------------
     def preprocess_image(self, image: bytes | np.ndarray) -> np.ndarray:

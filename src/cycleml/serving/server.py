@@ -78,6 +78,8 @@ def serve(settings: ServeSettings) -> None:
         log.info("serving %s on http://%s:%d", settings.path, settings.host, settings.port)
         # on an open socket, as uvicorn runs its worker processes too (see "loop" above)
         server.run(sockets=[config.bind_socket()])
+        if state.load_failure is not None and state.load_failure.startswith("experiments:"):
+            raise CycleMLError(f"cannot serve '{settings.path}': {state.load_failure}")
         if state.load_failure is not None:
             raise CycleMLError(
                 f"no model could be loaded from '{settings.path}': {state.load_failure}"

@@ -119,6 +119,8 @@ class ServeSettings:
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     access_log: bool = True
     http_protocol: str = "cycleml"
+    # A/B experiments between model versions: name -> spec (cycleml.experiments)
+    experiments: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(
@@ -241,6 +243,34 @@ class ServeSettings:
             not monitoring.enabled or bool(monitoring.db_url),
             "monitoring.enabled needs monitoring.db_url (an SQLAlchemy URL)",
         )
+        self._check_experiments()
+
+    def _check_experiments(self) -> None:
+        """Each configured experiment's spec, and one experiment per model."""
+        if not self.experiments:
+            return
+        from cycleml.experiments.store import ExperimentError, ExperimentSpec
+
+        _check(
+            isinstance(self.experiments, dict),
+            "experiments must map experiment names to specs",
+        )
+        _check(
+            bool(self.monitoring.db_url),
+            "experiments need a database: set monitoring.db_url (an SQLAlchemy URL)",
+        )
+        models: dict[str, str] = {}
+        for name, values in self.experiments.items():
+            try:
+                spec = ExperimentSpec.from_dict(values, name=str(name))
+            except ExperimentError as err:
+                raise ConfigError(f"experiments.{name}: {err}") from None
+            _check(
+                spec.model not in models,
+                f"experiments.{name}: model '{spec.model}' already has the experiment "
+                f"'{models.get(spec.model)}'; one experiment per model",
+            )
+            models[spec.model] = spec.name
 
     @property
     def follows_registry(self) -> bool:
@@ -276,6 +306,12 @@ class ServeSettings:
             str(k): str(v) for k, v in (values.get("pinned_versions") or {}).items()
         }
         values["precision"] = {str(k): str(v) for k, v in (values.get("precision") or {}).items()}
+        experiments = values.get("experiments") or {}
+        if not isinstance(experiments, dict):
+            raise ConfigError(
+                f"experiments must map experiment names to specs, got {type(experiments).__name__}"
+            )
+        values["experiments"] = {str(k): v for k, v in experiments.items()}
         if values.get("path") in (None, "", "???"):
             raise ConfigError("path is required: cycleml serve path=<bundle or repository>")
         values["path"] = str(values["path"])

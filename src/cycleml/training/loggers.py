@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from cycleml.redaction import redacted_argv
+
 
 class HistoryKeepingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued.
@@ -81,6 +83,15 @@ class StepKeepingWandbLogger(WandbLogger):
         if self._wandb_init.get("anonymous") is None:
             # W&B warns about the setting on every start, even when it is unset
             self._wandb_init.pop("anonymous", None)
+
+    @property
+    def experiment(self) -> Any:
+        # W&B records the command line in the run's metadata when the run starts; a
+        # password in an override (a database URL) must not be stored there
+        if self._experiment is None:
+            with redacted_argv():
+                return super().experiment
+        return super().experiment
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:

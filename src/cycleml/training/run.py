@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.errors import ConfigError
+from cycleml.models.checkpoint_file import read_checkpoint
 from cycleml.redaction import redact_values
 from cycleml.training.console import CONSOLE
 from cycleml.training.summary import RUN_INFO, SUMMARY, read_json, remove_if_stub, write_json
@@ -50,6 +51,25 @@ def resolve_resume(ckpt_path: str | None, runs_dir: Path, current_dir: Path) -> 
     ``last`` is the newest unfinished run of the task. A finished run folder is refused;
     a checkpoint file of a finished run starts a new run from it.
     """
+    resume = _resolve(ckpt_path, runs_dir, current_dir)
+    if resume.ckpt_path is not None:
+        check_training_checkpoint(resume.ckpt_path)
+    return resume
+
+
+def check_training_checkpoint(path: str | Path) -> None:
+    """Refuse, with a :class:`ConfigError` naming the problem, a file that is not a
+    Lightning training checkpoint (before Lightning reads it and fails with a traceback)."""
+    checkpoint = read_checkpoint(path)
+    missing = [key for key in ("pytorch-lightning_version", "state_dict") if key not in checkpoint]
+    if missing:
+        raise ConfigError(
+            f"ckpt_path='{path}' is not a training checkpoint written by `cycleml train` "
+            f"(it has no {' or '.join(missing)}; found keys: {', '.join(map(str, checkpoint)) or 'none'})"
+        )
+
+
+def _resolve(ckpt_path: str | None, runs_dir: Path, current_dir: Path) -> Resume:
     if ckpt_path is None or str(ckpt_path) == "":
         return Resume()
     if str(ckpt_path) == "last":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import shutil
 import subprocess
 import time
@@ -15,6 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cycleml.files import write_atomic
 from cycleml.redaction import redact_values
 
 log = logging.getLogger(__name__)
@@ -80,20 +79,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write ``data`` atomically: a reader sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a temporary name of its own, so that two writers never share one; created by open()
-    # so that its mode follows the user's umask
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x") as file:
-            file.write(json.dumps(data, indent=2, default=str) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_summary(

@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return run_baseline(cfg, datamodule)
 
     model = build_model(cfg, datamodule, info["run_id"])
-    enable_feature_cache(model.net)
+    enable_feature_cache(model.net, augmented=_augmented(datamodule))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks += getattr(datamodule, "callbacks", list)()
     loggers = instantiate_loggers(cfg.get("logger"), info["run_id"], quiet=not verbose)
@@ -140,6 +140,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         shown = [f"{k} {metrics[k]:.4f}" for k in ("val/acc", "test/acc") if k in metrics]
         log.info("run %s finished: %s", output_dir, ", ".join(shown) or "-", extra=CONSOLE)
     return metrics
+
+
+def _augmented(datamodule: Any) -> bool:
+    """Whether the training split is augmented (an image pipeline or a text augmenter)."""
+    return any(
+        getattr(datamodule, name, None) is not None for name in ("train_transform", "augment")
+    )
 
 
 def _set_torch_threads(cfg: DictConfig) -> None:

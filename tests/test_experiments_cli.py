@@ -1,0 +1,53 @@
+"""`cycleml experiment …` in subprocesses: what a user types and sees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cycleml.experiments.store import ExperimentStore
+from test_errors_cli import cycleml
+from test_experiments_report import simulate
+
+
+@pytest.mark.slow  # six commands, each a fresh interpreter
+def test_start_ramp_report_stop_and_errors(tmp_path):
+    started = cycleml("experiment", "start", "new-cnn", "digits",
+                      "arms.control=digits@champion", "arms.treatment=digits/2",
+                      "weights.control=0.5", "weights.treatment=0.5", cwd=tmp_path)  # fmt: skip
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert "experiment new-cnn is running (revision 1)" in started.stdout
+
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'monitoring.db'}")
+    spec = store.get("new-cnn")
+    simulate(store, spec, 6000, {"control": 0.10, "treatment": 0.16}, seed=9)
+    store.close()
+
+    report = cycleml("experiment", "report", "new-cnn", "format=json", "min_effect=0.02",
+                     f"out={tmp_path / 'report'}", cwd=tmp_path)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    shown = json.loads(report.stdout)
+    assert shown["verdict"]["code"] == "treatment_wins"
+    assert shown["arms"]["control"]["units"] + shown["arms"]["treatment"]["units"] == 6000
+    assert (tmp_path / "report" / "report.html").is_file()
+
+    ramped = cycleml("experiment", "ramp", "new-cnn", "weights.control=0.2",
+                     "weights.treatment=0.8", "note=wins", cwd=tmp_path)  # fmt: skip
+    assert ramped.returncode == 0, ramped.stderr[-2000:]
+    assert "control 0.5, treatment 0.5 -> control 0.2, treatment 0.8" in ramped.stdout
+
+    unknown = cycleml("experiment", "report", "old-cnn", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "cycleml experiment: error: no experiment named 'old-cnn'; known experiments: " \
+        "['new-cnn']" in unknown.stderr  # fmt: skip
+    assert "Traceback" not in unknown.stderr
+
+    stopped = cycleml("experiment", "stop", "new-cnn", cwd=tmp_path)
+    assert "experiment new-cnn is stopped (revision 3)" in stopped.stdout
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'monitoring.db'}")
+    changes = store.changes("new-cnn")
+    store.close()
+    assert [(c["action"], c["source"]) for c in changes] == [
+        ("start", "cli"), ("ramp", "cli"), ("stop", "cli")
+    ]  # fmt: skip

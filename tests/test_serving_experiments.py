@@ -1,0 +1,547 @@
+"""A/B experiments in a real server: requests to a model name routed by unit to arms
+(two real registered versions), answers naming arm and version, assignment rows in the
+database, live ramps through the admin route and through the store, shadow mode,
+stable assignment across servers and restarts, outcome events, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import re
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, select
+
+from cycleml.errors import ConfigError
+from cycleml.experiments.assign import Assigner
+from cycleml.experiments.store import ExperimentStore
+from cycleml.experiments.tables import assignments, events
+from cycleml.inference import Predictor, load_bundle
+from cycleml.registry import Registry
+from cycleml.serving import app as serving_app
+from cycleml.serving.app import create_app
+from test_predict_support import DATABASES, POSTGRES_URL
+from test_registry_support import postgres_schema_url
+from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
+    IMAGE_SIZE,
+    RunningServer,
+    binary_body,
+    export_image_bundle,
+    free_port,
+    image_bundle_fixture,
+    image_bundle_v2_fixture,
+    server_process,
+    settings,
+    v2_body,
+    wait_ready,
+)
+
+PIXELS = np.random.default_rng(11).integers(0, 256, (1, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+SPEC = {
+    "model": "shapes",
+    "arms": {"control": "shapes@champion", "treatment": "shapes/2"},
+    "weights": {"control": 0.5, "treatment": 0.5},
+    "unit": {"header": "X-User-Id"},
+    "salt": "s1",
+}
+ARM_VERSION = {"control": "1", "treatment": "2"}
+
+
+@pytest.fixture(scope="module")
+def registry_root(
+    tmp_path_factory: pytest.TempPathFactory, image_bundle: Path, image_bundle_v2: Path
+) -> Path:
+    """``shapes`` 1 (champion) and 2 (no alias: served only for an experiment)."""
+    root = tmp_path_factory.mktemp("ab-registry")
+    registry = Registry(root=root)
+    registry.register(image_bundle)
+    registry.register(image_bundle_v2)
+    registry.set_alias("shapes", "champion", 1, reason="first")
+    registry.close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def expected(image_bundle: Path, image_bundle_v2: Path) -> dict[str, np.ndarray]:
+    return {
+        version: Predictor(load_bundle(bundle)).run(PIXELS)
+        for version, bundle in (("1", image_bundle), ("2", image_bundle_v2))
+    }
+
+
+def _serve(root: Path, db_url: str, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "monitoring": {"db_url": db_url},
+        "runtime": {"intra_op_threads": 1},
+        "registry": {"poll_interval_s": 0.2},
+        **overrides,
+    }
+    return settings(root, **values)
+
+
+def _infer(client: httpx.Client, unit: str | None, **extra: Any) -> httpx.Response:
+    headers = {} if unit is None else {"X-User-Id": unit}
+    body, binary_headers = binary_body(PIXELS)
+    return client.post(
+        "/v2/models/shapes/infer", content=body, headers={**binary_headers, **headers}, **extra
+    )
+
+
+def _header(response: httpx.Response) -> dict:
+    length = int(response.headers["inference-header-content-length"])
+    return json.loads(response.content[:length])
+
+
+def _rows(db_url: str, **where: Any) -> list[Any]:
+    engine = create_engine(db_url)
+    query = select(assignments)
+    for key, value in where.items():
+        query = query.where(assignments.c[key] == value)
+    with engine.connect() as conn:
+        rows = conn.execute(query.order_by(assignments.c.id)).all()
+    engine.dispose()
+    return rows
+
+
+def _wait_rows(db_url: str, count: int, timeout_s: float = 20.0, **where: Any) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = _rows(db_url, **where)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module", params=DATABASES)
+def server(
+    request: pytest.FixtureRequest, registry_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """A server with the experiment configured; its database SQLite or PostgreSQL."""
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            db_url = f"sqlite:///{tmp_path_factory.mktemp('ab-db') / 'project.db'}"
+        else:
+            assert POSTGRES_URL
+            db_url = stack.enter_context(
+                contextlib.contextmanager(postgres_schema_url)(POSTGRES_URL)
+            )
+        serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+        with RunningServer(serve) as running:
+            running.db_url = db_url
+            yield running
+
+
+@pytest.fixture
+def client(server: Any) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        # every test starts from the configured split
+        http.put("/v1/experiments/shapes-v2", json=SPEC).raise_for_status()
+        yield http
+
+
+def test_units_get_their_arm_and_answers_name_arm_and_version(
+    client: httpx.Client, server: Any, expected: dict[str, np.ndarray]
+) -> None:
+    assigner = Assigner("s1", "shapes-v2", SPEC["weights"])
+    seen = set()
+    for index in range(24):
+        unit = f"user-{index}"
+        arm = assigner.assign(unit)
+        seen.add(arm)
+        for _ in range(2):  # the same unit, the same arm
+            reply = _infer(client, unit)
+            assert reply.status_code == 200, reply.text
+            header = _header(reply)
+            assert reply.headers["x-experiment-arm"] == header["arm"] == arm
+            assert reply.headers["x-experiment"] == header["experiment"] == "shapes-v2"
+            assert reply.headers["x-model-version"] == header["model_version"] == ARM_VERSION[arm]
+            output = np.frombuffer(
+                reply.content[int(reply.headers["inference-header-content-length"]) :], np.float32
+            )
+            assert np.allclose(output, expected[ARM_VERSION[arm]].reshape(-1), atol=1e-5)
+    assert seen == {"control", "treatment"}
+    # the convenience endpoint takes part too, with the arm in its JSON body
+    unit = "user-3"
+    reply = client.post(
+        "/v1/models/shapes:predict",
+        json={"instances": PIXELS.tolist()},
+        headers={"X-User-Id": unit, "X-Request-Id": "v1-user-3"},
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["arm"] == reply.headers["x-experiment-arm"] == assigner.assign(unit)
+    assert reply.json()["model_version"] == ARM_VERSION[assigner.assign(unit)]
+    # naming a version or an alias leaves the experiment out
+    pinned = client.post(
+        "/v2/models/shapes/versions/2/infer", json=v2_body(PIXELS), headers={"X-User-Id": "u"}
+    )
+    assert pinned.status_code == 200 and "x-experiment-arm" not in pinned.headers
+    rows = _wait_rows(server.db_url, 1, request_id="v1-user-3")
+    assert [(r.arm, r.unit, r.version, r.mode, r.status_code) for r in rows] == [
+        (assigner.assign(unit), unit, ARM_VERSION[assigner.assign(unit)], "split", 200)
+    ]
+    assert rows[0].latency_ms > 0
+    # written as UTC (SQLite hands it back without the zone)
+    logged = rows[0].logged_at.replace(tzinfo=dt.timezone.utc)
+    assert abs((dt.datetime.now(dt.timezone.utc) - logged).total_seconds()) < 120
+
+
+def test_every_request_is_logged_and_requests_without_unit_are_random(
+    client: httpx.Client, server: Any
+) -> None:
+    """Assignment rows are written for every request, with the prediction log off."""
+    for index in range(30):
+        reply = client.post(
+            "/v2/models/shapes/infer",
+            json=v2_body(PIXELS),
+            headers={"X-Request-Id": f"anon-{index}"},
+        )
+        assert reply.status_code == 200
+        assert reply.json()["arm"] in ("control", "treatment")
+    rows = [r for r in _wait_rows(server.db_url, 30) if r.request_id.startswith("anon-")]
+    deadline = time.monotonic() + 20
+    while len(rows) < 30 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        rows = [r for r in _rows(server.db_url) if r.request_id.startswith("anon-")]
+    assert len(rows) == 30
+    assert all(r.unit is None for r in rows)
+    metrics = client.get("/metrics").text
+    random_count = sum(
+        float(v)
+        for v in re.findall(
+            r'^cycleml_experiment_requests_total\{arm="\w+",assigned="random",'
+            r'experiment="shapes-v2"\} (\S+)$',
+            metrics,
+            re.M,
+        )
+    )
+    assert random_count >= 30, metrics
+    assert "cycleml_experiment_assignments_dropped_total 0.0" in metrics
+
+
+def test_bad_unit_ids_are_refused(client: httpx.Client) -> None:
+    reply = _infer(client, "x" * 300)
+    assert reply.status_code == 400
+    assert "at most 255" in reply.json()["error"]
+    # a unit from a request parameter must be text
+    by_parameter = {**SPEC, "unit": {"parameter": "user_id"}}
+    assert client.put("/v1/experiments/shapes-v2", json=by_parameter).status_code == 200
+    bad = client.post("/v2/models/shapes/infer", json=v2_body(PIXELS, parameters={"user_id": 42}))
+    assert bad.status_code == 400
+    assert "must be text, got int" in bad.json()["error"]
+    good = client.post(
+        "/v2/models/shapes/infer", json=v2_body(PIXELS, parameters={"user_id": "user-5"})
+    )
+    query = client.post("/v2/models/shapes/infer?user_id=user-5", json=v2_body(PIXELS))
+    arm = Assigner("s1", "shapes-v2", SPEC["weights"]).assign("user-5")
+    assert good.json()["arm"] == query.json()["arm"] == arm
+
+
+def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> None:
+    units = [f"ramp-{i}" for i in range(20)]
+    ramp = client.post(
+        "/v1/experiments/shapes-v2/ramp",
+        json={"weights": {"control": 0, "treatment": 1}, "note": "all in"},
+    )
+    assert ramp.status_code == 200, ramp.text
+    assert ramp.json()["weights"] == {"control": 0.0, "treatment": 1.0}
+    assert {_infer(client, u).headers["x-experiment-arm"] for u in units} == {"treatment"}
+    listed = client.get("/v1/experiments").json()["experiments"]
+    assert [(e["name"], e["status"], e["routed"]) for e in listed] == [
+        ("shapes-v2", "running", True)
+    ]
+    stop = client.post("/v1/experiments/shapes-v2/stop", json={"note": "done"})
+    assert stop.json()["status"] == "stopped"
+    after = _infer(client, "ramp-1")
+    assert "x-experiment-arm" not in after.headers and after.headers["x-model-version"] == "1"
+    changes = ExperimentStore(server.db_url).changes("shapes-v2")
+    assert [(c["source"], c["action"]) for c in changes[-2:]] == [
+        ("admin", "ramp"),
+        ("admin", "stop"),
+    ]
+    assert changes[-2]["weights_before"] == {"control": 0.5, "treatment": 0.5}
+    assert changes[-2]["note"] == "all in"
+    assert client.put("/v1/experiments/shapes-v2", json=SPEC).json()["status"] == "running"
+    # bad input: each a 4xx naming the problem
+    cases = [
+        (
+            "put",
+            "/v1/experiments/shapes-v2",
+            {**SPEC, "arms": {"control": "shapes/1", "treatment": "shapes/9"}},
+            400,
+            "no version 9",
+        ),
+        (
+            "put",
+            "/v1/experiments/shapes-v2",
+            {**SPEC, "weights": {"control": 0, "treatment": 0}},
+            400,
+            "positive",
+        ),
+        (
+            "put",
+            "/v1/experiments/other",
+            {**SPEC, "arms": {"control": "nope@champion", "treatment": "nope/1"}},
+            400,
+            "nope",
+        ),
+        ("post", "/v1/experiments/shapes-v2/ramp", {"weights": {"third": 1}}, 400, "unknown arms"),
+        ("post", "/v1/experiments/missing/stop", {}, 404, "no experiment named 'missing'"),
+        ("post", "/v1/experiments/shapes-v2/ramp", {"w": 1}, 400, "weights"),
+    ]
+    for method, path, body, status, message in cases:
+        reply = getattr(client, method)(path, json=body)
+        assert reply.status_code == status, (path, reply.text)
+        assert message in reply.json()["error"], reply.text
+    assert client.put("/v1/experiments/shapes-v2", json=SPEC).status_code == 200
+    clash = client.put("/v1/experiments/second", json=SPEC | {"salt": "x"})
+    assert clash.status_code == 400
+    assert "already has the running experiment 'shapes-v2'" in clash.json()["error"]
+
+
+def test_a_ramp_written_to_the_store_routes_live(client: httpx.Client, server: Any) -> None:
+    """What `cycleml experiment ramp` does: write the store; the server polls it."""
+    store = ExperimentStore(server.db_url)
+    store.ramp("shapes-v2", {"control": 1, "treatment": 0}, source="cli", note="roll back")
+    units = [f"live-{i}" for i in range(12)]
+    deadline = time.monotonic() + 10
+    while True:
+        arms = {_infer(client, u).headers["x-experiment-arm"] for u in units}
+        if arms == {"control"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert arms == {"control"}
+    assert store.changes("shapes-v2")[-1]["source"] == "cli"
+
+
+def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
+    client: httpx.Client, server: Any
+) -> None:
+    assigner = Assigner("s1", "shapes-v2", SPEC["weights"])
+    for index in range(4):
+        reply = _infer(client, f"buyer-{index}")
+        reply2 = client.post(
+            "/v2/models/shapes/infer",
+            json=v2_body(PIXELS),
+            headers={"X-User-Id": f"buyer-{index}", "X-Request-Id": f"buy-{index}"},
+        )
+        assert reply.status_code == reply2.status_code == 200
+    feedback = client.post(
+        "/v1/feedback",
+        json=[
+            {"request_id": "buy-0", "event": "click"},
+            {"request_id": "buy-1", "event": "conversion", "value": 12.5},
+            {"unit": "buyer-2", "event": "click", "experiment": "shapes-v2"},
+            {"unit": "buyer-3", "event": "click"},
+            {"request_id": "never-served", "event": "click"},
+            {"unit": "stranger", "event": "click"},
+        ],
+    )
+    assert feedback.status_code == 200, feedback.text
+    assert feedback.json() == {
+        "received": 6,
+        "attached": 4,
+        "unknown": 2,
+        "unknown_request_ids": ["never-served"],
+        "unknown_units": ["stranger"],
+    }
+    engine = create_engine(server.db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(select(events).order_by(events.c.id)).all()
+    engine.dispose()
+    by_key = {(e.request_id or e.unit): e for e in stored}
+    assert by_key["buy-1"].value == 12.5 and by_key["buy-1"].event == "conversion"
+    for key, unit in (
+        ("buy-0", "buyer-0"),
+        ("buy-1", "buyer-1"),
+        ("buyer-2", "buyer-2"),
+        ("buyer-3", "buyer-3"),
+    ):
+        assert by_key[key].arm == assigner.assign(unit)
+        assert by_key[key].experiment == "shapes-v2"
+    assert by_key["never-served"].arm is None and by_key["stranger"].arm is None
+    assert "cycleml_feedback_unknown_total 2.0" in client.get("/metrics").text
+    bad = [
+        {"request_id": "buy-0", "unit": "u", "event": "click"},
+        {"request_id": "buy-0", "event": ""},
+        {"request_id": "buy-0", "event": "click", "value": "high"},
+        {"unit": 7, "event": "click"},
+        {"unit": "u" * 300, "event": "click"},
+    ]
+    for item in bad:
+        reply = client.post("/v1/feedback", json=item)
+        assert reply.status_code == 400, item
+        assert "feedback" in reply.json()["error"]
+
+
+def test_same_unit_same_arm_on_two_servers_and_after_a_restart(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+    units = [f"stable-{i}" for i in range(16)]
+
+    def arms(url: str) -> list[str]:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            return [_infer(http, u).headers["x-experiment-arm"] for u in units]
+
+    with RunningServer(serve) as first, RunningServer(serve) as second:
+        before = arms(first.url)
+        assert arms(second.url) == before
+        # a ramp on one server reaches the other one through the store
+        httpx.post(
+            f"{first.url}/v1/experiments/shapes-v2/ramp",
+            json={"weights": {"control": 0.5, "treatment": 0.25}},
+        ).raise_for_status()
+        ramped = arms(first.url)
+        deadline = time.monotonic() + 10
+        while arms(second.url) != ramped and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert arms(second.url) == ramped
+    assert set(before) == {"control", "treatment"}
+    with RunningServer(serve) as restarted:
+        # the configuration is the same: the ramp survives the restart
+        assert arms(restarted.url) == ramped
+    expected = Assigner("s1", "shapes-v2", {"control": 0.5, "treatment": 0.25})
+    assert ramped == [expected.assign(u) for u in units]
+
+
+@pytest.fixture(scope="module")
+def slow_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``shapes`` retrained much bigger: tens of milliseconds per row."""
+    return export_image_bundle(
+        tmp_path_factory.mktemp("slow-shapes"), version="3", channels=256, depth=8, seed=2
+    )
+
+
+def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
+    tmp_path: Path, image_bundle: Path, slow_v3: Path
+) -> None:
+    root = tmp_path / "registry"
+    registry = Registry(root=root)
+    registry.register(image_bundle)
+    assert registry.register(slow_v3)[0].version == 2
+    registry.set_alias("shapes", "champion", 1)
+    registry.close()
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    shadow = {
+        **SPEC,
+        "mode": "shadow",
+        "weights": {"control": 0, "treatment": 1},  # every unit is mirrored
+    }
+    serve = _serve(root, db_url, experiments={"shadow": shadow}, batching={"max_batch_size": 16})
+    # 16 rows a request: under a millisecond for control, far longer for the treatment
+    rows = np.random.default_rng(5).integers(0, 256, (16, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    latencies = []
+    with RunningServer(serve) as running, httpx.Client(base_url=running.url) as client:
+        for index in range(12):
+            started = time.perf_counter()
+            reply = client.post(
+                "/v2/models/shapes/infer",
+                json=v2_body(rows),
+                headers={"X-User-Id": f"u{index}", "X-Request-Id": f"sh-{index}"},
+            )
+            latencies.append(time.perf_counter() - started)
+            assert reply.status_code == 200
+            # every answer comes from control
+            assert reply.headers["x-experiment-arm"] == reply.json()["arm"] == "control"
+            assert reply.headers["x-model-version"] == "1"
+        shadow_rows = _wait_rows(db_url, 12, mode="shadow")
+        # the treatment on its own, pinned: what waiting for it would cost
+        slow = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert (
+                client.post("/v2/models/shapes/versions/2/infer", json=v2_body(rows)).status_code
+                == 200
+            )
+            slow.append(time.perf_counter() - started)
+    control_rows = _rows(db_url, mode="split")
+    assert len(control_rows) == 12 and {r.arm for r in control_rows} == {"control"}
+    assert sorted(r.request_id for r in shadow_rows) == sorted(f"sh-{i}:shadow" for i in range(12))
+    assert {(r.arm, r.version, r.status_code) for r in shadow_rows} == {("treatment", "2", 200)}
+    # control answered well before one treatment run, and the mirrored calls queued
+    assert statistics.median(latencies) < 0.5 * min(slow), (latencies, slow)
+    assert statistics.median(r.latency_ms for r in shadow_rows) > 1000 * min(slow) * 0.5
+
+
+def test_bad_experiment_configs_are_refused_at_load(registry_root: Path, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    with pytest.raises(ConfigError, match="do not sum to a positive"):
+        _serve(
+            registry_root,
+            db_url,
+            experiments={"e": {**SPEC, "weights": {"control": 0, "treatment": 0}}},
+        )
+    with pytest.raises(ConfigError, match="already has the experiment 'a'"):
+        _serve(registry_root, db_url, experiments={"a": SPEC, "b": SPEC})
+    with pytest.raises(ConfigError, match="need a database"):
+        settings(registry_root, experiments={"a": SPEC})
+    # an arm naming a version the registry does not have: the server does not start
+    unknown = {**SPEC, "arms": {"control": "shapes@champion", "treatment": "shapes/9"}}
+    app = create_app(_serve(registry_root, db_url, experiments={"a": unknown}))
+    state = app.state.serving
+    try:
+        serving_app._load(state)
+        assert state.load_failure is not None
+        assert "arm 'treatment' (shapes/9)" in state.load_failure
+        assert "no version 9" in state.load_failure
+    finally:
+        state.experiments.close()
+        state.repository.close()
+
+
+def test_admin_routes_need_a_key_when_auth_is_on(
+    registry_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AB_TEST_KEYS", "secret-key")
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    serve = _serve(registry_root, db_url, auth={"enabled": True, "keys_env": "AB_TEST_KEYS"})
+    with RunningServer(serve) as running:
+        assert httpx.get(f"{running.url}/v1/experiments").status_code == 401
+        assert httpx.put(f"{running.url}/v1/experiments/e", json=SPEC).status_code == 401
+        key = {"Authorization": "Bearer secret-key"}
+        started = httpx.put(f"{running.url}/v1/experiments/e", json=SPEC, headers=key)
+        assert started.status_code == 200, started.text
+        listed = httpx.get(f"{running.url}/v1/experiments", headers=key).json()
+        assert [(e["name"], e["routed"]) for e in listed["experiments"]] == [("e", True)]
+
+
+@pytest.mark.slow
+def test_cycleml_serve_processes_agree_and_keep_arms_across_a_restart(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    """Real `cycleml serve` processes, the experiment given as config overrides."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    overrides = [
+        f"monitoring.db_url={db_url}",
+        "access_log=false",
+        "+experiments.ab.model=shapes",
+        '+experiments.ab.arms.control="shapes@champion"',
+        '+experiments.ab.arms.treatment="shapes/2"',
+        "+experiments.ab.salt=s1",
+    ]
+    units = [f"proc-{i}" for i in range(16)]
+
+    def arms(port: int) -> list[str]:
+        wait_ready(f"http://127.0.0.1:{port}", timeout_s=120)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            return [_infer(http, u).headers["x-experiment-arm"] for u in units]
+
+    expected = Assigner("s1", "ab", {"control": 1.0, "treatment": 1.0})
+    want = [expected.assign(u) for u in units]
+    one, two = free_port(), free_port()
+    with (
+        server_process(registry_root, one, *overrides),
+        server_process(registry_root, two, *overrides),
+    ):
+        assert arms(one) == arms(two) == want
+    with server_process(registry_root, one, *overrides):
+        assert arms(one) == want
