@@ -439,7 +439,12 @@ REGISTRY = {
 }
 PIPELINE = {
     **TRAIN,
-    **{k: v for k, v in EXPORT.items() if k.startswith("export.")},
+    **{
+        k: v
+        for k, v in EXPORT.items()
+        if k.startswith("export.")
+        and k not in ("export.name", "export.version", "export.out_dir", "export.overwrite")
+    },
     **{k: v for k, v in DATA_GATHER.items() if k != "overwrite"},
     **{k: v for k, v in DATA_CLEAN.items() if k.startswith("clean.")},
     **{f"monitor.{k}": v for k, v in MONITOR.items() if k.startswith(("window.", "drift."))},
