@@ -146,7 +146,12 @@ def _primary_options() -> list[tuple[str, list[str]]]:
         ("compare", ["folder=logs"]),
         ("monitor", []),
         ("registry", []),
+        ("pipeline", ["pipeline=digits"]),
     ]
+    # the pipeline composes the training groups as `cycleml train` does
+    for group in ("model", "data", "trainer", "augment", "callbacks", "logger"):
+        for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+            cases.append(("pipeline", [f"{group}={option}"]))
     return cases
 
 

@@ -26,6 +26,7 @@ COMMANDS = [
     ["registry", "list"],
     ["registry", "register"],
     ["monitor"],
+    ["pipeline"],
     ["experiment", "report"],
 ]
 

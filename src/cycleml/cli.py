@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "cycleml.registry.cli",
         "model registry: register | list | show | alias | promote | compare | archive",
     ),
+    "pipeline": (
+        "cycleml.pipeline.cli",
+        "continuous training: gather, clean, train, export, gate, promote (resumable)",
+    ),
     "experiment": (
         "cycleml.experiments.cli",
         "A/B experiments between model versions: start | list | report | ramp | stop",
@@ -53,6 +57,7 @@ def _usage() -> str:
         "  cycleml data gather && cycleml data clean",
         "  cycleml registry register bundle=bundles/digits/1 && cycleml registry list",
         "  cycleml monitor digits@champion window.size=500",
+        "  cycleml pipeline pipeline=digits trigger=drift",
         "  cycleml experiment report new-cnn",
     ]
     return "\n".join(lines)

@@ -436,6 +436,29 @@ REGISTRY = {
     "all": boolean(),
     "reason": text(),
 }
+PIPELINE = {
+    **TRAIN,
+    **{
+        k: v
+        for k, v in EXPORT.items()
+        if k.startswith("export.")
+        and k not in ("export.name", "export.version", "export.out_dir", "export.overwrite")
+    },
+    **{k: v for k, v in DATA_GATHER.items() if k != "overwrite"},
+    **{k: v for k, v in DATA_CLEAN.items() if k.startswith("clean.")},
+    **{f"monitor.{k}": v for k, v in MONITOR.items() if k.startswith(("window.", "drift."))},
+    "monitor.db_url": text("an SQLAlchemy URL"),
+    "registry.root": text("a registry folder"),
+    "registry.db_url": optional(text("an SQLAlchemy URL")),
+    "name": text("a model name"),
+    "trigger": choice("always", "drift", "labels"),
+    "min_new_labels": integer(0),
+    "promote": boolean(),
+    "resume": boolean(),
+    "stop_after": optional(
+        choice("gather", "clean", "train", "evaluate", "export", "register", "gate")
+    ),
+}
 
 # primary config name -> what its keys accept
 SCHEMAS: dict[str, dict[str, Rule]] = {
@@ -450,6 +473,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "compare": COMPARE,
     "monitor": MONITOR,
     "registry": REGISTRY,
+    "pipeline": PIPELINE,
 }
 
 

@@ -13,9 +13,9 @@ path, record = registry.resolve("digits@champion")
 """
 
 from cycleml.registry.aliases import ANY
-from cycleml.registry.errors import AliasConflict, RegistryError
+from cycleml.registry.errors import AliasConflict, GateRefused, RegistryError
 from cycleml.registry.model_registry import CHAMPION, DB_FILE, Registry
-from cycleml.registry.records import ARCHIVED, READY, AliasMove, ModelVersion
+from cycleml.registry.records import ARCHIVED, READY, AliasMove, Evaluation, ModelVersion
 from cycleml.registry.refs import ModelRef, check_alias, check_name, parse_model_ref
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "READY",
     "AliasConflict",
     "AliasMove",
+    "Evaluation",
+    "GateRefused",
     "ModelRef",
     "ModelVersion",
     "Registry",

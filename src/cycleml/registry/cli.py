@@ -155,16 +155,19 @@ def show_app(registry: Registry, cfg: DictConfig) -> str:
     moves = [
         m for m in registry.audit(version.name) if version.version in (m.from_version, m.to_version)
     ]
+    gates = registry.evaluations(version.name, version.version)
     if _json_mode(cfg):
         _print_json(
             {
                 **version.to_dict(),
                 "aliases": _aliases_of(version, pointed),
                 "alias_moves": [m.to_dict() for m in moves],
+                "gate": gates[-1].to_dict() if gates else None,
+                "gate_decisions": len(gates),
             }
         )
     else:
-        print(format_show(version, _aliases_of(version, pointed), moves))
+        print(format_show(version, _aliases_of(version, pointed), moves, gates))
     return version.ref
 
 
@@ -187,9 +190,22 @@ def alias_app(registry: Registry, cfg: DictConfig) -> None:
 @_with_registry("promote")
 def promote_app(registry: Registry, cfg: DictConfig) -> None:
     move = registry.promote(
-        cfg.name, cfg.source, cfg.target, reason=cfg.reason, expected=_expected(cfg.expect)
+        cfg.name,
+        cfg.source,
+        cfg.target,
+        reason=cfg.reason,
+        expected=_expected(cfg.expect),
+        require_gate=_flag(cfg, "require_gate", True),
+        force=_flag(cfg, "force", False),
     )
     _report_move(registry, cfg, cfg.target, move)
+
+
+def _flag(cfg: DictConfig, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    return value
 
 
 @hydra_app("registry")
@@ -225,7 +241,8 @@ SUBCOMMANDS: dict[str, tuple[Callable[[], Any], tuple[str, ...], str, list[str]]
     "alias": (alias_app, ("name", "alias"), "alias <name> <alias>=<version | null> "
               "[reason=] [expect=<version | null>]", ["name"]),
     "promote": (promote_app, ("name", "source", "target"),
-                "promote <name> <source alias> <target alias> [reason=] [expect=]",
+                "promote <name> <source alias> <target alias> [reason=] [expect=] "
+                "[require_gate=false] [force=true]",
                 ["name", "source", "target"]),
     "compare": (compare_app, ("name", "a", "b"), "compare <name> <version | alias> "
                 "<version | alias>", ["name", "a", "b"]),

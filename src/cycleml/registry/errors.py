@@ -10,3 +10,7 @@ class RegistryError(CycleMLError):
 
 class AliasConflict(RegistryError):
     """An alias moved between reading it and changing it (a lost compare-and-set)."""
+
+
+class GateRefused(RegistryError):
+    """A promotion refused because the version's last gate decision failed."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import getpass
+import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -26,11 +28,11 @@ from cycleml.db import open_database, safe_url, utc_now
 from cycleml.errors import CycleMLError
 from cycleml.inference.bundle import ModelBundle, load_bundle
 from cycleml.registry.aliases import ANY, current_version, lock_aliases, move_alias
-from cycleml.registry.errors import AliasConflict, RegistryError
+from cycleml.registry.errors import AliasConflict, GateRefused, RegistryError
 from cycleml.registry.lineage import bundle_lineage, content_hash, hash_files
-from cycleml.registry.records import ARCHIVED, READY, AliasMove, ModelVersion
+from cycleml.registry.records import ARCHIVED, READY, AliasMove, Evaluation, ModelVersion
 from cycleml.registry.refs import ModelRef, check_alias, check_name, check_version, parse_model_ref
-from cycleml.registry.tables import TABLES, alias_moves, aliases, versions
+from cycleml.registry.tables import TABLES, alias_moves, aliases, evaluations, versions
 
 log = logging.getLogger(__name__)
 
@@ -386,10 +388,16 @@ class Registry:
         target_alias: str,
         reason: str = "",
         expected: int | None | Any = ANY,
+        require_gate: bool = False,
+        force: bool = False,
     ) -> AliasMove | None:
         """Atomically point ``target_alias`` where ``source_alias`` points
         (``promote digits challenger champion``). ``expected`` guards the target's
-        current version as in :meth:`set_alias`."""
+        current version as in :meth:`set_alias`.
+
+        ``require_gate`` refuses a version whose last gate decision failed (a
+        :class:`GateRefused` naming its reasons); ``force`` promotes it anyway and
+        says so in the audit trail. A version never gated is promoted either way."""
         name = check_name(name)
         source, target = check_alias(source_alias), check_alias(target_alias)
         if source == target:
@@ -402,7 +410,19 @@ class Registry:
             version = lock_aliases(conn, name, [source, target]).get(source)
             if version is None:
                 raise RegistryError(f"model '{name}' has no alias '{source}'")
-            move = move_alias(conn, name, target, version, expected, who_am_i(), reason, utc_now())
+            why = reason
+            if require_gate:
+                failed = self._failed_gate(conn, name, version)
+                if failed is not None and not force:
+                    raise GateRefused(
+                        f"{name}/{version} ({name}@{source}) failed its last gate "
+                        f"({failed.at:%Y-%m-%d %H:%M:%SZ}): {'; '.join(failed.reasons)}. "
+                        "Promote it anyway with force=true"
+                    )
+                if failed is not None:
+                    note = f"forced past a failed gate: {'; '.join(failed.reasons)}"
+                    why = f"{reason} ({note})" if reason else note
+            move = move_alias(conn, name, target, version, expected, who_am_i(), why, utc_now())
             # under SQLite the first write took the lock: the source must still agree
             if current_version(conn, name, source) != version:
                 raise AliasConflict(f"alias {name}@{source} moved during the promotion")
@@ -428,6 +448,72 @@ class Registry:
             )
             for r in rows
         ]
+
+    # --- gate decisions -----------------------------------------------------------
+
+    def record_evaluation(
+        self, name: str, version: int | str, decision: Mapping[str, Any]
+    ) -> Evaluation:
+        """Store a gate decision on a version. ``decision`` is the gate's own record
+        (``passed``, ``reasons``, ``champion``, rules, table, time) and is kept whole;
+        a version may collect several (each gate run adds one, the last one counts)."""
+        record = self.get(name, version)
+        if not isinstance(decision, Mapping) or not isinstance(decision.get("passed"), bool):
+            raise RegistryError(
+                f"a gate decision for {record.ref} needs passed=true/false, got {decision!r:.200}"
+            )
+        reasons = decision.get("reasons") or []
+        if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+            raise RegistryError(
+                f"a gate decision's reasons must be a list of text, got {reasons!r}"
+            )
+        champion = decision.get("champion")
+        values = {
+            "model": record.name,
+            "version": record.version,
+            "passed": bool(decision["passed"]),
+            "reasons": list(reasons),
+            "champion": None if champion is None else str(champion),
+            "decision": _json_safe(dict(decision)),
+            "who": who_am_i(),
+            "at": utc_now(),
+        }
+        with self.engine.begin() as conn:
+            row_id = conn.execute(insert(evaluations).values(**values)).inserted_primary_key[0]
+        log.info("gate decision on %s: %s", record.ref, "passed" if values["passed"] else "failed")
+        return _evaluation({**values, "id": row_id})
+
+    def evaluations(self, name: str, version: int | str) -> list[Evaluation]:
+        """Every gate decision stored on a version, oldest first."""
+        record = self.get(name, version)
+        query = (
+            select(evaluations)
+            .where(evaluations.c.model == record.name, evaluations.c.version == record.version)
+            .order_by(evaluations.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [_evaluation(row) for row in conn.execute(query).mappings()]
+
+    def last_evaluation(self, name: str, version: int | str) -> Evaluation | None:
+        """The version's latest gate decision (the one that counts), or None if never gated."""
+        found = self.evaluations(name, version)
+        return found[-1] if found else None
+
+    def _failed_gate(self, conn: Connection, name: str, version: int) -> Evaluation | None:
+        """The version's last gate decision if it failed (inside a transaction)."""
+        row = (
+            conn.execute(
+                select(evaluations)
+                .where(evaluations.c.model == name, evaluations.c.version == version)
+                .order_by(evaluations.c.id.desc())
+                .limit(1)
+            )
+            .mappings()
+            .one_or_none()
+        )
+        if row is None or row["passed"]:
+            return None
+        return _evaluation(row)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -546,6 +632,44 @@ def _file_size(record: ModelVersion, file: str) -> int | None:
         return (record.path / file).stat().st_size
     except OSError:
         return None
+
+
+def _evaluation(row: Mapping[str, Any]) -> Evaluation:
+    return Evaluation(
+        model=row["model"],
+        version=int(row["version"]),
+        passed=bool(row["passed"]),
+        reasons=list(row["reasons"] or []),
+        champion=row["champion"],
+        decision=dict(row["decision"] or {}),
+        who=row["who"],
+        at=_utc(row["at"]),
+        id=int(row["id"]),
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` as JSON the database stores: NaN and infinities become null (JSON has
+    none), numpy numbers and other objects their plain or text form."""
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, float):
+            return item if math.isfinite(item) else None
+        if isinstance(item, Mapping):
+            return {str(k): clean(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        return item
+
+    return clean(json.loads(json.dumps(value, default=_plain)))
+
+
+def _plain(item: Any) -> Any:
+    if hasattr(item, "item"):  # numpy scalars
+        return item.item()
+    if hasattr(item, "tolist"):
+        return item.tolist()
+    return str(item)
 
 
 def _utc(value: dt.datetime) -> dt.datetime:

@@ -77,3 +77,37 @@ class AliasMove:
             "at": self.at.isoformat(),
             "reason": self.reason,
         }
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One gate decision stored on a version: whether it passed, every failed rule
+    (``reasons``), the champion it was measured against and the whole decision
+    (rules, table of figures) as the gate wrote it."""
+
+    model: str
+    version: int
+    passed: bool
+    reasons: list[str]
+    champion: str | None
+    decision: dict[str, Any]
+    who: str
+    at: dt.datetime
+    id: int = 0
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}/{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "champion": self.champion,
+            "decision": self.decision,
+            "who": self.who,
+            "at": self.at.isoformat(),
+        }

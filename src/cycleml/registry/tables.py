@@ -5,9 +5,11 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKeyConstraint,
+    Index,
     Integer,
     String,
     Table,
@@ -64,4 +66,26 @@ alias_moves = Table(
     Column("reason", Text, nullable=False),
 )
 
-TABLES = (versions, aliases, alias_moves)
+# gate decisions (champion vs challenger): a table of its own, so that a database made
+# before it existed gets it from create_all (which never adds columns to a table)
+evaluations = Table(
+    "registry_evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(128), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("passed", Boolean, nullable=False),
+    Column("reasons", JSON, nullable=False),
+    Column("champion", String(160), nullable=True),
+    Column("decision", JSON, nullable=False),
+    Column("who", String(255), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(
+        ["model", "version"],
+        ["registry_versions.model", "registry_versions.version"],
+        name="registry_evaluations_version",
+    ),
+    Index("registry_evaluations_model_version", "model", "version"),
+)
+
+TABLES = (versions, aliases, alias_moves, evaluations)

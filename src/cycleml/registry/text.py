@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cycleml.registry.records import ARCHIVED, AliasMove, ModelVersion
+from cycleml.registry.records import ARCHIVED, AliasMove, Evaluation, ModelVersion
 from cycleml.training.compare import format_table
 
 # metrics worth a column in a version listing, first found wins
@@ -69,7 +69,12 @@ def versions_table(found: list[ModelVersion], pointed: dict[str, int]) -> str:
     return format_table(rows, columns)
 
 
-def format_show(version: ModelVersion, aliases: list[str], moves: list[AliasMove]) -> str:
+def format_show(
+    version: ModelVersion,
+    aliases: list[str],
+    moves: list[AliasMove],
+    evaluations: list[Evaluation] | None = None,
+) -> str:
     lineage = version.lineage
     parity = lineage.get("parity") or {}
     facts: list[tuple[str, Any]] = [
@@ -108,6 +113,15 @@ def format_show(version: ModelVersion, aliases: list[str], moves: list[AliasMove
             f"  by {m.who}{f'  ({m.reason})' if m.reason else ''}"
             for m in moves
         ]
+    if evaluations:
+        last = evaluations[-1]
+        earlier = len(evaluations) - 1
+        lines += [
+            "",
+            "gate" + (f" (the last of {len(evaluations)} decisions)" if earlier else "") + ":",
+        ]
+        lines += ["  " + line for line in format_decision(last.decision).splitlines()]
+        lines.append(f"  recorded {last.at:%Y-%m-%d %H:%M:%SZ} by {last.who}")
     return "\n".join(lines)
 
 
@@ -158,3 +172,49 @@ def _change(values: list[Any]) -> str:
 
 def _v(version: int | None) -> str:
     return "-" if version is None else str(version)
+
+
+def format_decision(decision: dict[str, Any]) -> str:
+    """A gate decision as text: the verdict, every reason, the rules and the table of
+    accuracies (one row per holdout and model), with the classes' recall."""
+    verdict = "PASSED" if decision.get("passed") else "FAILED"
+    champion = decision.get("champion") or "none (first run)"
+    lines = [
+        f"gate {verdict}: {decision.get('challenger')} against {champion}"
+        + (f" at {decision['decided_at']}" if decision.get("decided_at") else "")
+    ]
+    lines += [f"  reason: {reason}" for reason in decision.get("reasons") or []]
+    lines += [f"  note: {note}" for note in decision.get("notes") or []]
+    rules = decision.get("rules") or {}
+    if rules:
+        lines.append(
+            "  rules: " + ", ".join(f"{k}={'off' if v is None else v}" for k, v in rules.items())
+        )
+    rows = [
+        {
+            "holdout": row.get("holdout"),
+            "model": f"{row.get('model')} {row.get('ref')}",
+            "precision": row.get("precision"),
+            "n": row.get("n"),
+            "accuracy": _pct(row.get("accuracy")),
+            "lowest recall": _lowest(row.get("recall") or {}),
+        }
+        for row in decision.get("table") or []
+    ]
+    if rows:
+        table = format_table(rows, ["holdout", "model", "precision", "n", "accuracy",
+                                    "lowest recall"])  # fmt: skip
+        lines += ["  " + line for line in table.splitlines()]
+    return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) else "-"
+
+
+def _lowest(recall: dict[str, Any]) -> str:
+    numbers = {k: v for k, v in recall.items() if isinstance(v, (int, float))}
+    if not numbers:
+        return "-"
+    worst = min(numbers, key=lambda k: (numbers[k], k))
+    return f"{worst} {_pct(numbers[worst])}"

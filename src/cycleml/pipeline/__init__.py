@@ -1,0 +1,1 @@
+"""Continuous training: new data → train → export → gate → register → promote."""

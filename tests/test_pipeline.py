@@ -1,0 +1,300 @@
+"""`cycleml pipeline`: state and keys, skipping unchanged stages, resuming a failed run,
+the lock per model, triggers and bad input, with the tiniest trainer settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from conftest import compose_config
+from cycleml.errors import ConfigError
+from cycleml.pipeline import state as st
+from cycleml.pipeline.lock import PipelineBusy, PipelineLock
+from cycleml.pipeline.runner import FAILED_EXIT, model_dir, run_pipeline
+from cycleml.pipeline.triggers import labels_trigger
+from cycleml.registry import Registry
+
+# a few hundred digits at 16x16 grey, one short epoch, a small export
+TINY = [
+    "sources={digits: {kind: digits, limit: 200}}",
+    "data.image_size=16",
+    "data.channels=1",
+    "data.mean=[0.5]",
+    "data.std=[0.5]",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.progress_bar=null",
+    "export.parity_samples=32",
+    "export.reference_rows=64",
+    "export.embedding_dim=8",
+    "workers=1",
+]
+
+
+@pytest.fixture
+def pipeline_cfg(tmp_path: Path) -> Iterator:
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("pipeline", [*TINY, *overrides], tmp_path)
+
+    yield make
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
+def _state(cfg: DictConfig) -> dict:
+    runs = st.list_runs(model_dir(cfg))
+    assert runs, "no run folder"
+    return json.loads((runs[-1] / st.STATE_FILE).read_text())
+
+
+def test_fingerprints_follow_content_and_keys_follow_config_and_inputs(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "x.txt").write_text("one")
+    first = st.path_fingerprint(folder)
+    (folder / ".hidden").write_text("not data")
+    assert st.path_fingerprint(folder) == first
+    (folder / "a" / "x.txt").write_text("two")
+    assert st.path_fingerprint(folder) != first
+    assert st.path_fingerprint(tmp_path / "nope") == "missing"
+
+    key, chash = st.stage_key({"lr": 0.1}, {"dataset": "abc"})
+    assert st.stage_key({"lr": 0.1}, {"dataset": "abc"}) == (key, chash)
+    assert st.stage_key({"lr": 0.2}, {"dataset": "abc"})[0] != key
+    assert st.stage_key({"lr": 0.1}, {"dataset": "abd"}) == (
+        st.stage_key({"lr": 0.1}, {"dataset": "abd"})[0],
+        chash,
+    )
+    assert st.stage_key({"lr": 0.1}, {"dataset": "abd"})[0] != key
+
+
+def test_a_finished_stage_is_reused_only_while_its_outputs_exist(tmp_path: Path) -> None:
+    folder = tmp_path / "digits"
+    earlier = st.RunState(run_dir=st.new_run_dir(folder), name="digits", status=st.PROMOTED)
+    data = earlier.run_dir / "gather"
+    data.mkdir()
+    record = earlier.stage("gather")
+    record.status, record.key = st.DONE, "k1"
+    record.outputs = {"dataset_dir": str(data), "fingerprint": "f"}
+    earlier.save()
+    assert st.unfinished_run(folder) is None  # a promoted run is not continued
+
+    current = st.RunState(run_dir=st.new_run_dir(folder), name="digits")
+    current.save()
+    assert st.unfinished_run(folder).run_dir == current.run_dir
+    owner, found = st.find_reusable(folder, current, "gather", "k1")
+    assert owner.run_dir == earlier.run_dir and found.outputs["fingerprint"] == "f"
+    assert st.find_reusable(folder, current, "gather", "k2") is None  # another key
+    data.rmdir()
+    assert st.find_reusable(folder, current, "gather", "k1") is None  # outputs gone
+
+
+HOLD_LOCK = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from cycleml.pipeline.lock import PipelineLock
+    lock = PipelineLock(Path(sys.argv[1]), "digits")
+    lock.acquire("run-A")
+    print("held", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_second_pipeline_on_the_same_model_is_refused_naming_the_holder(
+    tmp_path: Path, pipeline_cfg
+) -> None:
+    cfg = pipeline_cfg()
+    folder = model_dir(cfg)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            PipelineBusy, match=rf"model 'digits' is already running \(pid {holder.pid}, run run-A"
+        ):
+            run_pipeline(cfg)
+        # another model is not blocked
+        other = PipelineLock(folder.parent / "other", "other")
+        other.acquire()
+        other.release()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the killed holder's lock: no stale lock
+    lock = PipelineLock(folder, "digits")
+    lock.acquire()
+    lock.release()
+
+
+def test_a_missing_source_fails_at_gather_naming_it_and_leaves_the_champion(
+    tmp_path: Path, pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    missing = tmp_path / "incoming"
+    cfg = pipeline_cfg(f"+sources.incoming={{kind: image_folder, path: {missing}}}")
+    assert run_pipeline(cfg) == FAILED_EXIT
+    state = _state(cfg)
+    assert state["status"] == "failed" and state["failed_stage"] == "gather"
+    assert f"sources.incoming.path: '{missing}' does not exist" in state["reason"]
+    assert state["stages"]["gather"]["status"] == "failed"
+    assert "train" not in state["stages"]
+    out = capsys.readouterr().out
+    assert "stage gather failed" in out and "the champion is unchanged (none)" in out
+    registry = Registry(root=cfg.registry.root)
+    assert registry.aliases("digits") == {}
+    registry.close()
+
+
+@pytest.mark.slow
+def test_a_crashing_stage_is_recorded_and_a_rerun_skips_the_unchanged_stages(
+    pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    broken = "model.net._target_=cycleml.models.cnn.NoSuchNet"
+    cfg = pipeline_cfg(broken)
+    assert run_pipeline(cfg) == FAILED_EXIT
+    first = _state(cfg)
+    assert first["failed_stage"] == "train"
+    assert "NoSuchNet" in first["stages"]["train"]["error"]
+    assert [first["stages"][s]["status"] for s in ("gather", "clean")] == ["done", "done"]
+
+    # the same command again continues the run: gather and clean are not run again
+    capsys.readouterr()
+    assert run_pipeline(pipeline_cfg(broken)) == FAILED_EXIT
+    second = _state(cfg)
+    assert second["run"] == first["run"] and len(second["launches"]) == 2
+    for stage in ("gather", "clean"):
+        assert second["stages"][stage]["finished_at"] == first["stages"][stage]["finished_at"]
+        assert second["stages"][stage]["key"] == first["stages"][stage]["key"]
+    assert second["stages"]["train"]["started_at"] >= first["stages"]["train"]["started_at"]
+
+    # a changed source reruns gather (and what follows) in the same run
+    changed = pipeline_cfg(broken, "sources.digits.limit=150")
+    assert run_pipeline(changed) == FAILED_EXIT
+    third = _state(cfg)
+    assert third["run"] == first["run"]
+    assert third["stages"]["gather"]["key"] != first["stages"]["gather"]["key"]
+    assert third["stages"]["gather"]["outputs"]["items"] == 150
+    assert (
+        third["stages"]["clean"]["inputs"]["dataset"]
+        == (third["stages"]["gather"]["outputs"]["fingerprint"])
+    )
+
+
+def test_labels_trigger_waits_for_enough_new_labels(
+    tmp_path: Path, pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = pipeline_cfg("trigger=labels", "min_new_labels=1000")
+    assert run_pipeline(cfg) == 0
+    state = _state(cfg)
+    assert state["status"] == "waiting"
+    assert state["stages"]["trigger"]["outputs"]["new_labelled"] == 200
+    assert "only 200 new labelled item(s), fewer than min_new_labels=1000" in state["reason"]
+    assert "clean" not in state["stages"]
+    assert "not triggered" in capsys.readouterr().out
+
+    # compared with a champion's training data: only what it has not seen counts
+    from cycleml.data.gather import gather
+
+    old = gather({"digits": {"kind": "digits", "limit": 100}}, tmp_path / "old", progress=False)
+    new = gather({"digits": {"kind": "digits", "limit": 160}}, tmp_path / "new", progress=False)
+    enough = labels_trigger(new.root, old.root, 60, "digits/1")
+    assert enough.fire and enough.details["new_labelled"] == 60
+    assert not labels_trigger(new.root, old.root, 61, "digits/1").fire
+
+
+def test_bad_trigger_and_stop_after_are_named(pipeline_cfg) -> None:
+    with pytest.raises(ConfigError, match="trigger='often': expected one of always, drift, labels"):
+        run_pipeline(pipeline_cfg("trigger=often"))
+    with pytest.raises(ConfigError, match="stop_after='deploy': expected null or one of gather"):
+        run_pipeline(pipeline_cfg("stop_after=deploy"))
+
+
+def test_stop_after_runs_one_stage_per_launch_in_the_same_run(
+    pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    """What an orchestrator does: one launch per stage, each continuing the run."""
+    cfg = pipeline_cfg("stop_after=gather")
+    assert run_pipeline(cfg) == 0
+    first = _state(cfg)
+    assert first["status"] == "stopped" and list(first["stages"]) == ["trigger", "gather"]
+    assert "stopped after gather" in capsys.readouterr().out
+    assert run_pipeline(pipeline_cfg("stop_after=clean")) == 0
+    second = _state(cfg)
+    assert second["run"] == first["run"] and second["status"] == "stopped"
+    assert second["stages"]["gather"] == first["stages"]["gather"]  # not run again
+    assert second["stages"]["clean"]["status"] == "done"
+    assert second["stages"]["clean"]["inputs"] == {
+        "dataset": first["stages"]["gather"]["outputs"]["fingerprint"]
+    }
+
+
+@pytest.mark.slow
+def test_drift_trigger_without_logged_predictions_is_named(tmp_path: Path, pipeline_cfg) -> None:
+    from test_serving_support import export_image_bundle
+
+    cfg = pipeline_cfg("trigger=drift", "name=shapes")
+    registry = Registry(root=cfg.registry.root)
+    registry.register(export_image_bundle(tmp_path / "bundle"))
+    registry.set_alias("shapes", "champion", 1)
+    registry.close()
+    with pytest.raises(ConfigError, match="no logged predictions for model 'shapes' version '1'"):
+        run_pipeline(cfg)
+    assert st.list_runs(model_dir(cfg)) == []  # nothing started
+
+
+@pytest.mark.slow
+def test_first_run_promotes_and_promote_false_waits_for_a_decision(
+    pipeline_cfg, capsys: pytest.CaptureFixture
+) -> None:
+    """No champion: the challenger passes the absolute floor and becomes champion. A
+    second run reuses gather and clean from the first, trains anew (another seed) and,
+    with promote=false, stops after the gate."""
+    cfg = pipeline_cfg("gate.min_accuracy=0.0")
+    assert run_pipeline(cfg) == 0
+    first = _state(cfg)
+    assert first["status"] == "promoted"
+    assert first["stages"]["promote"]["outputs"] == {
+        "alias": "digits@champion", "from": None, "to": 1, "moved": True,
+    }  # fmt: skip
+    run_dir = Path(first["run_dir"])
+    assert (run_dir / "gate" / "gate.json").is_file()
+    assert (run_dir / "train" / ".hydra" / "config.yaml").is_file()
+
+    cfg = pipeline_cfg("gate.min_accuracy=0.0", "gate.min_delta=-100", "gate.max_recall_drop=100",
+                       "gate.max_regression=100", "seed=7", "promote=false")  # fmt: skip
+    assert run_pipeline(cfg) == 0
+    second = _state(cfg)
+    assert second["run"] != first["run"]
+    for stage in ("gather", "clean"):
+        assert second["stages"][stage]["status"] == "reused"
+        assert second["stages"][stage]["reused_from"] == str(run_dir)
+    assert second["stages"]["train"]["status"] == "done"
+    assert second["status"] == "awaiting_promotion"
+    registry = Registry(root=cfg.registry.root)
+    assert registry.aliases("digits")["digits"] == {"champion": 1, "challenger": 2}
+    assert "cycleml registry promote digits challenger champion" in capsys.readouterr().out
+
+    # the human decision, later: the registry command finishes the promotion
+    finish = subprocess.run(
+        [sys.executable, "-m", "cycleml", "registry", "promote", "digits", "challenger",
+         "champion", f"root={cfg.registry.root}", "reason=reviewed the gate table"],
+        cwd=cfg.paths.root_dir, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert registry.aliases("digits")["digits"] == {"champion": 2, "challenger": 2}
+    assert registry.audit("digits")[-1].reason == "reviewed the gate table"
+    registry.close()
