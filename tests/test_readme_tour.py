@@ -43,7 +43,8 @@ NOT_CYCLEML = {
 }
 # the config of each command (`cycleml data <sub>` → data_<sub>)
 CONFIG_OF = {"train": "train", "eval": "eval", "compare": "compare", "export": "export",
-             "predict": "predict", "serve": "serve", "monitor": "monitor"}  # fmt: skip
+             "predict": "predict", "serve": "serve", "monitor": "monitor",
+             "pipeline": "pipeline"}  # fmt: skip
 # placeholders the README uses for a user's own run or file
 PLACEHOLDERS = {"<run>": "RUN", "<file.ckpt>": "best.ckpt"}
 
