@@ -587,6 +587,21 @@ class ExperimentRouter:
             return Routed(experiment, "control", unit, control, experiment.targets[treatment])
         return Routed(experiment, "control", unit, control)
 
+    def record_answer(
+        self, routed: Routed, info: Mapping[str, Any], status: int, started: float
+    ) -> None:
+        """Buffer the assignment row of a request answered with ``status``; ``info`` is
+        the request's access-log record (request id, model, version), ``started`` its
+        ``time.perf_counter()`` at arrival."""
+        self.record(
+            routed,
+            str(info.get("request_id")),
+            info.get("model", ""),
+            info.get("version", ""),
+            status,
+            time.perf_counter() - started,
+        )
+
     def record(
         self,
         routed: Routed,

@@ -193,10 +193,10 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
                     response = await answer(info, routed.target.name, routed.target.version)
                 except Exception as err:
                     status = error_parts(err, state.settings)[0]
-                    _record(state, routed, info, status, received)
+                    state.experiments.record_answer(routed, info, status, received)
                     raise
                 response.headers.update({k.decode(): v.decode() for k, v in routed.headers})
-                _record(state, routed, info, 200, received)
+                state.experiments.record_answer(routed, info, 200, received)
                 if routed.shadow is not None:
                     _mirror_v1(state, routed, request, info, held["body"])
                 return response
@@ -242,20 +242,6 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
             )
 
     return await answered(state, request, "v1_predict", model_name, handle)
-
-
-def _record(
-    state: ServerState, routed: Routed, info: dict[str, Any], status: int, received: float
-) -> None:
-    assert state.experiments is not None
-    state.experiments.record(
-        routed,
-        str(info.get("request_id")),
-        info.get("model", ""),
-        info.get("version", ""),
-        status,
-        time.perf_counter() - received,
-    )
 
 
 def _mirror_v1(

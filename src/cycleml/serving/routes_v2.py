@@ -178,7 +178,7 @@ async def infer_answer(
             headers.append((MODEL_VERSION_HEADER, info["version"].encode()))
         if routed is not None:
             headers += routed.headers
-            _record(state, routed, info, status, started)
+            state.experiments.record_answer(routed, info, status, started)
         return status, headers, json_dumps({"error": message})
     account(state, info, "v2_infer", 200, started)
     version_header = (MODEL_VERSION_HEADER, model.version.encode())
@@ -192,24 +192,10 @@ async def infer_answer(
         ]
     if routed is not None:
         headers += routed.headers
-        _record(state, routed, info, 200, started)
+        state.experiments.record_answer(routed, info, 200, started)
         if routed.shadow is not None:
             _mirror_v2(state, routed, info, parsed)
     return 200, headers, encoded.body
-
-
-def _record(
-    state: ServerState, routed: Routed, info: dict[str, Any], status: int, started: float
-) -> None:
-    assert state.experiments is not None
-    state.experiments.record(
-        routed,
-        str(info.get("request_id")),
-        info.get("model", ""),
-        info.get("version", ""),
-        status,
-        time.perf_counter() - started,
-    )
 
 
 def _mirror_v2(state: ServerState, routed: Routed, info: dict[str, Any], parsed: Any) -> None:
