@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +15,14 @@ from cycleml.experiments.assign import Assigner
 from cycleml.experiments.report import ReportSettings, build_report, write_experiment_report
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
 from cycleml.experiments.tables import assignments, events
-from test_registry_support import POSTGRES_URL_ENV, postgres_schema_url
+from test_registry_support import database_url
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'project.db'}"
-        return
-    base = os.environ.get(POSTGRES_URL_ENV)
-    if not base:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_ENV}")
-    yield from postgres_schema_url(base)
+    yield from database_url(request.param, tmp_path, "project.db")
 
 
 def start(store: ExperimentStore, name: str = "new-model", mode: str = "split") -> ExperimentSpec:

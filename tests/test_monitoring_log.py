@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -30,20 +29,14 @@ from test_monitoring_support import (
     digits_bundle,
     digits_predictor,
 )
-from test_registry_support import POSTGRES_URL_ENV, postgres_schema_url
+from test_registry_support import database_url
 
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'log.db'}"
-        return
-    base = os.environ.get(POSTGRES_URL_ENV)
-    if not base:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_ENV}")
-    yield from postgres_schema_url(base)
+    yield from database_url(request.param, tmp_path, "log.db")
 
 
 def synthetic_records(n: int, prefix: str, start: dt.datetime = T0) -> list[PredictionRecord]:

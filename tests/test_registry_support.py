@@ -5,6 +5,7 @@ schema), distinct valid bundles, and worker functions that race in other process
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,24 @@ def postgres_schema_url(base_url: str) -> Iterator[str]:
         with engine.begin() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         engine.dispose()
+
+
+def database_url(kind: str, folder: Path, name: str) -> Iterator[str]:
+    """For a fixture parametrized over ``sqlite`` and ``postgresql``: an SQLite file in
+    ``folder``, or a throw-away PostgreSQL schema; skipped, saying why, where no
+    PostgreSQL server is configured."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / name}"
+        return
+    base = os.environ.get(POSTGRES_URL_ENV)
+    if not base:
+        import pytest
+
+        pytest.skip(
+            f"PostgreSQL tests need {POSTGRES_URL_ENV} (`make test` sets it when a server "
+            "answers on 127.0.0.1:5432)"
+        )
+    yield from postgres_schema_url(base)
 
 
 def variant_of(bundle: Path, destination: Path, tag: str) -> Path:
