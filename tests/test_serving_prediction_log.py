@@ -212,13 +212,11 @@ def _batch(rid: str) -> LoggedBatch:
     )
 
 
-@pytest.mark.parametrize(
-    ("buffer_rows", "buffer_bytes"),
-    [(5, 10**9), (100, 5 * 12)],  # 12 input bytes per row
-)
-def test_a_batch_larger_than_the_room_keeps_the_rows_that_fit(
+def _held_writer(
     tmp_path: Path, buffer_rows: int, buffer_bytes: int
-) -> None:
+) -> tuple[PredictionLogger, threading.Event, list[int], str]:
+    """A logger whose writer has taken a first batch and hangs opening the database until
+    the returned event is set; drops are appended to the returned list."""
     release = threading.Event()
     dropped: list[int] = []
 
@@ -234,6 +232,17 @@ def test_a_batch_larger_than_the_room_keeps_the_rows_that_fit(
     deadline = time.monotonic() + 10
     while logger._pending and time.monotonic() < deadline:
         time.sleep(0.01)
+    return logger, release, dropped, url
+
+
+@pytest.mark.parametrize(
+    ("buffer_rows", "buffer_bytes"),
+    [(5, 10**9), (100, 5 * 12)],  # 12 input bytes per row
+)
+def test_a_batch_larger_than_the_room_keeps_the_rows_that_fit(
+    tmp_path: Path, buffer_rows: int, buffer_bytes: int
+) -> None:
+    logger, release, dropped, url = _held_writer(tmp_path, buffer_rows, buffer_bytes)
     rows, one = 8, _batch("b")
     logger.offer(
         dataclasses.replace(
@@ -259,21 +268,7 @@ def test_a_slow_database_never_blocks_the_caller(
 ) -> None:
     """While the writer hangs on the database, offers return at once; beyond the
     buffer's bounds they are counted as dropped, and the rest is written afterwards."""
-    release = threading.Event()
-    dropped: list[int] = []
-
-    def slow_open(url: str) -> PredictionLog:
-        release.wait(30)
-        return PredictionLog(url)
-
-    url = f"sqlite:///{tmp_path / 'log.db'}"
-    logger = PredictionLogger(
-        url, 1.0, buffer_rows, buffer_bytes, dropped.append, open_log=slow_open
-    )
-    logger.offer(_batch("first"))  # the writer takes it and hangs in slow_open
-    deadline = time.monotonic() + 10
-    while logger._pending and time.monotonic() < deadline:
-        time.sleep(0.01)
+    logger, release, dropped, url = _held_writer(tmp_path, buffer_rows, buffer_bytes)
     started = time.perf_counter()
     for i in range(5):
         logger.offer(_batch(f"r{i}"))
