@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, exc, select, update
 
-from cycleml.db import open_database, utc_now
+from cycleml.db import as_utc, open_database, utc_now
 from cycleml.errors import CycleMLError
 from cycleml.experiments.assign import boundaries
 from cycleml.experiments.tables import ALL_TABLES, experiment_changes, experiments
@@ -259,16 +259,9 @@ def _spec_from_row(row: Any) -> ExperimentSpec:
         mode=row.mode,
         status=row.status,
         revision=int(row.revision),
-        created_at=_aware(created),
-        updated_at=_aware(updated),
+        created_at=as_utc(created),
+        updated_at=as_utc(updated),
     )
-
-
-def _aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite hands timestamps back naive; they were written as UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value
 
 
 def _check_source(source: str) -> str:
@@ -436,7 +429,7 @@ class ExperimentStore:
             {
                 "id": row.id,
                 "experiment": row.experiment,
-                "changed_at": _aware(row.changed_at),
+                "changed_at": as_utc(row.changed_at),
                 "source": row.source,
                 "action": row.action,
                 "weights_before": row.weights_before,

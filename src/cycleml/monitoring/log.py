@@ -419,7 +419,7 @@ def _to_arrays(rows: list) -> LoggedPredictions:
     )
     return LoggedPredictions(
         request_ids=[row["request_id"] for row in rows],
-        logged_at=[_utc(row["logged_at"]) for row in rows],
+        logged_at=[as_utc(row["logged_at"]) for row in rows],
         predicted_class=np.array([row["predicted_class"] for row in rows], dtype=np.int64),
         predicted_label=[row["predicted_label"] for row in rows],
         probabilities=probabilities,
@@ -433,8 +433,3 @@ def _split(data: bytes, rows: int) -> list[bytes]:
     """``rows`` equal slices of ``data``."""
     width = len(data) // rows if rows else 0
     return [data[i : i + width] for i in range(0, width * rows, width)] if width else [b""] * rows
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite returns naive datetimes: every stored time is UTC."""
-    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value

@@ -8,7 +8,6 @@ folders are visible in it (the SQLite file and the hidden staging folders are no
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import getpass
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy import exc, func, insert, select, update
 from sqlalchemy.engine import Connection, RowMapping
 
-from cycleml.db import open_database, safe_url, utc_now
+from cycleml.db import as_utc, open_database, safe_url, utc_now
 from cycleml.errors import CycleMLError
 from cycleml.inference.bundle import ModelBundle, load_bundle
 from cycleml.registry.aliases import ANY, current_version, lock_aliases, move_alias
@@ -443,7 +442,7 @@ class Registry:
                 r["from_version"],
                 r["to_version"],
                 r["who"],
-                _utc(r["at"]),
+                as_utc(r["at"]),
                 r["reason"],
             )
             for r in rows
@@ -571,13 +570,13 @@ class Registry:
             status=row["status"],
             content_hash=row["content_hash"],
             files=dict(row["files"]),
-            created_at=_utc(row["created_at"]),
+            created_at=as_utc(row["created_at"]),
             created_by=row["created_by"],
             description=row["description"],
             tags=dict(row["tags"]),
             lineage=dict(row["lineage"]),
             size_bytes=int(row["size_bytes"]),
-            archived_at=_utc(row["archived_at"]) if row.get("archived_at") else None,
+            archived_at=as_utc(row["archived_at"]) if row.get("archived_at") else None,
             archive_reason=row.get("archive_reason") or "",
         )
 
@@ -643,7 +642,7 @@ def _evaluation(row: Mapping[str, Any]) -> Evaluation:
         champion=row["champion"],
         decision=dict(row["decision"] or {}),
         who=row["who"],
-        at=_utc(row["at"]),
+        at=as_utc(row["at"]),
         id=int(row["id"]),
     )
 
@@ -670,8 +669,3 @@ def _plain(item: Any) -> Any:
     if hasattr(item, "tolist"):
         return item.tolist()
     return str(item)
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
