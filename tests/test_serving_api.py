@@ -442,7 +442,7 @@ def test_access_log_and_metrics(client: httpx.Client, caplog: pytest.LogCaptureF
 def slow_server(slow_bundle: Path) -> RunningServer:
     serve = settings(
         slow_bundle,
-        runtime={"intra_op_threads": 1},
+        runtime={"instances": 1, "intra_op_threads": 1},  # one instance: HeldInstance holds it
         batching={"max_batch_size": 4, "max_queue_size": 8, "max_queue_delay_ms": 0},
         limits={"max_body_bytes": 64 * 1024},
     )

@@ -56,12 +56,47 @@ def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
         ("limits.overload_status=500", "must be 429 or 503"),
         ("version_policy=newest", "version_policy must be one of"),
         ("limits.default_timeout_ms=90000", "default_timeout_ms must be > 0 and <="),
-        ("runtime.instances=0", "runtime.instances must be >= 1"),
+        ("runtime.instances=-1", "runtime.instances must be >= 0"),
     ],
 )
 def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         settings_from_config(make_cfg("serve", f"path={tmp_path}", override))
+
+
+@pytest.mark.parametrize(
+    ("cores", "workers", "runtime", "accelerated", "expected"),
+    [
+        # 0 and 0: one single-threaded instance per core, at most four, threads shared out
+        (2, 1, {}, False, (2, 1)),
+        (1, 1, {}, False, (1, 1)),
+        (16, 1, {}, False, (4, 4)),
+        (16, 2, {}, False, (4, 2)),
+        (3, 2, {}, False, (1, 1)),
+        # on an accelerator one instance; its CPU threads take the worker's cores
+        (8, 1, {}, True, (1, 8)),
+        # what is set wins; unset threads share the cores between the set instances
+        (16, 1, {"instances": 2}, False, (2, 8)),
+        (2, 1, {"instances": 3}, False, (3, 1)),
+        (2, 1, {"intra_op_threads": 2}, False, (2, 2)),
+    ],
+)
+def test_instances_and_threads_fit_the_usable_cores(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    cores: int,
+    workers: int,
+    runtime: dict,
+    accelerated: bool,
+    expected: tuple[int, int],
+) -> None:
+    from cycleml.serving import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: cores)
+    serve = settings_module.ServeSettings.from_dict(
+        {"path": str(tmp_path), "workers": workers, "runtime": runtime}
+    )
+    assert (serve.instances(accelerated), serve.intra_op_threads(accelerated)) == expected
 
 
 def test_missing_path_and_missing_keys(make_cfg, tmp_path: Path) -> None:

@@ -329,7 +329,7 @@ SERVE = {
     "port": integer(0, 65535),
     "workers": integer(1),
     "version_policy": choice("latest", "all"),
-    "runtime.instances": integer(1),
+    "runtime.instances": integer(0),
     "runtime.intra_op_threads": integer(0),
     "runtime.inter_op_threads": integer(0),
     "runtime.decode_threads": integer(1),

@@ -13,6 +13,7 @@ import numpy as np
 
 from cycleml.db import utc_now
 from cycleml.inference import ModelBundle, Predictor
+from cycleml.inference.predictor import default_providers
 from cycleml.serving.batch_policy import ArrivalRate, BatchLatencyModel
 from cycleml.serving.batcher import DynamicBatcher, RequestQueue, WorkItem
 from cycleml.serving.decode_limits import tokenize_within_limits
@@ -77,12 +78,15 @@ class ServedModel:
         runtime, batching = settings.runtime, settings.batching
         self.max_batch_size = batching.max_batch_size
         self.precision = settings.precision.get(name, "fp32")
+        providers = list(runtime.providers) if runtime.providers else default_providers()
+        accelerated = providers[0] != "CPUExecutionProvider"
+        self.intra_op_threads = settings.intra_op_threads(accelerated)
         self.predictors = [
             Predictor(
                 bundle,
                 precision=self.precision,
-                providers=list(runtime.providers) if runtime.providers else None,
-                intra_op_threads=runtime.intra_op_threads,
+                providers=providers,
+                intra_op_threads=self.intra_op_threads,
                 inter_op_threads=runtime.inter_op_threads,
                 warmup=False,
                 session_config={
@@ -90,7 +94,7 @@ class ServedModel:
                     **{str(k): str(v) for k, v in runtime.session_config.items()},
                 },
             )
-            for _ in range(runtime.instances)
+            for _ in range(settings.instances(accelerated))
         ]
         first = self.predictors[0]
         self.input_name = first.input_name
@@ -407,6 +411,7 @@ class ServedModel:
                 "class_names": self.class_names,
                 "max_batch_size": self.max_batch_size,
                 "instances": len(self.batchers),
+                "intra_op_threads": self.intra_op_threads,
                 "run_id": self.bundle.meta.run_id,
                 "precision": self.precision,
                 "precisions": ["fp32", *sorted(self.bundle.meta.variants)],

@@ -16,9 +16,25 @@ VERSION_POLICIES = ("latest", "all")
 REGISTRY_DB = "registry.db"
 
 
+# the most instances `runtime.instances=0` (one per core) makes of one model version
+AUTO_MAX_INSTANCES = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset or
+    taskset), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
-    instances: int = 1
+    # 0: one per core of this worker process (at most AUTO_MAX_INSTANCES) on CPU, one
+    # on an accelerator
+    instances: int = 0
+    # 0: the worker's cores shared out between its instances
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     providers: tuple[str, ...] | None = None
@@ -119,6 +135,26 @@ class ServeSettings:
     # A/B experiments between model versions: name -> spec (cycleml.experiments)
     experiments: dict[str, Any] = field(default_factory=dict)
 
+    def instances(self, accelerated: bool = False) -> int:
+        """Instances per model version: ``runtime.instances``, or for 0 one per core this
+        worker process may use (its share of the usable cores, at most
+        ``AUTO_MAX_INSTANCES``); one when the model runs on an accelerator
+        (``accelerated``), where instances would only compete for the one device."""
+        if self.runtime.instances:
+            return self.runtime.instances
+        if accelerated:
+            return 1
+        return max(1, min(AUTO_MAX_INSTANCES, usable_cores() // self.workers))
+
+    def intra_op_threads(self, accelerated: bool = False) -> int:
+        """ONNX Runtime threads per instance: ``runtime.intra_op_threads``, or for 0 the
+        worker's cores shared out between its instances (at least one each), so that
+        instances and their threads never outnumber the cores."""
+        if self.runtime.intra_op_threads:
+            return self.runtime.intra_op_threads
+        cores = max(1, usable_cores() // self.workers)
+        return max(1, cores // self.instances(accelerated))
+
     def __post_init__(self) -> None:
         _check(
             Path(self.path).exists(),
@@ -137,7 +173,10 @@ class ServeSettings:
                 f"precision['{model}'] must be one of {', '.join(PRECISIONS)}, got '{precision}'",
             )
         rt, batching, limits = self.runtime, self.batching, self.limits
-        _check(rt.instances >= 1, f"runtime.instances must be >= 1, got {rt.instances}")
+        _check(
+            rt.instances >= 0,
+            f"runtime.instances must be >= 0 (0: one per core), got {rt.instances}",
+        )
         _check(
             rt.intra_op_threads >= 0 and rt.inter_op_threads >= 0,
             "runtime.intra_op_threads and runtime.inter_op_threads must be >= 0",
