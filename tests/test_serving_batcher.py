@@ -105,6 +105,38 @@ def test_queue_is_bounded_and_fifo_within_max_rows() -> None:
         loop.close()
 
 
+def test_a_taker_leaves_waiting_instances_their_share() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue = RequestQueue(64, ArrivalRate())
+        items = [_item(loop) for _ in range(9)]
+        for item in items:
+            queue.put(item)
+        # another instance waits in take() (set directly: a real one would have taken
+        # the items one by one as they came, before they could pile up)
+        queue._idle = 1
+        ready, _ = queue.take(max_rows=64)
+        assert ready == items[:5]  # half of 9 rows, rounded up; the rest is the other's
+        queue._idle = 2
+        ready, _ = queue.take(max_rows=64)
+        assert ready == items[5:7]  # 4 rows, three takers
+        queue._idle = 0  # nobody else waits: all that fits
+        ready, _ = queue.take(max_rows=64)
+        assert ready == items[7:]
+        # a request bigger than the share still goes whole (never past max_rows)
+        big, small = _item(loop, rows=6), _item(loop)
+        queue.put(big)
+        queue.put(small)
+        queue._idle = 1
+        ready, _ = queue.take(max_rows=64)
+        assert ready == [big]
+        queue._idle = 0
+        ready, _ = queue.take(max_rows=64)
+        assert ready == [small]
+    finally:
+        loop.close()
+
+
 def test_queue_drops_expired_items_and_removes_withdrawn_ones() -> None:
     loop = asyncio.new_event_loop()
     try:

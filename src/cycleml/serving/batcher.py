@@ -116,6 +116,8 @@ class RequestQueue:
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._on_depth = on_depth
+        # instances blocked in take(), waiting for work
+        self._idle = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -155,13 +157,23 @@ class RequestQueue:
         the queue (dropped before compute).
         """
         with self._cond:
-            while not self._items and not self._closed:
-                timeout = None if wait_until is None else wait_until - time.perf_counter()
-                if timeout is not None and timeout <= 0:
-                    return [], []
-                self._cond.wait(timeout)
-            ready, expired = self._pop_fitting(max_rows)
+            self._idle += 1
+            try:
+                while not self._items and not self._closed:
+                    timeout = None if wait_until is None else wait_until - time.perf_counter()
+                    if timeout is not None and timeout <= 0:
+                        return [], []
+                    self._cond.wait(timeout)
+            finally:
+                self._idle -= 1
+            # other instances wait for work: take a fair share of what waits and leave
+            # them the rest, so that they run at once instead of idling until this
+            # batch ends (with as many clients as one batch holds, all would wait on it)
+            share = -(-self._rows // (self._idle + 1)) if self._idle else max_rows
+            ready, expired = self._pop_fitting(max_rows, share)
             depth = len(self._items)
+            if self._items and self._idle:
+                self._cond.notify()
         if self._on_depth is not None and (ready or expired):
             self._on_depth(depth)
         return ready, expired
@@ -180,10 +192,14 @@ class RequestQueue:
             self._on_depth(depth)
         return ready, expired
 
-    def _pop_fitting(self, max_rows: int) -> tuple[list, list]:
+    def _pop_fitting(self, max_rows: int, target: int | None = None) -> tuple[list, list]:
+        """Pop waiting items in order while they fit in ``max_rows`` rows, stopping once
+        ``target`` rows are taken (at least one item is, when it fits); expired items on
+        the way are popped and returned apart."""
         ready: list[WorkItem] = []
         expired: list[WorkItem] = []
         rows = 0
+        target = max_rows if target is None else target
         now = time.perf_counter()
         while self._items:
             item = self._items[0]
@@ -192,7 +208,7 @@ class RequestQueue:
                 self._rows -= item.rows
                 expired.append(item)
                 continue
-            if rows + item.rows > max_rows:
+            if rows + item.rows > max_rows or rows >= target:
                 break
             self._items.popleft()
             self._rows -= item.rows
