@@ -168,6 +168,10 @@ def create_app(settings: ServeSettings) -> ServingApp:
     return ServingApp(app, asgi)
 
 
+# allocations between young-generation collections once the server is loaded
+GC_YOUNG_THRESHOLD = 20_000
+
+
 def _load(state: ServerState) -> None:
     state.repository.load_all()
     if not state.repository.all_models():
@@ -199,6 +203,12 @@ def _load(state: ServerState) -> None:
     # for about 30 ms, which showed as latency spikes and lost throughput under load.
     gc.collect()
     gc.freeze()
+    # A request allocates a few hundred objects that die with it; at the default young
+    # generation threshold (700) the collector ran every few requests. Measured on two
+    # cores under load (ResNet-18 32x32, 64 clients, 4 alternating turns), 20,000 took
+    # the event loop's CPU per request from 302 to 274 us and the whole server's from
+    # 1.73 to 1.57 ms; what survives is collected as before, only less often.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     if not state.draining:  # the folder watch (reload.watch) and a registry's aliases
         state.repository.start_watching()
 
