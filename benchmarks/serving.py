@@ -23,8 +23,13 @@ For each model it prints:
 * the experiment row: `cycleml serve` with an A/B experiment on the model (every
   request carries a unit id, is assigned an arm and gets an assignment row written to
   SQLite) and without one, measured the same way;
-and the ratios the serving targets are stated in. Client, servers and runtime share
-this machine's cores; every ratio compares figures measured in this one process run.
+and the ratios the serving targets are stated in. Every ratio compares figures measured
+in this one process run. By default client, servers and runtime share this machine's
+cores; on a machine with cores to spare, ``--server-cpus 0-1 --client-cpus 2-5`` gives
+the servers and the in-process limit the same cores and the load generator others, as
+in production, where clients run elsewhere:
+
+    .venv/bin/python benchmarks/serving.py --models resnet18 --server-cpus 0-1 --client-cpus 2-5
 """
 
 from __future__ import annotations
@@ -49,8 +54,13 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
 from cycleml.serving.served_model import SERVING_SESSION_CONFIG
+from cycleml.serving.settings import usable_cores
 
 HOST = "127.0.0.1"
+# the cores servers and the in-process limit run on, and the load generator's
+# (--server-cpus / --client-cpus; None: all)
+SERVER_CPUS: set[int] | None = None
+CLIENT_CPUS: set[int] | None = None
 CONCURRENCY = (1, 8, 32, 64)
 OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75, 0.9)
 
@@ -155,7 +165,38 @@ def _rows_per_s(predictors: list[Predictor], size: int, seconds: float) -> float
     return best
 
 
+def parse_cpus(text: str) -> set[int]:
+    """A CPU list as taskset reads it: ``0-1,4``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | None) -> Iterator[None]:
+    """Run this process (its threads started meanwhile too) on ``cpus``, then go back."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def in_process(
+    bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
+) -> tuple[dict[str, float], float]:
+    """See :func:`_in_process`; run on the servers' cores."""
+    with on_cpus(SERVER_CPUS):
+        return _in_process(bundle_dir, batch_sizes, seconds)
+
+
+def _in_process(
     bundle_dir: Path, batch_sizes: tuple[int, ...], seconds: float
 ) -> tuple[dict[str, float], float]:
     """Rows/s of ONNX Runtime alone at each batch size: one session with ONNX Runtime's
@@ -167,7 +208,7 @@ def in_process(
         "1 session": Predictor(bundle),
         "1 session, serving options": Predictor(bundle, session_config=SERVING_SESSION_CONFIG),
     }
-    per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(os.cpu_count() or 1)]
+    per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(usable_cores())]
     rates = {}
     for size in batch_sizes:
         for label, predictor in sessions.items():
@@ -247,7 +288,13 @@ def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -
 @contextlib.contextmanager
 def running(command: list[str], port: int, workdir: Path) -> Iterator[subprocess.Popen]:
     log_file = open(workdir / f"server-{port}.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    cpus = SERVER_CPUS
+    process = subprocess.Popen(
+        command,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+    )
     try:
         wait_ready(port, process)
         yield process
@@ -785,15 +832,36 @@ def main() -> None:
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=parse_cpus,
+        default=None,
+        help="cores (e.g. 0-1) for the servers and the in-process limit (default: all)",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        type=parse_cpus,
+        default=None,
+        help="cores (e.g. 2-5) for the load generator (default: all)",
+    )
     args = parser.parse_args()
+    global SERVER_CPUS, CLIENT_CPUS
+    SERVER_CPUS, CLIENT_CPUS = args.server_cpus, args.client_cpus
     seconds = args.seconds or (1.5 if args.quick else 4.0)
-    print(f"machine: {os.cpu_count()} cores; {seconds} s per measurement", flush=True)
+    where = ""
+    if SERVER_CPUS is not None or CLIENT_CPUS is not None:
+        with on_cpus(SERVER_CPUS):
+            server = sorted(os.sched_getaffinity(0))
+        with on_cpus(CLIENT_CPUS):
+            client = sorted(os.sched_getaffinity(0))
+        where = f"; servers and in-process limit on cores {server}, load generator on {client}"
+    print(f"machine: {os.cpu_count()} cores{where}; {seconds} s per measurement", flush=True)
     exporters = {
         "resnet18": export_resnet18,
         "digits": export_digits_cnn,
         "efficientnet_lite0": export_efficientnet_lite0,
     }
-    with tempfile.TemporaryDirectory(prefix="cycleml-bench-") as tmp:
+    with on_cpus(CLIENT_CPUS), tempfile.TemporaryDirectory(prefix="cycleml-bench-") as tmp:
         workdir = Path(tmp)
         results = {}
         for name in args.models.split(","):

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check}}"
 mkdir -p "$out"
 export WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
-python - <<'PY' 2>&1 | tee "$out/train.txt"
+# the Python that has cycleml (a virtual environment's python, or python3)
+py="${PYTHON:-$(command -v python || command -v python3)}"
+"$py" - <<'PY' 2>&1 | tee "$out/train.txt"
 import time, torch
 from cycleml.models.backbones import TorchvisionBackbone
 assert torch.cuda.is_available(), "no CUDA device"
@@ -33,12 +35,12 @@ print(f"device: {name}")
 print(f"resnet18 32x32 batch 256 {precision}: {steps * 256 / dt:,.0f} images/s, "
       f"peak memory {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB, loss {loss.item():.3f}")
 PY
-cycleml train trainer=gpu trainer.max_epochs=3 logger=csv callbacks.progress_bar=null \
+"$py" -m cycleml train trainer=gpu trainer.max_epochs=3 logger=csv callbacks.progress_bar=null \
   paths.log_dir="$out/logs" 2>&1 | tail -n 12 | tee "$out/cycleml_train.txt"
 run=$(ls -td "$out"/logs/train/runs/*/ | head -n 1)
-cycleml export ckpt_path="$run" export.out_dir="$out/bundle" export.fp16=true 2>&1 \
+"$py" -m cycleml export ckpt_path="$run" export.out_dir="$out/bundle" export.fp16=true 2>&1 \
   | tail -n 5 | tee "$out/export.txt"
-python - "$out/bundle" <<'PY' 2>&1 | tee "$out/inference.txt"
+"$py" - "$out/bundle" <<'PY' 2>&1 | tee "$out/inference.txt"
 import sys, time, numpy as np, onnxruntime as ort
 from cycleml.inference import Predictor, load_bundle
 print("ONNX Runtime providers:", ort.get_available_providers())
@@ -48,4 +50,9 @@ p.run(x); t = time.perf_counter(); n = 20
 for _ in range(n): p.run(x)
 print(f"bundle inference, batch 256: {n * 256 / (time.perf_counter() - t):,.0f} images/s")
 PY
-timeout 240 python benchmarks/serving.py --quick 2>&1 | tail -n 30 | tee "$out/serving.txt" || true
+# with cores to spare, the server and the in-process limit get two cores and the load
+# generator four others (clients run elsewhere in production); else all share them
+pin=()
+if [ "$(nproc)" -ge 8 ]; then pin=(--server-cpus 0-1 --client-cpus 2-5); fi
+timeout 300 "$py" benchmarks/serving.py --models resnet18 --quick "${pin[@]}" 2>&1 \
+  | tail -n 40 | tee "$out/serving.txt" || true
