@@ -101,6 +101,8 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(slow_bundle: Path) -> 
     with server_process(
         slow_bundle,
         port,
+        # one instance, so that a queue builds up behind the one batch it runs
+        "runtime.instances=1",
         "runtime.intra_op_threads=1",
         "batching.max_batch_size=4",
         "batching.max_queue_size=64",
