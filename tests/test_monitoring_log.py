@@ -265,6 +265,29 @@ def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path,
     assert "skipped embedding: window has 20 rows, the mmd test needs 30" in small.stdout
 
 
+def test_a_partial_newest_count_window_does_not_decide_the_verdict(tmp_path, traffic, capsys):
+    """1,000 rows in windows of 490: the second (mostly brightened) drifts; the third
+    holds 20 rows, too few for any test. The verdict is the second's."""
+    url, _ = traffic
+    out = tmp_path / "report"
+    for last in ("null", "1"):
+        result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}",
+                              f"out_dir={out}", "window.size=490", f"window.last={last}")  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        report = json.loads((out / "report.json").read_text())
+        windows = report["windows"]
+        assert [w["rows"] for w in windows][-2:] == [490, 20]
+        assert len(windows) == (3 if last == "null" else 2)
+        assert [w["partial"] for w in windows][-2:] == [False, True]
+        assert windows[-2]["drift"] and not windows[-1]["drift"]
+        assert windows[-1]["skipped"]["brightness"] == "window has 20 rows, the ks test needs 30"
+        assert report["drift"] and report["decided_by"] == 1
+        assert report["gauges"]["cycleml_drift_detected"] == 1.0
+        assert any("window 2 holds 20 of 490 predictions" in note for note in report["notes"])
+        assert "window 2: 20 rows, no drift (partial: not used for the verdict)" in result.stdout
+        assert "DRIFT in window 1" in (out / "report.html").read_text()
+
+
 def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic, capsys):
     url, _ = traffic
     result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}", "log_version=9")
