@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import root_logging_kept
 from cycleml.db import open_database
 from cycleml.inference.reference import input_features
 from cycleml.monitoring.log import (
@@ -176,7 +178,8 @@ def monitor_here(capsys, tmp_path: Path, *args: str) -> subprocess.CompletedProc
     GlobalHydra.instance().clear()
     saved = list(sys.argv)
     try:
-        main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
+        with root_logging_kept():
+            main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
         code = 0
     except SystemExit as exit_:
         code = int(exit_.code or 0)
@@ -286,6 +289,17 @@ def test_a_partial_newest_count_window_does_not_decide_the_verdict(tmp_path, tra
         assert any("window 2 holds 20 of 490 predictions" in note for note in report["notes"])
         assert "window 2: 20 rows, no drift (partial: not used for the verdict)" in result.stdout
         assert "DRIFT in window 1" in (out / "report.html").read_text()
+
+
+def test_a_run_in_this_process_leaves_no_log_handler_behind(tmp_path, traffic, capsys):
+    """Hydra's handlers would write later tests' records to this test's closed capture."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={traffic[0]}",
+                          f"out_dir={tmp_path / 'report'}", "window.size=490", "window.last=1")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert root.handlers == before
+    assert (tmp_path / "run" / "monitor.log").is_file()  # Hydra's handlers did run
 
 
 def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic, capsys):
