@@ -101,6 +101,8 @@ def test_errors_are_one_line(tmp_path):
     assert "reason=it's better: Hydra cannot read this value" in line
     assert 'Hydra receives reason="it\'s better"' in line
     assert "in a shell" in line and '"reason=\\"it\'s better\\""' in line
+    line = error("registry", "list", "db_url=postgresql+psycopg://u:s3cret!@h/db", cwd=tmp_path)
+    assert "Hydra cannot read this value" in line and "s3cret" not in line
     assert 'receives reason="a, b"' in error(
         "registry", "archive", "digits", "2", "reason=a, b", cwd=tmp_path
     )

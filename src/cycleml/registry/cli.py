@@ -27,6 +27,7 @@ from cycleml.cli_args import as_overrides, quoted
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
+from cycleml.redaction import redact
 from cycleml.registry.aliases import ANY, shown
 from cycleml.registry.errors import RegistryError
 from cycleml.registry.model_registry import Registry
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rest = registry_overrides(command, rest)
     except (RegistryError, ConfigError) as err:
-        print(f"cycleml registry: error: {err}", file=sys.stderr)
+        print(f"cycleml registry: error: {redact(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     sys.argv = [f"cycleml registry {command}", *rest]
     SUBCOMMANDS[command][0]()
