@@ -290,6 +290,15 @@ def test_a_partial_newest_count_window_does_not_decide_the_verdict(tmp_path, tra
         assert "window 2: 20 rows, no drift (partial: not used for the verdict)" in result.stdout
         assert "DRIFT in window 1" in (out / "report.html").read_text()
 
+    # fewer rows than one window: the partial window is all there is, and decides
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}",
+                          f"out_dir={out}", "window.size=2000")  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["decided_by"] == 0 and report["windows"][0]["partial"]
+    assert report["drift"] == report["windows"][0]["drift"]
+    assert result.returncode == (1 if report["drift"] else 0)
+    assert "window 0 holds 1000 of 2000 predictions, and no window is complete" in result.stdout
+
 
 def test_a_run_in_this_process_leaves_no_log_handler_behind(tmp_path, traffic, capsys):
     """Hydra's handlers would write later tests' records to this test's closed capture."""

@@ -140,12 +140,14 @@ def monitor(
         result["partial"] = False
     if partial:
         results[-1]["partial"] = True
+        held = f"window {cut[-1].index} holds {len(cut[-1].rows)} of {windows.size} predictions"
         if deciding != len(cut) - 1:
             notes.append(
-                f"window {cut[-1].index} holds {len(cut[-1].rows)} of {windows.size} "
-                f"predictions: reported, not used for the verdict (window "
+                f"{held}: reported, not used for the verdict (window "
                 f"{cut[deciding].index}, the newest complete one, decides)"
             )
+        else:
+            notes.append(f"{held}, and no window is complete: it decides the verdict")
     report: dict[str, Any] = {
         "model": target.model,
         "version": target.version,
