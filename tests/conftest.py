@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +28,30 @@ FAST_TRAIN = [
     "logger=csv",
     "callbacks.progress_bar=null",
 ]
+
+
+@contextlib.contextmanager
+def root_logging_kept() -> Iterator[None]:
+    """Leave the root logger as it was around a Hydra app run in this process.
+
+    Hydra's job logging replaces the root handlers with one writing to ``sys.stdout`` of
+    the moment (in a test: its capture, closed when the test ends) and one writing to
+    the run's log file. Left in place, every later record of the session (a server
+    thread's, an export's) goes to a closed stream: "--- Logging error ---".
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:

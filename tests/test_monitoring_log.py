@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import root_logging_kept
 from cycleml.db import open_database
 from cycleml.inference.reference import input_features
 from cycleml.monitoring.log import (
@@ -176,7 +178,8 @@ def monitor_here(capsys, tmp_path: Path, *args: str) -> subprocess.CompletedProc
     GlobalHydra.instance().clear()
     saved = list(sys.argv)
     try:
-        main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
+        with root_logging_kept():
+            main(["monitor", *args, f"hydra.run.dir={tmp_path / 'run'}"])
         code = 0
     except SystemExit as exit_:
         code = int(exit_.code or 0)
@@ -263,6 +266,49 @@ def test_time_windows_small_and_empty_windows_are_skipped_with_reasons(tmp_path,
                     "window.size=20", "window.last=1")  # fmt: skip
     assert small.returncode == 0, small.stderr
     assert "skipped embedding: window has 20 rows, the mmd test needs 30" in small.stdout
+
+
+def test_a_partial_newest_count_window_does_not_decide_the_verdict(tmp_path, traffic, capsys):
+    """1,000 rows in windows of 490: the second (mostly brightened) drifts; the third
+    holds 20 rows, too few for any test. The verdict is the second's."""
+    url, _ = traffic
+    out = tmp_path / "report"
+    for last in ("null", "1"):
+        result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}",
+                              f"out_dir={out}", "window.size=490", f"window.last={last}")  # fmt: skip
+        assert result.returncode == 1, result.stdout + result.stderr
+        report = json.loads((out / "report.json").read_text())
+        windows = report["windows"]
+        assert [w["rows"] for w in windows][-2:] == [490, 20]
+        assert len(windows) == (3 if last == "null" else 2)
+        assert [w["partial"] for w in windows][-2:] == [False, True]
+        assert windows[-2]["drift"] and not windows[-1]["drift"]
+        assert windows[-1]["skipped"]["brightness"] == "window has 20 rows, the ks test needs 30"
+        assert report["drift"] and report["decided_by"] == 1
+        assert report["gauges"]["cycleml_drift_detected"] == 1.0
+        assert any("window 2 holds 20 of 490 predictions" in note for note in report["notes"])
+        assert "window 2: 20 rows, no drift (partial: not used for the verdict)" in result.stdout
+        assert "DRIFT in window 1" in (out / "report.html").read_text()
+
+    # fewer rows than one window: the partial window is all there is, and decides
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={url}",
+                          f"out_dir={out}", "window.size=2000")  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["decided_by"] == 0 and report["windows"][0]["partial"]
+    assert report["drift"] == report["windows"][0]["drift"]
+    assert result.returncode == (1 if report["drift"] else 0)
+    assert "window 0 holds 1000 of 2000 predictions, and no window is complete" in result.stdout
+
+
+def test_a_run_in_this_process_leaves_no_log_handler_behind(tmp_path, traffic, capsys):
+    """Hydra's handlers would write later tests' records to this test's closed capture."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    result = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url={traffic[0]}",
+                          f"out_dir={tmp_path / 'report'}", "window.size=490", "window.last=1")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert root.handlers == before
+    assert (tmp_path / "run" / "monitor.log").is_file()  # Hydra's handlers did run
 
 
 def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic, capsys):

@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,9 +20,10 @@ from conftest import compose_config
 from cycleml.errors import ConfigError
 from cycleml.pipeline import state as st
 from cycleml.pipeline.lock import PipelineBusy, PipelineLock
-from cycleml.pipeline.runner import FAILED_EXIT, model_dir, run_pipeline
-from cycleml.pipeline.triggers import labels_trigger
+from cycleml.pipeline.runner import FAILED_EXIT, TRIGGER_LOG, model_dir, run_pipeline
+from cycleml.pipeline.triggers import drift_trigger, labels_trigger
 from cycleml.registry import Registry
+from test_serving_support import image_bundle_fixture  # noqa: F401 - registers the fixture
 
 # a few hundred digits at 16x16 grey, one short epoch, a small export
 TINY = [
@@ -240,6 +242,54 @@ def test_stop_after_runs_one_stage_per_launch_in_the_same_run(
     assert second["stages"]["clean"]["inputs"] == {
         "dataset": first["stages"]["gather"]["outputs"]["fingerprint"]
     }
+
+
+def test_drift_trigger_without_drift_starts_no_run(
+    pipeline_cfg, image_bundle: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The champion's log looks like its reference sample: exit status 0, one line
+    saying why, the reason in triggers.jsonl, and no run folder (no state.json)."""
+    from cycleml.inference import Predictor
+    from cycleml.monitoring.log import PredictionLog, records_from_batch
+    from test_serving_support import IMAGE_CLASSES, IMAGE_SIZE
+
+    cfg = pipeline_cfg(
+        "trigger=drift", "name=shapes", "monitor.window.size=64", "monitor.drift.min_rows=10"
+    )
+    registry = Registry(root=cfg.registry.root)
+    registry.register(image_bundle)
+    registry.set_alias("shapes", "champion", 1)
+    registry.close()
+    # random pixels, as the bundle's reference rows are
+    pixels = np.random.default_rng(1).integers(0, 256, (64, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    predictor = Predictor(image_bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    probabilities, embeddings = predictor.run_with_embedding(pixels)
+    prediction_log = PredictionLog(cfg.monitor.db_url)
+    prediction_log.write(records_from_batch(
+        model="shapes", version="1", kind="image", class_names=IMAGE_CLASSES,
+        request_ids=[f"r{i}" for i in range(len(pixels))], inputs=pixels,
+        probabilities=probabilities, embeddings=embeddings,
+    ))  # fmt: skip
+    prediction_log.close()
+
+    # the monitor's tests ran (the reference and the window are large enough)
+    checked = drift_trigger(cfg, "shapes@champion")
+    assert not checked.fire and checked.report is not None
+    ran = {t["feature"] for t in checked.report["windows"][0]["tests"] if not t["skipped"]}
+    assert {"brightness", "embedding"} <= ran
+
+    assert run_pipeline(cfg) == 0
+    reason = "shapes@champion: no drift in the latest of 1 window(s) (64 logged predictions)"
+    assert f"cycleml pipeline: not triggered: {reason}" in capsys.readouterr().out
+    assert st.list_runs(model_dir(cfg)) == []  # nothing started
+    lines = (model_dir(cfg) / TRIGGER_LOG).read_text().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["trigger"] == "drift" and line["fired"] is False and line["reason"] == reason
+    assert line["rows"] == 64 and line["windows"] == 1 and line["drifted"] == []
+    registry = Registry(root=cfg.registry.root)
+    assert registry.aliases("shapes") == {"shapes": {"champion": 1}}  # untouched
+    registry.close()
 
 
 @pytest.mark.slow

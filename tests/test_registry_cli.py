@@ -57,12 +57,12 @@ def test_register_list_alias_promote_compare_archive(tmp_path):
     )
     assert "digits@champion points to version 1, not version 2" in line
     assert "digits@champion: version 1 -> version 2" in ok(
-        "registry", "promote", "digits", "challenger", "champion", "expect=1", "reason=wins",
-        cwd=tmp_path,
+        "registry", "promote", "digits", "challenger", "champion", "expect=1",
+        "reason=\"it's better\"", cwd=tmp_path,
     )  # fmt: skip
     shown = ok("registry", "show", "digits@champion", cwd=tmp_path)
     assert "digits/2" in shown and "challenger, champion" in shown
-    assert "champion: 1 -> 2  by " in shown and "(wins)" in shown
+    assert "champion: 1 -> 2  by " in shown and "(it's better)" in shown
     as_json = json.loads(ok("registry", "show", "digits", "format=json", cwd=tmp_path))
     assert as_json["version"] == 2 and as_json["aliases"] == ["challenger", "champion"]
 
@@ -96,6 +96,16 @@ def test_errors_are_one_line(tmp_path):
         "registry", "show", "digits@champion", cwd=tmp_path
     )
     assert "model reference 'digits/x'" in error("registry", "show", "digits/x", cwd=tmp_path)
+    # free text Hydra cannot read unquoted: the line shows the quoting that works
+    line = error("registry", "alias", "digits", "champion=1", "reason=it's better", cwd=tmp_path)
+    assert "reason=it's better: Hydra cannot read this value" in line
+    assert 'Hydra receives reason="it\'s better"' in line
+    assert "in a shell" in line and '"reason=\\"it\'s better\\""' in line
+    line = error("registry", "list", "db_url=postgresql+psycopg://u:s3cret!@h/db", cwd=tmp_path)
+    assert "Hydra cannot read this value" in line and "s3cret" not in line
+    assert 'receives reason="a, b"' in error(
+        "registry", "archive", "digits", "2", "reason=a, b", cwd=tmp_path
+    )
     assert "alias 'bad name' is not allowed" in error(
         "registry", "alias", "digits", "bad name=1", cwd=tmp_path
     )

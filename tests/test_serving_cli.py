@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cycleml.errors import ConfigError
 from cycleml.serving.cli import settings_from_config
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.repository import ModelNotFound, ModelRepository
+from cycleml.serving.served_model import ServedModel
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     binary_body,
@@ -228,6 +230,81 @@ def test_broken_version_is_reported_and_watch_waits_for_a_settled_folder(
         assert load_errors() == tried + 1
     finally:
         repository.close()
+
+
+def test_nothing_loads_after_close(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() waits for a load under way and stops its model too; a watch step that
+    runs after close (it outlived the join) loads nothing."""
+    root = tmp_path / "models"
+    copy_version(image_bundle, root, "shapes", "1")
+    repository = ModelRepository(settings(root), ServingMetrics())
+    repository.load_all()
+    copy_version(image_bundle_v2, root, "shapes", "2")
+
+    warming, go_on = threading.Event(), threading.Event()
+    loaded: list[ServedModel] = []
+    warm_up = ServedModel.warm_up
+
+    def held_warm_up(model: ServedModel) -> None:
+        loaded.append(model)
+        warming.set()
+        assert go_on.wait(10)
+        warm_up(model)
+
+    monkeypatch.setattr(ServedModel, "warm_up", held_warm_up)
+    loader = threading.Thread(target=lambda: repository.load_model("shapes"))
+    loader.start()
+    assert warming.wait(10)
+    closer = threading.Thread(target=repository.close)
+    closer.start()
+    closer.join(1.0)  # still waiting for the load (before the fix: closed already)
+    go_on.set()
+    closer.join(10)
+    loader.join(10)
+    assert not closer.is_alive() and not loader.is_alive()
+    assert repository.all_models() == []
+    assert [m.version for m in loaded] == ["2"]
+    assert not loaded[0].ready and all(batcher.join(0) for batcher in loaded[0].batchers)
+
+    copy_version(image_bundle_v2, root, "shapes", "3")
+    repository.poll()
+    repository.poll()
+    assert repository.all_models() == [] and len(loaded) == 1
+
+
+def test_served_model_count_survives_concurrent_loads_and_stops() -> None:
+    """Loads and stops of versions come from several threads (the watch, loads on
+    request, retiring threads); no update of the served count may be lost. A race, so
+    the test makes thread switches frequent to make a lost update likely."""
+    metrics = ServingMetrics()
+    metrics.model_loaded("m")  # one version stays served throughout
+
+    def churn() -> None:
+        for _ in range(20_000):
+            metrics.model_loaded("m")
+            metrics.model_stopped("m")
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=churn) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert metrics._served == {"m": 1}
+    metrics.request_done("m", "", "infer", 404, 0.001, None, None)
+    assert (
+        metrics.registry.get_sample_value(
+            "cycleml_requests_total",
+            {"model": "m", "version": "", "endpoint": "infer", "status": "404"},
+        )
+        == 1
+    )
 
 
 def test_several_worker_processes_share_the_port_and_metrics(

@@ -2,7 +2,9 @@
 prediction log, and the attaching of true labels.
 
 Exit status of a report: 0 when the latest window shows no drift, 1 when it drifts
-(so cron or a retraining pipeline can act on it), 2 for an error.
+(so cron or a retraining pipeline can act on it), 2 for an error. With count windows
+a newest window holding fewer than ``window.size`` predictions is reported, and the
+newest complete one decides.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def _print_summary(report: dict, html_path: Path) -> None:
         estimated = perf["estimated_accuracy"]
         line = (f"  window {w['index']}: {w['rows']} rows, "
                 f"{'DRIFT (' + ', '.join(w['drifted']) + ')' if w['drift'] else 'no drift'}")  # fmt: skip
+        if w["index"] != report["decided_by"] and w.get("partial"):
+            line += " (partial: not used for the verdict)"
         if estimated is not None:
             line += f", estimated accuracy {estimated:.3f}"
         if perf["accuracy"] is not None:

@@ -126,7 +126,8 @@ def evaluate(
 
 
 def gauge_values(report: dict[str, Any]) -> dict[str, float]:
-    """The latest window's numbers as Prometheus gauges (name → value):
+    """The numbers of the window that decides the verdict (``report["decided_by"]``;
+    default: the latest) as Prometheus gauges (name → value):
     ``cycleml_drift_detected`` (0/1), ``cycleml_drift_features`` (tests that drifted),
     ``cycleml_drift_p_value_<feature>`` (adjusted p-values) or
     ``cycleml_drift_distance_<feature>`` (distance tests), ``cycleml_estimated_accuracy``
@@ -134,7 +135,8 @@ def gauge_values(report: dict[str, Any]) -> dict[str, float]:
     windows = report.get("windows") or []
     if not windows:
         return {}
-    latest = windows[-1]
+    decided = report.get("decided_by")
+    latest = next((w for w in windows if w["index"] == decided), windows[-1])
     gauges = {
         "cycleml_drift_detected": float(latest["drift"]),
         "cycleml_drift_features": float(len(latest["drifted"])),

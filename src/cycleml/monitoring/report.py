@@ -40,7 +40,9 @@ def write_report(
 def render_html(report: dict[str, Any]) -> str:
     windows = report["windows"]
     title = f"Monitoring: {report['model']} {report['version']}"
-    verdict = "DRIFT in the latest window" if report["drift"] else "no drift in the latest window"
+    decided = report.get("decided_by")
+    which = "the latest window" if decided is None else f"window {decided}"
+    verdict = f"DRIFT in {which}" if report["drift"] else f"no drift in {which}"
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",

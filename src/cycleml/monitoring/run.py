@@ -103,8 +103,9 @@ def monitor(
     windows: WindowSettings,
     drift: DriftSettings,
 ) -> dict[str, Any]:
-    """The report of one run (a JSON-ready dict); ``report["drift"]`` is the latest
-    window's verdict."""
+    """The report of one run (a JSON-ready dict); ``report["drift"]`` is the verdict of
+    the latest window, or with count windows of the latest complete one
+    (``report["decided_by"]``)."""
     meta = target.bundle.meta
     logged_versions = prediction_log.versions(target.model)
     if target.version not in logged_versions:
@@ -119,8 +120,12 @@ def monitor(
         cut = count_windows(rows, windows.size)
     else:
         cut = time_windows(rows, parse_duration(windows.duration), start, end)
+    # a newest count window with fewer than window.size predictions is reported, but the
+    # newest complete one decides (a few rows would skip the tests or lack their power)
+    partial = windows.by == "count" and bool(cut) and len(cut[-1].rows) < windows.size
     if windows.last is not None:
-        cut = cut[-windows.last :]
+        cut = cut[-(windows.last + partial) :]
+    deciding = len(cut) - 2 if partial and len(cut) > 1 else len(cut) - 1
     reference = load_reference_sample(target.bundle)
     notes = reference_notes(meta, reference)
     if reference is None:
@@ -131,6 +136,18 @@ def monitor(
             f"{windows.start or 'the first'} and {windows.end or 'the last'}: no window to test"
         )
     results = evaluate(cut, reference, meta, drift)
+    for result in results:
+        result["partial"] = False
+    if partial:
+        results[-1]["partial"] = True
+        held = f"window {cut[-1].index} holds {len(cut[-1].rows)} of {windows.size} predictions"
+        if deciding != len(cut) - 1:
+            notes.append(
+                f"{held}: reported, not used for the verdict (window "
+                f"{cut[deciding].index}, the newest complete one, decides)"
+            )
+        else:
+            notes.append(f"{held}, and no window is complete: it decides the verdict")
     report: dict[str, Any] = {
         "model": target.model,
         "version": target.version,
@@ -147,7 +164,9 @@ def monitor(
         "rows": len(rows),
         "notes": notes,
         "windows": results,
-        "drift": bool(results and results[-1]["drift"]),
+        # the index of the window whose verdict is the report's (None: no window)
+        "decided_by": cut[deciding].index if cut else None,
+        "drift": bool(results and results[deciding]["drift"]),
     }
     report["gauges"] = gauge_values(report)
     return report

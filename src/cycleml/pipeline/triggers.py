@@ -56,7 +56,10 @@ def drift_trigger(cfg: DictConfig, champion_ref: str | None) -> TriggerResult:
         report = monitor(target, prediction_log, window, drift)
     finally:
         prediction_log.close()
-    latest = report["windows"][-1] if report["windows"] else None
+    decided = [w for w in report["windows"] if w["index"] == report["decided_by"]]
+    latest = decided[0] if decided else None
+    # with count windows a partial newest window is reported, the newest complete decides
+    which = "latest" if latest is None or latest is report["windows"][-1] else "latest complete"
     details = {
         "model": report["model"],
         "version": report["version"],
@@ -68,11 +71,11 @@ def drift_trigger(cfg: DictConfig, champion_ref: str | None) -> TriggerResult:
     if report["drift"]:
         features = ", ".join(details["drifted"]) or "see the report"
         return TriggerResult(
-            True, f"{champion_ref} drifts in its latest window ({features})", details, report
+            True, f"{champion_ref} drifts in its {which} window ({features})", details, report
         )
     return TriggerResult(
         False,
-        f"{champion_ref}: no drift in the latest of {len(report['windows'])} window(s) "
+        f"{champion_ref}: no drift in the {which} of {len(report['windows'])} window(s) "
         f"({report['rows']} logged predictions)",
         details,
         report,

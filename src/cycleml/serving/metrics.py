@@ -7,6 +7,7 @@ With several server processes (``workers > 1``) the values live in
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -156,19 +157,25 @@ class ServingMetrics:
         self._children: dict[tuple[str, str, str, int], tuple] = {}
         # (model, version) -> the length of the queue cycleml_queue_depth reports
         self._queues: dict[tuple[str, str], Callable[[], int]] = {}
-        # model name -> its loaded versions (instances of ServedModel not yet stopped)
+        # model name -> its loaded versions (instances of ServedModel not yet stopped);
+        # loads and stops come from several threads (the watch, loads on request, the
+        # threads that retire old versions) and update it under the lock; request_done
+        # only tests membership, which needs none
         self._served: dict[str, int] = {}
+        self._served_lock = threading.Lock()
 
     def model_loaded(self, name: str) -> None:
         """A version of ``name`` is loaded: its requests are counted under its name."""
-        self._served[name] = self._served.get(name, 0) + 1
+        with self._served_lock:
+            self._served[name] = self._served.get(name, 0) + 1
 
     def model_stopped(self, name: str) -> None:
-        left = self._served.get(name, 0) - 1
-        if left > 0:
-            self._served[name] = left
-        else:
-            self._served.pop(name, None)
+        with self._served_lock:
+            left = self._served.get(name, 0) - 1
+            if left > 0:
+                self._served[name] = left
+            else:
+                self._served.pop(name, None)
 
     def queue_depth_writer(self, labels: tuple[str, str]) -> Callable[[int], None] | None:
         """What a queue calls with its depth on every change: only with several server

@@ -130,6 +130,8 @@ class ModelRepository:
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # set by close(), under the reload lock: no version loads afterwards
+        self._closed = False
 
     # -- what is on disk -------------------------------------------------------------------
     def scan(self) -> dict[str, list[VersionOnDisk]]:
@@ -297,6 +299,8 @@ class ModelRepository:
         ``retry_failed``; when no wanted version loads, the versions served so far stay.
         """
         with self._reload_lock:
+            if self._closed:
+                return []
             wanted = self.wanted(name, versions)
             self._forget_failures(name, wanted)
             with self._lock:
@@ -699,14 +703,21 @@ class ModelRepository:
         self._watcher.start()
 
     def close(self) -> None:
-        """Stop watching and stop every model after it finished its queued work."""
+        """Stop watching and stop every model after it finished its queued work.
+
+        A load under way (a watch step, a load on request) finishes first and its model
+        is stopped with the others; no load starts afterwards."""
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
-        with self._lock:
-            models = [m for versions in self._live.values() for m in versions.values()]
-            self._live.clear()
-            self._default.clear()
+            if self._watcher.is_alive():
+                log.warning("watch: still busy at close; waiting for its load to finish")
+        with self._reload_lock:
+            self._closed = True
+            with self._lock:
+                models = [m for versions in self._live.values() for m in versions.values()]
+                self._live.clear()
+                self._default.clear()
         for model in models:
             model.stop(timeout=self.settings.limits.drain_timeout_s)
         if self.follower is not None:
