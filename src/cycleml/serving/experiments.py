@@ -8,11 +8,14 @@ part of it. In shadow mode every request is answered by the control arm, and the
 requests whose unit hashes to the treatment also send the treatment a mirrored copy,
 in a task of its own that the answer never waits for.
 
-The routing decision runs on the event loop and costs a dictionary look-up, one
-SHA-256 of the unit id and a bisection. Every routed request (and every mirrored
-call) becomes a row of ``ab_assignments``, whatever the prediction log's sample rate
-and whether it is on: rows wait in a bounded buffer for a writer thread, and rows that
-do not fit, or whose write fails, are counted in
+The routing decision runs on the event loop and costs two dictionary look-ups: the
+experiment of the model name, and the arm of the unit, which each experiment revision
+remembers (for up to ``UNIT_CACHE_SIZE`` units) after the unit's first request has
+computed it (one SHA-256 of the unit id and a bisection). Every routed request (and
+every mirrored call) becomes a row of ``ab_assignments``, whatever the prediction
+log's sample rate and whether it is on: rows wait in a bounded buffer for a writer
+thread, which writes what waits twice a second in one transaction, and rows that do
+not fit, or whose write fails, are counted in
 ``cycleml_experiment_assignments_dropped_total``.
 
 The experiments live in the project's database (``monitoring.db_url``). A thread polls
