@@ -19,7 +19,8 @@ For each model it prints:
   intended send time;
 * the prediction log row: `cycleml serve` logging every prediction (sample rate 1,
   SQLite) and with the log off, at the best concurrency, in turns that alternate which
-  goes first, and the median ratio of their throughputs;
+  goes first, each turn on a fresh pair of server processes, and the median ratio of
+  their throughputs (and of their server CPU time per request);
 * the experiment row: `cycleml serve` with an A/B experiment on the model (every
   request carries a unit id, is assigned an arm and gets an assignment row written to
   SQLite) and without one, measured the same way;
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -287,24 +288,41 @@ def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 120.0) -
 
 @contextlib.contextmanager
 def running(command: list[str], port: int, workdir: Path) -> Iterator[subprocess.Popen]:
-    log_file = open(workdir / f"server-{port}.log", "w")  # noqa: SIM115 - closed below
-    cpus = SERVER_CPUS
-    process = subprocess.Popen(
-        command,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
-    )
-    try:
-        wait_ready(port, process)
+    with running_all([(command, port)], workdir) as (process,):
         yield process
+
+
+@contextlib.contextmanager
+def running_all(
+    servers: list[tuple[list[str], int]], workdir: Path
+) -> Iterator[list[subprocess.Popen]]:
+    """Server processes (command, port) started together, each ready before the body
+    runs, all stopped after it."""
+    log_files = [open(workdir / f"server-{port}.log", "w") for _, port in servers]  # noqa: SIM115
+    cpus = SERVER_CPUS
+    processes = [
+        subprocess.Popen(
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+        )
+        for (command, _), log_file in zip(servers, log_files, strict=True)
+    ]
+    try:
+        for process, (_, port) in zip(processes, servers, strict=True):
+            wait_ready(port, process)
+        yield processes
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log_file.close()
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        for log_file in log_files:
+            log_file.close()
 
 
 def serve_command(bundle: Path, port: int, workdir: Path, overrides: list[str]) -> list[str]:
@@ -472,69 +490,72 @@ def compare_head_to_head(
     return float(np.median(ratios))
 
 
+# a pair of running servers: (port by name, process id by name)
+ServerPair = tuple[dict[str, int], dict[str, int]]
+
+
 def compare_in_turns(
-    ports: dict[str, int],
+    names: tuple[str, str],
+    start_pair: Callable[[], contextlib.AbstractContextManager[ServerPair]],
     model: str,
     pixels: list[np.ndarray],
     concurrency: int,
     seconds: float,
     turns: int,
     units: bool = False,
-    pids: dict[str, int] | None = None,
 ) -> float:
-    """Two `cycleml serve` processes (the keys of ``ports``: the first is measured
-    against the second), binary tensors at one concurrency, in close turns that
-    alternate which goes first; the median of the turns' throughput ratios. ``units``:
-    every request carries a unit id (header X-User-Id), to both servers alike.
-    ``pids``: also each server's CPU time per request, and the median of its ratios
-    (less sensitive than throughput to other load on a shared machine)."""
-    first, second = ports
-    requests = {
-        name: [
-            binary_request(port, model, p, f"user-{i}" if units else None)
-            for i, p in enumerate(pixels)
-        ]
-        for name, port in ports.items()
-    }
+    """Two `cycleml serve` configurations (``names``: the first is measured against
+    the second), binary tensors at one concurrency, in turns that alternate which goes
+    first; the median of the turns' throughput ratios, and of their ratios of server
+    CPU time per request (less sensitive than throughput to other load on a shared
+    machine). Each turn runs on a pair of server processes of its own
+    (``start_pair``): two processes of one configuration can differ by more than the
+    configurations do (seen on a loaded 2-core machine: one pair's turns all 1.07-1.81x,
+    another's all 0.78-1.00x, for the same two settings), so that difference must vary
+    from turn to turn for the median to see past it. ``units``: every request carries a
+    unit id (header X-User-Id), to both servers alike."""
+    first, second = names
     print(f"  {first} vs {second}, concurrency {concurrency}, {turns} turns:")
     ratios = []
     cpu_ratios = []
     cpu_by_name: dict[str, list[float]] = {}
     for turn in range(turns):
         order = (first, second) if turn % 2 == 0 else (second, first)
-        rows = {
-            name: measure_closed(
-                ports[name], requests[name], concurrency, seconds, False, (pids or {}).get(name)
-            )
-            for name in order
-        }
+        with start_pair() as (ports, pids):
+            requests = {
+                name: [
+                    binary_request(port, model, p, f"user-{i}" if units else None)
+                    for i, p in enumerate(pixels)
+                ]
+                for name, port in ports.items()
+            }
+            rows = {
+                name: measure_closed(
+                    ports[name], requests[name], concurrency, seconds, False, pids[name]
+                )
+                for name in order
+            }
         ratios.append(rows[first]["rps"] / max(rows[second]["rps"], 1e-9))
-        cpu = ""
-        if pids:
-            for name in ports:
-                cpu_by_name.setdefault(name, []).append(rows[name]["cpu_ms"])
-            cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
-            cpu = (
-                f"; CPU {rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
-                f"({cpu_ratios[-1]:.3f}x)"
-            )
+        for name in names:
+            cpu_by_name.setdefault(name, []).append(rows[name]["cpu_ms"])
+        cpu_ratios.append(rows[first]["cpu_ms"] / max(rows[second]["cpu_ms"], 1e-9))
         print(
             f"    turn {turn + 1}: {first} {rows[first]['rps']:.0f} req/s "
             f"(p50 {rows[first]['p50_ms']:.2f} ms), {second} {rows[second]['rps']:.0f} "
-            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x{cpu}; "
-            f"load average {_load()}",
+            f"req/s (p50 {rows[second]['p50_ms']:.2f} ms): {ratios[-1]:.2f}x; CPU "
+            f"{rows[first]['cpu_ms']:.3f} vs {rows[second]['cpu_ms']:.3f} ms/request "
+            f"({cpu_ratios[-1]:.3f}x); load average {_load()}",
             flush=True,
         )
     ratio = float(np.median(ratios))
     print(f"  {first} = {ratio:.2f}x {second} (median of {turns} turns)", flush=True)
-    if cpu_ratios:
-        for name in ports:
-            CPU_MS_PER_REQUEST[name] = float(np.median(cpu_by_name[name]))
-        print(
-            f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
-            f"{second} (median of {turns} turns)",
-            flush=True,
-        )
+    for name in names:
+        CPU_MS_PER_REQUEST[name] = float(np.median(cpu_by_name[name]))
+    print(
+        f"  server CPU per request: {first} = {float(np.median(cpu_ratios)):.3f}x "
+        f"{second} (median of {turns} turns)",
+        flush=True,
+    )
     return ratio
 
 
@@ -617,21 +638,28 @@ def two_servers_row(
     concurrency: int,
     turns: int,
 ) -> float:
-    """Two `cycleml serve` processes with the overrides of ``variants`` (name → its
-    overrides; the first measured against the second), in turns."""
+    """Two `cycleml serve` configurations with the overrides of ``variants`` (name →
+    its overrides; the first measured against the second), in turns, each turn on a
+    fresh pair of server processes."""
     meta = load_bundle(bundle).meta
     units = any("experiments" in o for overrides in variants.values() for o in overrides)
     # many units: each request is assigned by its own hash
     pixels = samples(tuple(meta.input.shape[1:]), 256 if units else 16)
-    ports = {name: free_port() for name in variants}
-    first, second = (
-        serve_command(bundle, ports[name], workdir, overrides)
-        for name, overrides in variants.items()
+    first, second = variants
+
+    @contextlib.contextmanager
+    def start_pair() -> Iterator[ServerPair]:
+        ports = {name: free_port() for name in variants}
+        commands = [
+            (serve_command(bundle, ports[name], workdir, overrides), ports[name])
+            for name, overrides in variants.items()
+        ]
+        with running_all(commands, workdir) as processes:
+            yield ports, {name: p.pid for name, p in zip(variants, processes, strict=True)}
+
+    return compare_in_turns(
+        (first, second), start_pair, meta.name, pixels, concurrency, seconds, turns, units
     )
-    a, b = ports.values()
-    with running(first, a, workdir) as one, running(second, b, workdir) as two:
-        pids = dict(zip(variants, (one.pid, two.pid), strict=True))
-        return compare_in_turns(ports, meta.name, pixels, concurrency, seconds, turns, units, pids)
 
 
 def logging_variants(serve_overrides: list[str], workdir: Path, model: str) -> dict[str, list[str]]:

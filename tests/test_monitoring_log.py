@@ -136,6 +136,23 @@ def test_uint8_image_features_match_the_float_formula():
     assert exact["contrast"][0] == exact["contrast"][1] == 0.0
 
 
+def test_uint8_image_features_are_exact_on_both_sides_of_the_32_bit_sums():
+    # 66,051 pixels is the most whose squares 32-bit sums hold (255² each); more take
+    # the 64-bit sums (a 224x224 RGB image: 150,528): white and nearly white images,
+    # whose squares sum highest, give the float formula's figures on either side
+    rng = np.random.default_rng(4)
+    for size in (66_051, 66_052, 150_528):
+        images = rng.integers(0, 256, size=(3, size)).astype(np.uint8)
+        images[0] = 255
+        images[1] = 255
+        images[1, :1000] = 0
+        exact = input_features("image", images)
+        floats = input_features("image", images.astype(np.float64))
+        assert exact["brightness"][0] == 1.0 and exact["contrast"][0] == 0.0
+        for name in ("brightness", "contrast"):
+            np.testing.assert_allclose(exact[name], floats[name], rtol=1e-6)
+
+
 def test_writes_from_several_threads(db_url):
     log = PredictionLog(db_url)
     batches = [synthetic_records(40, f"t{k}-") for k in range(4)]

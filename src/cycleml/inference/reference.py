@@ -40,8 +40,13 @@ def _uint8_brightness_contrast(flat: np.ndarray) -> dict[str, np.ndarray]:
     for every logged request: about 10x less CPU than the float32 mean and std, which
     need a float copy of the batch and several passes)."""
     size = flat.shape[1]
-    mean = flat.sum(axis=1, dtype=np.uint64).astype(np.float64) / size
-    squares = np.square(flat, dtype=np.uint16).sum(axis=1, dtype=np.uint64)
+    if size * 255 * 255 < 2**32:
+        # 32-bit sums cannot overflow here, and are about half the CPU of 64-bit ones
+        mean = flat.sum(axis=1, dtype=np.uint32).astype(np.float64) / size
+        squares = np.square(flat, dtype=np.uint32).sum(axis=1, dtype=np.uint32)
+    else:
+        mean = flat.sum(axis=1, dtype=np.uint64).astype(np.float64) / size
+        squares = np.square(flat, dtype=np.uint16).sum(axis=1, dtype=np.uint64)
     variance = np.maximum(squares.astype(np.float64) / size - mean * mean, 0.0)
     return {
         "brightness": (mean / 255.0).astype(np.float32),

@@ -1,0 +1,117 @@
+"""The server's assignment log on a real SQLite database: the time and latency each row
+stores, the requests counted by experiment, arm and how they were assigned, and the
+arm a unit is remembered to have."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from cycleml.db import as_utc
+from cycleml.experiments.store import ExperimentSpec, ExperimentStore
+from cycleml.experiments.tables import assignments
+from cycleml.serving import experiments as serving_experiments
+from cycleml.serving.experiments import ActiveExperiment, AssignmentLog, Target
+from cycleml.serving.metrics import ServingMetrics
+
+
+def _row(request_id: str, stamp: float, latency_ms: float, unit: str | None = "u1",
+         arm: str = "control", mode: str = "split") -> tuple:  # fmt: skip
+    return (request_id, "exp", arm, unit, "m", "1", mode, stamp, 200, latency_ms)
+
+
+def _expected_time(stamp: float) -> dt.datetime:
+    """The stored time: whole seconds and the microseconds below them, truncated."""
+    whole = int(stamp)
+    return dt.datetime.fromtimestamp(whole, dt.timezone.utc) + dt.timedelta(
+        microseconds=int((stamp - whole) * 1e6)
+    )
+
+
+def test_sqlite_rows_store_the_time_to_the_microsecond_and_the_latency_rounded(
+    tmp_path: Path,
+) -> None:
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'exp.db'}")
+    log = AssignmentLog(store, ServingMetrics())
+    now = time.time()
+    stamps = {
+        "r-now": now,
+        "r-almost-next-second": 1_764_460_000.999_999_7,
+        "r-half": 1_764_460_000.5,
+        "r-whole": 1_764_460_001.0,
+        "r-small-fraction": 1_764_460_002.000_001_5,
+    }
+    latencies = {"r-now": 12.34567, "r-almost-next-second": 0.0004, "r-half": 1000.0,
+                 "r-whole": 3.14159, "r-small-fraction": 7.0}  # fmt: skip
+    try:
+        for request_id, stamp in stamps.items():
+            log.offer(_row(request_id, stamp, latencies[request_id]))
+        log.offer(_row("r-now", now + 5, 1.0))  # the same request id again: skipped
+        assert log.flush(timeout=30)
+        with store.engine.connect() as conn:
+            rows = {r.request_id: r for r in conn.execute(select(assignments))}
+    finally:
+        log.close()
+        store.close()
+    assert set(rows) == set(stamps)
+    for request_id, stamp in stamps.items():
+        assert as_utc(rows[request_id].logged_at) == _expected_time(stamp), request_id
+        assert rows[request_id].latency_ms == round(latencies[request_id], 3), request_id
+    assert log.written == len(stamps) + 1 and log.dropped == 0
+
+
+def test_requests_are_counted_by_arm_and_by_how_they_were_assigned(tmp_path: Path) -> None:
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'exp.db'}")
+    metrics = ServingMetrics()
+    log = AssignmentLog(store, metrics)
+    stamp = time.time()
+    try:
+        # first only rows with a unit (counted in one pass), then a mix with rows assigned
+        # at random and mirrored (shadow) calls, which are not requests of their own
+        for i in range(6):
+            log.offer(_row(f"a{i}", stamp, 1.0, unit=f"u{i}", arm=("control", "treatment")[i % 2]))
+        assert log.flush(timeout=30)
+        log.offer(_row("b0", stamp, 1.0, unit=None, arm="treatment"))
+        log.offer(_row("b1", stamp, 1.0, unit="u9", arm="treatment"))
+        log.offer(_row("b1:shadow", stamp, 1.0, unit="u9", arm="treatment", mode="shadow"))
+        log.offer(_row("b2", stamp, 1.0, unit=None, arm="control"))
+        assert log.flush(timeout=30)
+    finally:
+        log.close()
+        store.close()
+
+    def count(arm: str, assigned: str) -> float | None:
+        labels = {"experiment": "exp", "arm": arm, "assigned": assigned}
+        return metrics.registry.get_sample_value("cycleml_experiment_requests_total", labels)
+
+    assert count("control", "unit") == 3
+    assert count("treatment", "unit") == 4
+    assert count("control", "random") == 1
+    assert count("treatment", "random") == 1
+
+
+def test_a_unit_keeps_its_arm_and_the_memory_of_arms_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = ExperimentSpec.from_dict(
+        {"model": "m", "arms": {"control": "m", "treatment": "m/2"}, "salt": "s"}, name="exp"
+    )
+    experiment = ActiveExperiment(
+        spec, {"control": Target("m", None), "treatment": Target("m", "2")}
+    )
+    monkeypatch.setattr(serving_experiments, "UNIT_CACHE_SIZE", 50)
+    units = [f"user-{i}" for i in range(400)]
+    for _ in range(2):
+        for unit in units:
+            assert experiment.arm_of(unit) == experiment.assigner.assign(unit)
+            assert len(experiment._arm_of_unit) <= 50
+    arms = {experiment.arm_of(unit) for unit in units}
+    assert arms == {"control", "treatment"}
+    # without a unit id the arm is drawn each time, never remembered
+    drawn = {experiment.arm_of(None) for _ in range(200)}
+    assert drawn == {"control", "treatment"}
+    assert None not in experiment._arm_of_unit
