@@ -28,7 +28,8 @@ and the ratios the serving targets are stated in. Every ratio compares figures m
 in this one process run. By default client, servers and runtime share this machine's
 cores; on a machine with cores to spare, ``--server-cpus 0-1 --client-cpus 2-5`` gives
 the servers and the in-process limit the same cores and the load generator others, as
-in production, where clients run elsewhere:
+in production, where clients run elsewhere (where the kernel enforces CPU affinity: a
+gVisor sandbox was seen to accept it and not keep to it):
 
     .venv/bin/python benchmarks/serving.py --models resnet18 --server-cpus 0-1 --client-cpus 2-5
 """
