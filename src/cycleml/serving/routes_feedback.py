@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from cycleml.db import safe_url
+from cycleml.experiments.tables import events as events_table
+from cycleml.monitoring.tables import predictions
 from cycleml.serving.dispatch import error_response, json_response, read_body, state_of
 from cycleml.serving.experiments import FeedbackEvent, parse_event
 from cycleml.serving.protocol import ProtocolError, json_loads
@@ -54,6 +57,35 @@ _FEEDBACK_BODY = {
 }
 
 
+# the longest text each field may hold: its column's length, so no database refuses it
+_MAX_CHARS = {
+    "request_id": predictions.c.request_id.type.length,
+    "label": predictions.c.label.type.length,
+    "unit": events_table.c.unit.type.length,
+    "event": events_table.c.event.type.length,
+    "experiment": events_table.c.experiment.type.length,
+}
+# control characters: never part of an id or a class name, and PostgreSQL refuses NUL
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_text_fields(item: dict, where: str) -> None:
+    """Refuse an item whose text fields could not be stored as given: longer than
+    their column, or holding control characters (a ProtocolError names the field)."""
+    for key, limit in _MAX_CHARS.items():
+        value = item.get(key)
+        if not isinstance(value, str):
+            continue  # the item's own checks name a wrong type
+        if len(value) > limit:
+            raise ProtocolError(f"{where}: {key} is {len(value)} characters long; at most {limit}")
+        control = _CONTROL.search(value)
+        if control:
+            raise ProtocolError(
+                f"{where}: {key} holds the control character U+{ord(control.group()):04X} "
+                f"at position {control.start()}; send printable text"
+            )
+
+
 def parse_feedback(body: bytes) -> list[tuple[str, str]]:
     """``(request_id, label)`` pairs from a feedback body of labels only; a
     ProtocolError names what is wrong with it."""
@@ -77,6 +109,8 @@ def parse_feedback_items(body: bytes) -> tuple[list[tuple[str, str]], list[Feedb
     events = []
     for index, item in enumerate(items):
         where = "feedback" if not isinstance(value, list) else f"feedback item #{index}"
+        if isinstance(item, dict):
+            _check_text_fields(item, where)
         if isinstance(item, dict) and "event" in item:
             events.append(parse_event(item, where))
             continue
