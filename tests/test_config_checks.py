@@ -59,6 +59,9 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
         ("export", "export.opset=high", "export.opset='high': expected an integer >= 17"),
         ("predict", "batch_size=0", "batch_size=0: expected an integer >= 1"),
         ("serve", "port=http", "port='http': expected an integer in [0, 65535]"),
+        ("experiment", "alpha=abc", "alpha='abc': expected a number in (0, 1)"),
+        ("experiment", "metric.higher_is_better=maybe", "expected true or false"),
+        ("experiment", "guardrails.error_status=abc", "expected an integer in [100, 599]"),
     ],
 )
 def test_wrong_value_is_one_line_naming_key_value_and_expectation(
@@ -69,6 +72,7 @@ def test_wrong_value_is_one_line_naming_key_value_and_expectation(
         "export": ["ckpt_path=x.ckpt"],
         "predict": ["bundle=b", "input=i"],
         "serve": ["path=p"],
+        "experiment": ["report", "new-cnn"],
     }.get(command, [])
     result, cpu = cycleml(command, *required, override, cwd=tmp_path)
     line = one_line_error(result)
@@ -146,6 +150,7 @@ def _primary_options() -> list[tuple[str, list[str]]]:
         ("compare", ["folder=logs"]),
         ("monitor", []),
         ("registry", []),
+        ("ab", []),
         ("pipeline", ["pipeline=digits"]),
     ]
     # the pipeline composes the training groups as `cycleml train` does
