@@ -233,6 +233,16 @@ def test_report_without_events_says_so(tmp_path: Path):
     assert any("no 'conversion' events" in note for note in report["notes"])
     assert report["verdict"]["code"] == "no_difference_yet"
     write_experiment_report(report, tmp_path / "out")  # plots of empty rates draw
+    (note,) = [n for n in report["notes"] if "'conversion' events" in n]
+    assert "events recorded for it" not in note  # there are none of any name
+    # a misspelled metric.event: the note names the events that were recorded
+    store.stop(spec.name, source="cli")  # one running experiment per model
+    simulate(store, start(store, "typo"), 400, {"control": 0.3, "treatment": 0.3}, seed=8)
+    report = build_report(store, "typo", ReportSettings(event="convertion"))
+    assert any(
+        "no 'convertion' events" in n and "events recorded for it: conversion" in n
+        for n in report["notes"]
+    ), report["notes"]
     store.close()
 
 
