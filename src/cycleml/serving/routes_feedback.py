@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,7 +20,7 @@ from starlette.responses import Response
 
 from cycleml.db import safe_url
 from cycleml.experiments.tables import events as events_table
-from cycleml.monitoring.tables import predictions
+from cycleml.monitoring.tables import predictions, text_problem
 from cycleml.serving.dispatch import error_response, json_response, read_body, state_of
 from cycleml.serving.experiments import FeedbackEvent, parse_event
 from cycleml.serving.protocol import ProtocolError, json_loads
@@ -65,8 +64,6 @@ _MAX_CHARS = {
     "event": events_table.c.event.type.length,
     "experiment": events_table.c.experiment.type.length,
 }
-# control characters: never part of an id or a class name, and PostgreSQL refuses NUL
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _check_text_fields(item: dict, where: str) -> None:
@@ -76,14 +73,9 @@ def _check_text_fields(item: dict, where: str) -> None:
         value = item.get(key)
         if not isinstance(value, str):
             continue  # the item's own checks name a wrong type
-        if len(value) > limit:
-            raise ProtocolError(f"{where}: {key} is {len(value)} characters long; at most {limit}")
-        control = _CONTROL.search(value)
-        if control:
-            raise ProtocolError(
-                f"{where}: {key} holds the control character U+{ord(control.group()):04X} "
-                f"at position {control.start()}; send printable text"
-            )
+        problem = text_problem(key, value, limit)
+        if problem:
+            raise ProtocolError(f"{where}: {problem}")
 
 
 def parse_feedback(body: bytes) -> list[tuple[str, str]]:
