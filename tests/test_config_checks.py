@@ -60,6 +60,13 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
         ("predict", "batch_size=0", "batch_size=0: expected an integer >= 1"),
         ("serve", "port=http", "port='http': expected an integer in [0, 65535]"),
         ("experiment", "alpha=abc", "alpha='abc': expected a number in (0, 1)"),
+        # a value Hydra's grammar cannot read: the line shows the quoting that works
+        (
+            "monitor",
+            "db_url=postgresql+psycopg://u@h/db?options=-csearch_path=x",
+            "Hydra cannot read this value as text",
+        ),
+        ("pipeline", "note=it's fine", 'Hydra receives note="it\'s fine"'),
         ("experiment", "metric.higher_is_better=maybe", "expected true or false"),
         ("experiment", "guardrails.error_status=abc", "expected an integer in [100, 599]"),
     ],
