@@ -59,6 +59,16 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
         ("export", "export.opset=high", "export.opset='high': expected an integer >= 17"),
         ("predict", "batch_size=0", "batch_size=0: expected an integer >= 1"),
         ("serve", "port=http", "port='http': expected an integer in [0, 65535]"),
+        ("experiment", "alpha=abc", "alpha='abc': expected a number in (0, 1)"),
+        # a value Hydra's grammar cannot read: the line shows the quoting that works
+        (
+            "monitor",
+            "db_url=postgresql+psycopg://u@h/db?options=-csearch_path=x",
+            "Hydra cannot read this value as text",
+        ),
+        ("pipeline", "note=it's fine", 'Hydra receives note="it\'s fine"'),
+        ("experiment", "metric.higher_is_better=maybe", "expected true or false"),
+        ("experiment", "guardrails.error_status=abc", "expected an integer in [100, 599]"),
     ],
 )
 def test_wrong_value_is_one_line_naming_key_value_and_expectation(
@@ -69,6 +79,7 @@ def test_wrong_value_is_one_line_naming_key_value_and_expectation(
         "export": ["ckpt_path=x.ckpt"],
         "predict": ["bundle=b", "input=i"],
         "serve": ["path=p"],
+        "experiment": ["report", "new-cnn"],
     }.get(command, [])
     result, cpu = cycleml(command, *required, override, cwd=tmp_path)
     line = one_line_error(result)
@@ -146,6 +157,7 @@ def _primary_options() -> list[tuple[str, list[str]]]:
         ("compare", ["folder=logs"]),
         ("monitor", []),
         ("registry", []),
+        ("ab", []),
         ("pipeline", ["pipeline=digits"]),
     ]
     # the pipeline composes the training groups as `cycleml train` does

@@ -123,3 +123,25 @@ def test_tables_that_cannot_be_created_are_named(tmp_path):
     table = probe_table()
     with pytest.raises(ConfigError, match=rf"cannot create the tables {table.name} in database"):
         open_database(read_only, create=[table])
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_table_of_the_same_name_without_our_columns_is_named(tmp_path, database):
+    """Another program's table (or an older layout) under a name cycleml uses: the
+    create leaves it alone, and opening says which columns it lacks, instead of a
+    traceback at the first read or write."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}" if database == "sqlite" else POSTGRES_URL
+    table = probe_table()
+    engine = open_database(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE TABLE {table.name} (id INTEGER, other TEXT)"))
+        with pytest.raises(ConfigError, match=rf"table {table.name} in database .* lacks the "
+                           r"column\(s\) key, value that cycleml reads and writes"):  # fmt: skip
+            open_database(url, create=[table])
+        # the table is left as it was
+        assert [c["name"] for c in inspect(engine).get_columns(table.name)] == ["id", "other"]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table.name}"))
+        engine.dispose()

@@ -113,6 +113,9 @@ def test_ramping_up_treatment_only_moves_control_units_to_treatment() -> None:
         ({"mode": "canary"}, "mode must be"),
         ({"mode": "shadow", "arms": {"a": "digits/1", "b": "digits/2"}}, "shadow mode needs"),
         ({"salt": ""}, "salt must be"),
+        ({"salt": "s\x00"}, "salt must be non-empty printable text"),
+        # each weight finite, their sum not
+        ({"weights": {"control": 1e308, "treatment": 1e308}}, "sum to more than the largest"),
         ({"extra": 1}, "unknown keys"),
         ({"name": "bad name"}, "experiment name"),
     ],
@@ -172,6 +175,9 @@ def test_store_refuses_bad_changes(db_url: str) -> None:
         store.ramp("new-digits", {"control": 0, "treatment": 0}, source="admin")
     with pytest.raises(ExperimentError, match="unknown arms"):
         store.ramp("new-digits", {"third": 1}, source="admin")
+    with pytest.raises(ExperimentError, match="sum to more than the largest number"):
+        store.ramp("new-digits", {"control": 1e308, "treatment": 1e308}, source="admin")
+    assert store.get("new-digits").weights == {"control": 0.9, "treatment": 0.1}
     with pytest.raises(ExperimentError, match="source must be"):
         store.stop("new-digits", source="web")
     store.stop("new-digits", source="admin")

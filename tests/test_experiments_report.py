@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cycleml.errors import DataError
+from cycleml.errors import ConfigError, DataError
 from cycleml.experiments.assign import Assigner
 from cycleml.experiments.report import ReportSettings, build_report, write_experiment_report
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
@@ -116,6 +116,10 @@ def test_report_declares_the_treatment_the_winner(db_url, tmp_path):
     assert json.loads(json_path.read_text())["verdict"]["code"] == "treatment_wins"
     page = html_path.read_text()
     assert "Verdict: treatment wins" in page and "data:image/png;base64," in page
+    # a folder that cannot be made is named (a ConfigError: one line, exit status 2)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write the report to '.*file/out': Not a dir"):
+        write_experiment_report(report, tmp_path / "file" / "out")
 
 
 def test_a_5_percent_loss_of_treatment_assignments_is_a_sample_ratio_mismatch(tmp_path):
@@ -229,6 +233,16 @@ def test_report_without_events_says_so(tmp_path: Path):
     assert any("no 'conversion' events" in note for note in report["notes"])
     assert report["verdict"]["code"] == "no_difference_yet"
     write_experiment_report(report, tmp_path / "out")  # plots of empty rates draw
+    (note,) = [n for n in report["notes"] if "'conversion' events" in n]
+    assert "events recorded for it" not in note  # there are none of any name
+    # a misspelled metric.event: the note names the events that were recorded
+    store.stop(spec.name, source="cli")  # one running experiment per model
+    simulate(store, start(store, "typo"), 400, {"control": 0.3, "treatment": 0.3}, seed=8)
+    report = build_report(store, "typo", ReportSettings(event="convertion"))
+    assert any(
+        "no 'convertion' events" in n and "events recorded for it: conversion" in n
+        for n in report["notes"]
+    ), report["notes"]
     store.close()
 
 

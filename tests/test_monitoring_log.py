@@ -385,3 +385,23 @@ def test_a_registry_reference_reads_the_registered_version(tmp_path, traffic, ca
     missing = monitor_here(capsys, tmp_path, "digits/7", f"registry.root={tmp_path / 'registry'}",
                            f"db_url={url}")  # fmt: skip
     assert missing.returncode == 2 and "digits" in missing.stderr and "7" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("label", "problem"),
+    [
+        ("x" * 256, "row 2: label is 256 characters long; at most 255"),
+        ("c\x00t", "row 2: label holds the control character U+0000 at position 1"),
+    ],
+)
+def test_labels_no_database_can_store_are_refused_naming_the_row(tmp_path, capsys, label, problem):
+    url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    log_digits(url, digits().val[0][:2], "req-", T0)
+    table = tmp_path / "labels.jsonl"
+    rows = [{"request_id": "req-0", "label": "3"}, {"request_id": "req-1", "label": label}]
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = monitor_here(capsys, tmp_path, "labels", f"input={table}", f"db_url={url}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert problem in result.stderr and result.stderr.endswith("; nothing was attached\n")
+    # refused whole: not even the good row before it is attached
+    assert list(PredictionLog(url).read("digits", "1").labels) == [None, None]

@@ -223,6 +223,11 @@ def test_bad_trigger_and_stop_after_are_named(pipeline_cfg) -> None:
         run_pipeline(pipeline_cfg("trigger=often"))
     with pytest.raises(ConfigError, match="stop_after='deploy': expected null or one of gather"):
         run_pipeline(pipeline_cfg("stop_after=deploy"))
+    # the gate's rules are checked before the first stage, not after training
+    cfg = pipeline_cfg("gate.min_accuracy=2")
+    with pytest.raises(ConfigError, match="gate.min_accuracy=2.*less than or equal to 1"):
+        run_pipeline(cfg)
+    assert not model_dir(cfg).exists()
 
 
 def test_stop_after_runs_one_stage_per_launch_in_the_same_run(

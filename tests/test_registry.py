@@ -89,6 +89,14 @@ def test_bad_model_refs_are_named(text):
         parse_model_ref(text)
 
 
+def test_versions_beyond_the_version_column_are_named():
+    # versions live in INTEGER columns (32 bits in PostgreSQL)
+    assert parse_model_ref("digits/2147483647").version == 2**31 - 1
+    for text in ("digits/2147483648", "digits/99999999999999999999999"):
+        with pytest.raises(RegistryError, match=rf"'{text}'.* too large; at most 2147483647"):
+            parse_model_ref(text)
+
+
 # --- register -------------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 from test_errors_cli import cycleml
@@ -96,6 +98,9 @@ def test_errors_are_one_line(tmp_path):
         "registry", "show", "digits@champion", cwd=tmp_path
     )
     assert "model reference 'digits/x'" in error("registry", "show", "digits/x", cwd=tmp_path)
+    assert "is too large; at most 2147483647" in error(
+        "registry", "show", "digits/99999999999999999999999", cwd=tmp_path
+    )
     # free text Hydra cannot read unquoted: the line shows the quoting that works
     line = error("registry", "alias", "digits", "champion=1", "reason=it's better", cwd=tmp_path)
     assert "reason=it's better: Hydra cannot read this value" in line
@@ -117,6 +122,15 @@ def test_errors_are_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     assert "cannot be created" in error(
         "registry", "list", f"root={tmp_path / 'file' / 'registry'}", cwd=tmp_path
+    )
+    # a registry.db whose table of the same name is someone else's
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with contextlib.closing(sqlite3.connect(foreign / "registry.db")) as conn:
+        conn.execute("CREATE TABLE registry_versions (x INTEGER)")
+        conn.commit()
+    assert "table registry_versions in database" in error(
+        "registry", "list", f"root={foreign}", cwd=tmp_path
     )
     result = cycleml("registry", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'nope'" in result.stderr

@@ -295,11 +295,39 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
         ("post", "/v1/experiments/shapes-v2/ramp", {"weights": {"third": 1}}, 400, "unknown arms"),
         ("post", "/v1/experiments/missing/stop", {}, 404, "no experiment named 'missing'"),
         ("post", "/v1/experiments/shapes-v2/ramp", {"w": 1}, 400, "weights"),
+        # each weight finite, their sum not: the client's input, not a database failure
+        (
+            "post",
+            "/v1/experiments/shapes-v2/ramp",
+            {"weights": {"control": 1e308, "treatment": 1e308}},
+            400,
+            "sum to more than the largest number",
+        ),
+        (
+            "put",
+            "/v1/experiments/shapes-v2",
+            {**SPEC, "weights": {"control": 1e308, "treatment": 1e308}},
+            400,
+            "sum to more than the largest number",
+        ),
+        # text PostgreSQL cannot store (NUL) is refused as such, in either database
+        ("put", "/v1/experiments/shapes-v2", {**SPEC, "salt": "s\x00"}, 400, "printable"),
+        (
+            "post",
+            "/v1/experiments/shapes-v2/ramp",
+            {"weights": {"control": 1}, "note": "a\x00b"},
+            400,
+            "note holds the control character U+0000 at position 1",
+        ),
+        ("post", "/v1/experiments/shapes-v2/stop", {"note": "\x00"}, 400, "U+0000"),
     ]
     for method, path, body, status, message in cases:
         reply = getattr(client, method)(path, json=body)
         assert reply.status_code == status, (path, reply.text)
         assert message in reply.json()["error"], reply.text
+    current = client.get("/v1/experiments").json()["experiments"][0]
+    assert (current["status"], current["salt"]) == ("running", "s1")
+    assert current["weights"] == {"control": 0.5, "treatment": 0.5}
     assert client.put("/v1/experiments/shapes-v2", json=SPEC).status_code == 200
     clash = client.put("/v1/experiments/second", json=SPEC | {"salt": "x"})
     assert clash.status_code == 400

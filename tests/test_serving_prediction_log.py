@@ -347,6 +347,28 @@ def test_feedback_attaches_labels_and_names_unknown_ids(
             )
             assert reply.status_code == 400, body
             assert "feedback" in reply.json()["error"]
+        # text no database column can hold as given: refused whole, naming field and limit
+        # (PostgreSQL refuses NUL and over-long text; SQLite would store them)
+        unstorable = [
+            (
+                [{"request_id": "fb-1", "label": "dog"}, {"request_id": "fb-2", "label": "c\x00t"}],
+                "feedback item #1: label holds the control character U+0000 at position 1",
+            ),
+            (
+                {"request_id": "fb-1", "label": "x" * 256},
+                "label is 256 characters long; at most 255",
+            ),
+            ({"request_id": "r" * 256, "label": "cat"}, "request_id is 256 characters long"),
+            ({"unit": "u\x00", "event": "click"}, "unit holds the control character U+0000"),
+            (
+                {"unit": "u", "event": "click", "experiment": "e" * 129},
+                "experiment is 129 characters long; at most 128",
+            ),
+        ]
+        for body, message in unstorable:
+            reply = client.post("/v1/feedback", json=body)
+            assert reply.status_code == 400, reply.text
+            assert message in reply.json()["error"], reply.text
     logged = PredictionLog(db_url).read("shapes", "1")
     labels = dict(zip(logged.request_ids, logged.labels, strict=True))
     assert labels == {"fb-1": "cat", "fb-2": "dog", "fb-3": "bird"}

@@ -5,7 +5,14 @@ own options and their values pass unchanged."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import OverrideParseException
+
+from cycleml.errors import ConfigError
 
 # Hydra options followed by a value (which is not a positional argument)
 HYDRA_VALUE_OPTIONS = frozenset({
@@ -17,6 +24,37 @@ HYDRA_VALUE_OPTIONS = frozenset({
 def quoted(value: str) -> str:
     """``value`` as a quoted Hydra override value (any character allowed)."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _shell_quoted(text: str) -> str:
+    """``text`` in double quotes as a POSIX shell reads it."""
+    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
+
+
+def check_readable(args: Sequence[str], free_text: Sequence[str] = ()) -> None:
+    """Raise a ConfigError naming the fix for an override Hydra cannot read: a value
+    with a quote, ``!``, ``=`` or brackets (``reason=it's better``, a database URL with
+    ``?options=...``) must be quoted as a whole; and in the ``free_text`` keys a comma
+    would make a sweep of the value."""
+    parser = OverridesParser.create()
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        try:
+            override: Override | None = parser.parse_overrides([arg])[0]
+        except OverrideParseException:
+            override = None
+        if override is not None and not (
+            override.is_sweep_override() and key.lstrip("+") in free_text
+        ):
+            continue
+        fixed = f"{key}={quoted(value)}" if '"' in value else f'{key}="{value}"'
+        raise ConfigError(
+            f"{arg}: Hydra cannot read this value as text (quotes, commas, !, =, brackets "
+            f"need it quoted as a whole); write {_shell_quoted(fixed)} in a shell, so that "
+            f"Hydra receives {fixed}"
+        )
 
 
 def as_overrides(

@@ -436,6 +436,28 @@ REGISTRY = {
     "all": boolean(),
     "reason": text(),
 }
+_SHARE = number(0, 1, low_open=True, high_open=True)
+AB = {
+    "db_url": text("an SQLAlchemy URL"),
+    "format": choice("text", "json"),
+    "note": text(),
+    "mode": choice("split", "shadow"),
+    "out": text("a folder"),
+    "metric.event": text("an event name (conversion, click, ...) or accuracy"),
+    "metric.per": choice("unit", "request"),
+    "metric.higher_is_better": boolean(),
+    "alpha": _SHARE,
+    "test": choice("sequential", "fixed"),
+    "min_effect": _SHARE,
+    "power": _SHARE,
+    "sequential.tau": optional(positive()),
+    "srm_alpha": _SHARE,
+    "control": text("an arm name"),
+    "bucket": optional(text("a duration such as 1h or 15min")),
+    "guardrails.error_status": integer(100, 599),
+    "guardrails.max_error_rate_increase": number(0),
+    "guardrails.max_p99_latency_increase": number(0),
+}
 PIPELINE = {
     **TRAIN,
     **{
@@ -473,6 +495,7 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
     "compare": COMPARE,
     "monitor": MONITOR,
     "registry": REGISTRY,
+    "ab": AB,
     "pipeline": PIPELINE,
 }
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, event, exc, text
+from sqlalchemy import Engine, MetaData, Table, create_engine, event, exc, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
 
@@ -32,13 +32,18 @@ _CREATE_ATTEMPTS = 5
 _SQLITE_BUSY_MS = 30_000
 
 
-def open_database(url: str | URL, create: Sequence[Table] = ()) -> Engine:
+def open_database(
+    url: str | URL, create: Sequence[Table] = (), check_layout: bool = True
+) -> Engine:
     """An engine for ``url`` after a test connection, with ``create`` tables made.
 
     SQLite files get their folder created and run in WAL mode with a busy timeout,
     so readers and one writer from several threads or processes do not block each
     other. A bad URL, a missing driver or an unreachable server is a
-    :class:`ConfigError` naming the (password-free) URL.
+    :class:`ConfigError` naming the (password-free) URL, and so (with
+    ``check_layout``) is a table of ``create`` that already exists without the columns
+    cycleml reads and writes: another program's table of the same name, or an older
+    layout, which the create leaves as it is.
     """
     try:
         parsed = make_url(url)
@@ -74,7 +79,33 @@ def open_database(url: str | URL, create: Sequence[Table] = ()) -> Engine:
         raise ConfigError(f"cannot connect to database '{shown}': {_reason(err)}") from err
     if create:
         _create_tables(engine, create, shown)
+        if check_layout:
+            missing = missing_columns(engine, create)
+            if missing:
+                engine.dispose()
+                table, columns = next(iter(missing.items()))
+                raise ConfigError(
+                    f"table {table} in database '{shown}' lacks the column(s) "
+                    f"{', '.join(columns)} that cycleml reads and writes: another program's "
+                    f"table of that name, or an older layout; use another database or rename "
+                    f"the table (ALTER TABLE {table} RENAME TO {table}_old)"
+                )
     return engine
+
+
+def missing_columns(engine: Engine, tables: Sequence[Table]) -> dict[str, list[str]]:
+    """The columns of each of ``tables`` that its table in the database lacks (tables
+    the database does not have are left out)."""
+    inspector = inspect(engine)
+    missing: dict[str, list[str]] = {}
+    for table in tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        absent = [column.name for column in table.columns if column.name not in present]
+        if absent:
+            missing[table.name] = absent
+    return missing
 
 
 def _create_tables(engine: Engine, tables: Sequence[Table], shown: str) -> None:

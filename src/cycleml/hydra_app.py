@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from cycleml.cli_args import check_readable
 from cycleml.config_schema import check_config
 from cycleml.configs_path import config_dir
 from cycleml.errors import CycleMLError
@@ -89,6 +90,7 @@ def hydra_app(
         def main(*args: Any, **kwargs: Any) -> Any:
             with redacted_output():
                 try:
+                    check_readable(sys.argv[1:])
                     check_overrides(config_name, sys.argv[1:])
                 except CycleMLError as err:
                     exit_with_user_error(shown, err, logged=False)

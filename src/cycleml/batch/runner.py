@@ -164,7 +164,7 @@ def _predict(
 ) -> PredictSummary:
     meta = bundle.meta
     # tables of an older layout are left alone by the create, then refused
-    engine = open_database(db_url, create=TABLES)
+    engine = open_database(db_url, create=TABLES, check_layout=False)
     try:
         check_table_layout(engine)
     except ConfigError:

@@ -32,13 +32,12 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     delete,
-    inspect,
     select,
 )
 from sqlalchemy.engine import Connection
 
 from cycleml.batch.keys import MAX_KEY_CHARS, storable_text
-from cycleml.db import chunked, insert_new_rows, metadata, utc_now
+from cycleml.db import chunked, insert_new_rows, metadata, missing_columns, utc_now
 from cycleml.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -98,19 +97,13 @@ def check_table_layout(engine: Engine) -> None:
     """Refuse tables made before the columns this version writes (the tables are
     left as they are: a prediction table is the user's data, not migrated behind
     their back)."""
-    inspector = inspect(engine)
-    for table in TABLES:
-        if not inspector.has_table(table.name):
-            continue
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = [column.name for column in table.columns if column.name not in present]
-        if missing:
-            raise ConfigError(
-                f"table {table.name} in this database was made by an older cycleml: it lacks "
-                f"the column(s) {', '.join(missing)} (precision became part of a prediction's "
-                f"key); rename the old table (ALTER TABLE {table.name} RENAME TO "
-                f"{table.name}_old) or predict into another database"
-            )
+    for table, missing in missing_columns(engine, TABLES).items():
+        raise ConfigError(
+            f"table {table} in this database was made by an older cycleml: it lacks "
+            f"the column(s) {', '.join(missing)} (precision became part of a prediction's "
+            f"key); rename the old table (ALTER TABLE {table} RENAME TO "
+            f"{table}_old) or predict into another database"
+        )
 
 
 class Failure(NamedTuple):

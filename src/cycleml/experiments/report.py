@@ -363,6 +363,14 @@ def _event_trials(
             f"no '{settings.event}' events for experiment '{name}' yet: send them to "
             "POST /v1/feedback as {request_id | unit, event}"
         )
+        with store.engine.connect() as conn:
+            recorded = sorted(
+                conn.execute(
+                    select(events.c.event).where(events.c.experiment == name).distinct()
+                ).scalars()
+            )
+        if recorded:  # a misspelled metric.event reads as "no successes" otherwise
+            note += f"; events recorded for it: {', '.join(recorded)} (metric.event=...)"
     return trials, note
 
 

@@ -81,7 +81,18 @@ def check_weights(
                 f"experiment '{name}': weight of arm '{arm}' must be finite and ≥ 0, got {value}"
             )
         checked[arm] = float(value)
-    if not partial and math.fsum(checked.values()) <= 0:
+    if partial:
+        return checked
+    try:
+        total = math.fsum(checked.values())
+    except OverflowError:  # each finite, their sum not: 1e308 + 1e308
+        total = math.inf
+    if not math.isfinite(total):
+        raise ExperimentError(
+            f"experiment '{name}': weights {checked} sum to more than the largest number; "
+            "weights are relative: give shares such as 0.9 and 0.1"
+        )
+    if total <= 0:
         raise ExperimentError(
             f"experiment '{name}': weights {checked} do not sum to a positive number"
         )
@@ -182,10 +193,10 @@ class ExperimentSpec:
             )
         kind, value = next(iter(unit.items()))
         salt = data.get("salt", exp)
-        if not isinstance(salt, str) or not salt or len(salt) > MAX_NAME:
+        if not isinstance(salt, str) or not salt or len(salt) > MAX_NAME or not salt.isprintable():
             raise ExperimentError(
-                f"experiment '{exp}': salt must be non-empty text of at most {MAX_NAME} "
-                f"characters, got {salt!r}"
+                f"experiment '{exp}': salt must be non-empty printable text of at most "
+                f"{MAX_NAME} characters, got {salt!r}"
             )
         status = data.get("status", "running")
         if status not in STATUSES:

@@ -89,6 +89,7 @@ def _print_summary(report: dict, html_path: Path) -> None:
 def run_labels(cfg: DictConfig) -> int:
     from cycleml.data.tables import read_columns
     from cycleml.monitoring.log import PredictionLog
+    from cycleml.monitoring.tables import text_problem
 
     if not cfg.input:
         raise ConfigError("monitor labels needs input=<table with request_id and label columns>")
@@ -96,11 +97,17 @@ def run_labels(cfg: DictConfig) -> int:
         Path(cfg.input), ["request_id", "label"], cfg.input_format, "input_format"
     )
     pairs, missing = [], 0
-    for request_id, label in zip(columns["request_id"], columns["label"], strict=True):
+    rows = zip(columns["request_id"], columns["label"], strict=True)
+    for row, (request_id, label) in enumerate(rows, start=1):
         if request_id in (None, "") or label in (None, ""):
             missing += 1
             continue
-        pairs.append((str(request_id), str(label)))
+        pair = (str(request_id), str(label))
+        for field, value in zip(("request_id", "label"), pair, strict=True):
+            problem = text_problem(field, value)
+            if problem:  # refused whole: a database would refuse it, or cut it silently
+                raise DataError(f"{cfg.input}: row {row}: {problem}; nothing was attached")
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{cfg.input}: no row has both a request_id and a label")
     prediction_log = PredictionLog(cfg.db_url)

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from cycleml.errors import ConfigError  # noqa: E402
+
 
 def write_report(
     report: dict[str, Any],
@@ -30,10 +32,16 @@ def write_report(
 ) -> tuple[Path, Path]:
     """Write both files into ``out_dir``; returns their paths. ``render`` makes the
     page (default: the monitoring page; other reports pass their own)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, html_path = out_dir / "report.json", out_dir / "report.html"
-    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-    html_path.write_text((render or render_html)(report), encoding="utf-8")
+    page = (render or render_html)(report)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+        html_path.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the report to '{out_dir}': {err.strerror or err}; choose another folder"
+        ) from err
     return json_path, html_path
 
 

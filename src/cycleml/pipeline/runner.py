@@ -61,6 +61,10 @@ def run_pipeline(cfg: DictConfig) -> int:
         raise ConfigError(
             f"stop_after={stop_after!r}: expected null or one of {', '.join(STAGE_NAMES)}"
         )
+    # the gate's rules before any stage: a typo there must not cost a training run
+    from cycleml.pipeline.gate import GateRules
+
+    GateRules.from_config(cfg.get("gate"))
     folder = model_dir(cfg)
     lock = PipelineLock(folder, name)
     lock.acquire()

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
-from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.cli import pick_command
-from cycleml.cli_args import as_overrides, quoted
+from cycleml.cli_args import as_overrides, check_readable
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
 from cycleml.hydra_app import hydra_app
@@ -293,42 +289,12 @@ def _alias_arguments(args: list[str]) -> list[str]:
     return out
 
 
-def _shell_quoted(text: str) -> str:
-    """``text`` in double quotes as a POSIX shell reads it."""
-    return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
-
-
-def check_readable(args: list[str]) -> None:
-    """Raise a ConfigError naming the fix for an override Hydra cannot read: free text
-    such as ``reason=it's better`` (a quote, ``!``, ``=``, brackets) must be quoted as a
-    whole, and a comma in a reason or description would make a sweep of it."""
-    parser = OverridesParser.create()
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("-"):
-            continue
-        try:
-            override: Override | None = parser.parse_overrides([arg])[0]
-        except OverrideParseException:
-            override = None
-        if override is not None and not (
-            override.is_sweep_override() and key.lstrip("+") in ("reason", "description")
-        ):
-            continue
-        fixed = f"{key}={quoted(value)}" if '"' in value else f'{key}="{value}"'
-        raise ConfigError(
-            f"{arg}: Hydra cannot read this value as text (quotes, commas, !, =, brackets "
-            f"need it quoted as a whole); write {_shell_quoted(fixed)} in a shell, so that "
-            f"Hydra receives {fixed}"
-        )
-
-
 def registry_overrides(command: str, args: list[str]) -> list[str]:
     """The Hydra overrides of ``cycleml registry <command> <args>``: plain arguments
     named by the sub-command's positionals, ``alias``'s ``champion=3`` form resolved."""
     rest = as_overrides(args, SUBCOMMANDS[command][3])
     rest = _alias_arguments(rest) if command == "alias" else rest
-    check_readable(rest)
+    check_readable(rest, free_text=("reason", "description"))
     return rest
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from cycleml.registry.errors import RegistryError
 
 MAX_NAME_LENGTH = 128
+# versions are stored in INTEGER columns: 32 bits in PostgreSQL
+MAX_VERSION = 2**31 - 1
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _VERSION = re.compile(r"[1-9][0-9]*")
 
@@ -52,10 +54,15 @@ def check_alias(alias: object) -> str:
 def check_version(version: object, name: str = "") -> int:
     """A version number (a positive integer, or its decimal text)."""
     where = f" of model '{name}'" if name else ""
+    number = None
     if isinstance(version, int) and not isinstance(version, bool) and version > 0:
-        return version
-    if isinstance(version, str) and _VERSION.fullmatch(version):
-        return int(version)
+        number = version
+    elif isinstance(version, str) and _VERSION.fullmatch(version):
+        number = int(version)
+    if number is not None:
+        if number > MAX_VERSION:
+            raise RegistryError(f"version {version!r}{where} is too large; at most {MAX_VERSION}")
+        return number
     raise RegistryError(f"version {version!r}{where} is not a positive integer")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ from cycleml.serving.protocol import ProtocolError, json_loads
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["experiments"])
+
+# control characters other than tab and line breaks (PostgreSQL refuses NUL in text)
+_NOTE_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 async def _json(request: Request, required: bool) -> Any:
@@ -114,4 +118,10 @@ def _note(body: Any) -> str:
     note = body.get("note", "")
     if not isinstance(note, str) or len(note) > 1000:
         raise ProtocolError("note must be text of at most 1000 characters")
+    control = _NOTE_CONTROL.search(note)
+    if control:
+        raise ProtocolError(
+            f"note holds the control character U+{ord(control.group()):04X} at position "
+            f"{control.start()}; send printable text (line breaks and tabs are fine)"
+        )
     return note

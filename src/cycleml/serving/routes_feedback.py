@@ -19,6 +19,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from cycleml.db import safe_url
+from cycleml.experiments.tables import events as events_table
+from cycleml.monitoring.tables import predictions, text_problem
 from cycleml.serving.dispatch import error_response, json_response, read_body, state_of
 from cycleml.serving.experiments import FeedbackEvent, parse_event
 from cycleml.serving.protocol import ProtocolError, json_loads
@@ -54,6 +56,28 @@ _FEEDBACK_BODY = {
 }
 
 
+# the longest text each field may hold: its column's length, so no database refuses it
+_MAX_CHARS = {
+    "request_id": predictions.c.request_id.type.length,
+    "label": predictions.c.label.type.length,
+    "unit": events_table.c.unit.type.length,
+    "event": events_table.c.event.type.length,
+    "experiment": events_table.c.experiment.type.length,
+}
+
+
+def _check_text_fields(item: dict, where: str) -> None:
+    """Refuse an item whose text fields could not be stored as given: longer than
+    their column, or holding control characters (a ProtocolError names the field)."""
+    for key, limit in _MAX_CHARS.items():
+        value = item.get(key)
+        if not isinstance(value, str):
+            continue  # the item's own checks name a wrong type
+        problem = text_problem(key, value, limit)
+        if problem:
+            raise ProtocolError(f"{where}: {problem}")
+
+
 def parse_feedback(body: bytes) -> list[tuple[str, str]]:
     """``(request_id, label)`` pairs from a feedback body of labels only; a
     ProtocolError names what is wrong with it."""
@@ -77,6 +101,8 @@ def parse_feedback_items(body: bytes) -> tuple[list[tuple[str, str]], list[Feedb
     events = []
     for index, item in enumerate(items):
         where = "feedback" if not isinstance(value, list) else f"feedback item #{index}"
+        if isinstance(item, dict):
+            _check_text_fields(item, where)
         if isinstance(item, dict) and "event" in item:
             events.append(parse_event(item, where))
             continue
