@@ -266,6 +266,8 @@ class AssignmentLog:
             if in_process
             else WriterProcess("ab-assignments-writer", AssignmentWriter, store.db_url)
         )
+        if self.process is not None:
+            self.process.start()
         self._thread = threading.Thread(target=self._write_loop, name="ab-assignments", daemon=True)
         self._thread.start()
 

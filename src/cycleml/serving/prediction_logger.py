@@ -114,6 +114,8 @@ class PredictionLogger:
         self._last_warning = 0.0
         self.written = 0
         self.dropped = 0
+        if self.process is not None:
+            self.process.start()
         self._thread = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
         self._thread.start()
 

@@ -11,11 +11,12 @@ features, the parameter binding, the transaction) and answers each message with 
 
 The child is a fresh interpreter (``python -c``, as multiprocessing's ``spawn`` starts
 one, never a ``fork`` of the server, which has ONNX Runtime's threads and its own; and,
-unlike ``spawn``, without importing the server's ``__main__`` again), started on the
-first write, with a socket pair as its pipe. A child that dies (or cannot start) fails
-the write in flight with the reason, and the next write starts a new one. The child
-ignores SIGINT (the server drains on Ctrl-C and stops it afterwards) and exits by
-itself when the server's end of the pipe closes, also when the server is killed.
+unlike ``spawn``, without importing the server's ``__main__`` again), started with the
+server, with a socket pair as its pipe; it opens the database at once. A child that dies
+(or cannot start) fails the write in flight with the reason, and the next write starts
+a new one. The child ignores SIGINT (the server drains on Ctrl-C and stops it
+afterwards) and exits by itself when the server's end of the pipe closes, also when the
+server is killed.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ class WriterProcess:
         self._conn: Connection | None = None
         self._busy = threading.Lock()  # held while a write is in flight
         self._closed = False
+
+    def start(self) -> None:
+        """Start the child now (at the server's start-up: its imports and its
+        connection cost CPU once, before requests come), instead of on the first write.
+        A child that cannot start is logged; the first write tries again."""
+        with self._busy:
+            try:
+                self._connection()
+            except Exception as err:
+                log.warning("%s: cannot start the writer process (%s)", self.name, err)
 
     @property
     def pid(self) -> int | None:
@@ -190,10 +201,12 @@ def main(fd: int) -> None:
 
 def serve(conn: Connection, factory: Callable[[str], Writer], db_url: str) -> None:
     """The child: write each message received, answer None or the reason it failed;
-    stop at None or when the server's end closes. The writer is built on first use and
-    again after a failed build (a database that was down at start-up)."""
+    stop at None or when the server's end closes. The writer is built at once, and on
+    each write until a build succeeds (a database that was down at start-up)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer: Writer | None = None
+    with contextlib.suppress(Exception):  # a database down now: the first write says so
+        writer = factory(db_url)
     try:
         while True:
             try:
