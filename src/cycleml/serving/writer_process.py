@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -185,8 +184,12 @@ def _stop(process: subprocess.Popen | None) -> None:
         process.wait()
 
 
-# the child's program: its end of the socket pair is the first argument
-_CHILD = "import sys; from cycleml.serving.writer_process import main; main(int(sys.argv[1]))"
+# the child's program: its end of the socket pair is the first argument; Ctrl-C (sent
+# to the server's process group) is the server's to handle, from the child's first line
+_CHILD = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "from cycleml.serving.writer_process import main; main(int(sys.argv[1]))"
+)
 
 
 def main(fd: int) -> None:
@@ -203,7 +206,6 @@ def serve(conn: Connection, factory: Callable[[str], Writer], db_url: str) -> No
     """The child: write each message received, answer None or the reason it failed;
     stop at None or when the server's end closes. The writer is built at once, and on
     each write until a build succeeds (a database that was down at start-up)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer: Writer | None = None
     with contextlib.suppress(Exception):  # a database down now: the first write says so
         writer = factory(db_url)
