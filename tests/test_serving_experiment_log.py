@@ -5,6 +5,9 @@ arm a unit is remembered to have."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -115,3 +118,52 @@ def test_a_unit_keeps_its_arm_and_the_memory_of_arms_stays_bounded(
     drawn = {experiment.arm_of(None) for _ in range(200)}
     assert drawn == {"control", "treatment"}
     assert None not in experiment._arm_of_unit
+
+
+def test_rows_in_flight_when_the_writer_process_dies_are_dropped_and_written_after(
+    tmp_path: Path,
+) -> None:
+    """The assignment rows are written by a writer process: when it dies mid-write its
+    rows are counted dropped (flush returns), and the next rows start a new process."""
+    path = tmp_path / "exp.db"
+    store = ExperimentStore(f"sqlite:///{path}")
+    metrics = ServingMetrics()
+    log = AssignmentLog(store, metrics)
+    assert log.process is not None
+    stamp = time.time()
+    try:
+        log.offer(_row("before", stamp, 1.0))
+        assert log.flush(timeout=60)
+        first = log.process.pid
+        assert first is not None and first != os.getpid()
+        # another connection holds SQLite's write lock: the child's write waits for it
+        locker = sqlite3.connect(path, timeout=0)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            log.offer(_row("in-flight", stamp, 1.0))
+            deadline = time.monotonic() + 60
+            while log._pending or not log.process._busy.locked():
+                assert time.monotonic() < deadline, "the writer did not take the row"
+                time.sleep(0.01)
+            time.sleep(0.3)  # the row is sent; the child waits for the lock
+            os.kill(first, signal.SIGKILL)
+            assert log.flush(timeout=60)
+        finally:
+            locker.rollback()
+            locker.close()
+        assert (log.written, log.dropped) == (1, 1)
+        dropped = metrics.registry.get_sample_value("cycleml_experiment_assignments_dropped_total")
+        assert dropped == 1
+        log.offer(_row("after", stamp, 1.0))
+        assert log.flush(timeout=60)
+        assert log.written == 2
+        second = log.process.pid
+        assert second is not None and second != first
+        with store.engine.connect() as conn:
+            stored = set(conn.execute(select(assignments.c.request_id)).scalars())
+    finally:
+        log.close()
+        store.close()
+    assert stored == {"before", "after"}
+    with pytest.raises(ProcessLookupError):  # close() stopped and reaped the process
+        os.kill(second, 0)

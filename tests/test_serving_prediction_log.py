@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
+import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -279,6 +282,62 @@ def test_a_slow_database_never_blocks_the_caller(
     assert logger.written == 1 + fit
     rows = PredictionLog(url).read("m", "1")
     assert sorted(rows.request_ids) == ["first", *(f"r{i}" for i in range(fit))]
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (and was reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_a_writer_process_that_dies_drops_its_rows_and_the_next_write_starts_another(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rows in flight when the writer process dies are counted dropped with the
+    reason; the next write starts a new process; close() leaves no process behind."""
+    path = tmp_path / "log.db"
+    url = f"sqlite:///{path}"
+    dropped: list[int] = []
+    logger = PredictionLogger(url, 1.0, 1000, 1 << 20, dropped.append)
+    assert logger.process is not None  # the server's default: a writer process
+    logger.offer(_batch("before"))
+    deadline = time.monotonic() + 60
+    while logger.written < 1:
+        assert time.monotonic() < deadline, "the first row was not written in 60 s"
+        time.sleep(0.02)
+    first = logger.process.pid
+    assert first is not None and first != os.getpid()
+    # another connection holds SQLite's write lock: the child's write waits for it
+    locker = sqlite3.connect(path, timeout=0)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        logger.offer(_batch("in-flight"))
+        while logger._pending or not logger.process._busy.locked():
+            assert time.monotonic() < deadline, "the writer did not take the row"
+            time.sleep(0.01)
+        time.sleep(0.3)  # the row is sent; the child waits for the lock
+        os.kill(first, signal.SIGKILL)
+        while sum(dropped) < 1:
+            assert time.monotonic() < deadline, "the row in flight was not counted dropped"
+            time.sleep(0.02)
+    finally:
+        locker.rollback()
+        locker.close()
+    assert logger.dropped == 1 and logger.written == 1
+    warnings = [r.getMessage() for r in caplog.records if "prediction log:" in r.getMessage()]
+    assert any("the writer process died (exit status -9)" in w for w in warnings), warnings
+    logger.offer(_batch("after"))  # written by a new process, after the back-off
+    while logger.written < 2:
+        assert time.monotonic() < deadline, "no new writer process wrote the next row"
+        time.sleep(0.02)
+    second = logger.process.pid
+    assert second is not None and second != first
+    logger.close()
+    assert _gone(second)
+    assert sorted(PredictionLog(url).read("m", "1").request_ids) == ["after", "before"]
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ remembers (for up to ``UNIT_CACHE_SIZE`` units) after the unit's first request h
 computed it (one SHA-256 of the unit id and a bisection). Every routed request (and
 every mirrored call) becomes a row of ``ab_assignments``, whatever the prediction
 log's sample rate and whether it is on: rows wait in a bounded buffer for a writer
-thread, which writes what waits twice a second in one transaction, and rows that do
-not fit, or whose write fails, are counted in
+thread, which hands what waits twice a second to a writer process
+(:mod:`cycleml.serving.writer_process`) that writes it in one transaction, and rows
+that do not fit, or whose write fails, are counted in
 ``cycleml_experiment_assignments_dropped_total``.
 
 The experiments live in the project's database (``monitoring.db_url``). A thread polls
@@ -40,15 +41,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 
-from cycleml.db import chunked, insert_new_rows, safe_url, utc_now
+from cycleml.db import chunked, insert_new_rows, open_database, safe_url, utc_now
 from cycleml.errors import ConfigError
 from cycleml.experiments.assign import Assigner
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
 from cycleml.experiments.tables import assignments, events
 from cycleml.registry.refs import parse_model_ref
 from cycleml.serving.protocol import ProtocolError
+from cycleml.serving.writer_process import WriterProcess
 
 if TYPE_CHECKING:
     from cycleml.serving.metrics import ServingMetrics
@@ -237,12 +239,14 @@ class AssignmentLog:
     :meth:`offer` runs on the event loop for every routed request, so it takes no lock:
     a length check and a ``deque.append`` (atomic in CPython); the writer is woken only
     when it sleeps. The writer gathers rows for ``GATHER_S``, counts them in
-    ``cycleml_experiment_requests_total`` and writes them in one transaction; on SQLite
-    through the driver's ``executemany`` of the buffered tuples themselves (SQLite formats
-    their times), so the writer runs no Python code per row.
+    ``cycleml_experiment_requests_total`` and hands them to a writer process, which
+    writes them in one transaction (:func:`write_assignments`); with ``in_process`` the
+    thread writes them itself.
     """
 
-    def __init__(self, store: ExperimentStore, metrics: ServingMetrics) -> None:
+    def __init__(
+        self, store: ExperimentStore, metrics: ServingMetrics, in_process: bool = False
+    ) -> None:
         self.store = store
         self._metrics = metrics
         self._pending: deque[tuple] = deque()
@@ -256,7 +260,14 @@ class AssignmentLog:
         self.written = 0
         self.dropped = 0
         self._last_warning = 0.0
-        self._insert = self._sqlite_insert()
+        self._insert = sqlite_insert(store.engine)
+        self.process: WriterProcess | None = (
+            None
+            if in_process
+            else WriterProcess("ab-assignments-writer", AssignmentWriter, store.db_url)
+        )
+        if self.process is not None:
+            self.process.start()
         self._thread = threading.Thread(target=self._write_loop, name="ab-assignments", daemon=True)
         self._thread.start()
 
@@ -290,9 +301,13 @@ class AssignmentLog:
         return True
 
     def close(self, timeout: float = 10.0) -> None:
+        """Write what is buffered (within ``timeout``), then stop the writer (and its
+        process: one still writing after ``timeout`` is stopped, its rows dropped)."""
         self._closed.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self.process is not None:
+            self.process.close()
 
     def _write_loop(self) -> None:
         pending = self._pending
@@ -341,42 +356,11 @@ class AssignmentLog:
                 counter = self._counters[key] = self._metrics.experiment_requests.labels(*key)
             counter.inc(count)
 
-    def _sqlite_insert(self) -> str | None:
-        """SQLite: the insert-or-ignore statement that takes the buffered rows as they
-        are (parameters numbered in ``_COLUMNS`` order): SQLite itself turns the
-        ``time.time()`` into SQLAlchemy's DATETIME text (UTC, microseconds) and rounds
-        the latency, so no Python code runs per row."""
-        if self.store.engine.dialect.name != "sqlite":
-            return None
-        marks = {name: f"?{i}" for i, name in enumerate(_COLUMNS, start=1)}
-        stamp = marks["logged_at"]
-        whole = f"CAST({stamp} AS INTEGER)"
-        marks["logged_at"] = (
-            f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || "
-            f"printf('.%06d', CAST(({stamp} - {whole}) * 1000000 AS INTEGER))"
-        )
-        marks["latency_ms"] = f"round({marks['latency_ms']}, 3)"
-        return (
-            f"INSERT INTO {assignments.name} ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join(marks.values())}) ON CONFLICT DO NOTHING"
-        )
-
     def _write(self, rows: list[tuple]) -> None:
-        if self._insert is not None:
-            with self.store.engine.begin() as conn:
-                conn.exec_driver_sql(self._insert, rows)
-            return
-        utc = dt.timezone.utc
-        values = [
-            {
-                **dict(zip(_COLUMNS, row, strict=True)),
-                "logged_at": dt.datetime.fromtimestamp(row[7], utc),
-                "latency_ms": round(row[9], 3),
-            }
-            for row in rows
-        ]
-        with self.store.engine.begin() as conn:
-            insert_new_rows(conn, assignments, values)
+        if self.process is not None:
+            self.process.write(rows)
+        else:
+            write_assignments(self.store.engine, self._insert, rows)
 
     def _drop(self, rows: int, why: str) -> None:
         self._metrics.experiment_dropped.inc(rows)
@@ -385,6 +369,63 @@ class AssignmentLog:
         if now - self._last_warning >= 10.0:
             self._last_warning = now
             log.warning("experiments: %d assignment row(s) dropped (%s)", rows, why)
+
+
+def sqlite_insert(engine: Engine) -> str | None:
+    """SQLite: the insert-or-ignore statement that takes the buffered rows as they are
+    (parameters numbered in ``_COLUMNS`` order): SQLite itself turns the ``time.time()``
+    into SQLAlchemy's DATETIME text (UTC, microseconds) and rounds the latency, so no
+    Python code runs per row. None on other databases."""
+    if engine.dialect.name != "sqlite":
+        return None
+    marks = {name: f"?{i}" for i, name in enumerate(_COLUMNS, start=1)}
+    stamp = marks["logged_at"]
+    whole = f"CAST({stamp} AS INTEGER)"
+    marks["logged_at"] = (
+        f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || "
+        f"printf('.%06d', CAST(({stamp} - {whole}) * 1000000 AS INTEGER))"
+    )
+    marks["latency_ms"] = f"round({marks['latency_ms']}, 3)"
+    return (
+        f"INSERT INTO {assignments.name} ({', '.join(_COLUMNS)}) "
+        f"VALUES ({', '.join(marks.values())}) ON CONFLICT DO NOTHING"
+    )
+
+
+def write_assignments(engine: Engine, insert: str | None, rows: list[tuple]) -> None:
+    """Write buffered assignment rows in one transaction (a request id already stored is
+    skipped); on SQLite through the driver's ``executemany`` of the tuples themselves
+    with ``insert`` (:func:`sqlite_insert`)."""
+    if insert is not None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(insert, rows)
+        return
+    utc = dt.timezone.utc
+    values = [
+        {
+            **dict(zip(_COLUMNS, row, strict=True)),
+            "logged_at": dt.datetime.fromtimestamp(row[7], utc),
+            "latency_ms": round(row[9], 3),
+        }
+        for row in rows
+    ]
+    with engine.begin() as conn:
+        insert_new_rows(conn, assignments, values)
+
+
+class AssignmentWriter:
+    """The writer process's side (:class:`WriterProcess`): its own connection to the
+    store's database, the rows it is sent written through :func:`write_assignments`."""
+
+    def __init__(self, db_url: str) -> None:
+        self.engine = open_database(db_url)
+        self.insert = sqlite_insert(self.engine)
+
+    def __call__(self, rows: list[tuple]) -> None:
+        write_assignments(self.engine, self.insert, rows)
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 async def _never_disconnects() -> dict[str, Any]:

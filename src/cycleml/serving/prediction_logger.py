@@ -2,11 +2,13 @@
 
 A batcher thread hands each finished batch's sampled rows to :meth:`PredictionLogger.offer`,
 which only appends to a bounded buffer (no database work, never blocks). One background
-thread takes what waits, computes the records' features and writes them in one
-transaction through :class:`cycleml.monitoring.log.PredictionLog`. A full buffer, a slow
-database or an unreachable one costs log records, never requests: what could not be
-written is counted (``cycleml_prediction_log_dropped_total``) and logged, at most once
-per ``WARN_EVERY_S``.
+thread takes what waits and hands it whole to a writer process
+(:mod:`cycleml.serving.writer_process`), which computes the records' features and
+writes them in one transaction through :class:`cycleml.monitoring.log.PredictionLog`:
+that work holds a GIL of its own, not the server's. A full buffer, a slow database, an
+unreachable one or a writer process that died costs log records, never requests: what
+could not be written is counted (``cycleml_prediction_log_dropped_total``) and logged,
+at most once per ``WARN_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from cycleml.monitoring.log import (
     PredictionLog,
     columns_from_batch,
 )
+from cycleml.serving.writer_process import WriterProcess
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ class LoggedBatch:
 
 
 class PredictionLogger:
-    """Samples requests and writes their predictions off the serving threads."""
+    """Samples requests and writes their predictions off the serving threads.
+
+    The writes run in a writer process; with ``open_log`` given they run in the writer
+    thread itself, through the log that ``open_log`` opens."""
 
     def __init__(
         self,
@@ -84,15 +90,20 @@ class PredictionLogger:
         buffer_rows: int,
         buffer_bytes: int,
         on_dropped: Callable[[int], None],
-        open_log: Callable[[str], PredictionLog] = PredictionLog,
+        open_log: Callable[[str], PredictionLog] | None = None,
     ) -> None:
         self.db_url = db_url
         self.sample_rate = sample_rate
         self.buffer_rows = buffer_rows
         self.buffer_bytes = buffer_bytes
         self._on_dropped = on_dropped
-        self._open_log = open_log
+        self._open_log = open_log or PredictionLog
         self._log: PredictionLog | None = None
+        self.process: WriterProcess | None = (
+            WriterProcess("prediction-log-writer", PredictionWriter, db_url)
+            if open_log is None
+            else None
+        )
         self._open_lock = threading.Lock()
         self._pending: deque[LoggedBatch] = deque()
         self._pending_rows = 0
@@ -103,6 +114,8 @@ class PredictionLogger:
         self._last_warning = 0.0
         self.written = 0
         self.dropped = 0
+        if self.process is not None:
+            self.process.start()
         self._thread = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
         self._thread.start()
 
@@ -148,11 +161,14 @@ class PredictionLogger:
             return self._log
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is buffered (within ``timeout``), then stop the writer."""
+        """Write what is buffered (within ``timeout``), then stop the writer (and its
+        process: one still writing after ``timeout`` is stopped, its rows dropped)."""
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self.process is not None:
+            self.process.close()
         if self._log is not None:
             self._log.close()
 
@@ -185,33 +201,10 @@ class PredictionLogger:
                 self.written += rows
 
     def _write(self, batches: list[LoggedBatch]) -> None:
-        prediction_log = self.prediction_log()
-        # one columns_from_batch per model version over all its waiting batches: its
-        # features are computed on whole arrays and its arrays turned to bytes at once
-        groups: dict[tuple, list[LoggedBatch]] = {}
-        for batch in batches:
-            key = (batch.model, batch.version, batch.embeddings is None)
-            groups.setdefault(key, []).append(batch)
-        columns: list[PredictionColumns] = []
-        for group in groups.values():
-            first = group[0]
-            columns.append(
-                columns_from_batch(
-                    model=first.model,
-                    version=first.version,
-                    kind=first.kind,
-                    class_names=first.class_names,
-                    request_ids=[rid for batch in group for rid in batch.request_ids],
-                    inputs=joined([batch.inputs for batch in group]),
-                    probabilities=joined([batch.probabilities for batch in group]),
-                    embeddings=None
-                    if first.embeddings is None
-                    else joined([batch.embeddings for batch in group]),
-                    pad_id=first.pad_id,
-                    logged_at=[batch.logged_at for batch in group for _ in range(batch.rows)],
-                )
-            )
-        prediction_log.write_columns(columns)
+        if self.process is not None:
+            self.process.write(batches)
+        else:
+            write_batches(self.prediction_log(), batches)
 
     def _drop(self, rows: int, why: str) -> None:
         self._on_dropped(rows)
@@ -230,3 +223,47 @@ class PredictionLogger:
 def joined(arrays: list[np.ndarray]) -> np.ndarray:
     """The arrays one after the other (the one array itself, uncopied, when alone)."""
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def write_batches(prediction_log: PredictionLog, batches: list[LoggedBatch]) -> None:
+    """Write the batches' rows in one transaction: one columns_from_batch per model
+    version over all its batches (its features computed on whole arrays, its arrays
+    turned to bytes at once)."""
+    groups: dict[tuple, list[LoggedBatch]] = {}
+    for batch in batches:
+        key = (batch.model, batch.version, batch.embeddings is None)
+        groups.setdefault(key, []).append(batch)
+    columns: list[PredictionColumns] = []
+    for group in groups.values():
+        first = group[0]
+        columns.append(
+            columns_from_batch(
+                model=first.model,
+                version=first.version,
+                kind=first.kind,
+                class_names=first.class_names,
+                request_ids=[rid for batch in group for rid in batch.request_ids],
+                inputs=joined([batch.inputs for batch in group]),
+                probabilities=joined([batch.probabilities for batch in group]),
+                embeddings=None
+                if first.embeddings is None
+                else joined([batch.embeddings for batch in group]),
+                pad_id=first.pad_id,
+                logged_at=[batch.logged_at for batch in group for _ in range(batch.rows)],
+            )
+        )
+    prediction_log.write_columns(columns)
+
+
+class PredictionWriter:
+    """The writer process's side (:class:`WriterProcess`): its own log, the batches it
+    is sent written through :func:`write_batches`."""
+
+    def __init__(self, db_url: str) -> None:
+        self.log = PredictionLog(db_url)
+
+    def __call__(self, batches: list[LoggedBatch]) -> None:
+        write_batches(self.log, batches)
+
+    def close(self) -> None:
+        self.log.close()
