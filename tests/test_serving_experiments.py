@@ -236,6 +236,11 @@ def test_bad_unit_ids_are_refused(client: httpx.Client) -> None:
     bad = client.post("/v2/models/shapes/infer", json=v2_body(PIXELS, parameters={"user_id": 42}))
     assert bad.status_code == 400
     assert "must be text, got int" in bad.json()["error"]
+    # a NUL or another control character in a query parameter (headers cannot carry one)
+    for unit in ("%00", "a%0Ab"):
+        bad = client.post(f"/v2/models/shapes/infer?user_id={unit}", json=v2_body(PIXELS))
+        assert bad.status_code == 400, bad.text
+        assert "parameter 'user_id': unit id holds the control character" in bad.json()["error"]
     good = client.post(
         "/v2/models/shapes/infer", json=v2_body(PIXELS, parameters={"user_id": "user-5"})
     )

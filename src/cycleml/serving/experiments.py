@@ -48,6 +48,7 @@ from cycleml.errors import ConfigError
 from cycleml.experiments.assign import Assigner
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
 from cycleml.experiments.tables import assignments, events
+from cycleml.monitoring.tables import text_problem
 from cycleml.registry.refs import parse_model_ref
 from cycleml.serving.protocol import ProtocolError
 from cycleml.serving.writer_process import WriterProcess
@@ -182,16 +183,16 @@ class ActiveExperiment:
                 f"experiment '{self.name}': unit id in {where} must be text, "
                 f"got {type(value).__name__}"
             )
-        if len(value) > MAX_UNIT_CHARS:
+        # too long, or a control character (a NUL that PostgreSQL refuses would fail the
+        # whole batch of assignment rows it is written with): the client's error, a 400
+        problem = text_problem("unit id", value, MAX_UNIT_CHARS)
+        if problem is not None:
             where = (
                 f"header {self.spec.unit_header}"
                 if self.header is not None
                 else f"parameter '{self.parameter}'"
             )
-            raise ProtocolError(
-                f"experiment '{self.name}': unit id in {where} is {len(value)} characters "
-                f"long; at most {MAX_UNIT_CHARS}"
-            )
+            raise ProtocolError(f"experiment '{self.name}': {where}: {problem}")
         return value
 
 
