@@ -56,7 +56,7 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.serving.experiments import ExperimentRouter
 from cycleml.serving.loadgen import build_request, closed_loop, open_loop, run, summarize
 from cycleml.serving.served_model import SERVING_SESSION_CONFIG
-from cycleml.serving.settings import usable_cores
+from cycleml.training.threads import available_cpus
 
 HOST = "127.0.0.1"
 # the cores servers and the in-process limit run on, and the load generator's
@@ -210,7 +210,7 @@ def _in_process(
         "1 session": Predictor(bundle),
         "1 session, serving options": Predictor(bundle, session_config=SERVING_SESSION_CONFIG),
     }
-    per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(usable_cores())]
+    per_core = [Predictor(bundle, intra_op_threads=1) for _ in range(available_cpus())]
     rates = {}
     for size in batch_sizes:
         for label, predictor in sessions.items():

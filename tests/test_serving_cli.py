@@ -83,7 +83,7 @@ def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, mess
         (2, 1, {"intra_op_threads": 2}, False, (2, 2)),
     ],
 )
-def test_instances_and_threads_fit_the_usable_cores(
+def test_instances_and_threads_fit_the_available_cpus(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     cores: int,
@@ -94,7 +94,7 @@ def test_instances_and_threads_fit_the_usable_cores(
 ) -> None:
     from cycleml.serving import settings as settings_module
 
-    monkeypatch.setattr(settings_module, "usable_cores", lambda: cores)
+    monkeypatch.setattr(settings_module, "available_cpus", lambda: cores)
     serve = settings_module.ServeSettings.from_dict(
         {"path": str(tmp_path), "workers": workers, "runtime": runtime}
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from cycleml.errors import ConfigError
 from cycleml.inference.bundle import PRECISIONS
+from cycleml.training.threads import available_cpus
 
 VERSION_POLICIES = ("latest", "all")
 # the SQLite file of a model registry root (cycleml.registry.DB_FILE)
@@ -18,15 +19,6 @@ REGISTRY_DB = "registry.db"
 
 # the most instances `runtime.instances=0` (one per core) makes of one model version
 AUTO_MAX_INSTANCES = 4
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's cpuset or
-    taskset), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -144,7 +136,7 @@ class ServeSettings:
             return self.runtime.instances
         if accelerated:
             return 1
-        return max(1, min(AUTO_MAX_INSTANCES, usable_cores() // self.workers))
+        return max(1, min(AUTO_MAX_INSTANCES, available_cpus() // self.workers))
 
     def intra_op_threads(self, accelerated: bool = False) -> int:
         """ONNX Runtime threads per instance: ``runtime.intra_op_threads``, or for 0 the
@@ -152,7 +144,7 @@ class ServeSettings:
         instances and their threads never outnumber the cores."""
         if self.runtime.intra_op_threads:
             return self.runtime.intra_op_threads
-        cores = max(1, usable_cores() // self.workers)
+        cores = max(1, available_cpus() // self.workers)
         return max(1, cores // self.instances(accelerated))
 
     def __post_init__(self) -> None:
