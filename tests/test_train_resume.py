@@ -79,9 +79,35 @@ def test_ctrl_c_saves_last_checkpoint_and_says_how_to_resume(make_cfg, tmp_path,
 
 def test_sigint_stops_at_the_next_batch_boundary(make_cfg, tmp_path):
     # the signal only asks to stop: the batch under way finishes, then the state is saved
+    before = signal.getsignal(signal.SIGINT)
     run_dir = _interrupted(make_cfg, tmp_path / "run", by="SigintAtStep4")
     assert _last_step(run_dir) == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler given back
+    assert signal.getsignal(signal.SIGINT) is before  # handler given back
+
+
+def test_sigint_stops_the_run_whatever_python_handler_was_set_before(make_cfg, tmp_path):
+    # a host program's own handler: the run takes Ctrl-C over while it trains, then gives
+    # the handler back
+    def host_handler(signum, frame):
+        raise AssertionError("the run should have taken SIGINT over")
+
+    signal.signal(signal.SIGINT, host_handler)
+    run_dir = _interrupted(make_cfg, tmp_path / "run", by="SigintAtStep4")
+    assert _last_step(run_dir) == 5
+    assert signal.getsignal(signal.SIGINT) is host_handler
+
+
+def test_an_ignored_sigint_stays_ignored(make_cfg, tmp_path):
+    # started with SIGINT ignored (nohup, `&`): the signal neither stops nor saves the run
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = make_cfg("train", "trainer.max_epochs=2")
+    with open_dict(cfg):
+        cfg.callbacks.ctrl_c = {"_target_": f"{__name__}.SigintAtStep4"}
+        cfg.callbacks.early_stopping = None
+    cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["global_step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_resume_from_run_dir_continues_global_step(make_cfg, tmp_path):
