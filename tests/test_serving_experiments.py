@@ -9,7 +9,10 @@ import contextlib
 import datetime as dt
 import json
 import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,7 @@ from sqlalchemy import create_engine, select
 
 from cycleml.errors import ConfigError
 from cycleml.experiments.assign import Assigner
-from cycleml.experiments.store import ExperimentStore
+from cycleml.experiments.store import ExperimentSpec, ExperimentStore
 from cycleml.experiments.tables import assignments, events
 from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
@@ -34,6 +37,7 @@ from test_serving_support import (  # noqa: F401 - the *_fixture names register 
     IMAGE_SIZE,
     RunningServer,
     binary_body,
+    copy_version,
     export_image_bundle,
     free_port,
     image_bundle_fixture,
@@ -578,3 +582,219 @@ def test_cycleml_serve_processes_agree_and_keep_arms_across_a_restart(
         assert arms(one) == arms(two) == want
     with server_process(registry_root, one, *overrides):
         assert arms(one) == want
+
+
+def test_an_experiment_on_a_model_the_server_does_not_serve_is_refused(
+    client: httpx.Client, server: Any, registry_root: Path, tmp_path: Path
+) -> None:
+    """An experiment splits the requests to a served model name: one on a name the
+    server does not serve (its arms served or not) would route requests that metadata
+    and readiness answer 404 for, so it is refused at start and by the admin route."""
+    unserved = {**SPEC, "model": "shapes-ab", "salt": "other"}
+    reply = client.put("/v1/experiments/unserved", json=unserved)
+    assert reply.status_code == 400, reply.text
+    assert "model 'shapes-ab' is not served" in reply.json()["error"]
+    assert "experiment 'unserved'" in reply.json()["error"]
+    listed = client.get("/v1/experiments").json()["experiments"]
+    assert "unserved" not in [e["name"] for e in listed]
+    # the name stays unknown everywhere: inference, metadata and readiness agree
+    for answer in (
+        _infer_name(client, "shapes-ab", "user-1"),
+        client.get("/v2/models/shapes-ab"),
+        client.get("/v2/models/shapes-ab/ready"),
+    ):
+        assert answer.status_code == 404, answer.text
+        assert "x-experiment-arm" not in answer.headers
+    # written to the store by `cycleml experiment start`: this server does not route it
+    store = ExperimentStore(server.db_url)
+    store.start(ExperimentSpec.from_dict(unserved, name="by-cli"), source="cli")
+    try:
+        time.sleep(2.5)  # two polls of the store
+        listed = client.get("/v1/experiments").json()["experiments"]
+        assert [e["routed"] for e in listed if e["name"] == "by-cli"] == [False]
+        assert _infer_name(client, "shapes-ab", "user-1").status_code == 404
+    finally:
+        store.stop("by-cli", source="cli")
+        store.close()
+    # in serve.yaml's experiments: the server does not start, and says why
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    app = create_app(_serve(registry_root, db_url, experiments={"ab": unserved}))
+    state = app.state.serving
+    try:
+        serving_app._load(state)
+        assert state.load_failure is not None
+        assert "experiment 'ab': model 'shapes-ab' is not served" in state.load_failure
+        assert "served models: shapes" in state.load_failure
+    finally:
+        state.experiments.close()
+        state.repository.close()
+
+
+def test_cycleml_serve_exits_in_one_line_on_an_experiment_on_an_unserved_model(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cycleml.serving.cli",
+            f"path={registry_root}",
+            f"port={free_port()}",
+            "reload.watch=false",
+            f"monitoring.db_url=sqlite:///{tmp_path / 'project.db'}",
+            "+experiments.ab.model=shapes-ab",
+            '+experiments.ab.arms.control="shapes@champion"',
+            '+experiments.ab.arms.treatment="shapes/2"',
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"cycleml serve: error: cannot serve '{registry_root}': experiments: experiment 'ab': "
+        "model 'shapes-ab' is not served (served models: shapes); an experiment splits the "
+        "requests to a served model"
+    ]
+
+
+def _infer_name(
+    client: httpx.Client, model: str, unit: str, headers: dict[str, str] | None = None
+) -> httpx.Response:
+    body, binary_headers = binary_body(PIXELS)
+    return client.post(
+        f"/v2/models/{model}/infer",
+        content=body,
+        headers={**binary_headers, "X-User-Id": unit, **(headers or {})},
+    )
+
+
+@pytest.fixture
+def two_models(tmp_path: Path, image_bundle: Path, image_bundle_v2: Path) -> Path:
+    """A registry of ``shapes`` 1 and ``blocks`` 1, each its own champion."""
+    root = tmp_path / "two-models"
+    registry = Registry(root=root)
+    registry.register(image_bundle)
+    registry.register(image_bundle_v2, name="blocks")
+    registry.set_alias("shapes", "champion", 1)
+    registry.set_alias("blocks", "champion", 1)
+    registry.close()
+    return root
+
+
+def test_an_unloaded_model_is_no_longer_routed_to_its_arms(
+    two_models: Path, tmp_path: Path
+) -> None:
+    """The arms of an experiment may be other models; once its own model is unloaded the
+    experiment stops routing (404 like metadata, never another model's answers), and
+    it routes again once the model is loaded again."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {
+        "model": "shapes",
+        "arms": {"control": "shapes@champion", "treatment": "blocks@champion"},
+        "weights": {"control": 0, "treatment": 1},
+    }
+    serve = _serve(two_models, db_url, experiments={"cross": spec})
+    with RunningServer(serve) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        before = _infer_name(http, "shapes", "u1")
+        assert before.status_code == 200, before.text
+        assert _header(before)["model_name"] == "blocks"
+        assert before.headers["x-experiment-arm"] == "treatment"
+        assert http.post("/v2/repository/models/shapes/unload").status_code == 200
+        for answer in (
+            _infer_name(http, "shapes", "u1", headers={"X-Request-Id": "after-unload"}),
+            http.post(
+                "/v1/models/shapes:predict",
+                json={"instances": PIXELS.tolist()},
+                headers={"X-User-Id": "u1"},
+            ),
+            http.get("/v2/models/shapes"),
+            http.get("/v2/models/shapes/ready"),
+        ):
+            assert answer.status_code == 404, answer.text
+            assert "model 'shapes' is not served" in answer.json()["error"]
+            assert "x-experiment-arm" not in answer.headers
+        listed = http.get("/v1/experiments").json()["experiments"]
+        assert [(e["name"], e["routed"]) for e in listed] == [("cross", False)]
+        assert http.post("/v2/repository/models/shapes/load").status_code == 200
+        again = _infer_name(http, "shapes", "u1")
+        assert again.status_code == 200 and again.headers["x-experiment-arm"] == "treatment"
+        assert http.get("/v1/experiments").json()["experiments"][0]["routed"] is True
+    assert _rows(db_url, request_id="after-unload") == []
+
+
+def test_an_arm_that_is_no_longer_served_answers_503_naming_it(
+    two_models: Path, tmp_path: Path
+) -> None:
+    """An arm's model unloaded while the experiment runs: its units get a 503 naming the
+    experiment and the arm (the client asked for a served model, not a missing one),
+    recorded as such; the other arm keeps answering."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {
+        "model": "shapes",
+        "arms": {"control": "shapes@champion", "treatment": "blocks@champion"},
+        "salt": "s1",
+    }
+    assigner = Assigner("s1", "cross", {"control": 1.0, "treatment": 1.0})
+    units = [f"u{i}" for i in range(40)]
+    serve = _serve(two_models, db_url, experiments={"cross": spec})
+    with RunningServer(serve) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        assert http.post("/v2/repository/models/blocks/unload").status_code == 200
+        for unit in units:
+            arm = assigner.assign(unit)
+            for answer in (
+                _infer_name(http, "shapes", unit, headers={"X-Request-Id": f"v2-{unit}"}),
+                http.post(
+                    "/v1/models/shapes:predict",
+                    json={"instances": PIXELS.tolist()},
+                    headers={"X-User-Id": unit},
+                ),
+            ):
+                assert answer.headers["x-experiment-arm"] == arm
+                if arm == "control":
+                    assert answer.status_code == 200, answer.text
+                    continue
+                assert answer.status_code == 503, answer.text
+                assert "retry-after" in answer.headers
+                error = answer.json()["error"]
+                assert "experiment 'cross': arm 'treatment' (blocks@champion)" in error, error
+                assert "model 'blocks' is not served" in error, error
+        rows = _wait_rows(db_url, len(units), mode="split")
+    statuses = {r.request_id: (r.arm, r.status_code) for r in rows}
+    for unit in units:
+        arm = assigner.assign(unit)
+        assert statuses[f"v2-{unit}"] == (arm, 200 if arm == "control" else 503)
+
+
+def test_an_arm_whose_version_folder_is_removed_answers_503(
+    tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
+) -> None:
+    """A watched folder: the treatment's version is deleted, so the watch stops serving
+    it; its units get a 503 naming the arm, the control's units keep their answers."""
+    root = tmp_path / "models"
+    copy_version(image_bundle, root, "shapes", "1")
+    copy_version(image_bundle_v2, root, "shapes", "2")
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {"model": "shapes", "arms": {"control": "shapes/2", "treatment": "shapes/1"}}
+    serve = _serve(
+        root, db_url, experiments={"ab": spec}, reload={"watch": True, "interval_s": 0.1}
+    )
+    assigner = Assigner("ab", "ab", {"control": 1.0, "treatment": 1.0})
+    units = [f"w{i}" for i in range(16)]
+    with RunningServer(serve) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        assert {_infer_name(http, "shapes", u).status_code for u in units} == {200}
+        shutil.rmtree(root / "shapes" / "1")
+        deadline = time.monotonic() + 20
+        while "1" in running.app.state.serving.repository.versions("shapes"):
+            assert time.monotonic() < deadline, "the watch did not drop version 1"
+            time.sleep(0.05)
+        for unit in units:
+            answer = _infer_name(http, "shapes", unit)
+            if assigner.assign(unit) == "control":
+                assert answer.status_code == 200 and answer.headers["x-model-version"] == "2"
+            else:
+                assert answer.status_code == 503, answer.text
+                assert "arm 'treatment' (shapes/1) is not served" in answer.json()["error"]
+                assert "no version '1'" in answer.json()["error"]

@@ -4,7 +4,12 @@ Each running experiment on a model name (``configs/serve.yaml`` → ``experiment
 admin routes, or ``cycleml experiment``) sends the requests to that bare model name to
 the arm its unit id (a header or a request parameter) hashes to
 (:mod:`cycleml.experiments.assign`); requests naming a version or an alias are not
-part of it. In shadow mode every request is answered by the control arm, and the
+part of it. The model name must be served: an experiment on a name the server does
+not serve is refused (at start-up and by the admin route), and one whose model stops
+being served (unloaded, its folder removed) routes nothing until the model is served
+again, so its requests get the same 404 as its metadata and readiness. An arm that
+stops being served answers its units with a 503 naming the experiment and the arm.
+In shadow mode every request is answered by the control arm, and the
 requests whose unit hashes to the treatment also send the treatment a mirrored copy,
 in a task of its own that the answer never waits for.
 
@@ -51,6 +56,7 @@ from cycleml.experiments.tables import assignments, events
 from cycleml.monitoring.tables import text_problem
 from cycleml.registry.refs import parse_model_ref
 from cycleml.serving.protocol import ProtocolError
+from cycleml.serving.repository import ModelNotFound, ModelUnavailable
 from cycleml.serving.writer_process import WriterProcess
 
 if TYPE_CHECKING:
@@ -455,6 +461,8 @@ class ExperimentRouter:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._shadow_tasks: set[asyncio.Task] = set()
+        # experiment -> why it is not routed, as last logged (the poll tries every second)
+        self._unrouted: dict[str, str] = {}
 
     # -- start-up, polling, changes (threads, never the event loop) -------------------
     @property
@@ -539,10 +547,13 @@ class ExperimentRouter:
                 except ExperimentError as err:
                     if strict_names is not None and spec.name in strict_names:
                         raise
-                    log.error("experiment %s is not routed: %s", spec.name, err)
+                    if self._unrouted.get(spec.name) != str(err):
+                        self._unrouted[spec.name] = str(err)
+                        log.error("experiment %s is not routed: %s", spec.name, err)
                     if before is not None and before.spec.name == spec.name:
                         table[model] = before
                     continue
+                self._unrouted.pop(spec.name, None)
                 log.info(
                     "experiment %s (revision %d) routes model %s: %s",
                     spec.name,
@@ -550,6 +561,8 @@ class ExperimentRouter:
                     model,
                     ", ".join(f"{a} {spec.arms[a]} {w:g}" for a, w in spec.weights.items()),
                 )
+            running = {spec.name for spec in specs.values()}
+            self._unrouted = {n: why for n, why in self._unrouted.items() if n in running}
             for model in set(current) - set(table):
                 log.info("experiment %s no longer routes model %s", current[model].name, model)
             self.active = table
@@ -557,7 +570,11 @@ class ExperimentRouter:
 
     def resolve(self, spec: ExperimentSpec) -> dict[str, Target]:
         """Each arm's target, loading an arm's version that is not served yet; an
-        ExperimentError names an arm that cannot be served."""
+        ExperimentError names an arm that cannot be served, or the experiment's model
+        when the server does not serve it (requests to a name that metadata and
+        readiness answer 404 for are not routed to arms of other names)."""
+        if spec.model not in {parse_model_ref(ref).name for ref in spec.arms.values()}:
+            self._check_served(spec)  # before loading any arm's version for nothing
         targets: dict[str, Target] = {}
         for arm, ref in spec.arms.items():
             parsed = parse_model_ref(ref)
@@ -576,7 +593,17 @@ class ExperimentRouter:
             else:
                 version = None if parsed.version is None else str(parsed.version)
                 targets[arm] = Target(parsed.name, version)
+        # after the arms too: an arm's version may be what serves the model
+        self._check_served(spec)
         return targets
+
+    def _check_served(self, spec: ExperimentSpec) -> None:
+        if not self.repository.serves(spec.model):
+            served = ", ".join(sorted({m.name for m in self.repository.all_models()})) or "none"
+            raise ExperimentError(
+                f"experiment '{spec.name}': model '{spec.model}' is not served (served "
+                f"models: {served}); an experiment splits the requests to a served model"
+            )
 
     def _release_unused_versions(self, table: Mapping[str, ActiveExperiment]) -> None:
         wanted: dict[str, set[str]] = {}
@@ -615,8 +642,10 @@ class ExperimentRouter:
         out = []
         for spec in self.open_store().list():
             entry = spec.to_dict()
-            entry["routed"] = spec.name in routed and routed[spec.name].spec.revision == (
-                spec.revision
+            entry["routed"] = (
+                spec.name in routed
+                and routed[spec.name].spec.revision == spec.revision
+                and self.repository.serves(spec.model)
             )
             out.append(entry)
         return out
@@ -638,9 +667,10 @@ class ExperimentRouter:
         parameters: Mapping[str, Any] | None = None,
     ) -> Routed | None:
         """The routing decision for a request to the bare model name ``model_name``
-        (None: no experiment on it)."""
+        (None: no experiment on it, or the model is not served now: the request gets
+        the repository's own answer, as metadata and readiness do)."""
         experiment = self.active.get(model_name)
-        if experiment is None:
+        if experiment is None or not self.repository.serves(model_name):
             return None
         unit = experiment.unit_of(scope, parameters)
         arm = experiment.arm_of(unit)
@@ -652,6 +682,22 @@ class ExperimentRouter:
         if arm == treatment:
             return Routed(experiment, "control", unit, control, experiment.targets[treatment])
         return Routed(experiment, "control", unit, control)
+
+    def acquire(self, routed: Routed, arm: str | None = None) -> ServedModel:
+        """The served model of the request's arm (``arm``: another arm, the shadow's),
+        held like :meth:`ModelRepository.acquire`. An arm that is not served (its model
+        unloaded, its version removed) is a ModelUnavailable (503) naming the experiment
+        and the arm: the client asked for a served model name."""
+        arm = arm or routed.arm
+        target = routed.experiment.targets[arm]
+        try:
+            return self.repository.acquire(target.name, target.version)
+        except (ModelNotFound, ModelUnavailable) as err:
+            experiment = routed.experiment
+            raise ModelUnavailable(
+                f"experiment '{experiment.name}': arm '{arm}' ({experiment.spec.arms[arm]}) "
+                f"is not served: {err}"
+            ) from None
 
     def record_answer(
         self, routed: Routed, info: Mapping[str, Any], status: int, started: float
@@ -732,8 +778,10 @@ class ExperimentRouter:
         started = time.perf_counter()
         shadow_id = f"{request_id}:shadow"
         model_name, version, status = target.name.partition("@")[0], "", 200
+        treatment = routed.experiment.treatment
+        assert treatment is not None
         try:
-            model = self.repository.acquire(target.name, target.version)
+            model = self.acquire(routed, treatment)
             try:
                 model_name, version = model.name, model.version
                 rows = await prepare(model)
@@ -746,7 +794,6 @@ class ExperimentRouter:
                 model.release()
         except Exception as err:
             status = error_status(err)
-        assert routed.experiment.treatment is not None
         self.record(
             routed,
             shadow_id,
@@ -755,7 +802,7 @@ class ExperimentRouter:
             status,
             time.perf_counter() - started,
             mode="shadow",
-            arm=routed.experiment.treatment,
+            arm=treatment,
         )
 
     # -- outcomes (blocking: call off the loop) --------------------------------------------

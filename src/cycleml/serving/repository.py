@@ -531,6 +531,12 @@ class ModelRepository:
         with self.lease(name, version) as model:
             return model
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is served now (some version of it is loaded). Read without
+        the lock, so the event loop can ask it per request: the table is replaced or
+        popped under the lock, and a membership test of a dict is atomic."""
+        return name in self._live
+
     def versions(self, name: str) -> list[str]:
         with self._lock:
             return sorted(self._live.get(name, {}), key=version_order)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -190,22 +192,25 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
                 info["experiment"] = routed.experiment.name
                 info["arm"] = routed.arm
                 try:
-                    response = await answer(info, routed.target.name, routed.target.version)
+                    response = await answer(info, partial(router.acquire, routed))
+                    status = 200
                 except Exception as err:
-                    status = error_parts(err, state.settings)[0]
-                    state.experiments.record_answer(routed, info, status, received)
-                    raise
+                    # as on /v2: the failure names the experiment and the arm too
+                    status, message, extra = error_parts(err, state.settings)
+                    info["error"] = message[:200]
+                    response = json_response({"error": message}, status, extra)
                 response.headers.update({k.decode(): v.decode() for k, v in routed.headers})
-                state.experiments.record_answer(routed, info, 200, received)
-                if routed.shadow is not None:
+                state.experiments.record_answer(routed, info, status, received)
+                if status == 200 and routed.shadow is not None:
                     _mirror_v1(state, routed, request, info, held["body"])
                 return response
-        return await answer(info, model_name, version)
+        return await answer(info, partial(state.repository.acquire, model_name, version))
 
-    async def answer(info: dict[str, Any], name: str, version: str | None) -> Response:
+    async def answer(info: dict[str, Any], acquire: Callable[[], ServedModel]) -> Response:
         body = held["body"] = await read_body(request, state)
         deadline = received + timeout_s(request, state.settings, None)
-        with state.repository.lease(name, version) as model:
+        model = acquire()
+        try:
             info["model"] = model.name
             info["version"] = model.version
             rows = await _rows(request, body, model, deadline)
@@ -240,6 +245,8 @@ async def _predict(request: Request, model_name: str, version: str | None) -> Re
                 },
                 headers={MODEL_VERSION_HEADER.decode(): model.version},
             )
+        finally:
+            model.release()
 
     return await answered(state, request, "v1_predict", model_name, handle)
 

@@ -143,8 +143,7 @@ async def infer_answer(
         else:
             info["experiment"] = routed.experiment.name
             info["arm"] = routed.arm
-            target = routed.target
-            model = served = state.repository.acquire(target.name, target.version)
+            model = served = router.acquire(routed)
         try:
             # the model that computes the answer names it (an alias may move meanwhile)
             info["model"] = model.name
