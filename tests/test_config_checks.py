@@ -9,14 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.accelerators import check_gpus, visible_cuda_devices
+from cycleml.cli_args import check_no_bare_words
 from cycleml.config_schema import SCHEMAS, check_config
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
+from cycleml.hydra_app import OVERRIDE_EXAMPLES
 from cycleml.override_hints import check_overrides
 
 CONFIGS = Path(config_dir())
@@ -132,6 +135,64 @@ def test_valid_overrides_pass_the_hints():
             "model.optimizer.lr=0.1",
         ],
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "b"], "cycleml train: error: unexpected argument 'b': overrides are "
+         "key=value, e.g. trainer.max_epochs=3"),
+        (["serve", "foo", "path=p"], "cycleml serve: error: unexpected argument 'foo': "
+         "overrides are key=value, e.g. port=8080"),
+        (["train", "-m", "seed=1,2", "b"], "unexpected argument 'b'"),
+        # past the plain arguments a command names (show <ref>, compare <folder>)
+        (["registry", "show", "digits", "extra"], "unexpected argument 'extra'"),
+        (["compare", "logs", "more"], "unexpected argument 'more'"),
+    ],
+)  # fmt: skip
+def test_a_plain_word_among_overrides_is_named_with_the_key_value_form(args, expected, tmp_path):
+    # Hydra itself stops with its grammar's parse error ("missing EQUAL"), status 1
+    result, cpu = cycleml(*args, cwd=tmp_path)
+    line = one_line_error(result)
+    assert line == expected or expected in line
+    assert cpu < ERROR_CPU_BOUND_S, f"{cpu:.2f} s CPU"
+    assert not (tmp_path / "logs").exists()
+
+
+def test_hydra_options_and_override_forms_still_reach_hydra(tmp_path):
+    result, _ = cycleml("train", "--cfg", "job", "~logger", "+extra.key=1", "++seed=3",
+                        "hydra.job.chdir=false", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["extra"] == {"key": 1} and shown["seed"] == 3 and "logger" not in shown
+
+
+def test_overrides_and_hydra_options_are_no_plain_words():
+    check_no_bare_words(
+        ["-m", "seed=1,2", "+extra=1", "++trainer.max_epochs=2", "~logger", "hydra.run.dir=x",
+         "--cfg", "job", "-c", "all", "--resolve", "--package", "model", "--info", "config",
+         "--config-name", "train", "-cn", "train", "--config-dir", "d", "-cd", "d",
+         "--config-path", "p", "-cp", "p", "--experimental-rerun", "f.pickle", "--help",
+         "--hydra-help", "-h", "hydra/launcher=parallel", "model@m=cnn", "--run"],
+        "key=value",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'b': overrides are key=value, "
+                       r"e.g. seed=1$"):  # fmt: skip
+        check_no_bare_words(["--cfg", "job", "b"], "seed=1")
+    with pytest.raises(ConfigError, match="unexpected argument ''"):
+        check_no_bare_words(["seed=1", ""], "seed=1")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_each_primary_config_has_an_example_override_that_composes(name):
+    required = {
+        "eval": ["ckpt_path=x.ckpt"], "export": ["ckpt_path=x.ckpt"],
+        "predict": ["bundle=b", "input=i"], "serve": ["path=p"], "compare": ["folder=logs"],
+        "data_diff": ["old=a", "new=b"],
+    }.get(name, [])  # fmt: skip
+    key, value = OVERRIDE_EXAMPLES[name].split("=", 1)
+    cfg = _compose(name, [*required, OVERRIDE_EXAMPLES[name]])
+    assert OmegaConf.select(cfg, key) == yaml.safe_load(value)
 
 
 def _primary_options() -> list[tuple[str, list[str]]]:

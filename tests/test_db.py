@@ -67,6 +67,37 @@ def test_sqlite_file_folder_is_created_and_uses_wal(tmp_path):
     assert path.is_file()
 
 
+def test_must_exist_names_a_missing_sqlite_file_and_creates_nothing(tmp_path):
+    """A command that only reads does not answer a mistyped path as an empty database."""
+    path = tmp_path / "typo" / "p.db"
+    table = probe_table()
+    with pytest.raises(
+        ConfigError,
+        match=rf"database file '{path}' does not exist \(db_url 'sqlite:///{path}'\); check "
+        "the path: this command needs an existing database and creates none",
+    ):
+        open_database(f"sqlite:///{path}", create=[table], must_exist=True)
+    assert not path.parent.exists()
+    open_database(f"sqlite:///{path}").dispose()  # a command that writes creates it
+    engine = open_database(f"sqlite:///{path}", create=[table], must_exist=True)
+    try:
+        assert table.name in inspect(engine).get_table_names()  # an older layout gains it
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.skipif(POSTGRES_URL is None, reason="set CYCLEML_TEST_POSTGRES_URL")
+def test_must_exist_leaves_postgresql_as_it_is():
+    """No file to miss: the tables a read needs are made where the schema lacks them."""
+    table = probe_table()
+    engine = open_database(POSTGRES_URL, create=[table], must_exist=True)
+    try:
+        assert table.name in inspect(engine).get_table_names()
+    finally:
+        table.drop(engine)
+        engine.dispose()
+
+
 def test_bad_urls_are_named():
     with pytest.raises(ConfigError, match="'not a url' is not a database URL"):
         open_database("not a url")

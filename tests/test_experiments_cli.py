@@ -51,3 +51,22 @@ def test_start_ramp_report_stop_and_errors(tmp_path):
     assert [(c["action"], c["source"]) for c in changes] == [
         ("start", "cli"), ("ramp", "cli"), ("stop", "cli")
     ]  # fmt: skip
+
+
+def test_commands_other_than_start_name_a_missing_database_and_create_nothing(tmp_path):
+    """A mistyped db_url is not answered as an empty list of experiments."""
+    database = tmp_path / "monitoring.db"
+    listed = cycleml("experiment", "list", cwd=tmp_path)
+    assert listed.returncode == 2, listed.stderr
+    assert listed.stderr.splitlines() == [
+        f"cycleml experiment: error: database file '{database}' does not exist (db_url "
+        f"'sqlite:///{database}'); check the path: this command needs an existing database "
+        "and creates none"
+    ]
+    typo = tmp_path / "typo" / "monitoring.db"
+    for command in ("report", "stop"):
+        result = cycleml("experiment", command, "new-cnn", f"db_url=sqlite:///{typo}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert f"database file '{typo}' does not exist" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not database.exists() and not typo.parent.exists()

@@ -345,6 +345,33 @@ def test_unknown_version_and_bad_settings_are_one_line_errors(tmp_path, traffic,
     assert not nowhere.exists()  # looking a model up creates no registry
 
 
+def test_a_missing_prediction_log_or_registry_database_is_named_not_created(tmp_path, capsys):
+    """A mistyped db_url is not answered as an empty log: report and labels need the
+    database to exist, and neither creates a file or folder."""
+    missing = tmp_path / "typo" / "monitoring.db"
+    report = monitor_here(capsys, tmp_path, str(digits_bundle()), f"db_url=sqlite:///{missing}")
+    assert report.returncode == 2
+    assert report.stderr == (
+        f"cycleml monitor: error: database file '{missing}' does not exist (db_url "
+        f"'sqlite:///{missing}'); check the path: this command needs an existing database "
+        "and creates none\n"
+    )
+    table = tmp_path / "labels.csv"
+    table.write_text("request_id,label\nreq-0,3\n")
+    labels = monitor_here(
+        capsys, tmp_path, "labels", f"input={table}", f"db_url=sqlite:///{missing}"
+    )
+    assert labels.returncode == 2 and f"database file '{missing}' does not exist" in labels.stderr
+    registry_db = tmp_path / "typo-registry" / "registry.db"
+    lookup = monitor_here(
+        capsys, tmp_path, "digits", f"registry.db_url=sqlite:///{registry_db}",
+        f"db_url=sqlite:///{missing}",
+    )  # fmt: skip
+    assert lookup.returncode == 2
+    assert f"registry database: database file '{registry_db}' does not exist" in lookup.stderr
+    assert not missing.parent.exists() and not registry_db.parent.exists()
+
+
 def test_old_bundle_without_reference_sample_still_monitors_the_class_mix(
     tmp_path, traffic, capsys
 ):

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from conftest import compose_config
 from cycleml.errors import ConfigError
+from cycleml.monitoring.log import PredictionLog
 from cycleml.pipeline import state as st
 from cycleml.pipeline.lock import PipelineBusy, PipelineLock
 from cycleml.pipeline.runner import FAILED_EXIT, TRIGGER_LOG, model_dir, run_pipeline
@@ -255,7 +256,7 @@ def test_drift_trigger_without_drift_starts_no_run(
     """The champion's log looks like its reference sample: exit status 0, one line
     saying why, the reason in triggers.jsonl, and no run folder (no state.json)."""
     from cycleml.inference import Predictor
-    from cycleml.monitoring.log import PredictionLog, records_from_batch
+    from cycleml.monitoring.log import records_from_batch
     from test_serving_support import IMAGE_CLASSES, IMAGE_SIZE
 
     cfg = pipeline_cfg(
@@ -306,6 +307,12 @@ def test_drift_trigger_without_logged_predictions_is_named(tmp_path: Path, pipel
     registry.register(export_image_bundle(tmp_path / "bundle"))
     registry.set_alias("shapes", "champion", 1)
     registry.close()
+    # a prediction log that does not exist (a mistyped path) is named, not created
+    log_file = Path(cfg.monitor.db_url.removeprefix("sqlite:///"))
+    with pytest.raises(ConfigError, match=f"database file '{log_file}' does not exist"):
+        run_pipeline(cfg)
+    assert not log_file.exists()
+    PredictionLog(cfg.monitor.db_url).close()
     with pytest.raises(ConfigError, match="no logged predictions for model 'shapes' version '1'"):
         run_pipeline(cfg)
     assert st.list_runs(model_dir(cfg)) == []  # nothing started

@@ -191,6 +191,20 @@ def test_bad_names_and_roots_are_refused(tmp_path, bundles):
         Registry(None, tmp_path / "afile" / "registry")
 
 
+def test_a_registry_that_must_exist_is_named_and_not_created(tmp_path):
+    root = tmp_path / "typo" / "registry"
+    with pytest.raises(
+        RegistryError, match=rf"no registry at '{root}': {root / 'registry.db'} does not exist"
+    ):
+        Registry(None, root, must_exist=True)
+    database = tmp_path / "elsewhere" / "r.db"
+    with pytest.raises(RegistryError, match=rf"database file '{database}' does not exist"):
+        Registry(f"sqlite:///{database}", root, must_exist=True)
+    assert list(tmp_path.iterdir()) == []
+    Registry(None, root).close()  # what registers creates it; then it opens
+    Registry(None, root, must_exist=True).close()
+
+
 def test_a_root_without_write_access_is_named(registry, bundles, monkeypatch):
     monkeypatch.setattr(model_registry.os, "access", lambda path, mode: False)
     with pytest.raises(RegistryError, match=r"registry root '.*registry' is not writable"):

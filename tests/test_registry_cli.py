@@ -7,6 +7,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from cycleml.registry import Registry
 from test_errors_cli import cycleml
 from test_export_support import cached_bundle
 from test_registry_support import variant_of
@@ -93,6 +94,7 @@ def test_register_list_alias_promote_compare_archive(tmp_path):
 
 
 def test_errors_are_one_line(tmp_path):
+    Registry(None, tmp_path / "registry").close()  # an empty registry
     assert "registry show needs ref" in error("registry", "show", cwd=tmp_path)
     assert "no model 'digits' in the registry" in error(
         "registry", "show", "digits@champion", cwd=tmp_path
@@ -121,7 +123,7 @@ def test_errors_are_one_line(tmp_path):
     )
     (tmp_path / "file").write_text("")
     assert "cannot be created" in error(
-        "registry", "list", f"root={tmp_path / 'file' / 'registry'}", cwd=tmp_path
+        "registry", "register", "bundle=b", f"root={tmp_path / 'file' / 'registry'}", cwd=tmp_path
     )
     # a registry.db whose table of the same name is someone else's
     foreign = tmp_path / "foreign"
@@ -135,3 +137,23 @@ def test_errors_are_one_line(tmp_path):
     result = cycleml("registry", "nope", cwd=tmp_path)
     assert result.returncode == 2 and "unknown command 'nope'" in result.stderr
     assert "promote <name> <source alias> <target alias>" in ok("registry", "--help", cwd=tmp_path)
+
+
+def test_commands_that_need_a_registry_name_a_missing_one_and_create_nothing(tmp_path):
+    """A mistyped root or db_url is not answered as an empty registry (and only
+    ``register`` creates one)."""
+    root = tmp_path / "typo"
+    line = error("registry", "list", f"root={root}", cwd=tmp_path)
+    assert line == (
+        f"cycleml registry: error: no registry at '{root}': {root / 'registry.db'} does "
+        "not exist; check the registry root (nothing was registered there)"
+    )
+    assert f"no registry at '{tmp_path / 'registry'}'" in error(
+        "registry", "alias", "digits", "champion=1", cwd=tmp_path
+    )
+    database = tmp_path / "elsewhere" / "registry.db"
+    assert f"database file '{database}' does not exist" in error(
+        "registry", "show", "digits@champion", f"db_url=sqlite:///{database}", cwd=tmp_path
+    )
+    assert not root.exists() and not (tmp_path / "registry").exists()
+    assert not database.parent.exists()

@@ -31,6 +31,18 @@ def _shell_quoted(text: str) -> str:
     return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
 
 
+def check_no_bare_words(args: Sequence[str], example: str) -> None:
+    """Raise a ConfigError naming the first argument that is neither an override
+    (``key=value``, ``+key=``, ``++key=``, ``~key``) nor one of Hydra's options or
+    their values: Hydra would stop on it with its grammar's parse error."""
+    for index, arg in enumerate(args):
+        if arg.startswith(("-", "~")) or "=" in arg:
+            continue
+        if index > 0 and args[index - 1] in HYDRA_VALUE_OPTIONS:
+            continue
+        raise ConfigError(f"unexpected argument '{arg}': overrides are key=value, e.g. {example}")
+
+
 def check_readable(args: Sequence[str], free_text: Sequence[str] = ()) -> None:
     """Raise a ConfigError naming the fix for an override Hydra cannot read: a value
     with a quote, ``!``, ``=`` or brackets (``reason=it's better``, a database URL with

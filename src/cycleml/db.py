@@ -33,13 +33,19 @@ _SQLITE_BUSY_MS = 30_000
 
 
 def open_database(
-    url: str | URL, create: Sequence[Table] = (), check_layout: bool = True
+    url: str | URL,
+    create: Sequence[Table] = (),
+    check_layout: bool = True,
+    must_exist: bool = False,
 ) -> Engine:
     """An engine for ``url`` after a test connection, with ``create`` tables made.
 
     SQLite files get their folder created and run in WAL mode with a busy timeout,
     so readers and one writer from several threads or processes do not block each
-    other. A bad URL, a missing driver or an unreachable server is a
+    other. With ``must_exist`` (commands that only read, or change records already
+    there) a missing SQLite file is a :class:`ConfigError` naming it, and no file or
+    folder is created: a mistyped path is not answered as an empty database. A bad
+    URL, a missing driver or an unreachable server is a
     :class:`ConfigError` naming the (password-free) URL, and so (with
     ``check_layout``) is a table of ``create`` that already exists without the columns
     cycleml reads and writes: another program's table of the same name, or an older
@@ -59,7 +65,13 @@ def open_database(
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            if must_exist and not path.exists():
+                raise ConfigError(
+                    f"database file '{path}' does not exist (db_url '{shown}'); check the "
+                    "path: this command needs an existing database and creates none"
+                )
+            path.parent.mkdir(parents=True, exist_ok=True)
     else:
         options["pool_pre_ping"] = True
     try:

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from cycleml.cli_args import check_readable
+from cycleml.cli_args import check_no_bare_words, check_readable
 from cycleml.config_schema import check_config
 from cycleml.configs_path import config_dir
 from cycleml.errors import CycleMLError
@@ -22,6 +22,23 @@ from cycleml.override_hints import check_overrides
 from cycleml.redaction import redact, redacted_output
 
 log = logging.getLogger(__name__)
+
+# an override of each primary config, for the error naming a plain word on its command line
+OVERRIDE_EXAMPLES = {
+    "train": "trainer.max_epochs=3",
+    "eval": "ckpt_path=checkpoints/best.ckpt",
+    "compare": "sort=val/acc",
+    "export": "export.quantize=int8",
+    "predict": "batch_size=64",
+    "serve": "port=8080",
+    "data_gather": "output=data/gathered",
+    "data_clean": "overwrite=true",
+    "data_diff": "limit=20",
+    "registry": "format=json",
+    "monitor": "window.size=500",
+    "pipeline": "trigger=drift",
+    "ab": "format=json",
+}
 
 
 def user_error(error: BaseException) -> CycleMLError | None:
@@ -90,6 +107,9 @@ def hydra_app(
         def main(*args: Any, **kwargs: Any) -> Any:
             with redacted_output():
                 try:
+                    check_no_bare_words(
+                        sys.argv[1:], OVERRIDE_EXAMPLES.get(config_name, "key=value")
+                    )
                     check_readable(sys.argv[1:])
                     check_overrides(config_name, sys.argv[1:])
                 except CycleMLError as err:

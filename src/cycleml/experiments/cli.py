@@ -46,7 +46,8 @@ def _plain(node: Any) -> Any:
 
 
 def _with_store(command: str) -> Callable[[Callable[..., Any]], Callable[[DictConfig], Any]]:
-    """Check the name (where needed) and the format, open the store, close it after."""
+    """Check the name (where needed) and the format, open the store, close it after.
+    Only ``start`` creates the database; the others need it to exist."""
 
     def decorate(work: Callable[[ExperimentStore, DictConfig], Any]) -> Callable[[DictConfig], Any]:
         @functools.wraps(work)
@@ -54,7 +55,7 @@ def _with_store(command: str) -> Callable[[Callable[..., Any]], Callable[[DictCo
             if command != "list" and cfg.name in (None, ""):
                 raise ConfigError(f"experiment {command} needs a name: {SUBCOMMANDS[command][1]}")
             _json_mode(cfg)
-            store = ExperimentStore(cfg.db_url)
+            store = ExperimentStore(cfg.db_url, must_exist=command != "start")
             try:
                 return work(store, cfg)
             finally:

@@ -282,11 +282,14 @@ def _check_source(source: str) -> str:
 
 
 class ExperimentStore:
-    """Experiments in the database at ``db_url`` (tables created on first use)."""
+    """Experiments in the database at ``db_url`` (tables created on first use).
 
-    def __init__(self, db_url: str) -> None:
+    ``must_exist``: a missing SQLite file is a ConfigError, not created (commands that
+    read experiments, or change one already started)."""
+
+    def __init__(self, db_url: str, must_exist: bool = False) -> None:
         self.db_url = db_url
-        self.engine: Engine = open_database(db_url, create=ALL_TABLES)
+        self.engine: Engine = open_database(db_url, create=ALL_TABLES, must_exist=must_exist)
 
     def close(self) -> None:
         self.engine.dispose()

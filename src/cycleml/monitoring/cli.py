@@ -50,7 +50,7 @@ def run_report(cfg: DictConfig) -> int:
     target = resolve_target(
         cfg.ref, cfg.registry.root, cfg.registry.db_url, cfg.log_model, cfg.log_version
     )
-    prediction_log = PredictionLog(cfg.db_url)
+    prediction_log = PredictionLog(cfg.db_url, must_exist=True)
     try:
         report = monitor(target, prediction_log, window, drift)
     finally:
@@ -110,7 +110,7 @@ def run_labels(cfg: DictConfig) -> int:
         pairs.append(pair)
     if not pairs:
         raise DataError(f"{cfg.input}: no row has both a request_id and a label")
-    prediction_log = PredictionLog(cfg.db_url)
+    prediction_log = PredictionLog(cfg.db_url, must_exist=True)
     try:
         result = prediction_log.attach_labels(pairs)
     finally:

@@ -234,12 +234,14 @@ class LabelReport:
 class PredictionLog:
     """The ``monitoring_predictions`` table of one database."""
 
-    def __init__(self, db_url: str | Engine) -> None:
+    def __init__(self, db_url: str | Engine, must_exist: bool = False) -> None:
+        """``must_exist``: a missing SQLite file is a ConfigError, not created (a report,
+        or labels attached to predictions already logged)."""
         if isinstance(db_url, Engine):
             self.engine = db_url
             predictions.create(self.engine, checkfirst=True)
         else:
-            self.engine = open_database(db_url, create=[predictions])
+            self.engine = open_database(db_url, create=[predictions], must_exist=must_exist)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -86,7 +86,7 @@ def resolve_target(
                 f"'{ref}' is not a bundle folder, and there is no registry at '{root}' to "
                 "look it up in (set registry.root=<folder> or name a bundle folder)"
             )
-        registry = Registry(registry_db_url, root)
+        registry = Registry(registry_db_url, root, must_exist=True)
         try:
             folder, record = registry.resolve(ref)
         finally:

@@ -51,7 +51,7 @@ def drift_trigger(cfg: DictConfig, champion_ref: str | None) -> TriggerResult:
     except TypeError as err:
         raise ConfigError(f"monitor settings: {err}") from err
     target = resolve_target(champion_ref, cfg.registry.root, cfg.registry.db_url)
-    prediction_log = PredictionLog(cfg.monitor.db_url)
+    prediction_log = PredictionLog(cfg.monitor.db_url, must_exist=True)
     try:
         report = monitor(target, prediction_log, window, drift)
     finally:

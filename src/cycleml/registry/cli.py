@@ -38,8 +38,9 @@ from cycleml.registry.text import (
 )
 
 
-def open_registry(cfg: DictConfig) -> Registry:
-    return Registry(cfg.db_url, cfg.root)
+def open_registry(cfg: DictConfig, must_exist: bool = False) -> Registry:
+    """The registry of ``cfg``; ``must_exist``: a missing one is an error, not created."""
+    return Registry(cfg.db_url, cfg.root, must_exist=must_exist)
 
 
 def _required(cfg: DictConfig, command: str, *keys: str) -> None:
@@ -81,14 +82,16 @@ def _report_move(registry: Registry, cfg: DictConfig, alias: str, move: AliasMov
 
 
 def _with_registry(command: str) -> Callable[[Callable[..., Any]], Callable[[DictConfig], Any]]:
-    """Check the sub-command's required keys, open the registry, close it after."""
+    """Check the sub-command's required keys, open the registry, close it after. Only
+    ``register`` creates a registry; the others need one (a mistyped root or db_url
+    is named, not answered as an empty registry)."""
 
     def decorate(work: Callable[[Registry, DictConfig], Any]) -> Callable[[DictConfig], Any]:
         @functools.wraps(work)
         def run(cfg: DictConfig) -> Any:
             _required(cfg, command, *SUBCOMMANDS[command][1])
             _json_mode(cfg)
-            registry = open_registry(cfg)
+            registry = open_registry(cfg, must_exist=command != "register")
             try:
                 return work(registry, cfg)
             finally:

@@ -55,17 +55,28 @@ def who_am_i() -> str:
 class Registry:
     """Register bundles as numbered versions, move aliases, resolve model references.
 
-    ``db_url`` None keeps the records in ``<root>/registry.db`` (SQLite).
+    ``db_url`` None keeps the records in ``<root>/registry.db`` (SQLite). With
+    ``must_exist`` (commands that only read, or move aliases of versions already
+    there) a registry whose SQLite file is missing is a :class:`RegistryError`
+    naming it, and neither the root nor the file is created.
     """
 
-    def __init__(self, db_url: str | None = None, root: str | Path = "registry") -> None:
+    def __init__(
+        self, db_url: str | None = None, root: str | Path = "registry", must_exist: bool = False
+    ) -> None:
         self.root = Path(root).expanduser()
         if db_url is None:
+            db_file = self.root / DB_FILE
+            if must_exist and not db_file.is_file():
+                raise RegistryError(
+                    f"no registry at '{self.root}': {db_file} does not exist; check the "
+                    "registry root (nothing was registered there)"
+                )
             self._make_root()
-            db_url = f"sqlite:///{self.root / DB_FILE}"
+            db_url = f"sqlite:///{db_file}"
         self.db_url = db_url
         try:
-            self.engine = open_database(db_url, create=TABLES)
+            self.engine = open_database(db_url, create=TABLES, must_exist=must_exist)
         except CycleMLError as err:
             raise RegistryError(f"registry database: {err}") from err
 
