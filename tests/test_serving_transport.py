@@ -139,6 +139,10 @@ def test_a_body_deadline_ends_a_waiting_receive_and_the_watch_forgets_finished_b
             await guarded()
             guarded.release()
             finished.append(guarded)
+        # a released body leaves the watch at once (it would keep its request's task
+        # alive until the next sweep)
+        watch = body_guard._deadlines[asyncio.get_running_loop()]
+        assert not watch._watched
         start = time.perf_counter()
         stalled = GuardedReceive(_never_disconnects, budget, 0.2)
         with pytest.raises(BodyTimeout, match="limits.body_timeout_s"):

@@ -68,6 +68,7 @@ class GuardedReceive:
 
     __slots__ = (
         "_budget",
+        "_deadlines",
         "_receive",
         "_task",
         "_timeout_s",
@@ -92,6 +93,7 @@ class GuardedReceive:
         self.waiting = False  # awaiting a body message now
         self.timed_out = False  # the deadline passed while it waited
         self._task: asyncio.Task | None = None
+        self._deadlines: _BodyDeadlines | None = None  # the watch that holds it
 
     def _timeout(self) -> BodyTimeout:
         return BodyTimeout(
@@ -103,7 +105,7 @@ class GuardedReceive:
             return await self._receive()
         if self._task is None:
             self._task = asyncio.current_task()
-            _watch(self)
+            self._deadlines = _watch(self)
         if time.monotonic() >= self.deadline:
             raise self._timeout()
         self.waiting = True
@@ -133,6 +135,11 @@ class GuardedReceive:
         self._budget.give(self.held)
         self.held = 0
         self.done = True
+        if self._deadlines is not None:
+            # out of the watch at once: it would otherwise keep the request's task and
+            # connection objects alive until its next sweep
+            self._deadlines.forget(self)
+            self._deadlines = None
 
     def expire(self) -> None:
         """The deadline has passed: a receive waiting now ends with :class:`BodyTimeout`
@@ -149,17 +156,20 @@ SWEEP_S = 1.0
 class _BodyDeadlines:
     """The bodies being read on one event loop, checked by one timer: at the earliest
     deadline of those still arriving, and at least every ``SWEEP_S`` while any are
-    watched (to forget the finished ones)."""
+    watched (to forget those that finished without being released)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._watched: list[GuardedReceive] = []
+        self._watched: set[GuardedReceive] = set()
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, guarded: GuardedReceive) -> None:
-        self._watched.append(guarded)
+        self._watched.add(guarded)
         if self._timer is None:
             self._arm(guarded.deadline)
+
+    def forget(self, guarded: GuardedReceive) -> None:
+        self._watched.discard(guarded)
 
     def _arm(self, deadline: float) -> None:
         now = time.monotonic()
@@ -169,7 +179,7 @@ class _BodyDeadlines:
     def _sweep(self) -> None:
         self._timer = None
         now = time.monotonic()
-        arriving = []
+        arriving = set()
         for guarded in self._watched:
             if guarded.done:
                 continue
@@ -177,7 +187,7 @@ class _BodyDeadlines:
                 # a receive waiting now ends; a later one checks the deadline itself
                 guarded.expire()
             else:
-                arriving.append(guarded)
+                arriving.add(guarded)
         self._watched = arriving
         if arriving:
             self._arm(min(g.deadline for g in arriving))
@@ -188,9 +198,10 @@ class _BodyDeadlines:
 _deadlines: dict[asyncio.AbstractEventLoop, _BodyDeadlines] = {}
 
 
-def _watch(guarded: GuardedReceive) -> None:
+def _watch(guarded: GuardedReceive) -> _BodyDeadlines:
     loop = asyncio.get_running_loop()
     deadlines = _deadlines.get(loop)
     if deadlines is None:
         deadlines = _deadlines[loop] = _BodyDeadlines(loop)
     deadlines.add(guarded)
+    return deadlines
