@@ -38,6 +38,7 @@ def test_crafted_checkpoint_is_refused_in_process(crafted):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["export", "eval"])
 def test_crafted_checkpoint_is_refused_by_the_command(command, crafted, tmp_path):
     path, marker = crafted

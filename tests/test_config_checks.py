@@ -242,6 +242,7 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_every_schema_key_exists_in_some_shipped_config():
     """A key in the table that no composed config has would never be checked (a typo in
     the table, or a setting renamed in the configs but not here)."""

@@ -74,6 +74,7 @@ def test_missing_data_folder_exits_with_message(tmp_path):
     assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
 
 
+@pytest.mark.slow
 def test_multirun_two_trials(tmp_path):
     result = cycleml(
         "train",

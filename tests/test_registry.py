@@ -321,6 +321,7 @@ def test_lineage_from_a_real_trained_run(tmp_path, trained_run):
     registry.close()
 
 
+@pytest.mark.slow
 def test_export_with_register_exports_then_registers(tmp_path, trained_run):
     command = [sys.executable, "-m", "cycleml", "export", f"ckpt_path={trained_run}",
                "export.register=true", "registry.description=from export",

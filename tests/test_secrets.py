@@ -114,6 +114,7 @@ def test_escaped_overrides_are_redacted():
     assert redact(escaped) == r"db_url=postgresql+psycopg\://someone\:***@127.0.0.1\:1/nodb"
 
 
+@pytest.mark.slow
 def test_train_run_folder_holds_no_password(tmp_path):
     # a URL in the training config reaches summary.json and the trackers' config
     result, _ = cycleml("train", "debug=fdr", f"+notes.db={URL}", cwd=tmp_path)
@@ -125,6 +126,7 @@ def test_train_run_folder_holds_no_password(tmp_path):
     assert [str(p) for p, text in written.items() if PASSWORD in text] == []
 
 
+@pytest.mark.slow
 def test_wandb_run_metadata_holds_no_password(tmp_path):
     # W&B stores the command line in the run's metadata when the run starts
     result, _ = cycleml(

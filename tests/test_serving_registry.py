@@ -223,6 +223,7 @@ def test_alias_moves_load_first_then_switch_and_retire(
         registry.close()
 
 
+@pytest.mark.slow
 def test_alias_moves_under_load_fail_no_request_and_each_answer_names_its_version(
     tmp_path: Path, image_bundle: Path, image_bundle_v2: Path
 ) -> None:

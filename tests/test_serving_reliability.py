@@ -50,6 +50,7 @@ def _slow_requests(port: int, count: int = 8) -> list[bytes]:
     return requests
 
 
+@pytest.mark.slow
 def test_open_loop_overload_is_answered_and_recovers(slow_bundle: Path) -> None:
     port = free_port()
     with server_process(

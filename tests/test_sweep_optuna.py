@@ -219,6 +219,7 @@ def test_sweep_prunes_records_results_and_returns_the_best_value(toy, tmp_path, 
     assert Path(table.iloc[0]["run_dir"]) == sweep_dir / f"trial_{study.best_trial.number}"
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_in_the_same_study_and_reruns_the_interrupted_trial(toy, tmp_path):
     sweep_dir = tmp_path / "sweep"
     overrides = ("epoch_seconds=0.5", "hydra.sweeper.n_trials=5")

@@ -30,6 +30,7 @@ def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_default_run_is_quiet_and_logs_each_epoch(tmp_path):
     result = _train(tmp_path)  # the default W&B logger and callbacks
     stderr = [line for line in result.stderr.splitlines() if line.strip()]
