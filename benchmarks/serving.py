@@ -578,6 +578,7 @@ def experiment_path_us(workdir: Path, requests: int = 50_000) -> float:
     from cycleml.experiments.store import ExperimentSpec
     from cycleml.serving.experiments import ActiveExperiment, AssignmentLog, Target
     from cycleml.serving.metrics import ServingMetrics
+    from cycleml.serving.repository import ModelRepository
 
     spec = ExperimentSpec.from_dict(
         {"model": "m", "arms": {"control": "m", "treatment": "m/1"}}, name="bench"
@@ -587,6 +588,10 @@ def experiment_path_us(workdir: Path, requests: int = 50_000) -> float:
     )
     router = ExperimentRouter.__new__(ExperimentRouter)
     router.active = {"m": experiment}
+    # the repository's own check that the model is served, on a table serving "m"
+    repository = ModelRepository.__new__(ModelRepository)
+    repository._live = {"m": {}}
+    router.repository = repository
     store = ExperimentStore(f"sqlite:///{workdir / 'bench-experiment-path.db'}")
     router.log = AssignmentLog(store, ServingMetrics())
     headers = [
