@@ -69,12 +69,9 @@ def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, mess
 @pytest.mark.parametrize(
     ("cores", "workers", "runtime", "accelerated", "expected"),
     [
-        # 0 and 0: one instance per two cores, at least one, at most four, threads
-        # shared out
-        (2, 1, {}, False, (1, 2)),
+        # 0 and 0: one single-threaded instance per core, at most four, threads shared out
+        (2, 1, {}, False, (2, 1)),
         (1, 1, {}, False, (1, 1)),
-        (3, 1, {}, False, (1, 3)),
-        (4, 1, {}, False, (2, 2)),
         (16, 1, {}, False, (4, 4)),
         (16, 2, {}, False, (4, 2)),
         (3, 2, {}, False, (1, 1)),
@@ -83,7 +80,7 @@ def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, mess
         # what is set wins; unset threads share the cores between the set instances
         (16, 1, {"instances": 2}, False, (2, 8)),
         (2, 1, {"instances": 3}, False, (3, 1)),
-        (4, 1, {"intra_op_threads": 4}, False, (2, 4)),
+        (2, 1, {"intra_op_threads": 2}, False, (2, 2)),
     ],
 )
 def test_instances_and_threads_fit_the_available_cpus(

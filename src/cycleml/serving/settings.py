@@ -17,19 +17,14 @@ VERSION_POLICIES = ("latest", "all")
 REGISTRY_DB = "registry.db"
 
 
-# the most instances `runtime.instances=0` (one per two cores) makes of one model version
+# the most instances `runtime.instances=0` (one per core) makes of one model version
 AUTO_MAX_INSTANCES = 4
-# cores per instance that `runtime.instances=0` gives: on two cores one two-threaded
-# instance served 1.05x (64 clients) and 1.15x (32 clients) the requests/s of two
-# single-threaded ones, at 0.92-0.98x the server CPU per request (ResNet-18 32x32,
-# alternating turns), and answers a lone request on both cores
-CORES_PER_AUTO_INSTANCE = 2
 
 
 @dataclass(frozen=True)
 class RuntimeSettings:
-    # 0: one per two cores of this worker process (at least one, at most
-    # AUTO_MAX_INSTANCES) on CPU, one on an accelerator
+    # 0: one per core of this worker process (at most AUTO_MAX_INSTANCES) on CPU, one
+    # on an accelerator
     instances: int = 0
     # 0: the worker's cores shared out between its instances
     intra_op_threads: int = 0
@@ -133,16 +128,15 @@ class ServeSettings:
     experiments: dict[str, Any] = field(default_factory=dict)
 
     def instances(self, accelerated: bool = False) -> int:
-        """Instances per model version: ``runtime.instances``, or for 0 one per two cores
-        this worker process may use (its share of the usable cores; at least one, at most
+        """Instances per model version: ``runtime.instances``, or for 0 one per core this
+        worker process may use (its share of the usable cores, at most
         ``AUTO_MAX_INSTANCES``); one when the model runs on an accelerator
         (``accelerated``), where instances would only compete for the one device."""
         if self.runtime.instances:
             return self.runtime.instances
         if accelerated:
             return 1
-        cores = available_cpus() // self.workers
-        return max(1, min(AUTO_MAX_INSTANCES, cores // CORES_PER_AUTO_INSTANCE))
+        return max(1, min(AUTO_MAX_INSTANCES, available_cpus() // self.workers))
 
     def intra_op_threads(self, accelerated: bool = False) -> int:
         """ONNX Runtime threads per instance: ``runtime.intra_op_threads``, or for 0 the
@@ -173,7 +167,7 @@ class ServeSettings:
         rt, batching, limits = self.runtime, self.batching, self.limits
         _check(
             rt.instances >= 0,
-            f"runtime.instances must be >= 0 (0: one per two cores), got {rt.instances}",
+            f"runtime.instances must be >= 0 (0: one per core), got {rt.instances}",
         )
         _check(
             rt.intra_op_threads >= 0 and rt.inter_op_threads >= 0,
