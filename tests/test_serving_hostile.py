@@ -446,3 +446,149 @@ def test_an_unload_holds_until_a_load(tmp_path: Path, image_bundle: Path) -> Non
     assert unloaded.status_code == 200
     assert gone.status_code == 404, gone.text
     assert loaded.status_code == 200 and back.status_code == 200
+
+
+# -- model references in URLs: malformed is 400, unknown is 404 ----------------------------------
+
+# every route that takes a model reference, as (method, path with {ref})
+_REF_ROUTES = [
+    ("POST", "/v2/models/{ref}/infer"),  # the fast path
+    ("POST", "/v2/models/{ref}/versions/1/infer"),
+    ("GET", "/v2/models/{ref}"),
+    ("GET", "/v2/models/{ref}/versions/1"),
+    ("GET", "/v2/models/{ref}/ready"),
+    ("GET", "/v2/models/{ref}/versions/1/ready"),
+    ("GET", "/v2/models/{ref}/config"),
+    ("GET", "/v2/models/{ref}/stats"),
+    ("GET", "/v2/models/{ref}/versions/1/stats"),
+    ("POST", "/v1/models/{ref}:predict"),
+    ("POST", "/v1/models/{ref}/versions/1:predict"),
+]
+
+
+def _ask_every_route(url: str, ref: str) -> list[tuple[str, httpx.Response]]:
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    answers = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for method, template in _REF_ROUTES:
+            path = template.format(ref=ref)
+            if method == "POST":
+                answer = http.post(path, content=body, headers=headers)
+            else:
+                answer = http.get(path)
+            answers.append((path, answer))
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("ref", "rule"),
+    [
+        ("shapes@", "alias is empty"),
+        ("shapes@@x", "alias '@x' is not allowed"),
+        ("@champion", "model name is empty"),
+        ("sha pes", "model name 'sha pes' is not allowed"),
+        (".hidden", "not starting with '.'"),
+        ("a" * 200, "model name 'aaaa"),
+        ("a" * 200, "is 200 characters long; at most 128"),
+        ("shapes@" + "b" * 129, "alias 'bbbb"),
+        ("shapes@" + "b" * 129, "is 129 characters long; at most 128"),
+    ],
+)
+def test_malformed_model_references_get_400_naming_the_rule(
+    plain_server: RunningServer, ref: str, rule: str
+) -> None:
+    for path, answer in _ask_every_route(plain_server.url, ref):
+        assert answer.status_code == 400, (path, answer.text)
+        document = answer.json()
+        assert list(document) == ["error"], (path, document)
+        assert document["error"].startswith(f"model reference '{ref[:40]}"), (path, document)
+        assert rule in document["error"], (path, document)
+
+
+@pytest.mark.parametrize("ref", ["nosuch", "nosuch@champion", "shapes@champion"])
+def test_well_formed_unknown_model_references_stay_404(
+    plain_server: RunningServer, ref: str
+) -> None:
+    for path, answer in _ask_every_route(plain_server.url, ref):
+        if "@" in ref and "/versions/" in path and ref.startswith("shapes"):
+            # a served model asked for an alias and a version at once
+            assert answer.status_code == 400 and "not both" in answer.json()["error"], path
+            continue
+        assert answer.status_code == 404, (path, answer.text)
+        assert "model 'nosuch' is not served" in answer.json()["error"] or (
+            "model 'shapes' has no alias 'champion'" in answer.json()["error"]
+        ), (path, answer.text)
+
+
+def test_repository_routes_refuse_malformed_model_names(plain_server: RunningServer) -> None:
+    with httpx.Client(base_url=plain_server.url, timeout=30) as http:
+        for action in ("load", "unload"):
+            for name, rule in [
+                ("sha pes", "model name 'sha pes' is not allowed"),
+                ("%2E%2E", "model name '..' is not allowed"),  # '..', past the client
+                ("a" * 300, "is 300 characters long; at most 128"),
+                ("shapes@champion", "this route takes a model name, not name@alias"),
+            ]:
+                answer = http.post(f"/v2/repository/models/{name}/{action}")
+                assert answer.status_code == 400, (action, name, answer.text)
+                assert list(answer.json()) == ["error"]
+                assert rule in answer.json()["error"], (action, name, answer.text)
+            unknown = http.post(f"/v2/repository/models/nosuch/{action}")
+            assert unknown.status_code == 404, (action, unknown.text)
+        assert http.get("/v2/models/shapes/ready").status_code == 200
+
+
+def test_malformed_model_references_do_not_grow_the_metrics(plain_server: RunningServer) -> None:
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+
+    def series() -> int:
+        text = httpx.get(f"{plain_server.url}/metrics").text
+        return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+    with httpx.Client(base_url=plain_server.url, timeout=30) as http:
+
+        def malformed(first: int, count: int) -> set[int]:
+            statuses = set()
+            for index in range(first, first + count):
+                ref = f"bad{index}@" if index % 2 else f"bad {index}"
+                v2 = http.post(f"/v2/models/{ref}/infer", content=body, headers=headers)
+                v1 = http.post(f"/v1/models/{ref}:predict", content=body, headers=headers)
+                statuses |= {v2.status_code, v1.status_code}
+            return statuses
+
+        assert malformed(0, 4) == {400}
+        before = series()
+        assert malformed(4, 100) == {400}
+        after = series()
+    text = httpx.get(f"{plain_server.url}/metrics").text
+    assert after == before, (before, after)
+    assert "bad" not in text
+    counted = [
+        line
+        for line in text.splitlines()
+        if line.startswith("cycleml_requests_total{")
+        and 'model="_unknown"' in line
+        and 'status="400"' in line
+    ]
+    assert {'endpoint="v2_infer"' in line for line in counted} == {True, False}, counted
+
+
+def test_a_served_name_outside_the_naming_rules_is_still_served(
+    tmp_path: Path, image_bundle: Path
+) -> None:
+    # a repository folder names its model; the rules are checked only when a look-up fails
+    copy_version(image_bundle, tmp_path / "models", "my model", "1")
+    body, headers = binary_body(np.zeros((1, 8, 8, 3), np.uint8))
+    with (
+        RunningServer(settings(tmp_path / "models")) as running,
+        httpx.Client(base_url=running.url, timeout=30) as http,
+    ):
+        infer = http.post("/v2/models/my model/infer", content=body, headers=headers)
+        ready = http.get("/v2/models/my model/ready")
+        alias = http.get("/v2/models/my model@champion")
+        unloaded = http.post("/v2/repository/models/my model/unload")
+        loaded = http.post("/v2/repository/models/my model/load")
+    assert infer.status_code == 200, infer.text
+    assert ready.status_code == 200 and ready.json()["name"] == "my model"
+    assert alias.status_code == 404 and "no alias 'champion'" in alias.json()["error"]
+    assert unloaded.status_code == 200 and loaded.status_code == 200, loaded.text

@@ -30,6 +30,8 @@ from typing import Any
 
 from cycleml.errors import CycleMLError
 from cycleml.inference import load_bundle
+from cycleml.registry.errors import RegistryError
+from cycleml.registry.refs import MAX_NAME_LENGTH, check_name
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.prediction_logger import PredictionLogger
 from cycleml.serving.registry_follow import FollowedModel, RegistryFollower
@@ -54,7 +56,54 @@ class LoadFailed(CycleMLError):
 
 
 class BadModelRef(ValueError):
-    """A request names both an alias and a version (HTTP 400)."""
+    """A malformed model reference, or one that names both an alias and a version
+    (HTTP 400)."""
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for an error message; a long one cut short (it comes from a URL)."""
+    if len(text) <= 2 * MAX_NAME_LENGTH:
+        return repr(text)
+    return f"{text[:64]!r}... ({len(text)} characters)"
+
+
+def _name_problem(part: str, what: str) -> str | None:
+    if len(part) > MAX_NAME_LENGTH:
+        return f"{what} {part[:64]!r}... is {len(part)} characters long; at most {MAX_NAME_LENGTH}"
+    try:
+        check_name(part, what)
+    except RegistryError as err:
+        return str(err)
+    return None
+
+
+def malformed_reference(reference: str, name_served: bool = False) -> BadModelRef | None:
+    """The 400 error for a model reference (``name`` or ``name@alias``, from a URL) that
+    breaks the registry's naming rules; None when it is well formed.
+
+    Asked only once a look-up has failed: a served name costs requests no check, and a
+    repository folder may serve a name the registry would refuse. ``name_served``: the
+    name part is served, so only the alias is checked."""
+    name, at, alias = reference.partition("@")
+    parts = [] if name_served else [(name, "model name")]
+    if at:
+        parts.append((alias, "alias"))
+    for part, what in parts:
+        problem = _name_problem(part, what)
+        if problem is not None:
+            return BadModelRef(f"model reference {_shown(reference)}: {problem}")
+    return None
+
+
+def malformed_name(name: str) -> BadModelRef | None:
+    """The 400 error for a model name (no alias: the repository routes) that breaks the
+    naming rules; None when it is well formed. Asked only once a look-up has failed."""
+    problem = _name_problem(name, "model name")
+    if problem is None:
+        return None
+    if "@" in name and _name_problem(name.partition("@")[0], "model name") is None:
+        problem += "; this route takes a model name, not name@alias"
+    return BadModelRef(problem)
 
 
 @dataclass(frozen=True)
@@ -219,7 +268,9 @@ class ModelRepository:
         on_disk = self.scan()
         if name not in on_disk:
             known = ", ".join(sorted(on_disk)) or "none"
-            raise ModelNotFound(f"model '{name}' not found under '{self.root}' (found: {known})")
+            raise malformed_name(name) or ModelNotFound(
+                f"model '{name}' not found under '{self.root}' (found: {known})"
+            )
         self._held_unloaded.discard(name)
         failed = self._sync_model(name, on_disk[name], retry_failed=True)
         with self._lock:
@@ -281,7 +332,7 @@ class ModelRepository:
         until :meth:`load_model` (an unload on request)."""
         with self._lock:
             if name not in self._live:
-                raise ModelNotFound(f"model '{name}' is not loaded")
+                raise malformed_name(name) or ModelNotFound(f"model '{name}' is not loaded")
             retired = list(self._live.pop(name).values())
             self._default.pop(name, None)
             if hold:
@@ -492,20 +543,25 @@ class ModelRepository:
 
         ``name`` may be ``model@alias``: the alias is resolved here, under the same lock
         as the lease, so the model returned is the one that computes the answer."""
+        reference = name
         name, at, alias = name.partition("@")
         with self._lock:
             versions = self._live.get(name)
             if versions is None:
-                raise self._missing(name)
+                # a malformed reference is a 400 naming the rule it breaks; checked only
+                # now, so served names cost no check (a loading model's name is real)
+                missing = self._missing(name)
+                known = not isinstance(missing, ModelNotFound)
+                raise malformed_reference(reference, known) or missing
             if at:
                 if version not in (None, ""):
-                    raise BadModelRef(
+                    raise malformed_reference(reference, True) or BadModelRef(
                         f"'{name}@{alias}' names an alias; ask for it or for a version "
                         f"(/versions/{version}), not both"
                     )
                 chosen = self._routes.get(name, {}).get(alias)
                 if chosen is None:
-                    raise self._unknown_alias(name, alias)
+                    raise malformed_reference(reference, True) or self._unknown_alias(name, alias)
             else:
                 chosen = self._default[name] if version in (None, "") else version
             model = versions.get(chosen)

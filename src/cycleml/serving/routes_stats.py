@@ -16,7 +16,10 @@ from cycleml.serving.served_model import ServedModel
 
 router = APIRouter()
 
-_RESPONSES: dict[int | str, dict] = {404: {"description": "unknown model or version"}}
+_RESPONSES: dict[int | str, dict] = {
+    400: {"description": "malformed model reference (name@alias)"},
+    404: {"description": "unknown model or version"},
+}
 
 
 def _answer(request: Request, models: list[ServedModel]) -> Response:

@@ -74,7 +74,10 @@ _INFER_BODY = {
     }
 }
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "malformed request, wrong input name, datatype or shape"},
+    400: {
+        "description": "malformed request or model reference (name@alias), wrong input "
+        "name, datatype or shape"
+    },
     404: {"description": "unknown model or version"},
     413: {"description": "body too large"},
     415: {"description": "unsupported Content-Encoding (gzip and deflate are accepted)"},
@@ -373,7 +376,10 @@ async def repository_index(request: Request) -> Response:
     tags=["repository"],
     summary="Load or reload a model from the repository folder",
     responses={
-        400: {"description": "a version failed to load (the versions served before stay)"},
+        400: {
+            "description": "a malformed model name, or a version failed to load (the "
+            "versions served before stay)"
+        },
         404: {"description": "no such model on disk"},
         503: {"description": "the model failed to load"},
     },
@@ -382,7 +388,7 @@ async def repository_load(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:
         versions = await asyncio.to_thread(state.repository.load_model, model_name)
-    except (ModelNotFound, ModelUnavailable, LoadFailed) as err:
+    except (ModelNotFound, ModelUnavailable, LoadFailed, BadModelRef) as err:
         return error_response(err, state.settings)[1]
     return json_response({"name": model_name, "versions": versions})
 
@@ -391,12 +397,15 @@ async def repository_load(request: Request, model_name: str) -> Response:
     "/v2/repository/models/{model_name}/unload",
     tags=["repository"],
     summary="Stop serving a model (after its queued requests)",
-    responses={404: {"description": "the model is not loaded"}},
+    responses={
+        400: {"description": "a malformed model name"},
+        404: {"description": "the model is not loaded"},
+    },
 )
 async def repository_unload(request: Request, model_name: str) -> Response:
     state = state_of(request)
     try:
         await asyncio.to_thread(state.repository.unload_model, model_name)
-    except ModelNotFound as err:
+    except (ModelNotFound, BadModelRef) as err:
         return error_response(err, state.settings)[1]
     return json_response({"name": model_name, "unloaded": True})
