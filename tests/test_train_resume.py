@@ -110,6 +110,19 @@ def test_an_ignored_sigint_stays_ignored(make_cfg, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_handler_set_outside_python_is_left_alone(monkeypatch, tmp_path):
+    # getsignal gives None for a handler a host program set in C: it could not be put
+    # back after the run, so the run does not take SIGINT over
+    from cycleml.training.interrupt import CheckpointOnInterrupt
+
+    real_getsignal = signal.getsignal
+    before = real_getsignal(signal.SIGINT)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    callback = CheckpointOnInterrupt(str(tmp_path))
+    callback.on_train_start(None, None)  # type: ignore[arg-type]
+    assert real_getsignal(signal.SIGINT) is before
+
+
 def test_resume_from_run_dir_continues_global_step(make_cfg, tmp_path):
     run_dir = _interrupted(make_cfg, tmp_path / "run")
     first_id = json.loads((run_dir / "run_info.json").read_text())["run_id"]

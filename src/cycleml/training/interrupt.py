@@ -35,12 +35,12 @@ class CheckpointOnInterrupt(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not at fit start: Lightning notes the handlers after that and puts them back at its end
         self._asked = False
-        # a process started with SIGINT ignored (nohup, `&`) keeps ignoring it; any other
-        # handler (Python's own, or one a host program set) is put back at the end
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
-        ):
+        # a process started with SIGINT ignored (nohup, `&`) keeps ignoring it, and a
+        # handler set outside Python (getsignal gives None) could not be put back; any
+        # other (Python's own, or one a host program set) is put back at the end
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(
+            signal.SIGINT
+        ) not in (signal.SIG_IGN, None):
             self._previous = signal.signal(signal.SIGINT, self._ask_to_stop)
 
     def _ask_to_stop(self, signum: int, frame: FrameType | None) -> None:
