@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import re
 import shutil
 import statistics
@@ -798,3 +799,135 @@ def test_an_arm_whose_version_folder_is_removed_answers_503(
                 assert answer.status_code == 503, answer.text
                 assert "arm 'treatment' (shapes/1) is not served" in answer.json()["error"]
                 assert "no version '1'" in answer.json()["error"]
+
+
+def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def _wait_for(check: Any, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_an_experiment_that_cannot_route_loads_no_arm_version(
+    two_models: Path, tmp_path: Path, image_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The experiment's model was unloaded and the experiment was never routed here:
+    an arm naming an explicit version of another model is not loaded (and retired, and
+    loaded again at every poll of the store) for an experiment that cannot route."""
+    registry = Registry(root=two_models)
+    registry.register(image_bundle, name="blocks")  # blocks 2: served for experiments only
+    registry.close()
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {"model": "shapes", "arms": {"control": "shapes@champion", "treatment": "blocks/2"}}
+    caplog.set_level(logging.INFO, logger="cycleml.serving")
+    # the prediction log on: the server reads the store's experiments from start-up
+    serve = _serve(two_models, db_url, monitoring={"db_url": db_url, "enabled": True})
+    with RunningServer(serve) as running:
+        http = httpx.Client(base_url=running.url, timeout=30)
+        repository = running.state.repository
+        assert http.post("/v2/repository/models/shapes/unload").status_code == 200
+        store = ExperimentStore(db_url)
+        try:
+            store.start(ExperimentSpec.from_dict(spec, name="cross"), source="cli")
+            # on a served model, an arm that cannot be served after one that loads
+            odd = {"model": "blocks", "arms": {"control": "blocks/2", "treatment": "shapes@x"}}
+            store.start(ExperimentSpec.from_dict(odd, name="odd"), source="cli")
+            time.sleep(3.5)  # three polls of the store
+            listed = http.get("/v1/experiments").json()["experiments"]
+            assert [(e["name"], e["routed"]) for e in listed] == [("cross", False), ("odd", False)]
+            assert repository.versions("blocks") == ["1"]
+            assert len(_messages(caplog, "experiment odd is not routed")) == 1
+            assert _messages(caplog, "loaded model blocks version 2") == []
+            assert len(_messages(caplog, "experiment cross is not routed")) == 1
+            why = _messages(caplog, "is not routed")[0]
+            assert "model 'shapes' was unloaded on request; load it first" in why, why
+            # the model loaded again: the experiment routes, and serves its arm's version
+            assert http.post("/v2/repository/models/shapes/load").status_code == 200
+            _wait_for(
+                lambda: http.get("/v1/experiments").json()["experiments"][0]["routed"],
+                "the experiment did not route once its model was loaded",
+            )
+            assert repository.versions("blocks") == ["1", "2"]
+            assert [e["routed"] for e in http.get("/v1/experiments").json()["experiments"]] == [
+                True,
+                False,
+            ]
+            assert "model 'shapes' has no alias 'x'" in _messages(caplog, "odd is not routed")[-1]
+        finally:
+            store.close()
+            http.close()
+
+
+def test_an_experiment_does_not_reload_a_model_unloaded_on_request(
+    two_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unload on request holds until a load: an experiment whose arm names a version
+    of that model is not routed (logged once, listed as not routed) instead of loading
+    the model again; once the model is loaded the experiment routes."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {
+        "model": "shapes",
+        "arms": {"control": "shapes/1", "treatment": "blocks@champion"},
+        "weights": {"control": 0, "treatment": 1},
+    }
+    caplog.set_level(logging.INFO, logger="cycleml.serving")
+    # the prediction log on: the server reads the store's experiments from start-up
+    serve = _serve(two_models, db_url, monitoring={"db_url": db_url, "enabled": True})
+    with RunningServer(serve) as running:
+        http = httpx.Client(base_url=running.url, timeout=30)
+        assert http.post("/v2/repository/models/shapes/unload").status_code == 200
+        store = ExperimentStore(db_url)
+        try:
+            store.start(ExperimentSpec.from_dict(spec, name="cross"), source="cli")
+            time.sleep(3.5)  # three polls of the store
+            assert http.get("/v2/models/shapes/ready").status_code == 404
+            assert running.state.repository.versions("shapes") == []
+            listed = http.get("/v1/experiments").json()["experiments"]
+            assert [(e["name"], e["routed"]) for e in listed] == [("cross", False)]
+            assert _infer_name(http, "shapes", "u1").status_code == 404
+            why = _messages(caplog, "experiment cross is not routed")
+            assert len(why) == 1, why
+            assert "model 'shapes' was unloaded on request; load it first" in why[0]
+            # the admin route refuses it too, naming the reason
+            reply = http.put("/v1/experiments/other", json={**spec, "salt": "x"})
+            assert reply.status_code == 400, reply.text
+            assert "model 'shapes' was unloaded on request" in reply.json()["error"]
+            # loaded again: the experiment routes
+            assert http.post("/v2/repository/models/shapes/load").status_code == 200
+            _wait_for(
+                lambda: http.get("/v1/experiments").json()["experiments"][0]["routed"],
+                "the experiment did not route once its model was loaded",
+            )
+            answer = _infer_name(http, "shapes", "u1")
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-experiment-arm"] == "treatment"
+        finally:
+            store.close()
+            http.close()
+
+
+def test_stopping_an_experiment_does_not_reload_a_model_unloaded_on_request(
+    two_models: Path, tmp_path: Path, image_bundle: Path
+) -> None:
+    """An arm's model unloaded while the experiment runs stays unloaded when the
+    experiment stops (its arm's version is released, nothing else is loaded)."""
+    registry = Registry(root=two_models)
+    registry.register(image_bundle, name="blocks")
+    registry.close()
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {"model": "shapes", "arms": {"control": "shapes@champion", "treatment": "blocks/2"}}
+    serve = _serve(two_models, db_url, experiments={"cross": spec})
+    with RunningServer(serve) as running, httpx.Client(base_url=running.url, timeout=30) as http:
+        repository = running.state.repository
+        assert repository.versions("blocks") == ["1", "2"]
+        assert http.post("/v2/repository/models/blocks/unload").status_code == 200
+        assert http.post("/v1/experiments/cross/stop").status_code == 200
+        time.sleep(1.5)  # a poll of the store, a poll of the registry
+        assert repository.versions("blocks") == []
+        assert http.get("/v2/models/blocks/ready").status_code == 404
+        assert http.post("/v2/repository/models/blocks/load").status_code == 200
+        assert repository.versions("blocks") == ["1"]

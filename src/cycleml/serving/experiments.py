@@ -54,7 +54,7 @@ from cycleml.experiments.assign import Assigner
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
 from cycleml.experiments.tables import assignments, events
 from cycleml.monitoring.tables import text_problem
-from cycleml.registry.refs import parse_model_ref
+from cycleml.registry.refs import ModelRef, parse_model_ref
 from cycleml.serving.protocol import ProtocolError
 from cycleml.serving.repository import ModelNotFound, ModelUnavailable
 from cycleml.serving.writer_process import WriterProcess
@@ -572,33 +572,56 @@ class ExperimentRouter:
         """Each arm's target, loading an arm's version that is not served yet; an
         ExperimentError names an arm that cannot be served, or the experiment's model
         when the server does not serve it (requests to a name that metadata and
-        readiness answer 404 for are not routed to arms of other names)."""
-        if spec.model not in {parse_model_ref(ref).name for ref in spec.arms.values()}:
-            self._check_served(spec)  # before loading any arm's version for nothing
-        targets: dict[str, Target] = {}
-        for arm, ref in spec.arms.items():
-            parsed = parse_model_ref(ref)
-            try:
-                self.repository.serve_for_experiment(
-                    parsed.name,
-                    None if parsed.version is None else str(parsed.version),
-                    parsed.alias,
-                )
-            except Exception as err:
-                raise ExperimentError(
-                    f"experiment '{spec.name}': arm '{arm}' ({ref}) cannot be served: {err}"
-                ) from None
-            if parsed.alias is not None:
-                targets[arm] = Target(f"{parsed.name}@{parsed.alias}", None)
-            else:
-                version = None if parsed.version is None else str(parsed.version)
-                targets[arm] = Target(parsed.name, version)
-        # after the arms too: an arm's version may be what serves the model
+        readiness answer 404 for are not routed to arms of other names).
+
+        Nothing is loaded for an experiment that cannot route (its release would retire
+        it at the next poll, and the poll would load it again): the arms are checked
+        before any is loaded, and only an arm naming a version of the experiment's model
+        (which may be what serves the model) is loaded before the model must be served.
+        """
+        parsed_arms = {arm: parse_model_ref(ref) for arm, ref in spec.arms.items()}
+        own_versions = [
+            arm
+            for arm, parsed in parsed_arms.items()
+            if parsed.name == spec.model and parsed.version is not None
+        ]
+        if not own_versions:
+            self._check_served(spec)
+        served = self.repository.serves(spec.model)
+        for arm, parsed in parsed_arms.items():
+            # an alias of a model served only once its arms' versions load waits for them
+            if served or parsed.name != spec.model or parsed.version is not None:
+                self._serve_arm(spec, arm, parsed, load=False)
+        targets = {arm: self._serve_arm(spec, arm, parsed_arms[arm]) for arm in own_versions}
         self._check_served(spec)
-        return targets
+        for arm, parsed in parsed_arms.items():
+            if arm not in targets:
+                targets[arm] = self._serve_arm(spec, arm, parsed)
+        return {arm: targets[arm] for arm in spec.arms}
+
+    def _serve_arm(
+        self, spec: ExperimentSpec, arm: str, parsed: ModelRef, load: bool = True
+    ) -> Target:
+        """The target of one arm, its version loaded when it is not served yet
+        (``load=False``: only checked)."""
+        version = None if parsed.version is None else str(parsed.version)
+        try:
+            self.repository.serve_for_experiment(parsed.name, version, parsed.alias, load)
+        except Exception as err:
+            raise ExperimentError(
+                f"experiment '{spec.name}': arm '{arm}' ({spec.arms[arm]}) cannot be served: {err}"
+            ) from None
+        if parsed.alias is not None:
+            return Target(f"{parsed.name}@{parsed.alias}", None)
+        return Target(parsed.name, version)
 
     def _check_served(self, spec: ExperimentSpec) -> None:
         if not self.repository.serves(spec.model):
+            if self.repository.unloaded_on_request(spec.model):
+                raise ExperimentError(
+                    f"experiment '{spec.name}': model '{spec.model}' was unloaded on "
+                    "request; load it first"
+                )
             served = ", ".join(sorted({m.name for m in self.repository.all_models()})) or "none"
             raise ExperimentError(
                 f"experiment '{spec.name}': model '{spec.model}' is not served (served "

@@ -282,47 +282,61 @@ class ModelRepository:
             raise ModelUnavailable(self.failure_reason(name) or f"model '{name}' failed to load")
         return served
 
-    def serve_for_experiment(self, name: str, version: str | None, alias: str | None) -> None:
+    def serve_for_experiment(
+        self, name: str, version: str | None, alias: str | None, load: bool = True
+    ) -> None:
         """Make sure ``name`` (at ``version``, or ``@alias``) is served, for an
-        experiment's arm: a version on disk that is not served yet is loaded (blocking).
-        Raises ModelNotFound / ModelUnavailable naming what is missing."""
-        if alias is not None:
+        experiment's arm: a version on disk that is not served yet is loaded (blocking),
+        unless the model was unloaded on request (that holds until a load). Raises
+        ModelNotFound / ModelUnavailable naming what is missing. ``load=False``: only
+        check what can be checked without loading; nothing is loaded or kept."""
+        if alias is not None or version is None:
             with self._lock:
-                routed = self._routes.get(name, {}).get(alias)
                 served = name in self._live
-            if routed is None:
-                if not served:
-                    raise self._missing(name)
+                routed = self._routes.get(name, {}).get(alias) if alias is not None else None
+            if not served:
+                raise self._not_served_for_experiment(name)
+            if alias is not None and routed is None:
                 raise self._unknown_alias(name, alias)
             return
-        if version is None:
-            with self._lock:
-                served = name in self._live
-            if not served:
-                raise self._missing(name)
-            return
         if version in self.versions(name):
-            self._for_experiments.setdefault(name, set()).add(version)
+            if load:
+                self._for_experiments.setdefault(name, set()).add(version)
             return
+        if name in self._held_unloaded:
+            raise self._not_served_for_experiment(name)
         on_disk = [] if self.single_bundle else self.scan().get(name, [])
         if version not in {v.version for v in on_disk}:
             shown = ", ".join(v.version for v in on_disk) or "none"
             raise ModelNotFound(
                 f"model '{name}' has no version {version} in '{self.root}' (versions: {shown})"
             )
+        if not load:
+            return
         self._for_experiments.setdefault(name, set()).add(version)
         self._sync_model(name, on_disk, retry_failed=True)
         if version not in self.versions(name):
             reason = self.failure_reason(name) or "not loaded"
             raise ModelUnavailable(f"model '{name}' version {version} is not served: {reason}")
 
+    def unloaded_on_request(self, name: str) -> bool:
+        """Whether ``name`` was unloaded on request (it stays so until a load)."""
+        return name in self._held_unloaded
+
+    def _not_served_for_experiment(self, name: str) -> Exception:
+        if name in self._held_unloaded:
+            return ModelUnavailable(f"model '{name}' was unloaded on request; load it first")
+        return self._missing(name)
+
     def keep_for_experiments(self, wanted: dict[str, set[str]]) -> None:
         """Versions only experiments wanted and that no running experiment names any
-        more stop being served (blocking)."""
+        more stop being served (blocking); a model unloaded on request stays unloaded."""
         before = self._for_experiments
         self._for_experiments = {name: set(v) for name, v in wanted.items()}
         for name in sorted(set(before) | set(wanted)):
-            if before.get(name, set()) - wanted.get(name, set()) and not self.single_bundle:
+            if name in self._held_unloaded or self.single_bundle:
+                continue
+            if before.get(name, set()) - wanted.get(name, set()):
                 versions = self.scan().get(name)
                 if versions:
                     self._sync_model(name, versions)
@@ -335,6 +349,8 @@ class ModelRepository:
                 raise malformed_name(name) or ModelNotFound(f"model '{name}' is not loaded")
             retired = list(self._live.pop(name).values())
             self._default.pop(name, None)
+            # no alias routes to a version no longer served (a load routes them afresh)
+            self._routes.pop(name, None)
             if hold:
                 self._held_unloaded.add(name)
         for model in retired:
