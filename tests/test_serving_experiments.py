@@ -931,3 +931,76 @@ def test_stopping_an_experiment_does_not_reload_a_model_unloaded_on_request(
         assert http.get("/v2/models/blocks/ready").status_code == 404
         assert http.post("/v2/repository/models/blocks/load").status_code == 200
         assert repository.versions("blocks") == ["1"]
+
+
+@pytest.mark.parametrize("broken", ["model.onnx", "bundle.json"])
+def test_an_arm_whose_version_does_not_load_is_tried_again_only_once_its_files_change(
+    tmp_path: Path,
+    image_bundle: Path,
+    image_bundle_v2: Path,
+    caplog: pytest.LogCaptureFixture,
+    broken: str,
+) -> None:
+    """An arm names a version whose model file is truncated (or whose bundle.json is
+    not valid JSON): the experiment is not routed (logged once, listed as not routed,
+    the admin route answers naming the arm and the failure), the broken version is not
+    loaded again at every poll of the store, nor the other arm's version loaded and
+    retired each time; once the file is fixed the next poll loads it and the
+    experiment routes."""
+    root = tmp_path / "models"
+    copy_version(image_bundle, root, "shapes", "1")
+    broken_file = copy_version(image_bundle_v2, root, "shapes", "2") / broken
+    good = broken_file.read_bytes()
+    broken_file.write_bytes(good[: len(good) // 2])
+    copy_version(image_bundle_v2, root, "shapes", "3")  # the newest: served by the folder
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    spec = {
+        "model": "shapes",
+        "arms": {"control": "shapes/1", "treatment": "shapes/2"},
+        "weights": {"control": 0, "treatment": 1},
+    }
+    caplog.set_level(logging.INFO, logger="cycleml.serving")
+    # the prediction log on: the server reads the store's experiments from start-up
+    serve = _serve(root, db_url, monitoring={"db_url": db_url, "enabled": True})
+    with RunningServer(serve) as running:
+        http = httpx.Client(base_url=running.url, timeout=30)
+        repository = running.state.repository
+        assert repository.versions("shapes") == ["3"]
+        store = ExperimentStore(db_url)
+        try:
+            store.start(ExperimentSpec.from_dict(spec, name="ab"), source="cli")
+            time.sleep(3.5)  # three polls of the store
+            failures = _messages(caplog, "cannot load model shapes version 2")
+            assert len(failures) == 1, failures
+            assert len(_messages(caplog, "loaded model shapes version 1")) <= 1
+            assert len(_messages(caplog, "retired model shapes version 1")) <= 1
+            assert repository.versions("shapes") == ["3"]
+            why = _messages(caplog, "experiment ab is not routed")
+            assert len(why) == 1, why
+            assert "arm 'treatment' (shapes/2) cannot be served" in why[0], why[0]
+            assert broken in why[0], why[0]
+            listed = http.get("/v1/experiments").json()["experiments"]
+            assert [(e["name"], e["routed"]) for e in listed] == [("ab", False)]
+            answer = _infer_name(http, "shapes", "u1")
+            assert answer.status_code == 200 and "x-experiment-arm" not in answer.headers
+            # the admin route answers naming the arm and the load failure
+            reply = http.put("/v1/experiments/other", json={**spec, "salt": "x"})
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert "arm 'treatment' (shapes/2) cannot be served" in error, error
+            assert "failed to load" in error and broken in error, error
+            # the file fixed: the next poll loads the version and the experiment routes
+            broken_file.write_bytes(good)
+            _wait_for(
+                lambda: http.get("/v1/experiments").json()["experiments"][0]["routed"],
+                "the experiment did not route once its arm's version was fixed",
+            )
+            answer = _infer_name(http, "shapes", "u1")
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-experiment-arm"] == "treatment"
+            assert answer.headers["x-model-version"] == "2"
+            assert repository.versions("shapes") == ["1", "2", "3"]
+            assert len(_messages(caplog, "loaded model shapes version 2")) == 1
+        finally:
+            store.close()
+            http.close()

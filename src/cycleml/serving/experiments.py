@@ -568,11 +568,13 @@ class ExperimentRouter:
             self.active = table
             self._release_unused_versions(table)
 
-    def resolve(self, spec: ExperimentSpec) -> dict[str, Target]:
+    def resolve(self, spec: ExperimentSpec, retry_failed: bool = False) -> dict[str, Target]:
         """Each arm's target, loading an arm's version that is not served yet; an
         ExperimentError names an arm that cannot be served, or the experiment's model
         when the server does not serve it (requests to a name that metadata and
-        readiness answer 404 for are not routed to arms of other names).
+        readiness answer 404 for are not routed to arms of other names). An arm's
+        version that failed to load is tried again only once its files change, or with
+        ``retry_failed`` (a change on the admin route).
 
         Nothing is loaded for an experiment that cannot route (its release would retire
         it at the next poll, and the poll would load it again): the arms are checked
@@ -591,7 +593,7 @@ class ExperimentRouter:
         for arm, parsed in parsed_arms.items():
             # an alias of a model served only once its arms' versions load waits for them
             if served or parsed.name != spec.model or parsed.version is not None:
-                self._serve_arm(spec, arm, parsed, load=False)
+                self._serve_arm(spec, arm, parsed, load=False, retry_failed=retry_failed)
         targets = {arm: self._serve_arm(spec, arm, parsed_arms[arm]) for arm in own_versions}
         self._check_served(spec)
         for arm, parsed in parsed_arms.items():
@@ -600,13 +602,21 @@ class ExperimentRouter:
         return {arm: targets[arm] for arm in spec.arms}
 
     def _serve_arm(
-        self, spec: ExperimentSpec, arm: str, parsed: ModelRef, load: bool = True
+        self,
+        spec: ExperimentSpec,
+        arm: str,
+        parsed: ModelRef,
+        load: bool = True,
+        retry_failed: bool = False,
     ) -> Target:
         """The target of one arm, its version loaded when it is not served yet
-        (``load=False``: only checked)."""
+        (``load=False``: only checked; ``retry_failed``: a version that failed to load
+        with the same files may be tried again)."""
         version = None if parsed.version is None else str(parsed.version)
         try:
-            self.repository.serve_for_experiment(parsed.name, version, parsed.alias, load)
+            self.repository.serve_for_experiment(
+                parsed.name, version, parsed.alias, load, retry_failed
+            )
         except Exception as err:
             raise ExperimentError(
                 f"experiment '{spec.name}': arm '{arm}' ({spec.arms[arm]}) cannot be served: {err}"
@@ -640,7 +650,7 @@ class ExperimentRouter:
         """Start or update an experiment from the admin route (blocking)."""
         store = self.open_store()
         spec = ExperimentSpec.from_dict(values, name=name)
-        self.resolve(spec)
+        self.resolve(spec, retry_failed=True)  # asked for: a failed version is tried again
         stored = store.start(spec, source="admin")
         self.refresh()
         return stored

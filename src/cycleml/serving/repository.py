@@ -176,6 +176,10 @@ class ModelRepository:
         self._routes: dict[str, dict[str, str]] = {}
         # versions served because a running experiment's arm names them: model -> versions
         self._for_experiments: dict[str, set[str]] = {}
+        # versions an experiment's arm named that failed to load: not tried again for an
+        # experiment until their files change (kept apart from ``_failed``, which forgets
+        # a version once nothing wants it)
+        self._experiment_failed: dict[tuple[str, str], LoadFailure] = {}
         self.loaded_once = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -283,13 +287,21 @@ class ModelRepository:
         return served
 
     def serve_for_experiment(
-        self, name: str, version: str | None, alias: str | None, load: bool = True
+        self,
+        name: str,
+        version: str | None,
+        alias: str | None,
+        load: bool = True,
+        retry_failed: bool = False,
     ) -> None:
         """Make sure ``name`` (at ``version``, or ``@alias``) is served, for an
         experiment's arm: a version on disk that is not served yet is loaded (blocking),
         unless the model was unloaded on request (that holds until a load). Raises
         ModelNotFound / ModelUnavailable naming what is missing. ``load=False``: only
-        check what can be checked without loading; nothing is loaded or kept."""
+        check what can be checked without loading; nothing is loaded or kept.
+
+        A version that failed to load is not tried again until its files change (like
+        the watch), unless ``retry_failed`` (a change asked for on the admin route)."""
         if alias is not None or version is None:
             with self._lock:
                 served = name in self._live
@@ -306,18 +318,39 @@ class ModelRepository:
         if name in self._held_unloaded:
             raise self._not_served_for_experiment(name)
         on_disk = [] if self.single_bundle else self.scan().get(name, [])
-        if version not in {v.version for v in on_disk}:
+        found = next((v for v in on_disk if v.version == version), None)
+        if found is None:
             shown = ", ".join(v.version for v in on_disk) or "none"
             raise ModelNotFound(
                 f"model '{name}' has no version {version} in '{self.root}' (versions: {shown})"
             )
+        key = (name, version)
+        if retry_failed:
+            self._experiment_failed.pop(key, None)
+            self._failed.pop(key, None)
+        failure = self._experiment_failed.get(key) or self._failed.get(key)
+        if failure is not None and failure.signature == found.signature:
+            raise self._failed_for_experiment(name, version, failure)
         if not load:
             return
         self._for_experiments.setdefault(name, set()).add(version)
-        self._sync_model(name, on_disk, retry_failed=True)
+        self._sync_model(name, on_disk)
         if version not in self.versions(name):
+            failure = self._failed.get(key)
+            if failure is not None:
+                self._experiment_failed[key] = failure
+                raise self._failed_for_experiment(name, version, failure)
             reason = self.failure_reason(name) or "not loaded"
             raise ModelUnavailable(f"model '{name}' version {version} is not served: {reason}")
+        self._experiment_failed.pop(key, None)
+
+    @staticmethod
+    def _failed_for_experiment(name: str, version: str, failure: LoadFailure) -> Exception:
+        # the same words at every poll: the experiment's router logs it once
+        return ModelUnavailable(
+            f"model '{name}' version {version} failed to load: {failure.message}; it is "
+            "tried again once its files change"
+        )
 
     def unloaded_on_request(self, name: str) -> bool:
         """Whether ``name`` was unloaded on request (it stays so until a load)."""
