@@ -15,7 +15,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from cycleml.accelerators import check_gpus, visible_cuda_devices
-from cycleml.cli_args import check_no_bare_words
+from cycleml.cli_args import (
+    HYDRA_LONG_OPTIONS,
+    HYDRA_VALUE_OPTIONS,
+    as_overrides,
+    check_no_bare_words,
+)
 from cycleml.config_schema import SCHEMAS, check_config
 from cycleml.configs_path import config_dir
 from cycleml.errors import ConfigError
@@ -148,6 +153,15 @@ def test_valid_overrides_pass_the_hints():
         # past the plain arguments a command names (show <ref>, compare <folder>)
         (["registry", "show", "digits", "extra"], "unexpected argument 'extra'"),
         (["compare", "logs", "more"], "unexpected argument 'more'"),
+        # the name typed, not the config's
+        (["data", "diff", "a", "b", "c"], "cycleml data diff: error: unexpected argument "
+         "'c': overrides are key=value, e.g. limit=20"),
+        (["data", "gather", "x"], "cycleml data gather: error: unexpected argument 'x'"),
+        (["data", "clean", "x"], "cycleml data clean: error: unexpected argument 'x'"),
+        # a value the shell split at a space
+        (["registry", "alias", "digits", "champion=3", "reason=first", "release"],
+         "cycleml registry: error: unexpected argument 'release': a value with spaces needs "
+         "quotes: reason='first release'"),
     ],
 )  # fmt: skip
 def test_a_plain_word_among_overrides_is_named_with_the_key_value_form(args, expected, tmp_path):
@@ -181,6 +195,57 @@ def test_overrides_and_hydra_options_are_no_plain_words():
         check_no_bare_words(["--cfg", "job", "b"], "seed=1")
     with pytest.raises(ConfigError, match="unexpected argument ''"):
         check_no_bare_words(["seed=1", ""], "seed=1")
+
+
+def test_abbreviated_hydra_options_take_their_value(tmp_path):
+    """Hydra's argparse takes an unambiguous prefix of a long option (allow_abbrev)."""
+    result, _ = cycleml("train", "--config-n", "train", "--pack", "trainer", "--cf", "job",
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)  # the package: the trainer's settings only
+    assert "max_epochs" in shown and "model" not in shown
+
+
+def test_the_value_of_an_abbreviated_option_is_no_plain_word():
+    check_no_bare_words(
+        ["--config-n", "train", "--pack", "trainer", "--cf", "job", "--i", "config",
+         "--config-d", "d", "--experimental", "f.pickle", "--pa", "model"],
+        "key=value",
+    )  # fmt: skip
+    # a flag's prefix takes no value; an ambiguous prefix (argparse refuses it) neither
+    for option in ("--res", "--mul", "--c", "--config", "--h"):
+        with pytest.raises(ConfigError, match="unexpected argument 'x'"):
+            check_no_bare_words([option, "x"], "seed=1")
+    # a plain argument after an abbreviated option is its value, not a positional
+    assert as_overrides(["--config-n", "compare", "logs"], ["folder"]) == [
+        "--config-n", "compare", "folder='logs'"
+    ]  # fmt: skip
+    assert as_overrides(["--pack", "x", "--so", "y"], ["folder"]) == [
+        "--pack", "x", "--so", "folder='y'"
+    ]  # fmt: skip
+
+
+def test_hydra_option_lists_match_hydras_parser():
+    from hydra._internal.utils import get_args_parser
+
+    actions = get_args_parser()._actions
+    long_options = {o for a in actions for o in a.option_strings if o.startswith("--")}
+    with_value = {o for a in actions if a.nargs != 0 for o in a.option_strings}
+    assert long_options == HYDRA_LONG_OPTIONS
+    assert with_value == HYDRA_VALUE_OPTIONS
+
+
+def test_a_word_after_an_override_is_named_as_a_split_value():
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'big': a value with spaces "
+                       r"needs quotes: reason='first big release'$"):  # fmt: skip
+        check_no_bare_words(["name=x", "reason=first", "big", "release", "seed=1"], "seed=1")
+    with pytest.raises(ConfigError, match=r"needs quotes: \+note='it'\"'\"'s done'$"):
+        check_no_bare_words(["+note=it's", "done"], "seed=1")
+    # a value already quoted (a plain argument as_overrides named) is no split value
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'c': overrides are key=value"):
+        check_no_bare_words(["old='a'", "new='b'", "c"], "seed=1")
+    with pytest.raises(ConfigError, match=r"^unexpected argument 'x': overrides are key=value"):
+        check_no_bare_words(["--cfg=job", "x"], "seed=1")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))

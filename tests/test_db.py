@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from sqlalchemy import (
     Column,
+    ForeignKey,
     Integer,
     MetaData,
     String,
@@ -17,8 +20,16 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.engine import make_url
 
-from cycleml.db import chunked, insert_new_rows, open_database, safe_url, utc_now
+from cycleml.db import (
+    chunked,
+    insert_new_rows,
+    open_database,
+    safe_url,
+    sqlite_path,
+    utc_now,
+)
 from cycleml.errors import ConfigError
 from test_predict_support import DATABASES, POSTGRES_URL
 
@@ -73,29 +84,155 @@ def test_must_exist_names_a_missing_sqlite_file_and_creates_nothing(tmp_path):
     table = probe_table()
     with pytest.raises(
         ConfigError,
-        match=rf"database file '{path}' does not exist \(db_url 'sqlite:///{path}'\); check "
-        "the path: this command needs an existing database and creates none",
+        match=rf"^database file '{path}' does not exist \(db_url 'sqlite:///{path}'\): no "
+        r"registry database there yet; check the path, or create it with `cycleml registry "
+        r"register`$",
     ):
-        open_database(f"sqlite:///{path}", create=[table], must_exist=True)
+        open_database(
+            f"sqlite:///{path}",
+            create=[table],
+            must_exist=True,
+            what="registry",
+            created_by="`cycleml registry register`",
+        )
     assert not path.parent.exists()
-    open_database(f"sqlite:///{path}").dispose()  # a command that writes creates it
+    open_database(f"sqlite:///{path}", create=[table]).dispose()  # a command that writes
     engine = open_database(f"sqlite:///{path}", create=[table], must_exist=True)
+    engine.dispose()
+
+
+def _tables_and_journal(path) -> tuple[list[str], str]:
+    with sqlite3.connect(path) as conn:
+        names = sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
+        return names, conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+
+def test_must_exist_names_another_programs_database_and_changes_nothing(tmp_path):
+    """An existing file without cycleml's tables gets no tables and no WAL switch."""
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE people (id INTEGER)")
+    before = path.read_bytes()
+    table = probe_table()
+    for url in (f"sqlite:///{path}", f"sqlite:///file:{path}?uri=true"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^no registry tables in '{path}' \(it lacks {table.name}; it holds "
+            r"people\): not a cycleml database; check db_url$",
+        ):
+            open_database(url, create=[table], must_exist=True, what="registry")
+    assert _tables_and_journal(path) == (["people"], "delete")
+    assert path.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(ConfigError, match=r"no cycleml tables in '.*empty.db' .*holds no table"):
+        open_database(f"sqlite:///{empty}", create=[table], must_exist=True)
+    assert empty.stat().st_size == 0
+
+
+def test_must_exist_names_a_partial_layout(tmp_path):
+    path = tmp_path / "old.db"
+    metadata = MetaData()
+    first, second = probe_table(metadata), probe_table(metadata)
+    open_database(f"sqlite:///{path}", create=[first]).dispose()
+    with pytest.raises(
+        ConfigError,
+        match=rf"^the experiment tables in '{path}' lack {second.name}: an older layout, or "
+        r"another program's tables of the same names; add them with `cycleml experiment "
+        r"start`, or check db_url$",
+    ):
+        open_database(
+            f"sqlite:///{path}",
+            create=[first, second],
+            must_exist=True,
+            what="experiment",
+            created_by="`cycleml experiment start`",
+        )
+    assert _tables_and_journal(path)[0] == [first.name, f"sqlite_autoindex_{first.name}_1"]
+
+
+def test_must_exist_reads_tables_a_cycleml_database_lacks_as_empty(tmp_path):
+    """monitoring.db with predictions logged but no experiment started: no experiments,
+    and the file is left as it is."""
+    path = tmp_path / "monitoring.db"
+    logged = Table("monitoring_probe", MetaData(), Column("id", Integer, primary_key=True))
+    open_database(f"sqlite:///{path}", create=[logged]).dispose()
+    before = _tables_and_journal(path)
+    metadata = MetaData()
+    parent, child = probe_table(metadata), probe_table(metadata)
+    child.append_column(Column("parent_id", Integer, ForeignKey(f"{parent.name}.id")))
+    engine = open_database(f"sqlite:///{path}", create=[parent, child], must_exist=True)
     try:
-        assert table.name in inspect(engine).get_table_names()  # an older layout gains it
+        for _ in range(3):  # every pooled connection, also one opened in another thread
+            with engine.connect() as conn:
+                assert conn.execute(select(parent)).all() == []
+                assert conn.execute(select(child)).all() == []
+        worker = threading.Thread(target=lambda: engine.connect().close())
+        worker.start()
+        worker.join()
+        with engine.connect() as first, engine.connect() as second:
+            assert first.execute(select(child)).all() == second.execute(select(parent)).all()
     finally:
         engine.dispose()
+    assert _tables_and_journal(path) == before
+
+
+def test_sqlite_file_uri_and_home_paths(tmp_path, monkeypatch):
+    """``~`` is the home folder (not a folder named '~'); a file: URI's path is checked."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    open_database("sqlite:///~/data/x.db").dispose()
+    assert (tmp_path / "home" / "data" / "x.db").is_file() and not (tmp_path / "~").exists()
+    open_database("sqlite:///~/data/x.db", must_exist=True).dispose()
+    missing = tmp_path / "nowhere.db"
+    for url in (f"sqlite:///file:{missing}?uri=true", "sqlite:///file:nowhere.db?uri=true",
+                f"sqlite:///file://{missing}?mode=rw&uri=true"):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"database file '{missing}' does not exist"):
+            open_database(url, create=[probe_table()], must_exist=True)
+    assert not missing.exists()
+    assert sqlite_path("sqlite:///file::memory:?cache=shared&uri=true") is None
+    assert sqlite_path("sqlite:///file:a%20b.db?uri=true") == Path("a b.db")
+    assert sqlite_path("sqlite://") is None
+
+
+@pytest.fixture
+def postgres_schema_url():
+    """POSTGRES_URL in a schema of its own (no other test's tables in sight)."""
+    schema = f"h_must_exist_{uuid.uuid4().hex[:8]}"
+    admin = open_database(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason="set CYCLEML_TEST_POSTGRES_URL")
-def test_must_exist_leaves_postgresql_as_it_is():
-    """No file to miss: the tables a read needs are made where the schema lacks them."""
-    table = probe_table()
-    engine = open_database(POSTGRES_URL, create=[table], must_exist=True)
+def test_must_exist_creates_no_postgresql_table(postgres_schema_url):
+    """As in SQLite: a schema without cycleml's tables is named and left as it is; one
+    with other cycleml tables reads those it lacks as empty."""
+    url = postgres_schema_url
+    metadata = MetaData()
+    ours = Table("registry_probe", metadata, Column("id", Integer))
+    parent, child = probe_table(metadata), probe_table(metadata)
+    child.append_column(Column("parent_id", Integer, ForeignKey(f"{parent.name}.id")))
+    with pytest.raises(ConfigError, match=rf"lacks {parent.name}, {child.name}; it holds no"):
+        open_database(url, create=[parent, child], must_exist=True)
+    writer = open_database(url, create=[ours])
     try:
-        assert table.name in inspect(engine).get_table_names()
+        engine = open_database(url, create=[parent, child], must_exist=True)
+        try:
+            for _ in range(3):
+                with engine.connect() as conn:
+                    assert conn.execute(select(child)).all() == []
+        finally:
+            engine.dispose()
+        assert inspect(writer).get_table_names() == ["registry_probe"]
     finally:
-        table.drop(engine)
-        engine.dispose()
+        writer.dispose()
 
 
 def test_bad_urls_are_named():

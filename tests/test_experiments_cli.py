@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 
 import pytest
 
 from cycleml.experiments.store import ExperimentStore
+from cycleml.monitoring.log import PredictionLog
 from test_errors_cli import cycleml
 from test_experiments_report import simulate
 
@@ -60,8 +63,8 @@ def test_commands_other_than_start_name_a_missing_database_and_create_nothing(tm
     assert listed.returncode == 2, listed.stderr
     assert listed.stderr.splitlines() == [
         f"cycleml experiment: error: database file '{database}' does not exist (db_url "
-        f"'sqlite:///{database}'); check the path: this command needs an existing database "
-        "and creates none"
+        f"'sqlite:///{database}'): no experiment database there yet; check the path, or "
+        "create it with `cycleml experiment start` or `cycleml serve`"
     ]
     typo = tmp_path / "typo" / "monitoring.db"
     for command in ("report", "stop"):
@@ -70,3 +73,35 @@ def test_commands_other_than_start_name_a_missing_database_and_create_nothing(tm
         assert f"database file '{typo}' does not exist" in result.stderr
         assert "Traceback" not in result.stderr
     assert not database.exists() and not typo.parent.exists()
+
+
+def test_a_prediction_log_without_experiments_lists_none_and_stays_as_it_is(tmp_path):
+    """monitoring.db holds predictions (`cycleml predict`) but no experiment yet: that
+    is no experiments, not an error, and reading adds no table; another program's
+    database is named."""
+    database = tmp_path / "monitoring.db"
+    PredictionLog(f"sqlite:///{database}").close()
+
+    def tables() -> list[str]:
+        with contextlib.closing(sqlite3.connect(database)) as conn:
+            return sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
+
+    before = tables()
+    listed = cycleml("experiment", "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.startswith("no experiments")
+    report = cycleml("experiment", "report", "new-cnn", cwd=tmp_path)
+    assert report.returncode == 2 and "new-cnn" in report.stderr, report.stderr
+    assert "Traceback" not in report.stderr
+    assert tables() == before
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE notes (id INTEGER)")
+        conn.commit()
+    foreign = cycleml("experiment", "list", f"db_url=sqlite:///{other}", cwd=tmp_path)
+    assert foreign.returncode == 2
+    assert foreign.stderr.splitlines() == [
+        f"cycleml experiment: error: no experiment tables in '{other}' (it lacks "
+        "ab_experiments, ab_experiment_changes, ab_assignments, ab_events; it holds notes): "
+        "not a cycleml database; check db_url"
+    ]

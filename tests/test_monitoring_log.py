@@ -353,8 +353,8 @@ def test_a_missing_prediction_log_or_registry_database_is_named_not_created(tmp_
     assert report.returncode == 2
     assert report.stderr == (
         f"cycleml monitor: error: database file '{missing}' does not exist (db_url "
-        f"'sqlite:///{missing}'); check the path: this command needs an existing database "
-        "and creates none\n"
+        f"'sqlite:///{missing}'): no prediction log database there yet; check the path, or "
+        "create it with `cycleml serve` or `cycleml predict` with monitoring.enabled=true\n"
     )
     table = tmp_path / "labels.csv"
     table.write_text("request_id,label\nreq-0,3\n")

@@ -7,7 +7,11 @@ import json
 import sqlite3
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from cycleml.monitoring.log import PredictionLog
 from cycleml.registry import Registry
+from cycleml.registry.cli import open_registry
 from test_errors_cli import cycleml
 from test_export_support import cached_bundle
 from test_registry_support import variant_of
@@ -146,7 +150,8 @@ def test_commands_that_need_a_registry_name_a_missing_one_and_create_nothing(tmp
     line = error("registry", "list", f"root={root}", cwd=tmp_path)
     assert line == (
         f"cycleml registry: error: no registry at '{root}': {root / 'registry.db'} does "
-        "not exist; check the registry root (nothing was registered there)"
+        "not exist (nothing was registered there); check the registry root, or create it "
+        "with `cycleml registry register` or `cycleml export` with export.register=true"
     )
     assert f"no registry at '{tmp_path / 'registry'}'" in error(
         "registry", "alias", "digits", "champion=1", cwd=tmp_path
@@ -157,3 +162,51 @@ def test_commands_that_need_a_registry_name_a_missing_one_and_create_nothing(tmp
     )
     assert not root.exists() and not (tmp_path / "registry").exists()
     assert not database.parent.exists()
+
+
+def test_another_programs_database_is_named_and_left_as_it_is(tmp_path):
+    """db_url naming an existing database without registry tables is no empty registry:
+    nothing is added to it, its journal mode stays."""
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE people (id INTEGER)")
+        conn.commit()
+    before = other.read_bytes()
+    for args in (["list"], ["show", "digits"]):
+        line = error("registry", *args, f"db_url=sqlite:///{other}", cwd=tmp_path)
+        assert line.startswith(
+            f"cycleml registry: error: registry database: no registry tables in '{other}' (it "
+            "lacks registry_versions, registry_aliases, registry_alias_moves, "
+            "registry_evaluations; it holds people): not a cycleml database"
+        ), line
+    assert other.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("people",)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    # in a cycleml database without registry records yet: an empty registry, unchanged
+    shared = tmp_path / "monitoring.db"
+    PredictionLog(f"sqlite:///{shared}").close()
+
+    def names() -> list[str]:
+        with contextlib.closing(sqlite3.connect(shared)) as conn:
+            return sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
+
+    before = names()
+    assert "no models in" in ok("registry", "list", f"db_url=sqlite:///{shared}", cwd=tmp_path)
+    assert names() == before and "monitoring_predictions" in before
+
+
+def test_register_and_export_still_create_a_missing_sqlite_registry(tmp_path):
+    """The write paths make the database (and its folder) that the read paths need."""
+    database = tmp_path / "new" / "registry.db"
+    out = ok("registry", "register", f"bundle={cached_bundle('image')}", "name=digits",
+             f"db_url=sqlite:///{database}", cwd=tmp_path)  # fmt: skip
+    assert "registered digits/1" in out and database.is_file()
+    assert "digits" in ok("registry", "list", f"db_url=sqlite:///{database}", cwd=tmp_path)
+    # what `cycleml export export.register=true` opens before it exports
+    other = tmp_path / "other" / "registry.db"
+    registry = open_registry(
+        OmegaConf.create({"db_url": f"sqlite:///{other}", "root": str(tmp_path / "reg")})
+    )
+    registry.close()
+    Registry(f"sqlite:///{other}", tmp_path / "reg", must_exist=True).close()

@@ -6,6 +6,7 @@ own options and their values pass unchanged."""
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -19,6 +20,24 @@ HYDRA_VALUE_OPTIONS = frozenset({
     "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
     "--config-dir", "-cd", "--info", "-i", "--experimental-rerun",
 })  # fmt: skip
+# every long option of Hydra's command line: its argparse takes an unambiguous prefix of
+# one (``--config-n`` for ``--config-name``)
+HYDRA_LONG_OPTIONS = frozenset({
+    "--help", "--hydra-help", "--version", "--cfg", "--resolve", "--package", "--run",
+    "--multirun", "--shell-completion", "--config-path", "--config-name", "--config-dir",
+    "--experimental-rerun", "--info",
+})  # fmt: skip
+
+
+def takes_value(arg: str) -> bool:
+    """Whether Hydra reads the argument after ``arg`` as its value: ``arg`` is one of
+    its options that take one, or (as argparse reads it) an unambiguous prefix of one."""
+    if arg in HYDRA_VALUE_OPTIONS:
+        return True
+    if not arg.startswith("--") or "=" in arg:
+        return False
+    matches = [option for option in HYDRA_LONG_OPTIONS if option.startswith(arg)]
+    return len(matches) == 1 and matches[0] in HYDRA_VALUE_OPTIONS
 
 
 def quoted(value: str) -> str:
@@ -34,13 +53,39 @@ def _shell_quoted(text: str) -> str:
 def check_no_bare_words(args: Sequence[str], example: str) -> None:
     """Raise a ConfigError naming the first argument that is neither an override
     (``key=value``, ``+key=``, ``++key=``, ``~key``) nor one of Hydra's options or
-    their values: Hydra would stop on it with its grammar's parse error."""
+    their values: Hydra would stop on it with its grammar's parse error. After an
+    override the word is most likely the rest of a value the shell split at a space
+    (``reason=first release``): the error then shows the value quoted."""
     for index, arg in enumerate(args):
         if arg.startswith(("-", "~")) or "=" in arg:
             continue
-        if index > 0 and args[index - 1] in HYDRA_VALUE_OPTIONS:
+        if index > 0 and takes_value(args[index - 1]):
             continue
+        split = _split_value(args, index)
+        if split:
+            raise ConfigError(
+                f"unexpected argument '{arg}': a value with spaces needs quotes: {split}"
+            )
         raise ConfigError(f"unexpected argument '{arg}': overrides are key=value, e.g. {example}")
+
+
+def _split_value(args: Sequence[str], index: int) -> str:
+    """The override before ``args[index]`` with the plain words from ``index`` on
+    joined into its value, as a shell needs it quoted (``reason='first release'``);
+    empty where that argument is no override with a plain value (an option, an
+    already quoted value such as the ones :func:`as_overrides` writes)."""
+    previous = args[index - 1] if index > 0 else ""
+    key, sep, value = previous.partition("=")
+    if not (key and sep) or previous.startswith(("-", "~")) or not args[index]:
+        return ""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return ""
+    words = [value]
+    for word in args[index:]:
+        if not word or word.startswith(("-", "~")) or "=" in word:
+            break
+        words.append(word)
+    return f"{key}={shlex.quote(' '.join(words))}"
 
 
 def check_readable(args: Sequence[str], free_text: Sequence[str] = ()) -> None:
@@ -96,7 +141,7 @@ def as_overrides(
             names
             and not arg.startswith("-")
             and "=" not in arg
-            and not (index > 0 and args[index - 1] in HYDRA_VALUE_OPTIONS)
+            and not (index > 0 and takes_value(args[index - 1]))
         ):
             out.append(f"{names.pop(0)}={quoted(arg)}")
         else:

@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy import Engine, MetaData, Table, create_engine, event, exc, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.schema import CreateTable
 
 from cycleml.errors import ConfigError
 
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 metadata = MetaData()
 
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+# the first word of every cycleml table's name: a database holding one is cycleml's
+CYCLEML_TABLE_PREFIXES = ("registry_", "ab_", "monitoring_", "batch_")
 _CREATE_ATTEMPTS = 5
 _SQLITE_BUSY_MS = 30_000
 
@@ -37,19 +41,38 @@ def open_database(
     create: Sequence[Table] = (),
     check_layout: bool = True,
     must_exist: bool = False,
+    what: str = "cycleml",
+    created_by: str = "a command that writes to it",
 ) -> Engine:
     """An engine for ``url`` after a test connection, with ``create`` tables made.
 
-    SQLite files get their folder created and run in WAL mode with a busy timeout,
-    so readers and one writer from several threads or processes do not block each
-    other. With ``must_exist`` (commands that only read, or change records already
-    there) a missing SQLite file is a :class:`ConfigError` naming it, and no file or
-    folder is created: a mistyped path is not answered as an empty database. A bad
-    URL, a missing driver or an unreachable server is a
+    SQLite files get their folder created (``~`` expanded) and run in WAL mode with a
+    busy timeout, so readers and one writer from several threads or processes do not
+    block each other. A bad URL, a missing driver or an unreachable server is a
     :class:`ConfigError` naming the (password-free) URL, and so (with
     ``check_layout``) is a table of ``create`` that already exists without the columns
     cycleml reads and writes: another program's table of the same name, or an older
     layout, which the create leaves as it is.
+
+    ``must_exist`` (commands that only read, or change records already there) creates
+    nothing and changes nothing: no file, folder or table, and no switch to WAL. A
+    :class:`ConfigError` names, with the ``what`` of the tables (``registry``) and
+    the commands that make them (``created_by``):
+
+    - a missing SQLite file (also a ``file:`` URI's): a mistyped path is not answered
+      as an empty database;
+    - a database holding none of ``create`` and no other cycleml table either (another
+      program's database, an empty file): ``no registry tables in '/x/other.db'``;
+    - a database holding some of ``create`` but not all (an older layout, or a
+      stranger's tables of the same names).
+
+    A cycleml database that holds none of ``create`` but other cycleml tables (a
+    ``monitoring.db`` that ``cycleml predict`` logged predictions to, before any
+    experiment was started) truthfully holds no such records: each connection then
+    reads empty temporary tables in their place (``experiment list`` says no
+    experiments), and the database is left as it is. Records written there by a
+    command that changes existing ones cannot be lost that way: with every table of
+    ``create`` empty, it finds nothing to change.
     """
     try:
         parsed = make_url(url)
@@ -62,16 +85,21 @@ def open_database(
             "use sqlite:///path.db or postgresql+psycopg://user@host:5432/db"
         )
     options: dict[str, Any] = {}
+    where = shown
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            path = Path(database).expanduser()
+        path = sqlite_path(parsed)
+        if path is not None:
+            where = str(path.absolute())
             if must_exist and not path.exists():
                 raise ConfigError(
-                    f"database file '{path}' does not exist (db_url '{shown}'); check the "
-                    "path: this command needs an existing database and creates none"
+                    f"database file '{where}' does not exist (db_url '{shown}'): no {what} "
+                    f"database there yet; check the path, or create it with {created_by}"
                 )
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if not _is_file_uri(parsed):
+                # SQLite opens the path as written: a '~' would be a folder of that name
+                parsed = parsed.set(database=str(path))
+                if not must_exist:
+                    path.parent.mkdir(parents=True, exist_ok=True)
     else:
         options["pool_pre_ping"] = True
     try:
@@ -82,7 +110,7 @@ def open_database(
             "install it (PostgreSQL: pip install 'cycleml[postgres]')"
         ) from err
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_read_pragmas if must_exist else _sqlite_pragmas)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -90,19 +118,106 @@ def open_database(
         engine.dispose()
         raise ConfigError(f"cannot connect to database '{shown}': {_reason(err)}") from err
     if create:
-        _create_tables(engine, create, shown)
+        if must_exist:
+            _stand_in_for_absent(engine, create, where, what, created_by, check_layout)
+        else:
+            _create_tables(engine, create, shown)
         if check_layout:
-            missing = missing_columns(engine, create)
-            if missing:
-                engine.dispose()
-                table, columns = next(iter(missing.items()))
-                raise ConfigError(
-                    f"table {table} in database '{shown}' lacks the column(s) "
-                    f"{', '.join(columns)} that cycleml reads and writes: another program's "
-                    f"table of that name, or an older layout; use another database or rename "
-                    f"the table (ALTER TABLE {table} RENAME TO {table}_old)"
-                )
+            _check_columns(engine, create, shown)
     return engine
+
+
+def _check_columns(engine: Engine, tables: Sequence[Table], shown: str) -> None:
+    missing = missing_columns(engine, tables)
+    if missing:
+        engine.dispose()
+        table, columns = next(iter(missing.items()))
+        raise ConfigError(
+            f"table {table} in database '{shown}' lacks the column(s) "
+            f"{', '.join(columns)} that cycleml reads and writes: another program's "
+            f"table of that name, or an older layout; use another database or rename "
+            f"the table (ALTER TABLE {table} RENAME TO {table}_old)"
+        )
+
+
+def sqlite_path(url: str | URL) -> Path | None:
+    """The file a SQLite URL opens (``~`` expanded; a ``file:`` URI's path when
+    ``uri=true``, as written), or None for an in-memory database."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if _is_file_uri(parsed):
+        location = database.removeprefix("file:")
+        if location.startswith("//"):  # file://host/path: the authority is empty or localhost
+            location = "/" + location[2:].partition("/")[2]
+        location = unquote(location.partition("?")[0])
+        if parsed.query.get("mode") == "memory" or location in ("", ":memory:"):
+            return None
+        return Path(location)
+    if database in ("", ":memory:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _is_file_uri(parsed: URL) -> bool:
+    return (parsed.database or "").startswith("file:") and str(
+        parsed.query.get("uri", "")
+    ).lower() in ("true", "1")
+
+
+def _stand_in_for_absent(
+    engine: Engine,
+    tables: Sequence[Table],
+    where: str,
+    what: str,
+    created_by: str,
+    check_layout: bool,
+) -> None:
+    """With ``must_exist``: a ConfigError where the database lacks some of ``tables``
+    (a table present without cycleml's columns named first), except a cycleml database
+    lacking all of them, which reads them as empty temporary tables (see
+    :func:`open_database`)."""
+    try:
+        present = set(inspect(engine).get_table_names())
+    except exc.SQLAlchemyError as err:
+        engine.dispose()
+        raise ConfigError(f"cannot read database '{where}': {_reason(err)}") from err
+    absent = [table.name for table in tables if table.name not in present]
+    if not absent:
+        return
+    if len(absent) < len(tables):
+        if check_layout:
+            _check_columns(engine, tables, where)
+        engine.dispose()
+        raise ConfigError(
+            f"the {what} tables in '{where}' lack {', '.join(absent)}: an older layout, "
+            f"or another program's tables of the same names; add them with {created_by}, "
+            "or check db_url"
+        )
+    held = sorted(present)
+    if not any(name.startswith(CYCLEML_TABLE_PREFIXES) for name in held):
+        engine.dispose()
+        listing = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise ConfigError(
+            f"no {what} tables in '{where}' (it lacks {', '.join(absent)}; it holds "
+            f"{listing or 'no table'}): not a cycleml database; check db_url"
+        )
+    creates = [
+        str(CreateTable(table).compile(dialect=engine.dialect)).replace(
+            "CREATE TABLE", "CREATE TEMPORARY TABLE", 1
+        )
+        for table in tables
+    ]
+
+    def stand_in(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        for statement in creates:
+            cursor.execute(statement)
+        cursor.close()
+        dbapi_connection.commit()  # kept past the pool's rollback on return
+
+    event.listen(engine, "connect", stand_in)
+    engine.dispose()  # the test connection lacks them; every one opened from now on has them
+    log.debug("%s holds no %s tables yet: reading them as empty", where, what)
 
 
 def missing_columns(engine: Engine, tables: Sequence[Table]) -> dict[str, list[str]]:
@@ -147,6 +262,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
     _use_wal(cursor)
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _sqlite_read_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """The connection settings of :func:`_sqlite_pragmas` without the switch to WAL,
+    which would change the file (a database cycleml made is in WAL already)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

@@ -27,7 +27,7 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
-@hydra_app("data_gather")
+@hydra_app("data_gather", "data gather")
 def gather_app(cfg: DictConfig) -> str:
     from cycleml.data.gather import REJECTED_FILE, gather
 
@@ -49,7 +49,7 @@ def gather_app(cfg: DictConfig) -> str:
     return result.fingerprint
 
 
-@hydra_app("data_clean")
+@hydra_app("data_clean", "data clean")
 def clean_app(cfg: DictConfig) -> str:
     from cycleml.data.clean import CleanSettings, clean
     from cycleml.data.report import REPORT_HTML
@@ -76,7 +76,7 @@ def clean_app(cfg: DictConfig) -> str:
     return result.fingerprint
 
 
-@hydra_app("data_diff")
+@hydra_app("data_diff", "data diff")
 def diff_app(cfg: DictConfig) -> bool:
     from cycleml.data.diff import diff_datasets
 

@@ -289,7 +289,13 @@ class ExperimentStore:
 
     def __init__(self, db_url: str, must_exist: bool = False) -> None:
         self.db_url = db_url
-        self.engine: Engine = open_database(db_url, create=ALL_TABLES, must_exist=must_exist)
+        self.engine: Engine = open_database(
+            db_url,
+            ALL_TABLES,
+            must_exist=must_exist,
+            what="experiment",
+            created_by="`cycleml experiment start` or `cycleml serve`",
+        )
 
     def close(self) -> None:
         self.engine.dispose()

@@ -241,7 +241,13 @@ class PredictionLog:
             self.engine = db_url
             predictions.create(self.engine, checkfirst=True)
         else:
-            self.engine = open_database(db_url, create=[predictions], must_exist=must_exist)
+            self.engine = open_database(
+                db_url,
+                [predictions],
+                must_exist=must_exist,
+                what="prediction log",
+                created_by="`cycleml serve` or `cycleml predict` with monitoring.enabled=true",
+            )
 
     def close(self) -> None:
         self.engine.dispose()

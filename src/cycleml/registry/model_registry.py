@@ -40,6 +40,8 @@ CHAMPION = "champion"
 # a register that loses the race for a version number, or a move with expected=ANY
 # that loses its compare-and-set, tries again this often
 _ATTEMPTS = 20
+# the commands that make a registry (the others need one)
+CREATED_BY = "`cycleml registry register` or `cycleml export` with export.register=true"
 T = TypeVar("T")
 
 
@@ -69,14 +71,16 @@ class Registry:
             db_file = self.root / DB_FILE
             if must_exist and not db_file.is_file():
                 raise RegistryError(
-                    f"no registry at '{self.root}': {db_file} does not exist; check the "
-                    "registry root (nothing was registered there)"
+                    f"no registry at '{self.root}': {db_file} does not exist (nothing was "
+                    f"registered there); check the registry root, or create it with {CREATED_BY}"
                 )
             self._make_root()
             db_url = f"sqlite:///{db_file}"
         self.db_url = db_url
         try:
-            self.engine = open_database(db_url, create=TABLES, must_exist=must_exist)
+            self.engine = open_database(
+                db_url, TABLES, must_exist=must_exist, what="registry", created_by=CREATED_BY
+            )
         except CycleMLError as err:
             raise RegistryError(f"registry database: {err}") from err
 
