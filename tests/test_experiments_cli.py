@@ -12,6 +12,7 @@ from cycleml.experiments.store import ExperimentStore
 from cycleml.monitoring.log import PredictionLog
 from test_errors_cli import cycleml
 from test_experiments_report import simulate
+from test_registry_support import sqlite_tables
 
 
 @pytest.mark.slow  # six commands, each a fresh interpreter
@@ -82,18 +83,14 @@ def test_a_prediction_log_without_experiments_lists_none_and_stays_as_it_is(tmp_
     database = tmp_path / "monitoring.db"
     PredictionLog(f"sqlite:///{database}").close()
 
-    def tables() -> list[str]:
-        with contextlib.closing(sqlite3.connect(database)) as conn:
-            return sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
-
-    before = tables()
+    before = sqlite_tables(database)
     listed = cycleml("experiment", "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.startswith("no experiments")
     report = cycleml("experiment", "report", "new-cnn", cwd=tmp_path)
     assert report.returncode == 2 and "new-cnn" in report.stderr, report.stderr
     assert "Traceback" not in report.stderr
-    assert tables() == before
+    assert sqlite_tables(database) == before
     other = tmp_path / "other.db"
     with contextlib.closing(sqlite3.connect(other)) as conn:
         conn.execute("CREATE TABLE notes (id INTEGER)")

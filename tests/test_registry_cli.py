@@ -14,7 +14,7 @@ from cycleml.registry import Registry
 from cycleml.registry.cli import open_registry
 from test_errors_cli import cycleml
 from test_export_support import cached_bundle
-from test_registry_support import variant_of
+from test_registry_support import sqlite_tables, variant_of
 
 
 def ok(*args: str, cwd: Path) -> str:
@@ -187,13 +187,9 @@ def test_another_programs_database_is_named_and_left_as_it_is(tmp_path):
     shared = tmp_path / "monitoring.db"
     PredictionLog(f"sqlite:///{shared}").close()
 
-    def names() -> list[str]:
-        with contextlib.closing(sqlite3.connect(shared)) as conn:
-            return sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))
-
-    before = names()
+    before = sqlite_tables(shared)
     assert "no models in" in ok("registry", "list", f"db_url=sqlite:///{shared}", cwd=tmp_path)
-    assert names() == before and "monitoring_predictions" in before
+    assert sqlite_tables(shared) == before and "monitoring_predictions" in before
 
 
 def test_register_and_export_still_create_a_missing_sqlite_registry(tmp_path):

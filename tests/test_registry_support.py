@@ -4,9 +4,11 @@ schema), distinct valid bundles, and worker functions that race in other process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +83,9 @@ def race_worker(barrier: Any, results: Any, db_url: str | None, root: str, op: s
     finally:
         registry.close()
     results.put(outcome)
+
+
+def sqlite_tables(path: Path) -> list[str]:
+    """The names of everything in a SQLite file's schema (tables and indexes), sorted."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return sorted(row[0] for row in conn.execute("SELECT name FROM sqlite_master"))

@@ -82,6 +82,18 @@ def expected(image_bundle: Path, image_bundle_v2: Path) -> dict[str, np.ndarray]
     }
 
 
+def _load_failure(serve: Any) -> str:
+    """Why a server with the settings ``serve`` would not start (its load failure)."""
+    state = create_app(serve).state.serving
+    try:
+        serving_app._load(state)
+        assert state.load_failure is not None
+        return state.load_failure
+    finally:
+        state.experiments.close()
+        state.repository.close()
+
+
 def _serve(root: Path, db_url: str, **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "monitoring": {"db_url": db_url},
@@ -524,16 +536,9 @@ def test_bad_experiment_configs_are_refused_at_load(registry_root: Path, tmp_pat
         settings(registry_root, experiments={"a": SPEC})
     # an arm naming a version the registry does not have: the server does not start
     unknown = {**SPEC, "arms": {"control": "shapes@champion", "treatment": "shapes/9"}}
-    app = create_app(_serve(registry_root, db_url, experiments={"a": unknown}))
-    state = app.state.serving
-    try:
-        serving_app._load(state)
-        assert state.load_failure is not None
-        assert "arm 'treatment' (shapes/9)" in state.load_failure
-        assert "no version 9" in state.load_failure
-    finally:
-        state.experiments.close()
-        state.repository.close()
+    failure = _load_failure(_serve(registry_root, db_url, experiments={"a": unknown}))
+    assert "arm 'treatment' (shapes/9)" in failure
+    assert "no version 9" in failure
 
 
 def test_admin_routes_need_a_key_when_auth_is_on(
@@ -619,16 +624,9 @@ def test_an_experiment_on_a_model_the_server_does_not_serve_is_refused(
         store.close()
     # in serve.yaml's experiments: the server does not start, and says why
     db_url = f"sqlite:///{tmp_path / 'project.db'}"
-    app = create_app(_serve(registry_root, db_url, experiments={"ab": unserved}))
-    state = app.state.serving
-    try:
-        serving_app._load(state)
-        assert state.load_failure is not None
-        assert "experiment 'ab': model 'shapes-ab' is not served" in state.load_failure
-        assert "served models: shapes" in state.load_failure
-    finally:
-        state.experiments.close()
-        state.repository.close()
+    failure = _load_failure(_serve(registry_root, db_url, experiments={"ab": unserved}))
+    assert "experiment 'ab': model 'shapes-ab' is not served" in failure
+    assert "served models: shapes" in failure
 
 
 def test_cycleml_serve_exits_in_one_line_on_an_experiment_on_an_unserved_model(
