@@ -77,6 +77,24 @@ def one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_at_start(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test starts with Python's own Ctrl-C handler, as a command started from a
+    shell does, and a test that leaves another behind is named and the handler put
+    back: Lightning ignores SIGINT for good once fit was interrupted, and a process
+    started meanwhile inherits an ignored SIGINT (a training run it starts would then
+    not stop on Ctrl-C)."""
+    import signal
+    import warnings
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    left = signal.getsignal(signal.SIGINT)
+    if left is not signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        warnings.warn(f"{request.node.nodeid} left the SIGINT handler {left!r}", stacklevel=1)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """``make_cfg("train", "model=resnet18", ...)`` → a fast CPU config writing under tmp_path."""

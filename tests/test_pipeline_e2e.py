@@ -219,9 +219,12 @@ def test_drift_retrains_gates_and_promotes_without_a_failed_request(tmp_path: Pa
             assert acc[("champion", "challenger")] >= acc[("champion", "champion")] - 0.01
             assert registry.aliases("digits")["digits"]["champion"] == 2
 
-            # a weak challenger (tiny, barely trained), killed during training
+            # a weak challenger (tiny, barely trained), killed during training: long
+            # enough (no early stopping: about 3 s of one-batch epochs) that the kill
+            # lands in training however fast the machine
             weak = [*common, "model.net.width=2", "model.optimizer.lr=1e-5",
-                    "trainer.max_epochs=30", "trainer.limit_train_batches=1", "seed=3"]  # fmt: skip
+                    "trainer.max_epochs=120", "trainer.limit_train_batches=1",
+                    "callbacks.early_stopping=null", "seed=3"]  # fmt: skip
             process = subprocess.Popen(
                 [sys.executable, "-m", "cycleml", "pipeline", *weak],
                 cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
