@@ -627,16 +627,13 @@ class ExperimentRouter:
 
     def _check_served(self, spec: ExperimentSpec) -> None:
         if not self.repository.serves(spec.model):
-            if self.repository.unloaded_on_request(spec.model):
-                raise ExperimentError(
-                    f"experiment '{spec.name}': model '{spec.model}' was unloaded on "
-                    "request; load it first"
-                )
-            served = ", ".join(sorted({m.name for m in self.repository.all_models()})) or "none"
-            raise ExperimentError(
-                f"experiment '{spec.name}': model '{spec.model}' is not served (served "
-                f"models: {served}); an experiment splits the requests to a served model"
+            why = self.repository.not_served(spec.model)
+            hint = (
+                "; an experiment splits the requests to a served model"
+                if isinstance(why, ModelNotFound)
+                else ""
             )
+            raise ExperimentError(f"experiment '{spec.name}': {why}{hint}")
 
     def _release_unused_versions(self, table: Mapping[str, ActiveExperiment]) -> None:
         wanted: dict[str, set[str]] = {}

@@ -307,7 +307,7 @@ class ModelRepository:
                 served = name in self._live
                 routed = self._routes.get(name, {}).get(alias) if alias is not None else None
             if not served:
-                raise self._not_served_for_experiment(name)
+                raise self.not_served(name)
             if alias is not None and routed is None:
                 raise self._unknown_alias(name, alias)
             return
@@ -316,7 +316,7 @@ class ModelRepository:
                 self._for_experiments.setdefault(name, set()).add(version)
             return
         if name in self._held_unloaded:
-            raise self._not_served_for_experiment(name)
+            raise self.not_served(name)
         on_disk = [] if self.single_bundle else self.scan().get(name, [])
         found = next((v for v in on_disk if v.version == version), None)
         if found is None:
@@ -352,11 +352,9 @@ class ModelRepository:
             "tried again once its files change"
         )
 
-    def unloaded_on_request(self, name: str) -> bool:
-        """Whether ``name`` was unloaded on request (it stays so until a load)."""
-        return name in self._held_unloaded
-
-    def _not_served_for_experiment(self, name: str) -> Exception:
+    def not_served(self, name: str) -> Exception:
+        """Why ``name`` is not served: unloaded on request (until a load), loading,
+        failed to load, or unknown (a ModelNotFound naming the served models)."""
         if name in self._held_unloaded:
             return ModelUnavailable(f"model '{name}' was unloaded on request; load it first")
         return self._missing(name)
