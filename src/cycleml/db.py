@@ -14,6 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -110,7 +111,7 @@ def open_database(
             "install it (PostgreSQL: pip install 'cycleml[postgres]')"
         ) from err
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_read_pragmas if must_exist else _sqlite_pragmas)
+        event.listen(engine, "connect", partial(_sqlite_pragmas, wal=not must_exist))
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -258,20 +259,14 @@ def _reason(err: exc.SQLAlchemyError) -> str:
     return str(getattr(err, "orig", err)).strip().splitlines()[0]
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, wal: bool = True) -> None:
+    """Busy timeout, WAL (``wal=False``: left as the file has it, so that a command that
+    only reads changes nothing; a database cycleml made is in WAL already), synchronous
+    NORMAL and foreign keys, on each new connection."""
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
-    _use_wal(cursor)
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def _sqlite_read_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """The connection settings of :func:`_sqlite_pragmas` without the switch to WAL,
-    which would change the file (a database cycleml made is in WAL already)."""
-    cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+    if wal:
+        _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
