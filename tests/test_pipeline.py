@@ -4,6 +4,7 @@ the lock per model, triggers and bad input, with the tiniest trainer settings.""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,8 @@ from cycleml.errors import ConfigError
 from cycleml.monitoring.log import PredictionLog
 from cycleml.pipeline import state as st
 from cycleml.pipeline.lock import PipelineBusy, PipelineLock
-from cycleml.pipeline.runner import FAILED_EXIT, TRIGGER_LOG, model_dir, run_pipeline
+from cycleml.pipeline.runner import FAILED_EXIT, LOG_FILE, TRIGGER_LOG, model_dir, run_pipeline
+from cycleml.pipeline.stages import ASIDE, NEW, RESUME, REUSE, train_folder_plan
 from cycleml.pipeline.triggers import drift_trigger, labels_trigger
 from cycleml.registry import Registry
 from test_serving_support import image_bundle_fixture  # noqa: F401 - registers the fixture
@@ -248,6 +250,129 @@ def test_stop_after_runs_one_stage_per_launch_in_the_same_run(
     assert second["stages"]["clean"]["inputs"] == {
         "dataset": first["stages"]["gather"]["outputs"]["fingerprint"]
     }
+
+
+def _training(folder: Path, key: str | None, *, finished: bool, checkpoint: str | None) -> Path:
+    """A train folder as a launch leaves it: marked with ``key`` (None: no mark), with
+    ``checkpoint`` (``best`` or ``last``) and with summary.json once ``finished``."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "run_info.json").write_text('{"run_id": "abc"}')
+    if key is not None:
+        st.mark_stage_dir(folder, "train", key)
+    if checkpoint is not None:
+        (folder / "checkpoints" / f"{checkpoint}.ckpt").write_bytes(b"weights")
+    if finished:
+        (folder / "summary.json").write_text('{"metrics": {"val/acc": 0.5}}')
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("mark", "recorded", "finished", "checkpoint", "action", "why"),
+    [
+        ("k1", None, True, "best", REUSE, "the finished training of this config"),
+        # what state.json held before is another run's key: the folder's mark decides
+        ("k1", "k0", True, "last", REUSE, "the finished training of this config"),
+        ("k1", "k1", False, "last", RESUME, "an unfinished training of this config"),
+        ("k0", "k1", True, "best", ASIDE, "a training of another config or dataset"),
+        # a kill after the launch of k1 recorded its key, before it moved k0's folder
+        ("k0", "k1", False, "last", ASIDE, "a training of another config or dataset"),
+        ("k1", "k1", False, None, ASIDE, "without a checkpoint to resume from"),
+        ("k1", "k1", True, None, ASIDE, "dataset without its checkpoint"),
+        # a folder without a mark (written before marks): resumed when state.json says so
+        (None, "k1", False, "last", RESUME, "an unfinished training of this config"),
+        (None, "k1", True, "best", ASIDE, "does not record its config and dataset"),
+        (None, "k0", False, "last", ASIDE, "does not record its config and dataset"),
+    ],
+)
+def test_the_train_folder_an_earlier_launch_left_is_judged_by_its_own_mark(
+    tmp_path: Path, mark, recorded, finished, checkpoint, action, why
+) -> None:
+    folder = tmp_path / "train"
+    assert train_folder_plan(folder, "k1", recorded)[0] == NEW
+    _training(folder, mark, finished=finished, checkpoint=checkpoint)
+    assert st.stage_dir_key(folder, "train") == mark
+    assert st.stage_dir_key(folder, "evaluate") is None
+    found, reason = train_folder_plan(folder, "k1", recorded)
+    assert (found, why in reason) == (action, True), reason
+
+
+def _as_killed_before_recording_train(run_dir: Path) -> None:
+    """state.json as a kill leaves it once training has ended but before the pipeline
+    recorded it: the train stage still running, without outputs, and no saved config."""
+    path = run_dir / st.STATE_FILE
+    state = json.loads(path.read_text())
+    state["status"] = "running"
+    state["stages"]["train"].update(status="running", outputs={}, finished_at=None, seconds=None)
+    path.write_text(json.dumps(state))
+    (run_dir / "train" / ".hydra" / "config.yaml").unlink()
+
+
+def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".ckpt", ".json")
+    }
+
+
+@pytest.mark.slow
+def test_a_training_finished_but_not_recorded_is_reused_and_another_configs_moved_aside(
+    pipeline_cfg, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed between the end of training and state.json: the rerun takes the finished
+    training over instead of training again; a folder of another config is never taken."""
+    caplog.set_level(logging.INFO, logger="cycleml")  # as the command line's logging has it
+    cfg = pipeline_cfg("stop_after=train")
+    assert run_pipeline(cfg) == 0
+    first = _state(cfg)
+    run_dir = Path(first["run_dir"])
+    train_dir, log_file = run_dir / "train", run_dir / LOG_FILE
+    done = first["stages"]["train"]
+    assert done["status"] == "done" and done["outputs"]["reused"] is False
+    assert done["outputs"]["resumed"] is False and done["outputs"]["metrics"]["val/acc"] >= 0
+    trained = _files(train_dir)
+    assert "checkpoints/last.ckpt" in trained and "summary.json" in trained
+
+    _as_killed_before_recording_train(run_dir)
+    logged = len(log_file.read_text())
+    assert run_pipeline(pipeline_cfg("stop_after=train")) == 0
+    again = _state(cfg)
+    assert again["run"] == first["run"] and again["stages"]["train"]["status"] == "done"
+    assert again["stages"]["train"]["outputs"] == {**done["outputs"], "reused": True}
+    assert _files(train_dir) == trained  # not trained again: the same files, untouched
+    assert (train_dir / ".hydra" / "config.yaml").is_file()
+    assert not list(run_dir.glob("train.replaced-*"))
+    log = log_file.read_text()[logged:]
+    assert f"train: {train_dir} holds the finished training of this config and dataset: " \
+           "reused, not trained again" in log  # fmt: skip
+    assert "another config" not in log and "resuming" not in log
+
+    # another config (seed) in the same run: the finished training is moved aside
+    other = pipeline_cfg("stop_after=train", "seed=7")
+    assert run_pipeline(other) == 0
+    aside = list(run_dir.glob("train.replaced-*"))
+    assert len(aside) == 1 and _files(aside[0]) == trained
+    assert f"train: {train_dir} held a training of another config or dataset; moved to " \
+           f"{aside[0]}" in log_file.read_text()  # fmt: skip
+    seventh = _state(other)["stages"]["train"]
+    assert seventh["key"] != done["key"] and seventh["outputs"]["reused"] is False
+
+    # killed after that launch recorded its key, before it moved the folder of seed 0
+    # aside: state.json names seed 7, the folder holds seed 0's finished training
+    aside[0].rename(run_dir / "seed-0")
+    train_dir.rename(run_dir / "seed-7")
+    (run_dir / "seed-0").rename(train_dir)
+    _as_killed_before_recording_train(run_dir)
+    logged = len(log_file.read_text())
+    assert run_pipeline(pipeline_cfg("stop_after=train", "seed=7")) == 0
+    last = _state(other)["stages"]["train"]
+    assert last["key"] == seventh["key"] and last["outputs"]["reused"] is False
+    aside = list(run_dir.glob("train.replaced-*"))
+    assert len(aside) == 1 and _files(aside[0]) == trained  # kept, not taken over
+    assert _files(train_dir).keys() == trained.keys() and _files(train_dir) != trained
+    log = log_file.read_text()[logged:]
+    assert f"train: {train_dir} held a training of another config or dataset; moved to " \
+           f"{aside[0]}" in log and "reused" not in log  # fmt: skip
 
 
 def test_drift_trigger_without_drift_starts_no_run(

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cycleml.errors import ConfigError
+from cycleml.pipeline import state as st
 from cycleml.pipeline.state import path_fingerprint
 from cycleml.training.console import CONSOLE
 
@@ -159,35 +160,91 @@ def _train_plan(ctx: Context) -> tuple[Any, dict[str, str]]:
     return config, {"dataset": fingerprint}
 
 
-def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
+# what a launch does with the train folder that an earlier launch of the run left
+NEW, REUSE, RESUME, ASIDE = "new", "reuse", "resume", "aside"
+
+
+def train_folder_plan(out_dir: Path, key: str | None, recorded_key: str | None) -> tuple[str, str]:
+    """What a launch whose train stage has ``key`` does with ``out_dir``, and why.
+
+    ``new``: there is no folder. ``reuse``: it holds the finished training of ``key``
+    (the launch that ran it ended before ``state.json`` recorded it). ``resume``: it
+    holds an unfinished training of ``key`` with a last checkpoint. ``aside``: anything
+    else; the folder is moved aside, never reused.
+
+    Which key a folder holds is its own mark (``.stage.json``, written before training
+    starts), not ``state.json``: a launch records its key there before it moves the folder
+    of another key aside, so a kill in between leaves a record that does not describe the
+    folder. A folder without a mark (written before marks existed) is resumed, as then,
+    when ``recorded_key``, the key ``state.json`` held before this launch, is ``key``.
+    """
     from cycleml.training.run import LAST_CKPT, is_finished
+
+    if not out_dir.exists():
+        return NEW, "no earlier training"
+    finished = is_finished(out_dir)
+    resumable = (out_dir / LAST_CKPT).is_file() and not finished
+    marked = st.stage_dir_key(out_dir, "train")
+    if marked is None:
+        if resumable and key is not None and recorded_key == key:
+            return RESUME, "an unfinished training of this config and dataset"
+        return ASIDE, f"a training that does not record its config and dataset ({st.STAGE_MARK})"
+    if marked != key:
+        return ASIDE, "a training of another config or dataset"
+    if finished:
+        if train_checkpoint(out_dir).is_file():
+            return REUSE, "the finished training of this config and dataset"
+        return ASIDE, "a finished training of this config and dataset without its checkpoint"
+    if resumable:
+        return RESUME, "an unfinished training of this config and dataset"
+    return ASIDE, (
+        "an unfinished training of this config and dataset without a checkpoint to resume from"
+    )
+
+
+def train_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a training leaves for the stages after it: the best, else the last."""
+    from cycleml.training.run import LAST_CKPT
+
+    best = run_dir / "checkpoints" / "best.ckpt"
+    return best if best.is_file() else run_dir / LAST_CKPT
+
+
+def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
+    from cycleml.training.run import LAST_CKPT
+    from cycleml.training.summary import RUN_INFO, SUMMARY, read_json
     from cycleml.training.train import train
 
     cfg = train_config(ctx, str(out_dir), dataset_dir(ctx))
+    key = ctx.keys.get("train")
     previous = ctx.previous.get("train")
-    same = previous is not None and previous.key == ctx.keys.get("train")
-    if (out_dir / LAST_CKPT).is_file() and not is_finished(out_dir) and same:
-        log.info("train: resuming from %s", out_dir / LAST_CKPT, extra=CONSOLE)
-        with open_dict(cfg):
-            cfg.ckpt_path = str(out_dir)
-    elif out_dir.exists():
-        # another config or dataset: its checkpoints do not fit; kept aside, not deleted
-        aside = _free_name(
-            out_dir.with_name(f"{out_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
-        out_dir.rename(aside)
-        log.info("train: %s held a training of another config or dataset; moved to %s",
-                 out_dir, aside, extra=CONSOLE)  # fmt: skip
-    metrics = train(cfg)
-    best = out_dir / "checkpoints" / "best.ckpt"
-    checkpoint = best if best.is_file() else out_dir / LAST_CKPT
+    action, why = train_folder_plan(out_dir, key, None if previous is None else previous.key)
+    if action == REUSE:
+        log.info("train: %s holds %s: reused, not trained again", out_dir, why, extra=CONSOLE)
+        metrics = read_json(out_dir / SUMMARY).get("metrics") or {}
+        if "resumed_from" in read_json(out_dir / RUN_INFO):
+            with open_dict(cfg):  # as the launch that resumed it had it
+                cfg.ckpt_path = str(out_dir)
+    else:
+        if action == RESUME:
+            log.info("train: resuming from %s, %s", out_dir / LAST_CKPT, why, extra=CONSOLE)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(out_dir)
+        elif action == ASIDE:  # kept, not deleted
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = _free_name(out_dir.with_name(f"{out_dir.name}.replaced-{stamp}"))
+            out_dir.rename(aside)
+            log.info("train: %s held %s; moved to %s", out_dir, why, aside, extra=CONSOLE)
+        if key is not None:
+            st.mark_stage_dir(out_dir, "train", key)
+        metrics = train(cfg)
     # the run's config, resolved, where `cycleml eval` and the gate's lineage look for it
     saved = out_dir / SAVED_CONFIG
     saved.parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(_resolved(cfg), saved)
-    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("val/acc", "test/acc")}
-    return {"run_dir": str(out_dir), "checkpoint": str(checkpoint), "metrics": shown,
-            "resumed": bool(cfg.ckpt_path)}  # fmt: skip
+    shown = {k: round(float(v), 4) for k, v in metrics.items() if k in ("val/acc", "test/acc")}
+    return {"run_dir": str(out_dir), "checkpoint": str(train_checkpoint(out_dir)),
+            "metrics": shown, "resumed": bool(cfg.ckpt_path), "reused": action == REUSE}  # fmt: skip
 
 
 def _free_name(path: Path) -> Path:

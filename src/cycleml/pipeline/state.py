@@ -21,6 +21,8 @@ from typing import Any
 
 STATE_FILE = "state.json"
 RUNS_DIR = "runs"
+# in a stage's own folder: the stage and the key of what it was started for
+STAGE_MARK = ".stage.json"
 
 # stage statuses
 PENDING = "pending"
@@ -173,6 +175,31 @@ def stage_key(config: Any, inputs: Mapping[str, str]) -> tuple[str, str]:
     """``(key, config hash)`` of a stage from its resolved config and input fingerprints."""
     chash = config_hash(config)
     return config_hash({"config": chash, "inputs": dict(inputs)}), chash
+
+
+def mark_stage_dir(folder: Path, stage: str, key: str) -> Path:
+    """Write ``<folder>/.stage.json``: which stage, of which key, writes into ``folder``.
+
+    Written before the stage writes anything there, so that a later launch can tell
+    whether the folder's content is of its own key even when ``state.json`` did not
+    record the stage's end (the process was killed in between)."""
+    from cycleml.files import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_atomic(folder / STAGE_MARK, json.dumps({"stage": stage, "key": key}) + "\n")
+
+
+def stage_dir_key(folder: Path, stage: str) -> str | None:
+    """The key ``folder`` was marked with for ``stage``; None when it has no readable mark
+    (a folder written before marks existed, or a mark of another stage)."""
+    try:
+        mark = json.loads((folder / STAGE_MARK).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.get("stage") != stage:
+        return None
+    key = mark.get("key")
+    return key if isinstance(key, str) else None
 
 
 def list_runs(model_dir: Path) -> list[Path]:
