@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, inspect, select, text
 
+from cycleml.db import open_database
 from cycleml.errors import ConfigError
 from cycleml.experiments.assign import Assigner
 from cycleml.experiments.store import ExperimentSpec, ExperimentStore
-from cycleml.experiments.tables import assignments, events
+from cycleml.experiments.tables import READ_TABLES, assignments, events, units
 from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving import app as serving_app
@@ -431,6 +432,153 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         assert "feedback" in reply.json()["error"]
 
 
+def _feedback_arms(
+    client: httpx.Client, db_url: str, items: list[dict]
+) -> list[tuple[str | None, str | None]]:
+    """(experiment, arm) each feedback item was stored with (None: unknown)."""
+    reply = client.post("/v1/feedback", json=items)
+    assert reply.status_code == 200, reply.text
+    received = reply.json()["received"]
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(select(events).order_by(events.c.id.desc()).limit(received)).all()
+    engine.dispose()
+    return [(e.experiment, e.arm) for e in reversed(stored)]
+
+
+def _unit_arms(db_url: str, unit: str) -> list[tuple[str, str]]:
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(units).where(units.c.unit == unit).order_by(units.c.id)).all()
+    engine.dispose()
+    return [(r.experiment, r.arm) for r in rows]
+
+
+def test_feedback_by_unit_finds_the_arm_a_ramp_moved_the_unit_to(
+    client: httpx.Client, server: Any
+) -> None:
+    """A unit in control, then in the treatment after a ramp: feedback by unit (with or
+    without the experiment) attaches to its latest arm; one unit row per arm, however
+    many requests."""
+    assigner = Assigner("s1", "shapes-v2", SPEC["weights"])
+    mover = next(u for u in (f"mover-{i}" for i in range(100)) if assigner.assign(u) == "control")
+    for _ in range(3):
+        assert _infer(client, mover).headers["x-experiment-arm"] == "control"
+    before = _feedback_arms(
+        client,
+        server.db_url,
+        [
+            {"unit": mover, "event": "click", "experiment": "shapes-v2"},
+            {"unit": mover, "event": "click"},
+            {"unit": "mover-never-seen", "event": "click"},
+            {"unit": mover, "event": "click", "experiment": "another-experiment"},
+        ],
+    )
+    assert before == [
+        ("shapes-v2", "control"),
+        ("shapes-v2", "control"),
+        (None, None),
+        ("another-experiment", None),
+    ]
+    client.post(
+        "/v1/experiments/shapes-v2/ramp", json={"weights": {"control": 0, "treatment": 1}}
+    ).raise_for_status()
+    for _ in range(3):
+        assert _infer(client, mover).headers["x-experiment-arm"] == "treatment"
+    after = _feedback_arms(
+        client,
+        server.db_url,
+        [
+            {"unit": mover, "event": "click", "experiment": "shapes-v2"},
+            {"unit": mover, "event": "click"},
+        ],
+    )
+    assert after == [("shapes-v2", "treatment"), ("shapes-v2", "treatment")]
+    assert _unit_arms(server.db_url, mover) == [
+        ("shapes-v2", "control"),
+        ("shapes-v2", "treatment"),
+    ]
+
+
+def _old_layout(db_url: str) -> None:
+    """The experiment tables as they were before ab_units (ab_assignments indexed by
+    experiment and unit), with assignments of two experiments."""
+    engine = open_database(db_url, READ_TABLES)
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.timezone.utc)
+    rows = [
+        ("o1", "gone", "control", "old-1", "split"),
+        ("o2", "shapes-v2", "control", "old-1", "split"),
+        ("o3", "shapes-v2", "control", "old-2", "split"),
+        ("o3:shadow", "shapes-v2", "treatment", "old-2", "shadow"),
+        ("o4", "shapes-v2", "treatment", "old-1", "split"),  # after a ramp
+        ("o5", "shapes-v2", "treatment", None, "split"),
+        ("o6", "shapes-v2", "control", "old-3", "split"),
+        ("o6:shadow", "shapes-v2", "treatment", "old-3", "shadow"),
+    ]
+    with engine.begin() as conn:
+        conn.execute(
+            text("CREATE INDEX ab_assignments_by_unit ON ab_assignments (experiment, unit)")
+        )
+        for index, (request_id, experiment, arm, unit, mode) in enumerate(rows):
+            conn.execute(
+                assignments.insert().values(
+                    request_id=request_id, experiment=experiment, arm=arm, unit=unit,
+                    model="shapes", version="1", mode=mode, status_code=200, latency_ms=1.0,
+                    logged_at=t0 + dt.timedelta(seconds=index),
+                )
+            )  # fmt: skip
+    engine.dispose()
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_database_from_before_ab_units_is_upgraded_when_a_server_opens_it(
+    database: str, registry_root: Path, tmp_path: Path
+) -> None:
+    """An older database (assignments indexed by unit, no ab_units): the server fills
+    ab_units from each unit's latest split assignment and drops the old index; feedback
+    by unit finds the arms it found before. Commands that only read leave it as it is."""
+    with contextlib.ExitStack() as stack:
+        if database == "sqlite":
+            db_url = f"sqlite:///{tmp_path / 'project.db'}"
+        else:
+            assert POSTGRES_URL
+            db_url = stack.enter_context(
+                contextlib.contextmanager(postgres_schema_url)(POSTGRES_URL)
+            )
+        _old_layout(db_url)
+        ExperimentStore(db_url, must_exist=True).close()  # `cycleml experiment list`
+        engine = create_engine(db_url)
+        try:
+            assert not inspect(engine).has_table(units.name)
+            serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+            with RunningServer(serve) as running, httpx.Client(base_url=running.url) as client:
+                found = _feedback_arms(
+                    client,
+                    db_url,
+                    [
+                        {"unit": "old-1", "event": "click", "experiment": "shapes-v2"},
+                        {"unit": "old-1", "event": "click"},
+                        {"unit": "old-1", "event": "click", "experiment": "gone"},
+                        {"unit": "old-2", "event": "click"},
+                        {"unit": "old-3", "event": "click", "experiment": "shapes-v2"},
+                        {"unit": "never-seen", "event": "click"},
+                    ],
+                )
+            indexes = {index["name"] for index in inspect(engine).get_indexes(assignments.name)}
+        finally:
+            engine.dispose()
+    assert found == [
+        ("shapes-v2", "treatment"),
+        ("shapes-v2", "treatment"),
+        ("gone", "control"),
+        ("shapes-v2", "control"),  # shadow mode: the split row's arm
+        ("shapes-v2", "control"),
+        (None, None),
+    ]
+    assert "ab_assignments_by_unit" not in indexes
+    assert "ab_assignments_by_experiment" in indexes
+
+
 def test_same_unit_same_arm_on_two_servers_and_after_a_restart(
     registry_root: Path, tmp_path: Path
 ) -> None:
@@ -513,8 +661,14 @@ def test_shadow_mode_mirrors_to_treatment_without_delaying_control(
                 == 200
             )
             slow.append(time.perf_counter() - started)
+        # feedback by unit: the arm that answered (control), not the mirrored one
+        found = _feedback_arms(
+            client, db_url, [{"unit": f"u{i}", "event": "click"} for i in range(3)]
+        )
+        assert found == [("shadow", "control")] * 3
     control_rows = _rows(db_url, mode="split")
     assert len(control_rows) == 12 and {r.arm for r in control_rows} == {"control"}
+    assert _unit_arms(db_url, "u0") == [("shadow", "control")]
     assert sorted(r.request_id for r in shadow_rows) == sorted(f"sh-{i}:shadow" for i in range(12))
     assert {(r.arm, r.version, r.status_code) for r in shadow_rows} == {("treatment", "2", 200)}
     # control answered well before one treatment run, and the mirrored calls queued

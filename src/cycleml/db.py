@@ -124,11 +124,13 @@ def open_database(
         else:
             _create_tables(engine, create, shown)
         if check_layout:
-            _check_columns(engine, create, shown)
+            check_columns(engine, create, shown)
     return engine
 
 
-def _check_columns(engine: Engine, tables: Sequence[Table], shown: str) -> None:
+def check_columns(engine: Engine, tables: Sequence[Table], shown: str) -> None:
+    """A ConfigError (the engine disposed) naming the first of ``tables`` that exists
+    without a column cycleml reads and writes (``shown``: the database, password-free)."""
     missing = missing_columns(engine, tables)
     if missing:
         engine.dispose()
@@ -187,7 +189,7 @@ def _stand_in_for_absent(
         return
     if len(absent) < len(tables):
         if check_layout:
-            _check_columns(engine, tables, where)
+            check_columns(engine, tables, where)
         engine.dispose()
         raise ConfigError(
             f"the {what} tables in '{where}' lack {', '.join(absent)}: an older layout, "

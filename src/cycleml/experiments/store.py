@@ -12,17 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, exc, select, update
+from sqlalchemy import Engine, exc, func, inspect, select, update
 
-from cycleml.db import as_utc, open_database, utc_now
-from cycleml.errors import CycleMLError
+from cycleml.db import as_utc, check_columns, open_database, safe_url, utc_now
+from cycleml.errors import ConfigError, CycleMLError
 from cycleml.experiments.assign import boundaries
-from cycleml.experiments.tables import ALL_TABLES, experiment_changes, experiments
+from cycleml.experiments.tables import (
+    READ_TABLES,
+    assignments,
+    experiment_changes,
+    experiments,
+    units,
+)
 from cycleml.registry.errors import RegistryError
 from cycleml.registry.refs import parse_model_ref
 
@@ -34,6 +41,11 @@ MAX_NAME = 128
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _UNIT_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _SPEC_KEYS = {"name", "model", "arms", "weights", "unit", "salt", "mode", "status"}
+# the index by unit that ab_assignments had before ab_units took over its look-ups
+_OLD_UNIT_INDEX = "ab_assignments_by_unit"
+_ADD_UNITS_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
 
 
 class ExperimentError(CycleMLError, ValueError):
@@ -281,21 +293,74 @@ def _check_source(source: str) -> str:
     return source
 
 
+def _add_units(engine: Engine) -> None:
+    """Create ``ab_units`` where it is missing. In a database written before it existed,
+    it is filled in the same transaction from the latest split assignment of each
+    (experiment, unit), in the order of the assignments, and the old index by unit of
+    ``ab_assignments`` is dropped. Servers opening the database together: SQLite takes
+    the write lock first, so one of them does it and the others find the table; a
+    PostgreSQL server that loses the race fails its CREATE and finds the table when it
+    tries again."""
+    a = assignments.c
+    latest = (
+        select(func.max(a.id))
+        .where(a.mode == "split", a.unit.is_not(None))
+        .group_by(a.experiment, a.unit)
+    )
+    fill = units.insert().from_select(
+        ["experiment", "unit", "arm", "seen_at"],
+        select(a.experiment, a.unit, a.arm, a.logged_at).where(a.id.in_(latest)).order_by(a.id),
+    )
+    if inspect(engine).has_table(units.name):
+        return  # the usual case: no write lock taken
+    for attempt in range(1, _ADD_UNITS_ATTEMPTS + 1):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "sqlite":
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")  # the check and the change as one
+                if inspect(conn).has_table(units.name):
+                    return
+                units.create(conn)
+                filled = conn.execute(fill).rowcount
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_OLD_UNIT_INDEX}")
+        except exc.SQLAlchemyError as err:
+            if attempt == _ADD_UNITS_ATTEMPTS:
+                reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+                raise ConfigError(
+                    f"cannot add the table {units.name} to database "
+                    f"'{safe_url(engine.url)}': {reason}"
+                ) from err
+            log.debug("adding %s, attempt %d: %s", units.name, attempt, err)
+            continue
+        if filled:
+            log.info("experiments: %s filled with the arms of %d unit(s)", units.name, filled)
+        return
+
+
 class ExperimentStore:
     """Experiments in the database at ``db_url`` (tables created on first use).
 
     ``must_exist``: a missing SQLite file is a ConfigError, not created (commands that
-    read experiments, or change one already started)."""
+    read experiments, or change one already started); a database written before
+    ``ab_units`` existed is left as it is (they do not read it). A store opened to write
+    adds ``ab_units`` to such a database (:func:`_add_units`)."""
 
     def __init__(self, db_url: str, must_exist: bool = False) -> None:
         self.db_url = db_url
         self.engine: Engine = open_database(
             db_url,
-            ALL_TABLES,
+            READ_TABLES,
             must_exist=must_exist,
             what="experiment",
             created_by="`cycleml experiment start` or `cycleml serve`",
         )
+        if not must_exist:
+            try:
+                _add_units(self.engine)
+                check_columns(self.engine, [units], safe_url(db_url))
+            except BaseException:
+                self.engine.dispose()
+                raise
 
     def close(self) -> None:
         self.engine.dispose()

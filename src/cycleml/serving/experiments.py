@@ -22,7 +22,9 @@ log's sample rate and whether it is on: rows wait in a bounded buffer for a writ
 thread, which hands what waits twice a second to a writer process
 (:mod:`cycleml.serving.writer_process`) that writes it in one transaction, and rows
 that do not fit, or whose write fails, are counted in
-``cycleml_experiment_assignments_dropped_total``.
+``cycleml_experiment_assignments_dropped_total``. The writer thread also derives the
+rows of ``ab_units`` (a unit's arm, each time it is new or changed; what feedback by
+unit looks up), written in the same transaction.
 
 The experiments live in the project's database (``monitoring.db_url``). A thread polls
 them (off the event loop), so a ramp or stop written by the CLI or by another server
@@ -52,7 +54,7 @@ from cycleml.db import chunked, insert_new_rows, open_database, safe_url, utc_no
 from cycleml.errors import ConfigError
 from cycleml.experiments.assign import Assigner
 from cycleml.experiments.store import ExperimentError, ExperimentSpec, ExperimentStore
-from cycleml.experiments.tables import assignments, events
+from cycleml.experiments.tables import assignments, events, units
 from cycleml.monitoring.tables import text_problem
 from cycleml.registry.refs import ModelRef, parse_model_ref
 from cycleml.serving.protocol import ProtocolError
@@ -81,7 +83,8 @@ RETRY_AFTER_S = 1.0
 MAX_SHADOW_INFLIGHT = 64
 _IN_CHUNK = 500
 # units whose arm each routed experiment remembers (the hash is stable per revision);
-# past this many the memory starts over
+# past this many the memory starts over (and so does the writer's memory of the arm of
+# each (experiment, unit) it last wrote to ab_units)
 UNIT_CACHE_SIZE = 32_768
 
 # the fields of an assignment row as the event loop buffers it (a tuple)
@@ -97,6 +100,8 @@ _COLUMNS = (
     "status_code",
     "latency_ms",
 )
+# the fields of an ab_units row as the writer thread derives it (a tuple)
+_UNIT_COLUMNS = ("experiment", "unit", "arm", "seen_at")  # seen_at: time.time()
 
 # what AssignmentLog._count reads of a row: its unit; its experiment, arm and mode
 _UNIT = itemgetter(_COLUMNS.index("unit"))
@@ -248,7 +253,8 @@ class AssignmentLog:
     when it sleeps. The writer gathers rows for ``GATHER_S``, counts them in
     ``cycleml_experiment_requests_total`` and hands them to a writer process, which
     writes them in one transaction (:func:`write_assignments`); with ``in_process`` the
-    thread writes them itself.
+    thread writes them itself. With them go the ``ab_units`` rows of the units whose arm
+    is new or changed (:meth:`_units`).
     """
 
     def __init__(
@@ -264,10 +270,12 @@ class AssignmentLog:
         self._handled = 0  # rows written or dropped (by the writer only)
         self._flushing = 0
         self._counters: dict[tuple[str, str, str], Any] = {}
+        # (experiment, unit) -> the arm of its last ab_units row written (writer only)
+        self._unit_arms: dict[tuple[str, str], str] = {}
         self.written = 0
         self.dropped = 0
         self._last_warning = 0.0
-        self._insert = sqlite_insert(store.engine)
+        self._inserts = sqlite_inserts(store.engine)
         self.process: WriterProcess | None = (
             None
             if in_process
@@ -332,14 +340,16 @@ class AssignmentLog:
             while pending and len(rows) < WRITE_ROWS * 10:
                 rows.append(pending.popleft())
             self._count(rows)
+            unit_rows, arms = self._units(rows)
             try:
-                self._write(rows)
+                self._write(rows, unit_rows)
             except Exception as err:
                 self._drop(len(rows), f"writing to {safe_url(self.store.db_url)} failed: {err}")
                 if not self._closed.is_set():
                     self._closed.wait(RETRY_AFTER_S)
             else:
                 self.written += len(rows)
+                self._remember(arms)
             with self._done:
                 self._handled += len(rows)
             with self._done:
@@ -363,11 +373,39 @@ class AssignmentLog:
                 counter = self._counters[key] = self._metrics.experiment_requests.labels(*key)
             counter.inc(count)
 
-    def _write(self, rows: list[tuple]) -> None:
+    def _units(self, rows: list[tuple]) -> tuple[list[tuple], dict[tuple[str, str], str]]:
+        """The ``ab_units`` rows of ``rows`` (``_UNIT_COLUMNS``): one for each ``split``
+        row with a unit whose arm differs from the arm last written for its (experiment,
+        unit), and the arms of the batch, to remember once written (:meth:`_remember`)."""
+        known = self._unit_arms
+        arms: dict[tuple[str, str], str] = {}
+        unit_rows = []
+        for row in rows:
+            unit = row[3]
+            if unit is None or row[6] != "split":
+                continue
+            key = (row[1], unit)
+            arm = row[2]
+            if (arms.get(key) or known.get(key)) != arm:
+                arms[key] = arm
+                unit_rows.append((row[1], unit, arm, row[7]))
+        return unit_rows, arms
+
+    def _remember(self, arms: dict[tuple[str, str], str]) -> None:
+        """The arms of unit rows just written (bounded: past ``UNIT_CACHE_SIZE`` the
+        memory starts over, and a unit's next row writes its arm again)."""
+        if not arms:
+            return
+        known = self._unit_arms
+        if len(known) + len(arms) > UNIT_CACHE_SIZE:
+            known.clear()
+        known.update(arms)
+
+    def _write(self, rows: list[tuple], unit_rows: list[tuple]) -> None:
         if self.process is not None:
-            self.process.write(rows)
+            self.process.write((rows, unit_rows))
         else:
-            write_assignments(self.store.engine, self._insert, rows)
+            write_assignments(self.store.engine, self._inserts, rows, unit_rows)
 
     def _drop(self, rows: int, why: str) -> None:
         self._metrics.experiment_dropped.inc(rows)
@@ -378,34 +416,52 @@ class AssignmentLog:
             log.warning("experiments: %d assignment row(s) dropped (%s)", rows, why)
 
 
-def sqlite_insert(engine: Engine) -> str | None:
-    """SQLite: the insert-or-ignore statement that takes the buffered rows as they are
-    (parameters numbered in ``_COLUMNS`` order): SQLite itself turns the ``time.time()``
+def _sqlite_time(mark: str) -> str:
+    """SQL turning the ``time.time()`` bound to ``mark`` into SQLAlchemy's DATETIME text
+    (UTC, microseconds truncated)."""
+    whole = f"CAST({mark} AS INTEGER)"
+    return (
+        f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || "
+        f"printf('.%06d', CAST(({mark} - {whole}) * 1000000 AS INTEGER))"
+    )
+
+
+def sqlite_inserts(engine: Engine) -> tuple[str, str] | None:
+    """SQLite: the statements that take the buffered rows as they are (parameters
+    numbered in ``_COLUMNS`` and ``_UNIT_COLUMNS`` order): the assignments'
+    insert-or-ignore and the units' insert. SQLite itself turns each ``time.time()``
     into SQLAlchemy's DATETIME text (UTC, microseconds) and rounds the latency, so no
     Python code runs per row. None on other databases."""
     if engine.dialect.name != "sqlite":
         return None
     marks = {name: f"?{i}" for i, name in enumerate(_COLUMNS, start=1)}
-    stamp = marks["logged_at"]
-    whole = f"CAST({stamp} AS INTEGER)"
-    marks["logged_at"] = (
-        f"strftime('%Y-%m-%d %H:%M:%S', {whole}, 'unixepoch') || "
-        f"printf('.%06d', CAST(({stamp} - {whole}) * 1000000 AS INTEGER))"
-    )
+    marks["logged_at"] = _sqlite_time(marks["logged_at"])
     marks["latency_ms"] = f"round({marks['latency_ms']}, 3)"
+    unit_marks = {name: f"?{i}" for i, name in enumerate(_UNIT_COLUMNS, start=1)}
+    unit_marks["seen_at"] = _sqlite_time(unit_marks["seen_at"])
     return (
         f"INSERT INTO {assignments.name} ({', '.join(_COLUMNS)}) "
-        f"VALUES ({', '.join(marks.values())}) ON CONFLICT DO NOTHING"
+        f"VALUES ({', '.join(marks.values())}) ON CONFLICT DO NOTHING",
+        f"INSERT INTO {units.name} ({', '.join(_UNIT_COLUMNS)}) "
+        f"VALUES ({', '.join(unit_marks.values())})",
     )
 
 
-def write_assignments(engine: Engine, insert: str | None, rows: list[tuple]) -> None:
-    """Write buffered assignment rows in one transaction (a request id already stored is
-    skipped); on SQLite through the driver's ``executemany`` of the tuples themselves
-    with ``insert`` (:func:`sqlite_insert`)."""
-    if insert is not None:
+def write_assignments(
+    engine: Engine,
+    inserts: tuple[str, str] | None,
+    rows: list[tuple],
+    unit_rows: Sequence[tuple] = (),
+) -> None:
+    """Write buffered assignment rows and their ``ab_units`` rows (``_UNIT_COLUMNS``)
+    in one transaction (a request id already stored is skipped); on SQLite through the
+    driver's ``executemany`` of the tuples themselves with ``inserts``
+    (:func:`sqlite_inserts`)."""
+    if inserts is not None:
         with engine.begin() as conn:
-            conn.exec_driver_sql(insert, rows)
+            conn.exec_driver_sql(inserts[0], rows)
+            if unit_rows:
+                conn.exec_driver_sql(inserts[1], list(unit_rows))
         return
     utc = dt.timezone.utc
     values = [
@@ -416,20 +472,32 @@ def write_assignments(engine: Engine, insert: str | None, rows: list[tuple]) -> 
         }
         for row in rows
     ]
+    unit_values = [
+        {
+            "experiment": experiment,
+            "unit": unit,
+            "arm": arm,
+            "seen_at": dt.datetime.fromtimestamp(stamp, utc),
+        }
+        for experiment, unit, arm, stamp in unit_rows
+    ]
     with engine.begin() as conn:
         insert_new_rows(conn, assignments, values)
+        insert_new_rows(conn, units, unit_values)
 
 
 class AssignmentWriter:
     """The writer process's side (:class:`WriterProcess`): its own connection to the
-    store's database, the rows it is sent written through :func:`write_assignments`."""
+    store's database, the assignment and unit rows it is sent written through
+    :func:`write_assignments`."""
 
     def __init__(self, db_url: str) -> None:
         self.engine = open_database(db_url)
-        self.insert = sqlite_insert(self.engine)
+        self.inserts = sqlite_inserts(self.engine)
 
-    def __call__(self, rows: list[tuple]) -> None:
-        write_assignments(self.engine, self.insert, rows)
+    def __call__(self, payload: tuple[list[tuple], list[tuple]]) -> None:
+        rows, unit_rows = payload
+        write_assignments(self.engine, self.inserts, rows, unit_rows)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -838,7 +906,9 @@ class ExperimentRouter:
     # -- outcomes (blocking: call off the loop) --------------------------------------------
     def record_events(self, items: Sequence[FeedbackEvent]) -> EventReport:
         """Store outcome events next to the assignments they belong to. An event whose
-        request id or unit matches no assignment is stored with arm null and reported."""
+        request id or unit matches no assignment is stored with arm null and reported.
+        A unit's arm is that of its latest ``ab_units`` row (in the event's experiment
+        when it names one): the arm of its latest split assignment."""
         store = self.open_store()
         if self.log is not None:
             self.log.flush()  # rows of requests answered just now are written first
@@ -855,12 +925,10 @@ class ExperimentRouter:
                     found[row.request_id] = (row.experiment, row.arm)
             for key in {(e.experiment, e.unit) for e in items if e.unit is not None}:
                 experiment, unit = key
-                query = select(assignments.c.experiment, assignments.c.arm).where(
-                    assignments.c.unit == unit, assignments.c.mode == "split"
-                )
+                query = select(units.c.experiment, units.c.arm).where(units.c.unit == unit)
                 if experiment is not None:
-                    query = query.where(assignments.c.experiment == experiment)
-                row = conn.execute(query.order_by(assignments.c.id.desc()).limit(1)).first()
+                    query = query.where(units.c.experiment == experiment)
+                row = conn.execute(query.order_by(units.c.id.desc()).limit(1)).first()
                 if row is not None:
                     by_unit[key] = (row.experiment, row.arm)
         now = utc_now()
