@@ -611,6 +611,59 @@ def test_same_unit_same_arm_on_two_servers_and_after_a_restart(
     assert ramped == [expected.assign(u) for u in units]
 
 
+def test_feedback_by_unit_after_a_ramp_and_back_across_two_servers(
+    registry_root: Path, tmp_path: Path
+) -> None:
+    """A unit answered in control by the first server, in the treatment by the second
+    after a ramp, and in control by the first again after the ramp back: its feedback
+    goes to control, the arm of its latest request, although the first server had
+    already written that unit's arm as control before the ramps."""
+    db_url = f"sqlite:///{tmp_path / 'project.db'}"
+    serve = _serve(registry_root, db_url, experiments={"shapes-v2": SPEC})
+    assigner = Assigner("s1", "shapes-v2", SPEC["weights"])
+    mover = next(u for u in (f"mover-{i}" for i in range(100)) if assigner.assign(u) == "control")
+    # units in control before the ramps: they show which ramp a server routes by
+    probes = [u for u in (f"probe-{i}" for i in range(100)) if assigner.assign(u) == "control"]
+
+    def routes(http: httpx.Client, arm: str) -> None:
+        """Wait until ``http``'s server routes by the last ramp (other units probe it)."""
+        deadline = time.monotonic() + 20
+        for probe in probes * 1000:
+            if _infer(http, probe).headers["x-experiment-arm"] == arm:
+                return
+            assert time.monotonic() < deadline, f"the server does not route to {arm}"
+            time.sleep(0.1)
+
+    def written(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while len(_unit_arms(db_url, mover)) < count:
+            assert time.monotonic() < deadline, "the unit's arm was not written"
+            time.sleep(0.05)
+
+    with (
+        RunningServer(serve) as first,
+        RunningServer(serve) as second,
+        httpx.Client(base_url=first.url, timeout=30) as one,
+        httpx.Client(base_url=second.url, timeout=30) as two,
+    ):
+        assert _infer(one, mover).headers["x-experiment-arm"] == "control"
+        written(1)
+        one.post(
+            "/v1/experiments/shapes-v2/ramp", json={"weights": {"control": 0, "treatment": 1}}
+        ).raise_for_status()
+        routes(two, "treatment")
+        assert _infer(two, mover).headers["x-experiment-arm"] == "treatment"
+        written(2)
+        two.post(
+            "/v1/experiments/shapes-v2/ramp", json={"weights": {"control": 1, "treatment": 0}}
+        ).raise_for_status()
+        routes(one, "control")
+        assert _infer(one, mover).headers["x-experiment-arm"] == "control"
+        found = _feedback_arms(one, db_url, [{"unit": mover, "event": "click"}])
+    assert found == [("shapes-v2", "control")]
+    assert _unit_arms(db_url, mover)[-1] == ("shapes-v2", "control")
+
+
 @pytest.fixture(scope="module")
 def slow_v3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``shapes`` retrained much bigger: tens of milliseconds per row."""

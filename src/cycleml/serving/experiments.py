@@ -272,6 +272,9 @@ class AssignmentLog:
         self._counters: dict[tuple[str, str, str], Any] = {}
         # (experiment, unit) -> the arm of its last ab_units row written (writer only)
         self._unit_arms: dict[tuple[str, str], str] = {}
+        # experiments whose remembered arms the writer drops before its next rows
+        # (:meth:`forget`; appended by other threads, emptied by the writer)
+        self._forgotten: deque[str] = deque()
         self.written = 0
         self.dropped = 0
         self._last_warning = 0.0
@@ -314,6 +317,15 @@ class AssignmentLog:
             with self._done:
                 self._flushing -= 1
         return True
+
+    def forget(self, experiment: str) -> None:
+        """Drop the arms remembered for ``experiment``'s units (any thread): each unit's
+        next row writes its arm again. Called when the server routes by a new revision
+        of the experiment, before its rows: another server may have written another arm
+        for a unit since this one wrote the arm it routes the unit to again (a ramp
+        there and back), and the latest ab_units row must be the arm of the latest
+        request."""
+        self._forgotten.append(experiment)
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is buffered (within ``timeout``), then stop the writer (and its
@@ -376,8 +388,15 @@ class AssignmentLog:
     def _units(self, rows: list[tuple]) -> tuple[list[tuple], dict[tuple[str, str], str]]:
         """The ``ab_units`` rows of ``rows`` (``_UNIT_COLUMNS``): one for each ``split``
         row with a unit whose arm differs from the arm last written for its (experiment,
-        unit), and the arms of the batch, to remember once written (:meth:`_remember`)."""
+        unit), and the arms of the batch, to remember once written (:meth:`_remember`).
+        The arms of the experiments :meth:`forget` names are dropped first."""
         known = self._unit_arms
+        if self._forgotten:
+            names = set()
+            while self._forgotten:
+                names.add(self._forgotten.popleft())
+            for key in [key for key in known if key[0] in names]:
+                del known[key]
         arms: dict[tuple[str, str], str] = {}
         unit_rows = []
         for row in rows:
@@ -612,6 +631,8 @@ class ExperimentRouter:
                     continue
                 try:
                     table[model] = ActiveExperiment(spec, self.resolve(spec))
+                    if self.log is not None:  # before the first request of this revision
+                        self.log.forget(spec.name)
                 except ExperimentError as err:
                     if strict_names is not None and spec.name in strict_names:
                         raise
