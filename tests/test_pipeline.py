@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from conftest import compose_config
 from cycleml.errors import ConfigError
@@ -23,7 +23,15 @@ from cycleml.monitoring.log import PredictionLog
 from cycleml.pipeline import state as st
 from cycleml.pipeline.lock import PipelineBusy, PipelineLock
 from cycleml.pipeline.runner import FAILED_EXIT, LOG_FILE, TRIGGER_LOG, model_dir, run_pipeline
-from cycleml.pipeline.stages import ASIDE, NEW, RESUME, REUSE, train_folder_plan
+from cycleml.pipeline.stages import (
+    ASIDE,
+    NEW,
+    RESUME,
+    REUSE,
+    Context,
+    _train_run,
+    train_folder_plan,
+)
 from cycleml.pipeline.triggers import drift_trigger, labels_trigger
 from cycleml.registry import Registry
 from test_serving_support import image_bundle_fixture  # noqa: F401 - registers the fixture
@@ -294,6 +302,66 @@ def test_the_train_folder_an_earlier_launch_left_is_judged_by_its_own_mark(
     assert st.stage_dir_key(folder, "evaluate") is None
     found, reason = train_folder_plan(folder, "k1", recorded)
     assert (found, why in reason) == (action, True), reason
+
+
+@pytest.mark.parametrize(
+    "summary",
+    [
+        b"{",  # not JSON
+        b"\xff\xfe{}",  # not UTF-8
+        b"[]",
+        b'{"run_id": "abc"}',  # no metrics
+        b'{"metrics": [0.5]}',
+        b'{"metrics": {"val/acc": "0.5"}}',
+        b'{"metrics": {"val/acc": null}}',
+        b"[" * 100_000,  # nested deeper than the parser recurses
+    ],
+)
+def test_a_finished_training_whose_summary_cannot_be_read_is_moved_aside(
+    tmp_path: Path, summary: bytes
+) -> None:
+    """A finished training of this key whose summary.json is not what training writes:
+    not reused (its metrics would be wrong or crash the stage), moved aside."""
+    folder = _training(tmp_path / "train", "k1", finished=True, checkpoint="best")
+    (folder / "summary.json").write_bytes(summary)
+    found, reason = train_folder_plan(folder, "k1", "k1")
+    assert found == ASIDE and "summary.json cannot be read" in reason, reason
+
+
+def test_a_stage_mark_that_cannot_be_read_is_no_mark(tmp_path: Path) -> None:
+    folder = _training(tmp_path / "train", None, finished=False, checkpoint="last")
+    for mark in (b"[" * 100_000, b"\xff", b'{"stage": "train", "key": 7}', b"[]"):
+        (folder / st.STAGE_MARK).write_bytes(mark)
+        assert st.stage_dir_key(folder, "train") is None
+        assert train_folder_plan(folder, "k1", "k1")[0] == RESUME
+
+
+@pytest.mark.parametrize("run_info", [b"5", b"[]", b"{", b'"resumed_from"'])
+def test_a_reused_training_reports_what_its_launch_returned_whatever_its_run_info(
+    tmp_path: Path, run_info: bytes
+) -> None:
+    """The stage's outputs for a reused training: its summary's metrics, rounded as a
+    fresh launch rounds them, its best checkpoint, not resumed (an unreadable
+    run_info.json records no resume) and reused."""
+    folder = _training(tmp_path / "train", "k1", finished=True, checkpoint="best")
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (folder / "summary.json").write_text(
+        '{"metrics": {"val/acc": 0.123456, "test/acc": 1, "train/loss": 0.2}}'
+    )
+    (folder / "run_info.json").write_bytes(run_info)
+    cfg = OmegaConf.create({"paths": {"output_dir": None}, "data": {"path": None},
+                            "ckpt_path": None})  # fmt: skip
+    ctx = Context(cfg=cfg, run_dir=tmp_path, run_id="r1", registry=None, champion=None,
+                  outputs={"gather": {"dataset_dir": str(tmp_path / "data")}},
+                  keys={"train": "k1"})  # fmt: skip
+    outputs = _train_run(ctx, folder)
+    assert outputs == {
+        "run_dir": str(folder),
+        "checkpoint": str(folder / "checkpoints" / "best.ckpt"),
+        "metrics": {"val/acc": 0.1235, "test/acc": 1.0},
+        "resumed": False,
+        "reused": True,
+    }
 
 
 def _as_killed_before_recording_train(run_dir: Path) -> None:

@@ -8,6 +8,7 @@ outputs of the stages before it are in ``ctx.outputs``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -192,14 +193,41 @@ def train_folder_plan(out_dir: Path, key: str | None, recorded_key: str | None) 
     if marked != key:
         return ASIDE, "a training of another config or dataset"
     if finished:
-        if train_checkpoint(out_dir).is_file():
-            return REUSE, "the finished training of this config and dataset"
-        return ASIDE, "a finished training of this config and dataset without its checkpoint"
+        if not train_checkpoint(out_dir).is_file():
+            return ASIDE, "a finished training of this config and dataset without its checkpoint"
+        if finished_metrics(out_dir) is None:
+            return ASIDE, (
+                "a finished training of this config and dataset whose summary.json cannot be read"
+            )
+        return REUSE, "the finished training of this config and dataset"
     if resumable:
         return RESUME, "an unfinished training of this config and dataset"
     return ASIDE, (
         "an unfinished training of this config and dataset without a checkpoint to resume from"
     )
+
+
+def _read_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def finished_metrics(run_dir: Path) -> dict[str, float] | None:
+    """The metrics a finished training wrote to its ``summary.json``; None when the file
+    does not hold them as training writes them (a number for each name)."""
+    from cycleml.training.summary import SUMMARY
+
+    summary = _read_object(run_dir / SUMMARY)
+    metrics = None if summary is None else summary.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+    ):
+        return None
+    return {str(k): float(v) for k, v in metrics.items()}
 
 
 def train_checkpoint(run_dir: Path) -> Path:
@@ -212,7 +240,7 @@ def train_checkpoint(run_dir: Path) -> Path:
 
 def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
     from cycleml.training.run import LAST_CKPT
-    from cycleml.training.summary import RUN_INFO, SUMMARY, read_json
+    from cycleml.training.summary import RUN_INFO
     from cycleml.training.train import train
 
     cfg = train_config(ctx, str(out_dir), dataset_dir(ctx))
@@ -221,8 +249,8 @@ def _train_run(ctx: Context, out_dir: Path) -> dict[str, Any]:
     action, why = train_folder_plan(out_dir, key, None if previous is None else previous.key)
     if action == REUSE:
         log.info("train: %s holds %s: reused, not trained again", out_dir, why, extra=CONSOLE)
-        metrics = read_json(out_dir / SUMMARY).get("metrics") or {}
-        if "resumed_from" in read_json(out_dir / RUN_INFO):
+        metrics = finished_metrics(out_dir) or {}  # read by the plan: not None
+        if "resumed_from" in (_read_object(out_dir / RUN_INFO) or {}):
             with open_dict(cfg):  # as the launch that resumed it had it
                 cfg.ckpt_path = str(out_dir)
     else:

@@ -194,7 +194,7 @@ def stage_dir_key(folder: Path, stage: str) -> str | None:
     (a folder written before marks existed, or a mark of another stage)."""
     try:
         mark = json.loads((folder / STAGE_MARK).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
         return None
     if not isinstance(mark, dict) or mark.get("stage") != stage:
         return None
