@@ -88,6 +88,50 @@ def test_binary_tensors_follow_the_json_header() -> None:
 
 
 @pytest.mark.parametrize(
+    "data",
+    [
+        np.random.default_rng(0).integers(0, 256, 3072).tolist(),  # flat pixels
+        [0, 255, 17, 128, 1, 2],
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # floats: read as numpy reads them
+        [[1, 2, 3], [4, 5, 6]],  # nested
+        [1, 2, 3, 4, 5, 2.5],
+    ],
+)
+def test_uint8_json_data_reads_as_numpy_reads_it(data: list) -> None:
+    """The flat-integer shortcut for UINT8 gives the array np.array gives, and every
+    other layout still goes through np.array."""
+    nested = np.array(data)
+    shape = list(nested.shape) if nested.ndim > 1 else [1, nested.size]
+    if nested.size == 3072:
+        shape = [1, 32, 32, 3]
+    body = _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": shape, "data": data}]})
+    array = parse_json_request(body).inputs[0].array
+    expected = np.array(data, dtype=np.uint8).reshape(shape)
+    assert array.dtype == np.uint8
+    assert array.shape == expected.shape
+    assert np.array_equal(array, expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ([256, 0], "cannot be read as UINT8 (Python integer 256 out of bounds"),
+        ([0, -1], "cannot be read as UINT8 (Python integer -1 out of bounds"),
+        ([0, "a"], "cannot be read as UINT8"),
+        ([0, None], "cannot be read as UINT8"),
+        ([0, True], "holds true/false"),
+        ([1, 2], "has 2 elements but shape [3] needs 3"),
+    ],
+)
+def test_bad_uint8_json_data_is_named(data: list, message: str) -> None:
+    shape = [3] if data == [1, 2] else [len(data)]
+    body = _json({"inputs": [{"name": "x", "datatype": "UINT8", "shape": shape, "data": data}]})
+    with pytest.raises(ProtocolError) as err:
+        parse_json_request(body)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
     ("body", "message"),
     [
         (b"{not json", "not valid JSON"),
