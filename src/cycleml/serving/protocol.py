@@ -391,8 +391,7 @@ def _array_from_json(
         else:
             if len(flat) != count:
                 raise ProtocolError(
-                    f"input '{name}' has {len(flat)} elements but shape {list(shape)} "
-                    f"needs {count}"
+                    f"input '{name}' has {len(flat)} elements but shape {list(shape)} needs {count}"
                 )
             return np.frombuffer(flat, dtype=_UINT8).reshape(shape)
     try:
