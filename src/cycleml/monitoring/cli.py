@@ -83,6 +83,9 @@ def _print_summary(report: dict, html_path: Path) -> None:
         print(line)
         for feature, reason in w["skipped"].items():
             print(f"    skipped {feature}: {reason}")
+        for feature, count in w.get("left_out", {}).items():
+            print(f"    {feature}: {count} of {w['rows']} rows have no finite value "
+                  "(NaN, infinite or not logged) and were left out of its test")  # fmt: skip
     print(f"report: {html_path}")
 
 
