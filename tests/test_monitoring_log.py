@@ -432,3 +432,21 @@ def test_labels_no_database_can_store_are_refused_naming_the_row(tmp_path, capsy
     assert problem in result.stderr and result.stderr.endswith("; nothing was attached\n")
     # refused whole: not even the good row before it is attached
     assert list(PredictionLog(url).read("digits", "1").labels) == [None, None]
+
+
+def test_a_request_id_repeated_in_a_labels_table_is_counted(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'monitoring.db'}"
+    PredictionLog(url).write(synthetic_records(2, "req-"))
+    table = tmp_path / "labels.csv"
+    table.write_text("request_id,label\nreq-0,3\nreq-0,5\nreq-1,2\nnope,1\n")
+    result = monitor_here(capsys, tmp_path, "labels", f"input={table}", f"db_url={url}")
+    assert result.returncode == 0, result.stderr
+    # every row is accounted for: 2 attached + 1 unknown + 1 overridden = 4 received
+    assert "attached 2 labels" in result.stdout
+    assert "1 rows repeat the request_id of a later row" in result.stderr
+    assert list(PredictionLog(url).read("digits", "1").labels) == ["5", "2"]
+    as_json = monitor_here(
+        capsys, tmp_path, "labels", f"input={table}", f"db_url={url}", "format=json"
+    )
+    summary = json.loads(as_json.stdout)
+    assert summary["received"] == 4 and summary["rows_overridden_by_a_later_row"] == 1

@@ -241,6 +241,18 @@ def test_bad_trigger_and_stop_after_are_named(pipeline_cfg) -> None:
     assert not model_dir(cfg).exists()
 
 
+def test_bad_aliases_are_named_before_the_first_stage(pipeline_cfg) -> None:
+    # used only at register, gate and promote: found there, after a whole training run
+    cfg = pipeline_cfg("champion_alias=../live")
+    with pytest.raises(ConfigError, match="champion_alias: alias '../live' is not allowed"):
+        run_pipeline(cfg)
+    with pytest.raises(ConfigError, match="challenger_alias: alias is empty"):
+        run_pipeline(pipeline_cfg("challenger_alias=null"))
+    with pytest.raises(ConfigError, match="champion_alias and challenger_alias are both 'live'"):
+        run_pipeline(pipeline_cfg("champion_alias=live", "challenger_alias=live"))
+    assert not model_dir(cfg).exists()
+
+
 def test_stop_after_runs_one_stage_per_launch_in_the_same_run(
     pipeline_cfg, capsys: pytest.CaptureFixture
 ) -> None:

@@ -34,6 +34,29 @@ def test_redact_hides_url_and_query_passwords():
     assert redact_values({"a": [URL, 3], "b": None}) == {"a": [redact(URL), 3], "b": None}
 
 
+def test_redact_hides_a_password_holding_a_raw_at_and_one_after_a_user_at_server():
+    # an '@' should be written %40, but a raw one must not leave the password's tail shown
+    assert redact("postgresql://u:pa@ss_Tail@h:5/db") == "postgresql://u:***@h:5/db"
+    # SQLAlchemy's safe_url of such a URL hides only the part before the first '@'
+    assert redact("postgresql://u:***@ss_Tail@h:5/db") == "postgresql://u:***@h:5/db"
+    # a user name of the form user@server (some cloud databases)
+    assert redact("postgresql://admin@server:s3cret@h/db") == "postgresql://admin@server:***@h/db"
+    # an '@' after the host is not part of the password
+    assert redact("postgresql://u:p@h/db?x=a@b") == "postgresql://u:***@h/db?x=a@b"
+    assert redact("postgresql://admin@server@h:5432/db") == "postgresql://admin@server@h:5432/db"
+
+
+def test_a_raw_at_in_the_password_is_named_without_showing_the_password():
+    from cycleml.db import open_database
+    from cycleml.errors import ConfigError
+
+    with pytest.raises(ConfigError) as raised:
+        open_database("postgresql+psycopg://someone:pa@ss_Tail@127.0.0.1:1/nodb")
+    message = str(raised.value)
+    assert "ss_Tail" not in message and "pa@" not in message
+    assert "%40" in message and "someone:***@127.0.0.1:1/nodb" in message
+
+
 def test_log_records_are_redacted(caplog):
     logger = logging.getLogger("cycleml.test_secrets")
     caplog.handler.addFilter(RedactSecrets())

@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.schema import CreateTable
 
 from cycleml.errors import ConfigError
+from cycleml.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,15 @@ def open_database(
         parsed = make_url(url)
     except exc.ArgumentError as err:
         raise ConfigError(f"db_url '{url}' is not a database URL: {err}") from err
+    if "@" in (parsed.host or ""):
+        # a raw '@' in the password: the URL parses with the rest of the password as
+        # part of the host, which safe_url and the driver's errors would then show
+        shown = redact(url) if isinstance(url, str) else parsed.render_as_string()
+        raise ConfigError(
+            f"db_url '{shown}': more than one '@' before the host; an '@' inside the "
+            "password must be written %40 (or keep the password off the command line: "
+            "PGPASSWORD or ~/.pgpass)"
+        )
     shown = safe_url(parsed)
     if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
         raise ConfigError(

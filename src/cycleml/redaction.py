@@ -17,10 +17,15 @@ from typing import Any, TextIO
 
 HIDDEN = "***"
 
-# scheme://user:password@ — the password runs to the first '@' (one inside a password is
-# written %40, as SQLAlchemy reads it); Hydra
-# writes a multirun's overrides with ':' escaped (scheme\://user\:password@)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s:/@\\]*\\?:)[^\s@]+(?=@)")
+# scheme://user:password@host — the password runs to the last '@' before the host: one
+# inside a password should be written %40, as SQLAlchemy reads it, but a raw one must not
+# leave the rest of the password shown; a user name may hold an '@' (user@server, as some
+# cloud databases name their users). Hydra writes a multirun's overrides with ':' escaped
+# (scheme\://user\:password@)
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s:/\\]*\\?:)"
+    r"(?:[^\s@]|@(?=[^\s@/]*@))+(?=@)"
+)
 # ...?password=secret&... (libpq and SQLAlchemy query parameters)
 _QUERY_PASSWORD = re.compile(r"(?i)(?P<head>[?&](?:password|passwd|pwd)=)[^&\s'\"]+")
 

@@ -83,6 +83,9 @@ def _print_summary(report: dict, html_path: Path) -> None:
         print(line)
         for feature, reason in w["skipped"].items():
             print(f"    skipped {feature}: {reason}")
+        for feature, count in w.get("left_out", {}).items():
+            print(f"    {feature}: {count} of {w['rows']} rows have no finite value "
+                  "(NaN, infinite or not logged) and were left out of its test")  # fmt: skip
     print(f"report: {html_path}")
 
 
@@ -108,6 +111,9 @@ def run_labels(cfg: DictConfig) -> int:
             if problem:  # refused whole: a database would refuse it, or cut it silently
                 raise DataError(f"{cfg.input}: row {row}: {problem}; nothing was attached")
         pairs.append(pair)
+    # a request id given again: its last label counts, and the rows it overrides are
+    # counted (they would otherwise be in neither attached nor unknown)
+    repeated = len(pairs) - len({request_id for request_id, _ in pairs})
     if not pairs:
         raise DataError(f"{cfg.input}: no row has both a request_id and a label")
     prediction_log = PredictionLog(cfg.db_url, must_exist=True)
@@ -115,7 +121,11 @@ def run_labels(cfg: DictConfig) -> int:
         result = prediction_log.attach_labels(pairs)
     finally:
         prediction_log.close()
-    summary = {**result.to_dict(), "rows_without_id_or_label": missing}
+    summary = {
+        **result.to_dict(),
+        "rows_without_id_or_label": missing,
+        "rows_overridden_by_a_later_row": repeated,
+    }
     if cfg.format == "json":
         print(json.dumps(summary, indent=2))
     else:
@@ -126,6 +136,9 @@ def run_labels(cfg: DictConfig) -> int:
                   file=sys.stderr)  # fmt: skip
         if missing:
             print(f"{missing} rows lack a request_id or a label", file=sys.stderr)
+        if repeated:
+            print(f"{repeated} rows repeat the request_id of a later row, whose label was "
+                  "attached instead", file=sys.stderr)  # fmt: skip
     return 0
 
 

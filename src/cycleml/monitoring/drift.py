@@ -71,6 +71,8 @@ class DriftTest:
     adjusted_p_value: float | None = None
     drift: bool = False
     skipped: str | None = None
+    # window rows whose value is not finite (NaN, infinite, or not logged): not tested
+    left_out: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,10 +83,20 @@ def numeric_test(
 ) -> DriftTest:
     """KS up to ``large_window`` rows, normed Wasserstein distance above."""
     reference = reference[np.isfinite(reference)]
-    window = window[np.isfinite(window)]
+    finite = np.isfinite(window)
+    left_out = int(len(window) - finite.sum())
+    window = window[finite]
     large = len(window) > settings.large_window
-    test = DriftTest(feature, "wasserstein" if large else "ks")
+    test = DriftTest(feature, "wasserstein" if large else "ks", left_out=left_out)
+    if not len(window) and left_out:
+        test.skipped = (
+            f"none of the window's {left_out} rows has a finite value (NaN, infinite or "
+            "not logged): nothing to test"
+        )
+        return test
     if _too_small(test, len(reference), len(window), settings.min_rows):
+        if left_out:
+            test.skipped = f"{test.skipped} ({left_out} more rows have no finite value)"
         return test
     if large:
         scale = float(np.std(reference))

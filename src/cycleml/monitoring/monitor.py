@@ -105,6 +105,8 @@ def evaluate_window(
         "drift": drift,
         "drifted": [t.feature for t in tests if t.drift],
         "skipped": {t.feature: t.skipped for t in tests if t.skipped},
+        # rows of a tested feature whose value was not finite, left out of its test
+        "left_out": {t.feature: t.left_out for t in tests if t.left_out and not t.skipped},
         "tests": [t.to_dict() for t in tests],
         "performance": {
             "estimated_accuracy": estimated_accuracy(rows.probabilities, temperature),

@@ -163,7 +163,13 @@ def _window_table(windows: list[dict[str, Any]]) -> str:
             "" if perf["estimated_accuracy"] is None else f"{perf['estimated_accuracy']:.3f}"
         )
         drift = ", ".join(w["drifted"]) if w["drift"] else "no"
-        skipped = "; ".join(f"{k}: {v}" for k, v in w["skipped"].items())
+        skipped = "; ".join(
+            [f"{k}: {v}" for k, v in w["skipped"].items()]
+            + [
+                f"{k}: {n} rows without a finite value left out"
+                for k, n in w.get("left_out", {}).items()
+            ]
+        )
         cells = [w["index"], w["start"] or "", w["end"] or "", w["rows"], drift, estimated,
                  realised, skipped]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -56,6 +56,14 @@ def run_pipeline(cfg: DictConfig) -> int:
 
     name = check_name(cfg.name, "name")
     trigger = check_trigger_name(str(cfg.trigger))
+    # the aliases are used at register, gate and promote: checked before the first stage
+    champion_alias = _checked_alias(cfg, "champion_alias")
+    challenger_alias = _checked_alias(cfg, "challenger_alias")
+    if champion_alias == challenger_alias:
+        raise ConfigError(
+            f"champion_alias and challenger_alias are both '{champion_alias}': the challenger "
+            "needs an alias of its own"
+        )
     stop_after = cfg.get("stop_after")
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise ConfigError(
@@ -76,6 +84,16 @@ def run_pipeline(cfg: DictConfig) -> int:
             registry.close()
     finally:
         lock.release()
+
+
+def _checked_alias(cfg: DictConfig, key: str) -> str:
+    from cycleml.registry import check_alias
+
+    value = cfg.get(key)
+    try:  # as the stages use it: its text (champion_alias=5 is the alias '5')
+        return check_alias(None if value is None else str(value))
+    except CycleMLError as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def _champion(registry: Any, name: str, alias: str) -> Any | None:
