@@ -246,6 +246,22 @@ def test_report_without_events_says_so(tmp_path: Path):
     store.close()
 
 
+def test_an_event_name_with_dollar_signs_is_drawn_as_text(tmp_path: Path):
+    """Event names are whatever clients send to /v1/feedback; one with "$" in the
+    report's metric must not be parsed as matplotlib mathtext (a traceback)."""
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'project.db'}")
+    spec = start(store)
+    simulate(store, spec, 200, {"control": 0.2, "treatment": 0.3}, seed=5)
+    with store.engine.begin() as conn:
+        conn.execute(events.update().values(event="a$^$b <i>"))
+    report = build_report(store, spec.name, ReportSettings(event="a$^$b <i>"))
+    store.close()
+    assert report["arms"]["treatment"]["successes"] > 0
+    _, html_path = write_experiment_report(report, tmp_path / "out")
+    page = html_path.read_text()
+    assert "a$^$b &lt;i&gt; rate per unit" in page and "<i>" not in page
+
+
 def test_shadow_mode_compares_accuracy_on_the_mirrored_requests(tmp_path):
     from cycleml.db import open_database
     from cycleml.monitoring.tables import predictions
