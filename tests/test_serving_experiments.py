@@ -333,6 +333,8 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
             400,
             "sum to more than the largest number",
         ),
+        # a listed spec sent back with a revision that is no count: not a database failure
+        ("put", "/v1/experiments/shapes-v2", {**SPEC, "revision": [1]}, 400, "revision must be"),
         # text PostgreSQL cannot store (NUL) is refused as such, in either database
         ("put", "/v1/experiments/shapes-v2", {**SPEC, "salt": "s\x00"}, 400, "printable"),
         (
