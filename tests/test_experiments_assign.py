@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -117,6 +118,11 @@ def test_ramping_up_treatment_only_moves_control_units_to_treatment() -> None:
         # each weight finite, their sum not
         ({"weights": {"control": 1e308, "treatment": 1e308}}, "sum to more than the largest"),
         ({"extra": 1}, "unknown keys"),
+        # what the admin route lists may come back; a revision that is no count is
+        # the client's error, not a failing database
+        ({"revision": [1]}, "revision must be a whole number"),
+        ({"revision": "abc"}, "revision must be a whole number"),
+        ({"revision": -1}, "revision must be a whole number"),
         ({"name": "bad name"}, "experiment name"),
     ],
 )
@@ -138,6 +144,12 @@ def test_spec_defaults_and_shorthand_unit() -> None:
     assert made.salt == "e1"
     assert made.unit == {"parameter": "uid"}
     assert spec().unit == {"header": "x-user-id"}
+    # a weight of -0.0 is 0 (not shown as "-0" in listings and reports)
+    zero = spec(weights={"control": -0.0, "treatment": 1})
+    assert math.copysign(1.0, zero.weights["control"]) == 1.0
+    # what GET /v1/experiments lists may be sent back as it is
+    listed = {**spec().to_dict(), "revision": 7, "created_at": "2026-01-01T00:00:00+00:00"}
+    assert ExperimentSpec.from_dict(listed).same_setup(spec())
 
 
 def test_store_start_ramp_stop_and_changes(db_url: str) -> None:

@@ -102,3 +102,16 @@ def test_a_prediction_log_without_experiments_lists_none_and_stays_as_it_is(tmp_
         "ab_experiments, ab_experiment_changes, ab_assignments, ab_events; it holds notes): "
         "not a cycleml database; check db_url"
     ]
+
+
+def test_a_failing_command_keeps_the_log_folder_earlier_commands_share(tmp_path):
+    """Every `cycleml experiment` command logs to logs/experiments; one that fails
+    removes no folder it did not make (the log of the commands before it)."""
+    ExperimentStore(f"sqlite:///{tmp_path / 'monitoring.db'}").close()
+    log = tmp_path / "logs" / "experiments" / "experiment.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("an earlier command's line\n")
+    failed = cycleml("experiment", "report", "nope", cwd=tmp_path)
+    assert failed.returncode == 2 and "no experiment named 'nope'" in failed.stderr
+    assert log.read_text().startswith("an earlier command's line\n")
+    assert "no experiment named 'nope'" in log.read_text()  # its own line is kept too

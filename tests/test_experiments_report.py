@@ -246,6 +246,51 @@ def test_report_without_events_says_so(tmp_path: Path):
     store.close()
 
 
+def test_an_event_name_with_dollar_signs_is_drawn_as_text(tmp_path: Path):
+    """Event names are whatever clients send to /v1/feedback; one with "$" in the
+    report's metric must not be parsed as matplotlib mathtext (a traceback)."""
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'project.db'}")
+    spec = start(store)
+    simulate(store, spec, 200, {"control": 0.2, "treatment": 0.3}, seed=5)
+    with store.engine.begin() as conn:
+        conn.execute(events.update().values(event="a$^$b <i>"))
+    report = build_report(store, spec.name, ReportSettings(event="a$^$b <i>"))
+    store.close()
+    assert report["arms"]["treatment"]["successes"] > 0
+    _, html_path = write_experiment_report(report, tmp_path / "out")
+    page = html_path.read_text()
+    assert "a$^$b &lt;i&gt; rate per unit" in page and "<i>" not in page
+
+
+def test_units_in_an_arm_of_weight_0_make_a_mismatch_written_as_strict_json(tmp_path: Path):
+    """An arm that should get no units but got some (a server that had not yet read a
+    ramp to 0): chi-square is infinite, which report.json writes as null, not Infinity."""
+    store = ExperimentStore(f"sqlite:///{tmp_path / 'project.db'}")
+    spec = store.start(
+        ExperimentSpec.from_dict(
+            {
+                "name": "all-control",
+                "model": "digits",
+                "arms": {"control": "digits@champion", "treatment": "digits/2"},
+                "weights": {"control": 1, "treatment": 0},
+            }
+        ),
+        source="cli",
+    )
+    simulate(store, spec, 300, {"control": 0.1, "treatment": 0.1}, seed=4, alternate=True)
+    report = build_report(store, spec.name)
+    store.close()
+    assert report["srm"]["mismatch"] and report["srm"]["chi2"] is None
+    assert report["verdict"]["code"] == "invalid"
+    json_path, html_path = write_experiment_report(report, tmp_path / "out")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    assert json.loads(json_path.read_text(), parse_constant=refuse)["srm"]["chi2"] is None
+    assert "MISMATCH" in html_path.read_text()
+
+
 def test_shadow_mode_compares_accuracy_on_the_mirrored_requests(tmp_path):
     from cycleml.db import open_database
     from cycleml.monitoring.tables import predictions

@@ -333,6 +333,8 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
             400,
             "sum to more than the largest number",
         ),
+        # a listed spec sent back with a revision that is no count: not a database failure
+        ("put", "/v1/experiments/shapes-v2", {**SPEC, "revision": [1]}, 400, "revision must be"),
         # text PostgreSQL cannot store (NUL) is refused as such, in either database
         ("put", "/v1/experiments/shapes-v2", {**SPEC, "salt": "s\x00"}, 400, "printable"),
         (
@@ -343,6 +345,15 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
             "note holds the control character U+0000 at position 1",
         ),
         ("post", "/v1/experiments/shapes-v2/stop", {"note": "\x00"}, 400, "U+0000"),
+        # a misspelled key is named, not dropped (nor the experiment stopped without it)
+        (
+            "post",
+            "/v1/experiments/shapes-v2/ramp",
+            {"weights": {"control": 1}, "notes": "why"},
+            400,
+            "unknown keys ['notes']",
+        ),
+        ("post", "/v1/experiments/shapes-v2/stop", {"nte": "done"}, 400, "unknown keys ['nte']"),
     ]
     for method, path, body, status, message in cases:
         reply = getattr(client, method)(path, json=body)

@@ -62,10 +62,25 @@ def exit_with_user_error(config_name: str, err: CycleMLError, logged: bool = Tru
     raise SystemExit(2) from None
 
 
+# run folders that existed before this process's run started (noted by the UserChecks
+# callback before Hydra creates the folder): a command whose configs give every run the
+# same folder (`cycleml experiment`, `cycleml registry`) shares it with earlier runs
+_EARLIER_RUN_FOLDERS: set[Path] = set()
+
+
+def note_run_folder(folder: Path) -> None:
+    """Note, before a single run starts, whether its run folder is there already."""
+    if folder.is_dir():
+        _EARLIER_RUN_FOLDERS.add(folder.resolve())
+
+
 def _remove_failed_run_folder(folder: Path) -> None:
-    """A failed single run leaves no folder holding only its config and log."""
+    """A failed single run leaves no folder holding only its config and log, when the
+    run made that folder: one that earlier runs share (their log) is kept."""
     from cycleml.training.summary import remove_if_stub
 
+    if folder.resolve() in _EARLIER_RUN_FOLDERS:
+        return
     if remove_if_stub(folder):
         log.info("removed %s: the run failed before writing any result", folder)
 

@@ -22,7 +22,7 @@ from cycleml.accelerators import check_gpus
 from cycleml.config_schema import check_config, check_sweep_values
 from cycleml.errors import ConfigError, CycleMLError
 from cycleml.files import write_atomic
-from cycleml.hydra_app import exit_with_user_error
+from cycleml.hydra_app import exit_with_user_error, note_run_folder
 from cycleml.redaction import redact, redact_logging, redact_values
 
 
@@ -46,6 +46,7 @@ class UserChecks(Callback):
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **_: Any) -> None:
         redact_logging()
         self._check(config, config_name or "", multirun=False)
+        note_run_folder(Path(str(config.hydra.run.dir)))
 
     def on_multirun_start(
         self, config: DictConfig, config_name: str | None = None, **_: Any

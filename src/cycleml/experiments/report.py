@@ -701,16 +701,17 @@ def _figure(report: dict[str, Any]) -> Any:
         with np.errstate(divide="ignore", invalid="ignore"):
             rate = np.where(n > 0, x / n, np.nan)
             half = 1.96 * np.sqrt(rate * (1 - rate) / n)
-        (line,) = left.plot(ends, rate, marker="o", markersize=3, label=arm)
+        (line,) = left.plot(ends, rate, marker="o", markersize=3, label=_plain_text(arm))
         left.fill_between(ends, rate - half, rate + half, alpha=0.15, color=line.get_color())
-    left.set(title=f"cumulative {report['metric']['name']}", xlabel="time (UTC)")
+    # the metric names an event a client sent: "$" must not start matplotlib's mathtext
+    left.set(title=_plain_text(f"cumulative {report['metric']['name']}"), xlabel="time (UTC)")
     left.legend(fontsize=8)
     alpha = report["settings"]["alpha"]
     for arm, series in looks["comparisons"].items():
         right.plot(ends, np.maximum(series["p_value"], 1e-12), linestyle="--",
-                   label=f"{arm}: fixed-horizon p")  # fmt: skip
+                   label=_plain_text(f"{arm}: fixed-horizon p"))  # fmt: skip
         right.plot(ends, np.maximum(series["sequential_p_value"], 1e-12),
-                   label=f"{arm}: sequential p")  # fmt: skip
+                   label=_plain_text(f"{arm}: sequential p"))  # fmt: skip
     right.axhline(alpha, color="red", linestyle=":", label=f"α = {alpha}")
     right.set(yscale="log", title="p-value over time (sequential: valid at every look)",
               xlabel="time (UTC)")  # fmt: skip
@@ -718,3 +719,9 @@ def _figure(report: dict[str, Any]) -> Any:
     for axis in (left, right):
         axis.tick_params(axis="x", labelrotation=30, labelsize=7)
     return figure
+
+
+def _plain_text(text: str) -> str:
+    """``text`` as matplotlib draws it literally: a "$" escaped, so that an event name
+    such as ``a$^$b`` is not parsed as mathtext (which fails on it)."""
+    return text.replace("$", r"\$")

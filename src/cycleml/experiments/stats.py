@@ -152,7 +152,12 @@ class SrmResult:
     mismatch: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON-able form: an infinite chi-square (units in an arm expected to get
+        none) is null, as strict JSON has no Infinity."""
+        values = asdict(self)
+        if not np.isfinite(self.chi2):
+            values["chi2"] = None
+        return values
 
 
 def srm_test(

@@ -92,7 +92,7 @@ def check_weights(
             raise ExperimentError(
                 f"experiment '{name}': weight of arm '{arm}' must be finite and ≥ 0, got {value}"
             )
-        checked[arm] = float(value)
+        checked[arm] = float(value) + 0.0  # -0.0 is stored and shown as 0
     if partial:
         return checked
     try:
@@ -215,6 +215,16 @@ class ExperimentSpec:
             raise ExperimentError(
                 f"experiment '{exp}': status must be one of {STATUSES}, got {status!r}"
             )
+        # what GET /v1/experiments lists may be sent back as it is: its revision is
+        # kept as given (the store counts its own), but must be a count
+        revision = data.get("revision", 0)
+        if revision is None:
+            revision = 0
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+            raise ExperimentError(
+                f"experiment '{exp}': revision must be a whole number ≥ 0 (or left out: "
+                f"the store counts the revisions), got {revision!r}"
+            )
         return cls(
             name=exp,
             model=model,
@@ -224,7 +234,7 @@ class ExperimentSpec:
             salt=salt,
             mode=mode,
             status=status,
-            revision=int(data.get("revision", 0) or 0),
+            revision=revision,
         )
 
     def to_dict(self) -> dict[str, Any]:

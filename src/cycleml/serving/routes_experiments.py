@@ -96,7 +96,7 @@ async def ramp_experiment(request: Request, name: str) -> Response:
         body = await _json(request, required=True)
         if not isinstance(body, dict) or "weights" not in body:
             raise ProtocolError('send {"weights": {arm: number, ...}, "note": "..."}')
-        note = _note(body)
+        note = _note(body, {"weights", "note"})
     except Exception as err:
         return error_response(err, state_of(request).settings)[1]
     return await _run(request, lambda r: r.ramp(name, body["weights"], note).to_dict())
@@ -106,15 +106,20 @@ async def ramp_experiment(request: Request, name: str) -> Response:
 async def stop_experiment(request: Request, name: str) -> Response:
     try:
         body = await _json(request, required=False)
-        note = _note(body)
+        note = _note(body, {"note"})
     except Exception as err:
         return error_response(err, state_of(request).settings)[1]
     return await _run(request, lambda r: r.stop(name, note).to_dict())
 
 
-def _note(body: Any) -> str:
+def _note(body: Any, allowed: set[str]) -> str:
+    """The note of a ramp or stop body; a key it does not know (a misspelled ``note``)
+    is refused rather than dropped."""
     if not isinstance(body, dict):
         raise ProtocolError("the body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ProtocolError(f"unknown keys {unknown} in the body; allowed: {sorted(allowed)}")
     note = body.get("note", "")
     if not isinstance(note, str) or len(note) > 1000:
         raise ProtocolError("note must be text of at most 1000 characters")
