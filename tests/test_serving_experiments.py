@@ -413,6 +413,7 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         "unknown": 2,
         "unknown_request_ids": ["never-served"],
         "unknown_units": ["stranger"],
+        "mismatched_request_ids": [],
     }
     engine = create_engine(server.db_url)
     with engine.connect() as conn:
@@ -441,6 +442,36 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         reply = client.post("/v1/feedback", json=item)
         assert reply.status_code == 400, item
         assert "feedback" in reply.json()["error"]
+
+
+def test_feedback_naming_another_experiment_than_the_requests_is_reported(
+    client: httpx.Client, server: Any
+) -> None:
+    reply = client.post(
+        "/v2/models/shapes/infer",
+        json=v2_body(PIXELS),
+        headers={"X-User-Id": "mixer", "X-Request-Id": "mix-1"},
+    )
+    assert reply.status_code == 200, reply.text
+    feedback = client.post(
+        "/v1/feedback",
+        json=[
+            {"request_id": "mix-1", "event": "click", "experiment": "some-other-test"},
+            {"request_id": "mix-1", "event": "view", "experiment": "shapes-v2"},
+        ],
+    )
+    assert feedback.status_code == 200, feedback.text
+    answer = feedback.json()
+    assert answer["received"] == 2 and answer["unknown"] == 0
+    assert answer["mismatched_request_ids"] == ["mix-1"]
+    engine = create_engine(server.db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(select(events).where(events.c.request_id == "mix-1")).all()
+    engine.dispose()
+    # kept, under the request's own experiment and arm
+    assert sorted(e.event for e in stored) == ["click", "view"]
+    arm = Assigner("s1", "shapes-v2", SPEC["weights"]).assign("mixer")
+    assert {(e.experiment, e.arm) for e in stored} == {("shapes-v2", arm)}
 
 
 def _feedback_arms(
