@@ -33,6 +33,8 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving import app as serving_app
 from cycleml.serving.app import create_app
+from cycleml.serving.protocol import ProtocolError
+from cycleml.serving.routes_feedback import parse_feedback_items
 from test_predict_support import DATABASES, POSTGRES_URL
 from test_registry_support import postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
@@ -434,6 +436,7 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
     bad = [
         {"request_id": "buy-0", "unit": "u", "event": "click"},
         {"request_id": "buy-0", "event": ""},
+        {"request_id": "buy-0", "event": "   "},
         {"request_id": "buy-0", "event": "click", "value": "high"},
         {"unit": 7, "event": "click"},
         {"unit": "u" * 300, "event": "click"},
@@ -442,6 +445,8 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         reply = client.post("/v1/feedback", json=item)
         assert reply.status_code == 400, item
         assert "feedback" in reply.json()["error"]
+    blank = client.post("/v1/feedback", json={"request_id": "buy-0", "event": "  "})
+    assert blank.status_code == 400 and "only whitespace" in blank.json()["error"]
 
 
 def test_feedback_naming_another_experiment_than_the_requests_is_reported(
@@ -1251,3 +1256,12 @@ def test_an_arm_whose_version_does_not_load_is_tried_again_only_once_its_files_c
         finally:
             store.close()
             http.close()
+
+
+def test_an_event_name_of_only_whitespace_is_refused() -> None:
+    for name in (" ", "   ", "\u00a0\u2003"):
+        body = json.dumps({"request_id": "r-1", "event": name}).encode()
+        with pytest.raises(ProtocolError, match="event must be a name, got only whitespace"):
+            parse_feedback_items(body)
+    _, events = parse_feedback_items(b'{"request_id": "r-1", "event": "click"}')
+    assert events[0].event == "click"

@@ -1007,6 +1007,8 @@ def parse_event(item: Mapping[str, Any], where: str) -> FeedbackEvent:
     event = item["event"]
     if not isinstance(event, str) or not event or len(event) > 64:
         raise ProtocolError(f"{where}: event must be a name of 1 to 64 characters, got {event!r}")
+    if not event.strip():
+        raise ProtocolError(f"{where}: event must be a name, got only whitespace {event!r}")
     value = item.get("value", 1.0)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ProtocolError(f"{where}: value must be a finite number, got {value!r}")
