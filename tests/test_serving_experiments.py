@@ -356,12 +356,23 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
             "unknown keys ['notes']",
         ),
         ("post", "/v1/experiments/shapes-v2/stop", {"nte": "done"}, 400, "unknown keys ['nte']"),
+        # PUT starts: a spec marked stopped is refused, neither started nor stored
+        (
+            "put",
+            "/v1/experiments/shapes-v2",
+            {**SPEC, "status": "stopped"},
+            400,
+            "use POST /v1/experiments/shapes-v2/stop",
+        ),
+        ("put", "/v1/experiments/quiet", {**SPEC, "status": "stopped"}, 400, "to stop it"),
     ]
     for method, path, body, status, message in cases:
         reply = getattr(client, method)(path, json=body)
         assert reply.status_code == status, (path, reply.text)
         assert message in reply.json()["error"], reply.text
-    current = client.get("/v1/experiments").json()["experiments"][0]
+    listed = client.get("/v1/experiments").json()["experiments"]
+    assert [e["name"] for e in listed] == ["shapes-v2"]
+    current = listed[0]
     assert (current["status"], current["salt"]) == ("running", "s1")
     assert current["weights"] == {"control": 0.5, "treatment": 0.5}
     assert client.put("/v1/experiments/shapes-v2", json=SPEC).status_code == 200

@@ -736,9 +736,16 @@ class ExperimentRouter:
         self.repository.keep_for_experiments(wanted)
 
     def put(self, name: str, values: object) -> ExperimentSpec:
-        """Start or update an experiment from the admin route (blocking)."""
-        store = self.open_store()
+        """Start or update an experiment from the admin route (blocking). A spec with
+        ``"status": "stopped"`` is refused (an ExperimentError: a 400): this route
+        stores the experiment running, stopping is the stop route's."""
         spec = ExperimentSpec.from_dict(values, name=name)
+        if spec.status == "stopped":
+            raise ExperimentError(
+                f"experiment '{name}': PUT starts or updates an experiment (it runs); "
+                f'to stop it, use POST /v1/experiments/{name}/stop (drop "status": "stopped")'
+            )
+        store = self.open_store()
         self.resolve(spec, retry_failed=True)  # asked for: a failed version is tried again
         stored = store.start(spec, source="admin")
         self.refresh()
