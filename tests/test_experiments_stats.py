@@ -209,3 +209,25 @@ def test_verdict_without_a_difference_names_the_units_still_needed() -> None:
     worse = stats.compare("control", "treatment", 1200, 10_000, 1000, 10_000)
     assert stats.verdict([worse], None).code == "control_wins"
     assert stats.verdict([worse], None, higher_is_better=False).code == "treatment_wins"
+
+
+def test_an_arm_ramped_to_weight_0_splits_no_alpha_and_sets_no_units_needed() -> None:
+    ramped_out = stats.compare("control", "t1", 1000, 10_000, 10, 100)  # stopped early
+    live = stats.compare("control", "t2", 1000, 10_000, 1085, 10_000)  # p ≈ 0.049
+    both = [ramped_out, live]
+    # two live treatments: alpha / 2, no winner
+    assert stats.verdict(both, None, test="fixed").code == "no_difference_yet"
+    decided = stats.verdict(both, None, test="fixed", idle_arms=["t1"])
+    assert decided.code == "treatment_wins" and decided.arm == "t2"
+    assert "< 0.05" in decided.text
+    # the units still needed: from the arms that still get units, not t1's 100
+    tiny = stats.compare("control", "t2", 1000, 10_000, 1001, 10_000)
+    waiting = stats.verdict([ramped_out, tiny], None, test="fixed", idle_arms=["t1"])
+    assert waiting.code == "no_difference_yet"
+    assert waiting.remaining_units == max(0, waiting.needed_per_arm - 10_000)
+    assert waiting.needed_per_arm == stats.sample_size_fixed(0.10, 0.01, 0.05)
+    # every treatment ramped out: the verdict still reads them all
+    assert stats.verdict(both, None, test="fixed", idle_arms=["t1", "t2"]).code == (
+        "no_difference_yet"
+    )
+    assert stats.judged_comparisons(both, ["t1", "t2"]) == both

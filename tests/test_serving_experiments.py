@@ -33,6 +33,8 @@ from cycleml.inference import Predictor, load_bundle
 from cycleml.registry import Registry
 from cycleml.serving import app as serving_app
 from cycleml.serving.app import create_app
+from cycleml.serving.protocol import ProtocolError
+from cycleml.serving.routes_feedback import parse_feedback_items
 from test_predict_support import DATABASES, POSTGRES_URL
 from test_registry_support import postgres_schema_url
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
@@ -354,12 +356,23 @@ def test_admin_ramp_stop_and_bad_changes(client: httpx.Client, server: Any) -> N
             "unknown keys ['notes']",
         ),
         ("post", "/v1/experiments/shapes-v2/stop", {"nte": "done"}, 400, "unknown keys ['nte']"),
+        # PUT starts: a spec marked stopped is refused, neither started nor stored
+        (
+            "put",
+            "/v1/experiments/shapes-v2",
+            {**SPEC, "status": "stopped"},
+            400,
+            "use POST /v1/experiments/shapes-v2/stop",
+        ),
+        ("put", "/v1/experiments/quiet", {**SPEC, "status": "stopped"}, 400, "to stop it"),
     ]
     for method, path, body, status, message in cases:
         reply = getattr(client, method)(path, json=body)
         assert reply.status_code == status, (path, reply.text)
         assert message in reply.json()["error"], reply.text
-    current = client.get("/v1/experiments").json()["experiments"][0]
+    listed = client.get("/v1/experiments").json()["experiments"]
+    assert [e["name"] for e in listed] == ["shapes-v2"]
+    current = listed[0]
     assert (current["status"], current["salt"]) == ("running", "s1")
     assert current["weights"] == {"control": 0.5, "treatment": 0.5}
     assert client.put("/v1/experiments/shapes-v2", json=SPEC).status_code == 200
@@ -413,6 +426,7 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         "unknown": 2,
         "unknown_request_ids": ["never-served"],
         "unknown_units": ["stranger"],
+        "mismatched_request_ids": [],
     }
     engine = create_engine(server.db_url)
     with engine.connect() as conn:
@@ -433,6 +447,7 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
     bad = [
         {"request_id": "buy-0", "unit": "u", "event": "click"},
         {"request_id": "buy-0", "event": ""},
+        {"request_id": "buy-0", "event": "   "},
         {"request_id": "buy-0", "event": "click", "value": "high"},
         {"unit": 7, "event": "click"},
         {"unit": "u" * 300, "event": "click"},
@@ -441,6 +456,38 @@ def test_outcome_events_attach_to_assignments_and_unknown_ones_are_reported(
         reply = client.post("/v1/feedback", json=item)
         assert reply.status_code == 400, item
         assert "feedback" in reply.json()["error"]
+    blank = client.post("/v1/feedback", json={"request_id": "buy-0", "event": "  "})
+    assert blank.status_code == 400 and "only whitespace" in blank.json()["error"]
+
+
+def test_feedback_naming_another_experiment_than_the_requests_is_reported(
+    client: httpx.Client, server: Any
+) -> None:
+    reply = client.post(
+        "/v2/models/shapes/infer",
+        json=v2_body(PIXELS),
+        headers={"X-User-Id": "mixer", "X-Request-Id": "mix-1"},
+    )
+    assert reply.status_code == 200, reply.text
+    feedback = client.post(
+        "/v1/feedback",
+        json=[
+            {"request_id": "mix-1", "event": "click", "experiment": "some-other-test"},
+            {"request_id": "mix-1", "event": "view", "experiment": "shapes-v2"},
+        ],
+    )
+    assert feedback.status_code == 200, feedback.text
+    answer = feedback.json()
+    assert answer["received"] == 2 and answer["unknown"] == 0
+    assert answer["mismatched_request_ids"] == ["mix-1"]
+    engine = create_engine(server.db_url)
+    with engine.connect() as conn:
+        stored = conn.execute(select(events).where(events.c.request_id == "mix-1")).all()
+    engine.dispose()
+    # kept, under the request's own experiment and arm
+    assert sorted(e.event for e in stored) == ["click", "view"]
+    arm = Assigner("s1", "shapes-v2", SPEC["weights"]).assign("mixer")
+    assert {(e.experiment, e.arm) for e in stored} == {("shapes-v2", arm)}
 
 
 def _feedback_arms(
@@ -1220,3 +1267,12 @@ def test_an_arm_whose_version_does_not_load_is_tried_again_only_once_its_files_c
         finally:
             store.close()
             http.close()
+
+
+def test_an_event_name_of_only_whitespace_is_refused() -> None:
+    for name in (" ", "   ", "\u00a0\u2003"):
+        body = json.dumps({"request_id": "r-1", "event": name}).encode()
+        with pytest.raises(ProtocolError, match="event must be a name, got only whitespace"):
+            parse_feedback_items(body)
+    _, events = parse_feedback_items(b'{"request_id": "r-1", "event": "click"}')
+    assert events[0].event == "click"

@@ -194,10 +194,21 @@ def build_report(
         )  # fmt: skip
         comparisons.append(comparison)
         over_time[arm] = {"p_value": fixed.tolist(), "sequential_p_value": sequential.tolist()}
+    # arms ramped to weight 0 get no units now: their data are shown, but they neither
+    # split alpha with the others nor set the units still needed
+    idle = sorted(arm for arm in arms if not spec.weights.get(arm, 0) > 0)
+    judged = {c.treatment for c in stats.judged_comparisons(comparisons, idle)}
+    level = settings.alpha / max(1, len(judged))
+    left_out = [arm for arm in treatments if arm not in judged]
+    if left_out:
+        notes.append(
+            f"weight 0 now: {', '.join(left_out)} (ramped out); shown, but not part of "
+            "the verdict nor of the split of alpha over the treatments"
+        )
     verdict = stats.verdict(
         comparisons, srm, alpha=settings.alpha, test=settings.test,
         min_effect=settings.min_effect, power=settings.power, tau=tau,
-        higher_is_better=settings.higher_is_better,
+        higher_is_better=settings.higher_is_better, idle_arms=idle,
     )  # fmt: skip
     guardrails = _guardrails(calls, spec, settings)
     verdict_dict = verdict.to_dict()
@@ -224,9 +235,9 @@ def build_report(
         "comparisons": [
             {
                 **c.to_dict(),
-                "significant_fixed": c.p_value < settings.alpha / max(1, len(treatments)),
-                "significant_sequential": c.sequential_p_value
-                < settings.alpha / max(1, len(treatments)),
+                "significant_fixed": c.p_value < level,
+                "significant_sequential": c.sequential_p_value < level,
+                "in_verdict": c.treatment in judged,
             }
             for c in comparisons
         ],

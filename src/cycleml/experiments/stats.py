@@ -23,7 +23,7 @@ thousands of experiments at once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -386,11 +386,17 @@ def verdict(
     power: float = 0.8,
     tau: float = DEFAULT_TAU,
     higher_is_better: bool = True,
+    idle_arms: Collection[str] = (),
 ) -> Verdict:
     """Invalid on a sample-ratio mismatch; else a winner when the chosen test
     (``sequential`` or ``fixed``) is significant at ``alpha`` two-sided — split by
     Bonferroni over several treatment arms — else "no detectable difference yet"
-    with the units still needed to detect ``min_effect`` with ``power``."""
+    with the units still needed to detect ``min_effect`` with ``power``.
+
+    ``idle_arms``: the arms that get no units now (weight 0, ramped out). A treatment
+    among them takes no part in the verdict nor in the split of ``alpha`` (unless every
+    treatment is idle: then all of them do), and no idle arm sets the units still
+    needed (it gets no more)."""
     if test not in TESTS:
         raise ConfigError(f"test={test!r}: expected one of {', '.join(TESTS)}")
     if srm is not None and srm.mismatch:
@@ -404,6 +410,8 @@ def verdict(
         )
     if not comparisons:
         return Verdict("no_difference_yet", "no treatment arm to compare with the control")
+    idle = set(idle_arms)
+    comparisons = judged_comparisons(comparisons, idle)
     level = alpha / len(comparisons)
     chosen = [c.sequential_p_value if test == "sequential" else c.p_value for c in comparisons]
     diffs = [c.difference if c.difference is not None else 0.0 for c in comparisons]
@@ -427,7 +435,16 @@ def verdict(
             f"{_p_of(worst, test):.2g} < {level:.3g})",
             arm=worst.control,
         )
-    return _not_yet(comparisons, level, test, min_effect, power, tau, losers)
+    return _not_yet(comparisons, level, test, min_effect, power, tau, losers, idle)
+
+
+def judged_comparisons(
+    comparisons: list[ArmComparison], idle_arms: Collection[str]
+) -> list[ArmComparison]:
+    """The comparisons the verdict judges (and splits ``alpha`` over): those of the
+    treatments that still get units, or all of them when none does."""
+    live = [c for c in comparisons if c.treatment not in idle_arms]
+    return live or list(comparisons)
 
 
 def _p_of(comparison: ArmComparison, test: str) -> float:
@@ -443,7 +460,7 @@ def _change(c: ArmComparison) -> str:
 
 def _not_yet(
     comparisons: list[ArmComparison], level: float, test: str, min_effect: float,
-    power: float, tau: float, losers: list[ArmComparison],
+    power: float, tau: float, losers: list[ArmComparison], idle: Collection[str] = (),
 ) -> Verdict:  # fmt: skip
     text = "no detectable difference yet"
     if losers:
@@ -460,7 +477,9 @@ def _not_yet(
             needed = sample_size_fixed(base, min_effect, level, power)
     except ConfigError as err:
         return Verdict("no_difference_yet", f"{text} (no sample size: {err})")
-    have = min([first.n_control, *(c.n_treatment for c in comparisons)])
+    counts = {first.control: first.n_control, **{c.treatment: c.n_treatment for c in comparisons}}
+    # an arm that gets no units now never catches up: the others set what is missing
+    have = min([n for arm, n in counts.items() if arm not in idle] or counts.values())
     remaining = max(0, needed - have)
     if remaining:
         text += (

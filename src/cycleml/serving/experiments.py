@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -243,6 +243,9 @@ class EventReport:
     attached: int
     unknown_request_ids: list[str]
     unknown_units: list[str]
+    # request ids whose item named another experiment than the request's own: stored
+    # under the request's experiment and arm (the assignment the id names), reported
+    mismatched_request_ids: list[str] = field(default_factory=list)
 
 
 class AssignmentLog:
@@ -733,9 +736,16 @@ class ExperimentRouter:
         self.repository.keep_for_experiments(wanted)
 
     def put(self, name: str, values: object) -> ExperimentSpec:
-        """Start or update an experiment from the admin route (blocking)."""
-        store = self.open_store()
+        """Start or update an experiment from the admin route (blocking). A spec with
+        ``"status": "stopped"`` is refused (an ExperimentError: a 400): this route
+        stores the experiment running, stopping is the stop route's."""
         spec = ExperimentSpec.from_dict(values, name=name)
+        if spec.status == "stopped":
+            raise ExperimentError(
+                f"experiment '{name}': PUT starts or updates an experiment (it runs); "
+                f'to stop it, use POST /v1/experiments/{name}/stop (drop "status": "stopped")'
+            )
+        store = self.open_store()
         self.resolve(spec, retry_failed=True)  # asked for: a failed version is tried again
         stored = store.start(spec, source="admin")
         self.refresh()
@@ -928,6 +938,8 @@ class ExperimentRouter:
     def record_events(self, items: Sequence[FeedbackEvent]) -> EventReport:
         """Store outcome events next to the assignments they belong to. An event whose
         request id or unit matches no assignment is stored with arm null and reported.
+        An event whose request id belongs to another experiment than the one the item
+        names is stored with the request's experiment and arm, and reported.
         A unit's arm is that of its latest ``ab_units`` row (in the event's experiment
         when it names one): the arm of its latest split assignment."""
         store = self.open_store()
@@ -956,11 +968,14 @@ class ExperimentRouter:
         rows = []
         unknown_ids: list[str] = []
         unknown_units: list[str] = []
+        mismatched_ids: list[str] = []
         for item in items:
             if item.request_id is not None:
                 match = found.get(item.request_id)
                 if match is None:
                     unknown_ids.append(item.request_id)
+                elif item.experiment is not None and item.experiment != match[0]:
+                    mismatched_ids.append(item.request_id)
             else:
                 assert item.unit is not None
                 match = by_unit.get((item.experiment, item.unit))
@@ -982,7 +997,9 @@ class ExperimentRouter:
         unknown = len(unknown_ids) + len(unknown_units)
         if unknown:
             self.metrics.feedback_unknown.inc(unknown)
-        return EventReport(len(items), len(items) - unknown, unknown_ids, unknown_units)
+        return EventReport(
+            len(items), len(items) - unknown, unknown_ids, unknown_units, mismatched_ids
+        )
 
 
 def parse_event(item: Mapping[str, Any], where: str) -> FeedbackEvent:
@@ -997,6 +1014,8 @@ def parse_event(item: Mapping[str, Any], where: str) -> FeedbackEvent:
     event = item["event"]
     if not isinstance(event, str) or not event or len(event) > 64:
         raise ProtocolError(f"{where}: event must be a name of 1 to 64 characters, got {event!r}")
+    if not event.strip():
+        raise ProtocolError(f"{where}: event must be a name, got only whitespace {event!r}")
     value = item.get("value", 1.0)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ProtocolError(f"{where}: value must be a finite number, got {value!r}")

@@ -1,7 +1,8 @@
 """Admin routes of the A/B experiments: list, start or update, ramp, stop.
 
 ``GET /v1/experiments`` lists them; ``PUT /v1/experiments/{name}`` starts or updates
-one from a JSON spec (an arm's version that is not served yet is loaded first);
+one from a JSON spec, running (an arm's version that is not served yet is loaded first;
+a spec with ``"status": "stopped"`` is refused: stopping is the stop route's);
 ``POST /v1/experiments/{name}/ramp`` takes ``{"weights": {arm: number}, "note": "..."}``
 and ``POST /v1/experiments/{name}/stop`` takes an optional ``{"note": "..."}``. Each
 change is written to the experiments' store (and its change history) and routes at

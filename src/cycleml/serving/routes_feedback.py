@@ -6,7 +6,9 @@ attaches a true label (a class name) to a logged prediction.
 records an outcome of an A/B experiment next to the request's (or the unit's latest)
 assignment, in ``ab_events``. The answer counts what was attached and names every
 request id (and unit) that matches nothing: such events are stored with arm null and
-counted in ``cycleml_feedback_unknown_total``, never dropped silently.
+counted in ``cycleml_feedback_unknown_total``, never dropped silently. An event whose
+request id belongs to another experiment than the one the item names is stored under
+the request's experiment and arm and its request id listed in ``mismatched_request_ids``.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ async def feedback(request: Request) -> Response:
         answer["unknown"] += len(outcome.unknown_request_ids) + len(outcome.unknown_units)
         answer["unknown_request_ids"] += outcome.unknown_request_ids
         answer["unknown_units"] = outcome.unknown_units
+        answer["mismatched_request_ids"] = outcome.mismatched_request_ids
     return json_response(answer)
 
 
