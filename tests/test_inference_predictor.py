@@ -137,9 +137,22 @@ def test_top_k_ranks_best_first_lower_id_on_ties():
     assert Predictor.top_k(probabilities, 0)[0].tolist() == [[1], [0]]
 
 
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_undecodable_images_raise_data_error(image_predictor):
-    with pytest.raises(DataError, match="cannot decode image"):
+    with pytest.raises(DataError, match="cannot decode image") as err:
         image_predictor.preprocess_image(b"definitely not an image")
+    # the same text on every run: no in-memory object's address in it
+    assert str(err.value) == "cannot decode image: not an image, or in a format Pillow cannot read"
+    truncated = _png_bytes()[:400]
+    with pytest.raises(DataError, match="cannot decode image") as err:
+        image_predictor.preprocess_image(truncated)
+    assert " at 0x" not in str(err.value)
     with pytest.raises(DataError, match="empty data"):
         image_predictor.preprocess_image(b"")
     with pytest.raises(DataError, match="must be uint8"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,10 @@ _DECODE_ERRORS = (
     SyntaxError,
     Image.DecompressionBombError,
 )
+
+# an object's address in an error's text (``<_io.BytesIO object at 0x7f...>``): it differs
+# from run to run and tells the user nothing
+_OBJECT_ADDRESS = re.compile(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 # how an image is brought to the model's size: the whole image, its aspect ratio not
@@ -120,8 +125,14 @@ class ImagePreprocessor:
             with Image.open(io.BytesIO(item)) as pil:
                 pil.load()
                 return self._from_pil(pil)
+        except UnidentifiedImageError as err:
+            # Pillow's own text names an in-memory object by its address
+            raise DataError(
+                "cannot decode image: not an image, or in a format Pillow cannot read"
+            ) from err
         except _DECODE_ERRORS as err:
-            raise DataError(f"cannot decode image: {type(err).__name__}: {err}") from err
+            text = _OBJECT_ADDRESS.sub("", str(err))
+            raise DataError(f"cannot decode image: {type(err).__name__}: {text}") from err
 
     def decode_file(self, path: str | os.PathLike[str]) -> np.ndarray:
         """One image file. It is read in one call and decoded from memory, which for
