@@ -211,3 +211,18 @@ def test_configured_experiment_keeps_its_ramps_across_restarts(db_url: str) -> N
     assert changed.status == "running" and changed.salt == "s2"
     assert store.changes("new-digits")[-1]["action"] == "start"
     assert store.changes("new-digits")[-1]["note"] == "configuration changed"
+
+
+def test_a_spec_saying_stopped_does_not_start_an_experiment(db_url: str) -> None:
+    store = ExperimentStore(db_url)
+    stopped = ExperimentSpec.from_dict({**spec().to_dict(), "status": "stopped"})
+    for call in (store.start, store.ensure):
+        with pytest.raises(ExperimentError, match="status 'stopped' in a spec that starts it"):
+            call(stopped, source="config")
+    assert store.list() == []  # nothing stored, nothing running
+    # the same spec once stopped by a command stays stopped; the config cannot run it
+    store.ensure(spec(), source="config")
+    store.stop("new-digits", source="cli")
+    with pytest.raises(ExperimentError, match="cycleml experiment stop"):
+        store.ensure(stopped, source="config")
+    assert store.get("new-digits").status == "stopped"

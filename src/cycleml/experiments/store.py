@@ -347,6 +347,18 @@ def _add_units(engine: Engine) -> None:
         return
 
 
+def _refuse_stopped(spec: ExperimentSpec) -> None:
+    """A spec that starts an experiment (or configures one) cannot say it is stopped:
+    starting it would silently run it."""
+    if spec.status == "stopped":
+        raise ExperimentError(
+            f"experiment '{spec.name}': status 'stopped' in a spec that starts it; leave "
+            f"status out, and stop a running experiment with `cycleml experiment stop "
+            f"name={spec.name}` (or POST /v1/experiments/{spec.name}/stop): a stopped "
+            "experiment stays stopped across server restarts"
+        )
+
+
 class ExperimentStore:
     """Experiments in the database at ``db_url`` (tables created on first use).
 
@@ -399,6 +411,7 @@ class ExperimentStore:
         """
         _check_source(source)
         spec = ExperimentSpec.from_dict(spec.to_dict())  # re-check a hand-made spec
+        _refuse_stopped(spec)
         now = utc_now()
         with self.engine.begin() as conn:
             clash = conn.execute(
@@ -450,6 +463,7 @@ class ExperimentStore:
         stored with the same setup (model, arms, unit, salt, mode) stays as stored, so
         its ramps and its stop survive restarts; one whose setup changed is updated
         (and runs)."""
+        _refuse_stopped(spec)
         for attempt in range(2):
             try:
                 current = self.get(spec.name)
