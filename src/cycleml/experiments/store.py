@@ -311,6 +311,8 @@ def _add_units(engine: Engine) -> None:
     the write lock first, so one of them does it and the others find the table; a
     PostgreSQL server that loses the race fails its CREATE and finds the table when it
     tries again."""
+    if inspect(engine).has_table(units.name):
+        return  # the usual case: no write lock taken, no statement built
     a = assignments.c
     latest = (
         select(func.max(a.id))
@@ -321,8 +323,6 @@ def _add_units(engine: Engine) -> None:
         ["experiment", "unit", "arm", "seen_at"],
         select(a.experiment, a.unit, a.arm, a.logged_at).where(a.id.in_(latest)).order_by(a.id),
     )
-    if inspect(engine).has_table(units.name):
-        return  # the usual case: no write lock taken
     for attempt in range(1, _ADD_UNITS_ATTEMPTS + 1):
         try:
             with engine.begin() as conn:
