@@ -20,6 +20,7 @@ from cycleml.serving.cli import settings_from_config
 from cycleml.serving.metrics import ServingMetrics
 from cycleml.serving.repository import ModelNotFound, ModelRepository
 from cycleml.serving.served_model import ServedModel
+from cycleml.serving.server import use_gil_switch_interval
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
     binary_body,
@@ -40,12 +41,20 @@ def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
         "port=9001",
         "runtime.instances=3",
         "batching.max_queue_delay_ms=0.5",
+        "runtime.gil_switch_interval_ms=0.5",
         "limits.overload_status=503",
         "+pinned_versions={digits: 4}",
     )
     serve = settings_from_config(cfg)
     assert serve.port == 9001 and serve.runtime.instances == 3
     assert serve.batching.max_queue_delay_ms == 0.5
+    assert serve.runtime.gil_switch_interval_ms == 0.5
+    saved = sys.getswitchinterval()
+    try:
+        use_gil_switch_interval(serve)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(saved)
     assert serve.limits.overload_status == 503
     assert serve.pinned_versions == {"digits": "4"}
     assert serve.auth.public_paths == ("/v2/health/live", "/v2/health/ready", "/metrics")
@@ -59,6 +68,7 @@ def test_config_composes_into_settings(make_cfg, tmp_path: Path) -> None:
         ("version_policy=newest", "version_policy must be one of"),
         ("limits.default_timeout_ms=90000", "default_timeout_ms must be > 0 and <="),
         ("runtime.instances=-1", "runtime.instances must be >= 0"),
+        ("runtime.gil_switch_interval_ms=0", "runtime.gil_switch_interval_ms"),
     ],
 )
 def test_bad_settings_name_the_key(make_cfg, tmp_path: Path, override: str, message: str) -> None:

@@ -333,6 +333,7 @@ SERVE = {
     "runtime.intra_op_threads": integer(0),
     "runtime.inter_op_threads": integer(0),
     "runtime.decode_threads": integer(1),
+    "runtime.gil_switch_interval_ms": number(0, low_open=True),
     "runtime.spin_wait": boolean(),
     "batching.max_batch_size": integer(1),
     "batching.max_queue_delay_ms": number(0),

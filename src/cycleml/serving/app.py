@@ -26,6 +26,7 @@ from cycleml.serving import (
     routes_v1,
     routes_v2,
 )
+from cycleml.serving.access_log import AccessLog
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget
 from cycleml.serving.dispatch import ServerState, json_response, state_of
@@ -98,6 +99,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
     )
     state.experiments = ExperimentRouter(settings, state.repository, metrics)
     state.experiments_started = not state.experiments.wanted
+    access_log = AccessLog() if settings.access_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -118,6 +120,8 @@ def create_app(settings: ServeSettings) -> ServingApp:
             if prediction_logger is not None:
                 await asyncio.to_thread(prediction_logger.close)
             state.decode_pool.shutdown(wait=True)
+            if access_log is not None:
+                await asyncio.to_thread(access_log.close)
             log.info("server stopped")
 
     app = FastAPI(
@@ -161,7 +165,7 @@ def create_app(settings: ServeSettings) -> ServingApp:
         fast_path=InferenceFastPath(state),
         auth=auth,
         limits=settings.limits,
-        log_requests=settings.access_log,
+        access_log=access_log,
         on_busy=metrics.rejected.labels("", "", "server_busy").inc,
         budget=BodyBudget(settings.limits.max_buffered_bytes),
     )

@@ -4,7 +4,6 @@ check, and one structured access log line per request."""
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,14 +11,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cycleml.serving.access_log import AccessLog
 from cycleml.serving.auth import ApiKeyAuth
 from cycleml.serving.body_guard import BodyBudget, GuardedReceive
 from cycleml.serving.fast_path import InferenceFastPath
 from cycleml.serving.protocol import json_dumps
 from cycleml.serving.routes_v2 import send_answer
 from cycleml.serving.settings import LimitSettings
-
-access_log = logging.getLogger("cycleml.serving.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -53,7 +51,7 @@ class RequestContextMiddleware:
         fast_path: InferenceFastPath | None,
         auth: ApiKeyAuth | None,
         limits: LimitSettings,
-        log_requests: bool,
+        access_log: AccessLog | None,
         on_busy: Callable[[], None],
         budget: BodyBudget,
     ) -> None:
@@ -62,7 +60,7 @@ class RequestContextMiddleware:
         self.fast_path = fast_path
         self.auth = auth
         self.limits = limits
-        self.log_requests = log_requests
+        self.access_log = access_log
         self.on_busy = on_busy
         self.inflight = 0
         # health, readiness and metrics must answer however busy the server is
@@ -167,7 +165,7 @@ class RequestContextMiddleware:
             finally:
                 self.inflight -= 1
                 guarded.release()
-        if self.log_requests:
+        if self.access_log is not None:
             info["method"] = scope["method"]
             info["path"] = path
             info["status"] = status_holder[0]
@@ -177,7 +175,7 @@ class RequestContextMiddleware:
                 info["client"] = f"{client[0]}:{client[1]}"
             if forwarded_for is not None:
                 info["forwarded_for"] = forwarded_for.decode("latin-1")[:256]
-            access_log.info("%s", json_dumps(info).decode())
+            self.access_log.add(info)
 
 
 async def _refuse(send: Send, status: int, message: str, headers: list) -> None:

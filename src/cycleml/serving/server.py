@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from types import FrameType
@@ -68,10 +69,24 @@ def uvicorn_options(settings: ServeSettings) -> dict:
     }
 
 
+def use_gil_switch_interval(settings: ServeSettings) -> None:
+    """Set this process's GIL switch interval (``runtime.gil_switch_interval_ms``).
+
+    A batcher thread whose ONNX Runtime run has ended needs the GIL to hand the results
+    back, and the event loop, busy under load, gives it up only when asked: after
+    Python's 5 ms default, during which that instance's core idles. Measured on two
+    cores (ResNet-18 32x32, 64 clients, two runs of 4 and 5 alternating turns), 0.2 ms
+    served 5.4 % more requests/s than 5 ms; 0.1 and 0.05 ms gained less (3.9 %), with
+    smaller batches.
+    """
+    sys.setswitchinterval(settings.runtime.gil_switch_interval_ms / 1000.0)
+
+
 def serve(settings: ServeSettings) -> None:
     """Run the server until SIGTERM/SIGINT."""
     raise_open_file_limit()
     if settings.workers == 1:
+        use_gil_switch_interval(settings)
         app = create_app(settings)
         state = app.state.serving
         config = uvicorn.Config(app, **uvicorn_options(settings))
@@ -113,4 +128,6 @@ def serve(settings: ServeSettings) -> None:
 
 def app_from_environment() -> ServingApp:
     """The app of one worker process (``workers > 1``)."""
-    return create_app(ServeSettings.from_dict(json.loads(os.environ[SETTINGS_ENV])))
+    settings = ServeSettings.from_dict(json.loads(os.environ[SETTINGS_ENV]))
+    use_gil_switch_interval(settings)
+    return create_app(settings)

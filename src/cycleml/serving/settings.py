@@ -31,6 +31,9 @@ class RuntimeSettings:
     inter_op_threads: int = 1
     providers: tuple[str, ...] | None = None
     decode_threads: int = 1
+    # how long a thread may keep Python's GIL while another waits for it
+    # (sys.setswitchinterval; Python's default is 5 ms)
+    gil_switch_interval_ms: float = 0.2
     spin_wait: bool = False
     # further ONNX Runtime session config entries, passed as they are
     session_config: dict[str, str] = field(default_factory=dict)
@@ -175,6 +178,10 @@ class ServeSettings:
         )
         _check(
             rt.decode_threads >= 1, f"runtime.decode_threads must be >= 1, got {rt.decode_threads}"
+        )
+        _check(
+            rt.gil_switch_interval_ms > 0,
+            "runtime.gil_switch_interval_ms must be > 0, got " + str(rt.gil_switch_interval_ms),
         )
         for key, value in rt.session_config.items():
             _check(
