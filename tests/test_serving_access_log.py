@@ -182,3 +182,48 @@ def test_the_server_has_written_every_request_line_when_it_stops(
     assert ids == [f"req-{i}" for i in range(40)]
     assert all(line["status"] == 200 for line in lines if line["request_id"] in ids)
     assert lines[-1]["status"] == 404 and lines[-1]["path"] == "/v2/models/nosuch/infer"
+
+
+def test_a_filter_that_rewrites_a_line_gets_its_own_text(tmp_path: Path) -> None:
+    """Two handlers share a formatter; one redacts: its file holds the redacted line
+    and the other's the line as it was (each record is formatted once per formatter
+    and message)."""
+    from cycleml.redaction import RedactSecrets
+
+    formatter = logging.Formatter("%(message)s")
+    plain = logging.FileHandler(tmp_path / "plain.log")
+    redacted = logging.FileHandler(tmp_path / "redacted.log")
+    for handler in (plain, redacted):
+        handler.setFormatter(formatter)
+    redacted.addFilter(RedactSecrets())
+    log = AccessLog(interval_s=60.0)
+    with on_access_logger(plain, redacted):
+        log.add({"path": "/x?password=hunter2", "i": 0})
+        log.add({"path": "/y", "i": 1})
+        log.close()
+    assert "hunter2" in (tmp_path / "plain.log").read_text()
+    lines = (tmp_path / "redacted.log").read_text().splitlines()
+    assert len(lines) == 2 and "hunter2" not in lines[0] and "password=***" in lines[0]
+    assert json.loads(lines[1]) == {"path": "/y", "i": 1}
+
+
+def test_records_come_from_the_record_factory(tmp_path: Path) -> None:
+    made = logging.getLogRecordFactory()
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = made(*args, **kwargs)
+        record.service = "cycleml"  # type: ignore[attr-defined]
+        return record
+
+    collect = Collect()
+    logging.setLogRecordFactory(factory)
+    try:
+        log = AccessLog(interval_s=60.0)
+        with on_access_logger(collect):
+            log.add({"i": 0})
+            log.add({"i": 1})
+            log.close()
+    finally:
+        logging.setLogRecordFactory(made)
+    assert [getattr(r, "service", None) for r in collect.records] == ["cycleml", "cycleml"]
+    assert [json.loads(r.getMessage())["i"] for r in collect.records] == [0, 1]
