@@ -6,6 +6,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py --quick    # shorter runs
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
     .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
+    .venv/bin/python benchmarks/serving.py --access-log-only  # the access log row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -25,6 +26,8 @@ For each model it prints:
 * the experiment row: `cycleml serve` with an A/B experiment on the model (every
   request carries a unit id, is assigned an arm and gets an assignment row written to
   SQLite) and without one, measured the same way;
+* the access log row: `cycleml serve` writing its access log (one JSON line per
+  request, `access_log=true`, as shipped) and without it, measured the same way;
 and the ratios the serving targets are stated in. Every ratio compares figures measured
 in this one process run. By default client, servers and runtime share this machine's
 cores; on a machine with cores to spare, ``--server-cpus 0-1 --client-cpus 2-5`` gives
@@ -715,10 +718,22 @@ def experiment_variants(
     }
 
 
+def access_log_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
+    """`cycleml serve` writing its access log (as shipped) against the same server
+    without it: on / off."""
+    return {
+        "access log on": [*serve_overrides, "access_log=true"],
+        "access log off": [*serve_overrides, "access_log=false"],
+    }
+
+
 # figure -> the two server configurations it compares
 TWO_SERVER_ROWS = {
     "logging_vs_off": logging_variants,
     "experiment_vs_off": experiment_variants,
+    "access_log_vs_off": access_log_variants,
 }
 
 
@@ -871,10 +886,16 @@ def main() -> None:
         "and without, in turns at --concurrency clients (the digits model)",
     )
     parser.add_argument(
+        "--access-log-only",
+        action="store_true",
+        help="only the access log row: cycleml serve with its access log and without, "
+        "in turns at --concurrency clients",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
-        default=64,
-        help="clients of --logging-only and --experiments-only",
+        default=128,
+        help="clients of --logging-only, --experiments-only and --access-log-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -916,6 +937,7 @@ def main() -> None:
             only = {
                 "logging_vs_off": args.logging_only,
                 "experiment_vs_off": args.experiments_only,
+                "access_log_vs_off": args.access_log_only,
             }
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
