@@ -175,7 +175,8 @@ class RequestContextMiddleware:
                 info["client"] = f"{client[0]}:{client[1]}"
             if forwarded_for is not None:
                 info["forwarded_for"] = forwarded_for.decode("latin-1")[:256]
-            self.access_log.add(info)
+            # a copy: the line is written later, on another thread
+            self.access_log.add(dict(info))
 
 
 async def _refuse(send: Send, status: int, message: str, headers: list) -> None:
