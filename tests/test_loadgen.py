@@ -75,6 +75,24 @@ def _requests(port: int, count: int, body: bytes = b"") -> list[bytes]:
     return [build_request("127.0.0.1", port, "POST", f"/r{i}", body) for i in range(count)]
 
 
+async def _against(
+    answer: Answer,
+    paths: int,
+    concurrency: int,
+    duration_s: float,
+    timeout_s: float,
+    max_requests: int = 1_000_000,
+) -> tuple[list[Result], CannedServer]:
+    """A closed loop against a canned server answering with ``answer``, over requests
+    for ``paths`` paths; the results and the server."""
+    async with CannedServer(answer) as server:
+        requests = _requests(server.port, paths)
+        results = await closed_loop(
+            "127.0.0.1", server.port, requests, concurrency, duration_s, timeout_s, max_requests
+        )
+        return results, server
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
 def loop_run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, T]], T]:
     """Runs a coroutine on asyncio's own loop, or on uvloop through ``loadgen.run``."""
@@ -171,12 +189,7 @@ def test_bytes_beyond_an_answer_are_taken_as_the_next_answer(loop_run: Callable)
         await writer.drain()
         return True
 
-    async def scenario() -> tuple[list[Result], CannedServer]:
-        async with CannedServer(answer) as server:
-            requests = _requests(server.port, 3)
-            return await closed_loop("127.0.0.1", server.port, requests, 1, 10.0, 5.0, 8), server
-
-    results, server = loop_run(scenario())
+    results, server = loop_run(_against(answer, 3, 1, 10.0, 5.0, 8))
     assert [r.status for r in results] == [200, 201, 202, 203] * 2
     assert [path for _, path in server.requests] == ["/r0", "/r1", "/r2"] * 2 + ["/r0", "/r1"]
     assert server.connections == 1
@@ -191,12 +204,7 @@ def test_connection_close_answers_count_and_the_next_goes_on_a_new_connection(
         await writer.drain()
         return not close
 
-    async def scenario() -> tuple[list[Result], CannedServer]:
-        async with CannedServer(answer) as server:
-            requests = _requests(server.port, 4)
-            return await closed_loop("127.0.0.1", server.port, requests, 2, 10.0, 5.0, 40), server
-
-    results, server = loop_run(scenario())
+    results, server = loop_run(_against(answer, 4, 2, 10.0, 5.0, 40))
     assert len(results) in (40, 41) and {r.status for r in results} == {200}
     assert {r.error for r in results} == {None} and len(server.requests) == len(results)
     # client 1 sends /r1, /r3, /r1, ... each on a connection of its own; client 0 keeps one
@@ -215,12 +223,7 @@ def test_a_request_left_unanswered_times_out_and_the_client_goes_on(loop_run: Ca
         await writer.drain()
         return True
 
-    async def scenario() -> tuple[list[Result], CannedServer]:
-        async with CannedServer(answer) as server:
-            requests = _requests(server.port, 3)
-            return await closed_loop("127.0.0.1", server.port, requests, 1, 0.8, 0.2), server
-
-    results, server = loop_run(scenario())
+    results, server = loop_run(_against(answer, 3, 1, 0.8, 0.2))
     timeouts = [r for r in results if r.status == 0]
     assert {r.error for r in timeouts} == {"TimeoutError"}
     assert timeouts and all(0.2 <= r.done - r.sent < 0.35 for r in timeouts)
@@ -292,12 +295,7 @@ def test_a_broken_answer_is_an_error_and_the_client_reconnects(
             await reader.read()  # the client gives up on the head and closes
         return False
 
-    async def scenario() -> tuple[list[Result], CannedServer]:
-        async with CannedServer(answer) as server:
-            requests = _requests(server.port, 3)
-            return await closed_loop("127.0.0.1", server.port, requests, 1, 10.0, 5.0, 12), server
-
-    results, server = loop_run(scenario())
+    results, server = loop_run(_against(answer, 3, 1, 10.0, 5.0, 12))
     assert [r.status for r in results] == [200, 0, 200] * 4
     assert [r.error for r in results] == [None, error, None] * 4
     assert server.connections == 5  # a new connection after each broken answer
