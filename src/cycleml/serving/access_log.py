@@ -71,10 +71,10 @@ class AccessLog:
     def flush(self) -> None:
         """Write every queued line now."""
         with self._lock:
-            records = []
             pending = self._pending
             if not pending:
                 return
+            records = []
             # the records of one flush differ only in their message and time: each is a
             # copy of one made by the logging record factory (a tenth of the cost)
             template = access_log.makeRecord(
