@@ -20,6 +20,7 @@ from cycleml.serving.accept_loop import GreedyAcceptServer, new_event_loop
 from cycleml.serving.batch_policy import ArrivalRate
 from cycleml.serving.batcher import Cancelled, DeadlineExceeded, RequestQueue, WorkItem
 from cycleml.serving.body_guard import BodyBudget, BodyTimeout, GuardedReceive
+from cycleml.serving.coalescing import CoalescingTransport
 from cycleml.serving.fast_path import InferenceFastPath
 from test_serving_support import (  # noqa: F401 - the *_fixture names register fixtures
     IMAGE_SIZE,
@@ -339,3 +340,37 @@ def test_every_waiting_connection_is_accepted_in_one_turn_and_other_servers_fall
         loop.close()
     assert queued == 5 and made == 5
     assert on_port is not GreedyAcceptServer and with_options is not GreedyAcceptServer
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_each_response_leaves_in_one_write_unless_coalescing_is_off(
+    image_bundle: Path, monkeypatch: pytest.MonkeyPatch, coalesce: bool
+) -> None:
+    """uvicorn writes a response's head and its body each on its own; with
+    ``coalesce_writes`` (the default) the connection's transport sends them in one
+    write: three responses on a kept-alive connection, three writes."""
+    writes: list[int] = []  # pieces joined into each write
+    original = CoalescingTransport.flush
+
+    def counting(self: CoalescingTransport) -> None:
+        if self._pending:
+            writes.append(len(self._pending))
+        original(self)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", counting)
+    with RunningServer(settings(image_bundle, coalesce_writes=coalesce)) as running:
+        health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", running.port)) as sock:
+            for name in ("one", "two"):
+                sock.sendall(b"".join(_infer_request(name)))
+                [(status, headers, _)] = _read_responses(sock, 1)
+                assert status == 200 and headers["x-request-id"] == name
+            sock.sendall(health)
+            [(status, _, body)] = _read_responses(sock, 1)
+            assert status == 200 and json.loads(body) == {"live": True}
+        # a connection httpx made to see the server ready had its responses coalesced too
+        connection_writes = writes[-3:]
+    if coalesce:
+        assert connection_writes == [2, 2, 2]
+    else:
+        assert writes == []

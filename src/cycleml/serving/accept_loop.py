@@ -11,7 +11,9 @@ kill a healthy server. asyncio's own loop accepts up to the backlog in one turn.
 :class:`GreedyAcceptLoop` is uvloop's loop whose servers on a listening socket do the
 same: each time the socket polls readable they accept every connection waiting (up to
 the backlog) and hand each to the loop as an accepted socket, with uvloop's own
-transports (``TCP_NODELAY`` on).
+transports (``TCP_NODELAY`` on). Their protocols write through a
+:class:`~cycleml.serving.coalescing.CoalescingTransport` (one send per response) unless
+the loop comes from :func:`new_event_loop_sending_each_write`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import logging
 import socket
 from collections.abc import Callable
 from typing import Any
+
+from cycleml.serving.coalescing import coalescing
 
 try:
     import uvloop
@@ -50,9 +54,12 @@ class GreedyAcceptServer(asyncio.AbstractServer):
         protocol_factory: Callable[[], asyncio.BaseProtocol],
         sock: socket.socket,
         batch: int,
+        coalesce_writes: bool = True,
     ) -> None:
         self._loop = loop
-        self._protocol_factory = protocol_factory
+        self._protocol_factory = (
+            coalescing(protocol_factory, loop) if coalesce_writes else protocol_factory
+        )
         self._sock: socket.socket | None = sock
         self._batch = max(1, batch)
         self._serving = False
@@ -147,8 +154,11 @@ class GreedyAcceptServer(asyncio.AbstractServer):
 
 class GreedyAcceptLoop(_BaseLoop):  # type: ignore[misc, valid-type]
     """uvloop's event loop whose servers on an open TCP socket (the way the server
-    starts uvicorn) accept every waiting connection in one turn. Other servers (a
-    host and port, TLS, Unix sockets) are uvloop's own."""
+    starts uvicorn) accept every waiting connection in one turn, and send the writes of
+    one turn on a connection together (``coalesce_writes``). Other servers (a host and
+    port, TLS, Unix sockets) are uvloop's own."""
+
+    coalesce_writes = True
 
     async def create_server(  # type: ignore[override]
         self,
@@ -181,7 +191,9 @@ class GreedyAcceptLoop(_BaseLoop):  # type: ignore[misc, valid-type]
             )
         sock.setblocking(False)
         sock.listen(backlog)
-        server = GreedyAcceptServer(self, protocol_factory, sock, batch=backlog)
+        server = GreedyAcceptServer(
+            self, protocol_factory, sock, batch=backlog, coalesce_writes=self.coalesce_writes
+        )
         if start_serving:
             await server.start_serving()
         return server
@@ -190,6 +202,13 @@ class GreedyAcceptLoop(_BaseLoop):  # type: ignore[misc, valid-type]
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The event loop uvicorn runs the server on (``uvicorn.Config(loop=...)``)."""
     return GreedyAcceptLoop()
+
+
+def new_event_loop_sending_each_write() -> asyncio.AbstractEventLoop:
+    """The same loop with each write sent on its own (``coalesce_writes=false``)."""
+    loop = GreedyAcceptLoop()
+    loop.coalesce_writes = False
+    return loop
 
 
 def raise_open_file_limit() -> None:

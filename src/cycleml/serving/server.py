@@ -63,9 +63,11 @@ def uvicorn_options(settings: ServeSettings) -> dict:
         # proxy headers are read inside the app, for the routes that use them (app.py)
         "proxy_headers": False,
         "http": "httptools",
-        # uvloop, accepting every waiting connection in one turn (accept_loop.py); it
+        # uvloop, accepting every waiting connection in one turn (accept_loop.py), and
+        # with coalesce_writes sending a response in one write (coalescing.py); it
         # applies to servers started on an open socket, as serve() starts them
-        "loop": "cycleml.serving.accept_loop:new_event_loop",
+        "loop": "cycleml.serving.accept_loop:"
+        + ("new_event_loop" if settings.coalesce_writes else "new_event_loop_sending_each_write"),
     }
 
 

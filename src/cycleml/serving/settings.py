@@ -127,6 +127,9 @@ class ServeSettings:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     access_log: bool = True
+    # send the writes one turn of the event loop makes on a connection (a response's
+    # head and body) in one call (coalescing.py)
+    coalesce_writes: bool = True
     # A/B experiments between model versions: name -> spec (cycleml.experiments)
     experiments: dict[str, Any] = field(default_factory=dict)
 

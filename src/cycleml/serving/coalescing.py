@@ -1,0 +1,157 @@
+"""One send per response: writes made in one turn of the event loop go out together.
+
+uvicorn writes a response's status line and headers, then its body, each with its own
+``transport.write``, and uvloop sends each at once: two ``send`` calls per response on
+the server, and a client that reads each part with a ``recv`` of its own. The server's
+connections get a :class:`CoalescingTransport` instead: writes made before the event
+loop turns again are joined and handed to the real transport in one call, at the end of
+that turn (or at once, before a ``close``, once they pile up past ``FLUSH_BYTES``).
+Nothing else changes: the HTTP layer is stock uvicorn, which only sees an
+``asyncio.Transport`` and keeps its own flow control (the real transport still pauses
+the protocol when its buffer fills).
+
+Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients, six alternating
+turns of 8 s): 2.4 % more requests/s (1.5-3.4 % per turn) and 1-3 % less server CPU per
+request than one send per write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+# pending bytes past which a write goes out at once instead of at the end of the turn,
+# so that a response streamed in one turn reaches the socket, and its flow control, in
+# pieces of about this size
+FLUSH_BYTES = 64 * 1024
+
+
+class CoalescingTransport(asyncio.Transport):
+    """A connection's transport whose writes within one turn of the event loop are sent
+    together; every other call goes to ``transport`` as it is, after the pending writes
+    where their order matters (``close``, ``write_eof``)."""
+
+    __slots__ = ("_transport", "_loop", "_pending", "_pending_bytes")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+        self._pending_bytes = 0
+
+    # -- writing ----------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if self._pending is None:
+            self._pending = [bytes(data)]
+            self._pending_bytes = len(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(bytes(data))
+            self._pending_bytes += len(data)
+        if self._pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def flush(self) -> None:
+        """Hand the pending writes to the real transport (a no-op when there are none;
+        dropped when the connection is already closing, as the real transport would)."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        self._pending_bytes = 0
+        if self._transport.is_closing():
+            return
+        self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def get_write_buffer_size(self) -> int:
+        return self._pending_bytes + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._pending_bytes = 0
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    # -- the rest, as the real transport does it -------------------------------------------
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class CoalescingProtocol(asyncio.Protocol):
+    """``protocol`` as the event loop sees it, handed a :class:`CoalescingTransport` when
+    its connection is made. Its other callbacks are ``protocol``'s own bound methods,
+    set on this object, so the loop calls them without a step in between."""
+
+    def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
+        self._protocol = protocol
+        self._loop = loop
+        self.data_received = protocol.data_received  # type: ignore[method-assign]
+        self.eof_received = protocol.eof_received  # type: ignore[method-assign]
+        self.connection_lost = protocol.connection_lost  # type: ignore[method-assign]
+        self.pause_writing = protocol.pause_writing  # type: ignore[method-assign]
+        self.resume_writing = protocol.resume_writing  # type: ignore[method-assign]
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport, hence the cast
+        stream = cast(asyncio.Transport, transport)
+        self._protocol.connection_made(CoalescingTransport(stream, self._loop))
+
+
+def coalescing(
+    protocol_factory: Callable[[], asyncio.BaseProtocol], loop: asyncio.AbstractEventLoop
+) -> Callable[[], asyncio.BaseProtocol]:
+    """``protocol_factory`` whose stream protocols write through a
+    :class:`CoalescingTransport` (other protocol kinds are left as they are)."""
+
+    def make() -> asyncio.BaseProtocol:
+        protocol = protocol_factory()
+        if isinstance(protocol, asyncio.Protocol) and not isinstance(
+            protocol, asyncio.BufferedProtocol
+        ):
+            return CoalescingProtocol(protocol, loop)
+        return protocol
+
+    return make
