@@ -7,6 +7,7 @@ naive one-request-one-inference server on the same stack (uvicorn + FastAPI).
     .venv/bin/python benchmarks/serving.py --logging-only     # the prediction log row only
     .venv/bin/python benchmarks/serving.py --experiments-only # the A/B experiment row only
     .venv/bin/python benchmarks/serving.py --access-log-only  # the access log row only
+    .venv/bin/python benchmarks/serving.py --coalescing-only  # the write coalescing row only
 
 For each model it prints:
 * in-process: ONNX Runtime rows/s at each batch size (the best is the limit) and the
@@ -28,6 +29,8 @@ For each model it prints:
   SQLite) and without one, measured the same way;
 * the access log row: `cycleml serve` writing its access log (one JSON line per
   request, `access_log=true`, as shipped) and without it, measured the same way;
+* the write coalescing row: `cycleml serve` sending each response in one write
+  (`coalesce_writes=true`, as shipped) and in uvicorn's two, measured the same way;
 and the ratios the serving targets are stated in. Every ratio compares figures measured
 in this one process run. By default client, servers and runtime share this machine's
 cores; on a machine with cores to spare, ``--server-cpus 0-1 --client-cpus 2-5`` gives
@@ -729,11 +732,23 @@ def access_log_variants(
     }
 
 
+def coalescing_variants(
+    serve_overrides: list[str], workdir: Path, model: str
+) -> dict[str, list[str]]:
+    """`cycleml serve` sending each response in one write (as shipped) against the same
+    server sending uvicorn's two writes (head, body) each on its own: on / off."""
+    return {
+        "one write": [*serve_overrides, "coalesce_writes=true"],
+        "two writes": [*serve_overrides, "coalesce_writes=false"],
+    }
+
+
 # figure -> the two server configurations it compares
 TWO_SERVER_ROWS = {
     "logging_vs_off": logging_variants,
     "experiment_vs_off": experiment_variants,
     "access_log_vs_off": access_log_variants,
+    "coalescing_vs_off": coalescing_variants,
 }
 
 
@@ -892,10 +907,17 @@ def main() -> None:
         "in turns at --concurrency clients",
     )
     parser.add_argument(
+        "--coalescing-only",
+        action="store_true",
+        help="only the write coalescing row: cycleml serve sending a response in one write "
+        "and in uvicorn's two, in turns at --concurrency clients",
+    )
+    parser.add_argument(
         "--concurrency",
         type=int,
         default=128,
-        help="clients of --logging-only, --experiments-only and --access-log-only",
+        help="clients of --logging-only, --experiments-only, --access-log-only and "
+        "--coalescing-only",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (overrides --quick)"
@@ -938,6 +960,7 @@ def main() -> None:
                 "logging_vs_off": args.logging_only,
                 "experiment_vs_off": args.experiments_only,
                 "access_log_vs_off": args.access_log_only,
+                "coalescing_vs_off": args.coalescing_only,
             }
             if any(only.values()):
                 print(f"\n== {name}: load average {_load()} ==", flush=True)
