@@ -96,17 +96,38 @@ def test_close_and_write_eof_send_what_is_pending_first() -> None:
     async def scenario(real: RecordingTransport, transport: CoalescingTransport) -> None:
         transport.write(b"last words")
         transport.write_eof()
-        transport.write(b"after eof")
+        with pytest.raises(RuntimeError, match="write_eof"):  # as a real transport
+            transport.write(b"after eof")
         transport.close()
-        transport.write(b"after close")  # dropped: the real transport is closing
         await _next_turn()
-        assert real.calls == [
-            ("write", b"last words"),
-            ("write_eof", None),
-            ("write", b"after eof"),
-            ("close", None),
-        ]
+        assert real.calls == [("write", b"last words"), ("write_eof", None), ("close", None)]
         assert transport.is_closing()
+
+    _in_a_loop(scenario)
+
+
+def test_writes_after_close_are_dropped_as_the_real_transport_would() -> None:
+    async def scenario(real: RecordingTransport, transport: CoalescingTransport) -> None:
+        transport.write(b"answer")
+        transport.close()
+        transport.write(b"too late")
+        transport.write(b"y" * FLUSH_BYTES)
+        await _next_turn()
+        assert real.calls == [("write", b"answer"), ("close", None)]
+
+    _in_a_loop(scenario)
+
+
+def test_close_closes_even_when_sending_what_is_pending_fails() -> None:
+    async def scenario(real: RecordingTransport, transport: CoalescingTransport) -> None:
+        def broken(data: bytes) -> None:
+            raise ConnectionResetError("peer gone")
+
+        real.write = broken  # type: ignore[method-assign]
+        transport.write(b"lost")
+        with pytest.raises(ConnectionResetError):
+            transport.close()
+        assert real.calls == [("close", None)]  # the socket is not leaked
 
     _in_a_loop(scenario)
 
@@ -131,6 +152,18 @@ def test_a_turn_that_writes_a_lot_sends_it_in_pieces_at_once() -> None:
         assert [len(data) for _, data in real.calls] == [FLUSH_BYTES, FLUSH_BYTES]
         await _next_turn()
         assert [len(data) for _, data in real.calls] == [FLUSH_BYTES, FLUSH_BYTES, len(piece)]
+
+    _in_a_loop(scenario)
+
+
+def test_a_large_write_goes_through_as_it_is_after_what_is_pending() -> None:
+    async def scenario(real: RecordingTransport, transport: CoalescingTransport) -> None:
+        body = b"b" * FLUSH_BYTES
+        transport.write(b"head")
+        transport.write(body)
+        assert real.calls == [("write", b"head"), ("write", body)]
+        await _next_turn()
+        assert len(real.calls) == 2
 
     _in_a_loop(scenario)
 
@@ -207,3 +240,29 @@ def test_the_protocol_sees_a_coalescing_transport_over_a_real_connection(
     kinds = [kind for kind, _ in inner.events]
     assert kinds[:2] == ["made", "data"] and "eof" in kinds and kinds[-1] == "lost"
     assert isinstance(inner.events[0][1], CoalescingTransport)
+
+
+def test_an_answer_pending_when_the_client_ends_its_side_still_reaches_it() -> None:
+    """The client sends its request and shuts its side down; the answer is written just
+    before the end of stream arrives. The protocol closes the connection on that end of
+    stream, as uvicorn's do: what was pending goes out first."""
+
+    class AnswersLate(Recorder):
+        def eof_received(self) -> bool | None:
+            super().eof_received()
+            return None  # close, as uvicorn's protocols do
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        inner = AnswersLate()
+        protocol = CoalescingProtocol(inner, loop)
+        real = RecordingTransport()
+        protocol.connection_made(real)
+        transport = inner.events[0][1]
+        transport.write(b"answer")  # pending until the loop's next pass ...
+        assert protocol.eof_received() is None  # ... but the end of stream comes first
+        real.close()  # which the loop answers by closing its transport
+        await _next_turn()
+        return b"".join(data for kind, data in real.calls if kind == "write")
+
+    assert asyncio.run(main()) == b"answer"

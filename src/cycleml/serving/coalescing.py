@@ -3,16 +3,19 @@
 uvicorn writes a response's status line and headers, then its body, each with its own
 ``transport.write``, and uvloop sends each at once: two ``send`` calls per response on
 the server, and a client that reads each part with a ``recv`` of its own. The server's
-connections get a :class:`CoalescingTransport` instead: writes made before the event
-loop turns again are joined and handed to the real transport in one call, at the end of
-that turn (or at once, before a ``close``, once they pile up past ``FLUSH_BYTES``).
-Nothing else changes: the HTTP layer is stock uvicorn, which only sees an
-``asyncio.Transport`` and keeps its own flow control (the real transport still pauses
-the protocol when its buffer fills).
+connections get a :class:`CoalescingTransport` instead: the writes one turn of the event
+loop makes on a connection are joined and handed to the real transport in one call, by a
+callback that runs on the loop's next pass (at once before a ``close``, a ``write_eof``
+or the client's own end of stream, and once they pile up past ``FLUSH_BYTES``; a write
+that large on its own goes through as it is). Nothing else changes: the HTTP layer is
+stock uvicorn, which only sees an ``asyncio.Transport`` and keeps its own flow control
+(the real transport still pauses the protocol when its buffer fills, a pass later, with
+at most ``FLUSH_BYTES`` held back here).
 
-Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients, six alternating
-turns of 8 s): 2.4 % more requests/s (1.5-3.4 % per turn) and 1-3 % less server CPU per
-request than one send per write.
+Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients) against one send
+per write: 2.4 % more requests/s in each of two runs of six alternating turns of 8 s
+(1.0-6.6 % per turn); in `benchmarks/serving.py --coalescing-only`, 1.02-1.03x in three
+runs of five turns, at 2-3 % less server CPU per request.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class CoalescingTransport(asyncio.Transport):
     together; every other call goes to ``transport`` as it is, after the pending writes
     where their order matters (``close``, ``write_eof``)."""
 
-    __slots__ = ("_transport", "_loop", "_pending", "_pending_bytes")
+    __slots__ = ("_transport", "_loop", "_pending", "_pending_bytes", "_eof")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -40,10 +43,18 @@ class CoalescingTransport(asyncio.Transport):
         self._loop = loop
         self._pending: list[bytes] | None = None
         self._pending_bytes = 0
+        self._eof = False
 
     # -- writing ----------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof:
+            raise RuntimeError("cannot write() after write_eof()")
         if not data:
+            return
+        if len(data) >= FLUSH_BYTES:  # a large write as it is, not copied into a join
+            self.flush()
+            if not self._transport.is_closing():
+                self._transport.write(data)
             return
         if self._pending is None:
             self._pending = [bytes(data)]
@@ -85,12 +96,15 @@ class CoalescingTransport(asyncio.Transport):
 
     def write_eof(self) -> None:
         self.flush()
+        self._eof = True
         self._transport.write_eof()
 
     # -- closing ----------------------------------------------------------------------------
     def close(self) -> None:
-        self.flush()
-        self._transport.close()
+        try:
+            self.flush()
+        finally:
+            self._transport.close()
 
     def abort(self) -> None:
         self._pending = None
@@ -122,14 +136,15 @@ class CoalescingTransport(asyncio.Transport):
 
 class CoalescingProtocol(asyncio.Protocol):
     """``protocol`` as the event loop sees it, handed a :class:`CoalescingTransport` when
-    its connection is made. Its other callbacks are ``protocol``'s own bound methods,
-    set on this object, so the loop calls them without a step in between."""
+    its connection is made. Its other callbacks but ``eof_received`` are ``protocol``'s
+    own bound methods, set on this object, so the loop calls them without a step in
+    between."""
 
     def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
         self._protocol = protocol
         self._loop = loop
+        self._transport: CoalescingTransport | None = None
         self.data_received = protocol.data_received  # type: ignore[method-assign]
-        self.eof_received = protocol.eof_received  # type: ignore[method-assign]
         self.connection_lost = protocol.connection_lost  # type: ignore[method-assign]
         self.pause_writing = protocol.pause_writing  # type: ignore[method-assign]
         self.resume_writing = protocol.resume_writing  # type: ignore[method-assign]
@@ -137,7 +152,15 @@ class CoalescingProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport, hence the cast
         stream = cast(asyncio.Transport, transport)
-        self._protocol.connection_made(CoalescingTransport(stream, self._loop))
+        self._transport = CoalescingTransport(stream, self._loop)
+        self._protocol.connection_made(self._transport)
+
+    def eof_received(self) -> bool | None:
+        # the client has sent all it will: what is pending goes out before the protocol
+        # answers the end of stream, which for uvicorn's protocols closes the connection
+        if self._transport is not None:
+            self._transport.flush()
+        return self._protocol.eof_received()
 
 
 def coalescing(
