@@ -13,9 +13,10 @@ stock uvicorn, which only sees an ``asyncio.Transport`` and keeps its own flow c
 at most ``FLUSH_BYTES`` held back here).
 
 Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients) against one send
-per write: 2.4 % more requests/s in each of two runs of six alternating turns of 8 s
-(1.0-6.6 % per turn); in `benchmarks/serving.py --coalescing-only`, 1.02-1.03x in three
-runs of five turns, at 2-3 % less server CPU per request.
+per write: 2.4 %, 2.4 % and 3.4 % more requests/s in three runs of six alternating turns
+of 8 s (0.9-8.8 % per turn); in `benchmarks/serving.py --coalescing-only` (five turns on
+fresh servers), 1.02-1.03x in three runs at 2-3 % less server CPU per request, and 0.97x
+(0.90-1.12 per turn) in a fourth that caught a noisy spell.
 """
 
 from __future__ import annotations
