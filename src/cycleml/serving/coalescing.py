@@ -25,9 +25,9 @@ import asyncio
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-# pending bytes past which a write goes out at once instead of at the end of the turn,
+# pending bytes past which the writes go out at once instead of on the loop's next pass,
 # so that a response streamed in one turn reaches the socket, and its flow control, in
-# pieces of about this size
+# pieces of about this size (a single write this large goes through as it is)
 FLUSH_BYTES = 64 * 1024
 
 
