@@ -15,8 +15,8 @@ at most ``FLUSH_BYTES`` held back here).
 Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients) against one send
 per write: 2.4 %, 2.4 % and 3.4 % more requests/s in three runs of six alternating turns
 of 8 s (0.9-8.8 % per turn); in `benchmarks/serving.py --coalescing-only` (five turns on
-fresh servers), 1.02-1.03x in three runs at 2-3 % less server CPU per request, and 0.97x
-(0.90-1.12 per turn) in a fourth that caught a noisy spell.
+fresh servers), 1.02-1.05x in four runs of five at 2-3 % less server CPU per request,
+and 0.97x (0.90-1.12 per turn) in one that caught a noisy spell.
 """
 
 from __future__ import annotations
