@@ -75,6 +75,48 @@ def build_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+_HEAD_LIMIT = 65536  # bytes of a response head before it counts as bad
+_CONTENT_LENGTH = b"\r\ncontent-length"
+_RETRY_AFTER = b"\r\nretry-after"
+_CONNECTION = b"\r\nconnection"
+
+
+def _header_value(head: bytes, key: bytes) -> bytes | None:
+    """The stripped value of the last header named by ``key`` (CRLF and the lowercase
+    name) in a lowercased response head, None if there is none."""
+    at = head.rfind(key)
+    while at >= 0:
+        start = at + len(key)
+        stop = head.find(b"\r\n", start)
+        name_rest, _, value = head[start : stop if stop >= 0 else len(head)].partition(b":")
+        if not name_rest.strip():
+            return value.strip()
+        at = head.rfind(key, 0, at)
+    return None
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool, bool]:
+    """Status, Content-Length (0 without one), whether Retry-After is there and whether
+    the server closes the connection (``Connection: close``), of a lowercased response
+    head without its blank line; ``ValueError`` names what is wrong with a bad one."""
+    line_end = head.find(b"\r\n")
+    status_line = head if line_end < 0 else head[:line_end]
+    try:
+        status = int(status_line.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"bad status line {status_line!r}") from None
+    length_value = _header_value(head, _CONTENT_LENGTH)
+    length = 0 if length_value is None else int(length_value)
+    if length < 0:
+        raise ValueError(f"negative content-length {length}")
+    return (
+        status,
+        length,
+        _header_value(head, _RETRY_AFTER) is not None,
+        _header_value(head, _CONNECTION) == b"close",
+    )
+
+
 class _ResponseReader(asyncio.Protocol):
     """Collects one HTTP/1.1 response at a time from a keep-alive connection.
 
@@ -87,7 +129,7 @@ class _ResponseReader(asyncio.Protocol):
         self.transport: Any = None  # the loop's TCP transport (uvloop's is not asyncio's class)
         self._buffer = bytearray()
         self._waiter: asyncio.Future | None = None
-        self._head: tuple[int, dict[bytes, bytes]] | None = None
+        self._head: tuple[int, bool, bool] | None = None  # status, retry-after, close
         self._need = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -107,31 +149,25 @@ class _ResponseReader(asyncio.Protocol):
         if self._head is None:
             end = self._buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._buffer) > 65536:
+                if len(self._buffer) > _HEAD_LIMIT:
                     self._fail(ValueError("response head over 64 KiB"))
                 return
-            lines = bytes(self._buffer[:end]).split(b"\r\n")
+            head = bytes(self._buffer[:end]).lower()
             del self._buffer[: end + 4]
             try:
-                status = int(lines[0].split(b" ", 2)[1])
-            except (IndexError, ValueError):
-                self._fail(ValueError(f"bad status line {lines[0]!r}"))
+                status, self._need, retry_after, close = _parse_head(head)
+            except ValueError as error:
+                self._fail(error)
                 return
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-            self._head = (status, headers)
-            self._need = int(headers.get(b"content-length", b"0"))
+            self._head = (status, retry_after, close)
         if len(self._buffer) < self._need:
             return
         body = bytes(self._buffer[: self._need])
         del self._buffer[: self._need]
-        status, headers = self._head
-        self._head = None
+        (status, retry_after, close), self._head = self._head, None
         waiter, self._waiter = self._waiter, None
         if not waiter.done():
-            waiter.set_result((status, headers, body))
+            waiter.set_result((status, retry_after, close, body))
 
     def _fail(self, error: Exception) -> None:
         waiter, self._waiter = self._waiter, None
@@ -152,9 +188,10 @@ class Connection:
 
     async def exchange(
         self, request: bytes, timeout_s: float | None = None
-    ) -> tuple[int, dict[bytes, bytes], bytes]:
-        """Send ``request`` and wait for its response; ``asyncio.TimeoutError`` after
-        ``timeout_s`` (the connection is closed then, as its answer would come late)."""
+    ) -> tuple[int, bool, bytes]:
+        """Send ``request`` and wait for its response: its status, whether it carries
+        Retry-After, and its body; ``asyncio.TimeoutError`` after ``timeout_s`` (the
+        connection is closed then, as its answer would come late)."""
         loop = asyncio.get_running_loop()
         if self._reader is None or self._reader.transport is None:
             _, self._reader = await loop.create_connection(_ResponseReader, self.host, self.port)
@@ -170,16 +207,16 @@ class Connection:
                 lambda: waiter.done() or waiter.set_exception(asyncio.TimeoutError()),
             )
         try:
-            status, headers, body = await waiter
+            status, retry_after, close, body = await waiter
         except BaseException:
             self.close()
             raise
         finally:
             if timer is not None:
                 timer.cancel()
-        if headers.get(b"connection", b"").lower() == b"close":
+        if close:
             self.close()
-        return status, headers, body
+        return status, retry_after, body
 
     def close(self) -> None:
         if self._reader is not None and self._reader.transport is not None:
@@ -190,7 +227,7 @@ class Connection:
 async def _one(connection: Connection, request: bytes, intended: float, timeout_s: float) -> Result:
     sent = time.perf_counter()
     try:
-        status, headers, _ = await connection.exchange(request, timeout_s)
+        status, retry_after, _ = await connection.exchange(request, timeout_s)
     except (
         OSError,
         asyncio.IncompleteReadError,
@@ -200,9 +237,7 @@ async def _one(connection: Connection, request: bytes, intended: float, timeout_
     ) as err:
         connection.close()
         return Result(intended, sent, time.perf_counter(), 0, error=type(err).__name__)
-    return Result(
-        intended, sent, time.perf_counter(), status, retry_after=b"retry-after" in headers
-    )
+    return Result(intended, sent, time.perf_counter(), status, retry_after=retry_after)
 
 
 # The closed loop runs on callbacks: each response is parsed in ``data_received``, which
@@ -213,26 +248,8 @@ async def _one(connection: Connection, request: bytes, intended: float, timeout_
 # objects are built when the run is over.
 
 _now = time.perf_counter
-_HEAD_LIMIT = 65536  # bytes of a response head before it counts as bad
 _CONNECT_RETRY_S = 0.01  # pause after a failed connect, so that a refusing server is not flooded
-_CONTENT_LENGTH = b"\r\ncontent-length"
-_RETRY_AFTER = b"\r\nretry-after"
-_CONNECTION = b"\r\nconnection"
 _Record = tuple[float, float, int, bool, "str | None"]  # sent, done, status, retry_after, error
-
-
-def _header_value(head: bytes, key: bytes) -> bytes | None:
-    """The stripped value of the last header named by ``key`` (CRLF and the lowercase
-    name) in a lowercased response head, None if there is none."""
-    at = head.rfind(key)
-    while at >= 0:
-        start = at + len(key)
-        stop = head.find(b"\r\n", start)
-        name_rest, _, value = head[start : stop if stop >= 0 else len(head)].partition(b":")
-        if not name_rest.strip():
-            return value.strip()
-        at = head.rfind(key, 0, at)
-    return None
 
 
 class _ClosedLoopConnection(asyncio.Protocol):
@@ -292,19 +309,11 @@ class _ClosedLoopConnection(asyncio.Protocol):
                 else:
                     self.head = data
                 return
-            head = data[:end].lower()
             try:
-                line_end = head.find(b"\r\n")
-                status = int((head if line_end < 0 else head[:line_end]).split(b" ", 2)[1])
-                length_value = _header_value(head, _CONTENT_LENGTH)
-                length = 0 if length_value is None else int(length_value)
-                if length < 0:
-                    raise ValueError(f"negative content-length {length}")
-            except (IndexError, ValueError):
+                status, length, retry_after, close_after = _parse_head(data[:end].lower())
+            except ValueError:
                 self.fail("ValueError", _now())
                 return
-            retry_after = _header_value(head, _RETRY_AFTER) is not None
-            close_after = _header_value(head, _CONNECTION) == b"close"
             have = len(data) - end - 4
             if have < length:
                 self.body_left = length - have
