@@ -15,7 +15,7 @@ at most ``FLUSH_BYTES`` held back here).
 Measured on two cores (ResNet-18 32x32, binary tensors, 128 clients) against one send
 per write: 2.4 %, 2.4 % and 3.4 % more requests/s in three runs of six alternating turns
 of 8 s (0.9-8.8 % per turn); in `benchmarks/serving.py --coalescing-only` (five turns on
-fresh servers), 1.02-1.05x in four runs of five at 2-3 % less server CPU per request,
+fresh servers), 1.02-1.05x in five runs of six at 1-3 % less server CPU per request,
 and 0.97x (0.90-1.12 per turn) in one that caught a noisy spell.
 """
 
